@@ -1,0 +1,130 @@
+"""The ``dispatcher`` command: run the service and manage topics and subscriptions.
+
+Operator mistakes (bad settings, bad input, a missing topic) end with one line on
+stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+
+from dispatcher import __version__
+from dispatcher.errors import ConfigError, DispatcherError
+from dispatcher.models import Subscription
+from dispatcher.settings import Settings, load_settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings()
+        return handler(args, settings)
+    except DispatcherError as exc:
+        print(f"dispatcher: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dispatcher",
+        description="Deliver visitor.identified events from Kafka to customer webhooks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the dispatcher service")
+    run.set_defaults(handler=cmd_run)
+
+    check = sub.add_parser("check", help="exit 0 when the local service is ready")
+    check.add_argument("--url", help="readiness URL (default: this pod's /readyz)")
+    check.add_argument("--live", action="store_true", help="check liveness instead")
+    check.set_defaults(handler=cmd_check)
+
+    topics = sub.add_parser("topics", help="create and check the topics")
+    tsub = topics.add_subparsers(title="topics commands", metavar="ACTION", required=True)
+    ensure = tsub.add_parser("ensure", help="create missing topics; report misconfigured ones")
+    ensure.set_defaults(handler=cmd_topics_ensure)
+
+    from dispatcher import cli_manage
+
+    cli_manage.add_commands(sub)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.logs import configure_logging
+    from dispatcher.service import serve
+
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    path = "/healthz" if args.live else "/readyz"
+    url = args.url or f"http://127.0.0.1:{settings.http_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            print(response.read().decode().strip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"not ready: {exc.read().decode().strip()}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"not reachable: {url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_topics_ensure(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.topics import ensure_topics
+
+    report = ensure_topics(settings)
+    for name in report.created:
+        print(f"created  {name}")
+    for name in report.ok:
+        print(f"ok       {name}")
+    for note in report.notes:
+        print(f"note     {note}")
+    for problem in report.problems:
+        print(f"WRONG    {problem}", file=sys.stderr)
+    if report.problems:
+        print(f"dispatcher: error: {len(report.problems)} topic(s) misconfigured", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def subscription_view(sub: Subscription) -> dict[str, object]:
+    """A subscription as shown to operators: never its secrets."""
+    data = sub.model_dump(mode="json", exclude={"secret", "previous_secrets"})
+    data["secret"] = "set" if sub.secret else "none"
+    data["previous_secrets"] = len(sub.previous_secrets)
+    return data
+
+
+def require(value: str | None, flag: str) -> str:
+    if not value:
+        raise ConfigError(f"{flag} is required")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

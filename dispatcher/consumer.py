@@ -1,0 +1,204 @@
+"""A group consumer for one stage, run in its own thread.
+
+The thread only polls and hands batches to the event loop; all decisions are
+taken on the loop (see :mod:`dispatcher.engine`). The loop's pause, resume and
+offset-store requests are queued and carried out by this thread between polls:
+called from the loop they would wait on the consumer while it is inside
+``consume()``, stalling every delivery for that long. Rebalance
+callbacks run in this thread: a revoke waits, within a bound, for the loop to
+finish or give up the revoked partitions' work, then commits their offsets
+synchronously, so the next owner starts right where this one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from dispatcher import metrics
+from dispatcher.kafka import make_consumer
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500
+#: How long one poll may wait; also the latency of queued pause/resume/store requests.
+_POLL_S = 0.05
+_LAG_EVERY_S = 5.0
+
+
+class PartitionOwner(Protocol):
+    """The loop side of a stage consumer."""
+
+    def assigned(self, consumer: StageConsumer, partitions: list[TopicPartition]) -> None: ...
+
+    def messages(self, consumer: StageConsumer, batch: list[Message]) -> None: ...
+
+    def revoke(
+        self, consumer: StageConsumer, partitions: list[TopicPartition]
+    ) -> Awaitable[list[TopicPartition]]: ...
+
+    def lost(self, consumer: StageConsumer, partitions: list[TopicPartition]) -> None: ...
+
+
+class StageConsumer:
+    """Polls one topic for one stage and feeds an event loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stage: str,
+        topic: str,
+        group_id: str,
+        owner: PartitionOwner,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.stage = stage
+        self.topic = topic
+        self.joined = threading.Event()
+        self._settings = settings
+        self._group_id = group_id
+        self._owner = owner
+        self._loop = loop
+        self._stop = threading.Event()
+        # At most two batches wait on the loop: the thread cannot run ahead of it.
+        self._handoff = threading.BoundedSemaphore(2)
+        self._requests: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._consumer: Consumer = make_consumer(settings, group_id)
+        self._thread = threading.Thread(target=self._run, name=f"consumer-{stage}", daemon=True)
+
+    # --- called from the loop -------------------------------------------------
+    def start(self) -> None:
+        self._consumer.subscribe(
+            [self.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._thread.start()
+
+    def pause(self, tp: TopicPartition) -> None:
+        self._requests.put(lambda: self._consumer.pause([tp]))
+
+    def resume(self, tp: TopicPartition) -> None:
+        self._requests.put(lambda: self._consumer.resume([tp]))
+
+    def store(self, offsets: list[TopicPartition]) -> None:
+        self._requests.put(lambda: self._consumer.store_offsets(offsets=offsets))
+
+    def batch_done(self) -> None:
+        self._handoff.release()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop polling and leave the group (final revoke and commit happen here)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    # --- the polling thread ---------------------------------------------------
+    def _run(self) -> None:
+        next_lag = 0.0
+        try:
+            while not self._stop.is_set():
+                self._carry_out_requests()
+                batch = self._consumer.consume(_BATCH, timeout=_POLL_S)
+                if batch:
+                    self._hand_over(batch)
+                now = time.monotonic()
+                if now >= next_lag:
+                    next_lag = now + _LAG_EVERY_S
+                    self._report_lag()
+        except Exception:
+            log.exception("consumer of stage %s failed", self.stage)
+        finally:
+            self._carry_out_requests()
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the consumer of stage %s: %s", self.stage, exc)
+
+    def _hand_over(self, batch: list[Message]) -> None:
+        good: list[Message] = []
+        for msg in batch:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("stage %s: consumer error: %s", self.stage, err)
+        if not good:
+            return
+        while not self._handoff.acquire(timeout=0.5):
+            if self._stop.is_set():
+                return
+        self._loop.call_soon_threadsafe(self._owner.messages, self, good)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Requests made for an earlier generation go first, so the resume below wins.
+        self._carry_out_requests()
+        consumer.incremental_assign(partitions)
+        if partitions:
+            # A partition paused under a previous owner or generation must not stay
+            # paused: our state for it starts empty.
+            consumer.resume(partitions)
+        self._loop.call_soon_threadsafe(self._owner.assigned, self, partitions)
+        self.joined.set()
+        log.info("stage %s assigned %s", self.stage, [p.partition for p in partitions] or "nothing")
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            offsets = self._await(self._owner.revoke(self, partitions))
+            if offsets:
+                try:
+                    consumer.commit(offsets=offsets, asynchronous=False)
+                except KafkaException as exc:
+                    log.warning("stage %s: commit on revoke failed: %s", self.stage, exc)
+            log.info("stage %s revoked %s", self.stage, [p.partition for p in partitions])
+        consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._loop.call_soon_threadsafe(self._owner.lost, self, partitions)
+        log.warning("stage %s lost %s", self.stage, [p.partition for p in partitions])
+        consumer.incremental_unassign(partitions)
+
+    def _await(self, awaitable: Awaitable[list[TopicPartition]]) -> list[TopicPartition]:
+        async def wrap() -> list[TopicPartition]:
+            return await awaitable
+
+        if self._loop.is_closed():
+            return []
+        future = asyncio.run_coroutine_threadsafe(wrap(), self._loop)
+        try:
+            return future.result(timeout=self._settings.drain_timeout_s + 10)
+        except Exception as exc:
+            log.warning("stage %s: revoke did not finish: %s", self.stage, exc)
+            return []
+
+    def _report_lag(self) -> None:
+        try:
+            assignment = self._consumer.assignment()
+            if not assignment:
+                return
+            for tp in self._consumer.position(assignment):
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(high - tp.offset)
+        except KafkaException:
+            pass
+
+    def _carry_out_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                request()
+            except KafkaException as exc:
+                # _STATE and friends after a revoke: the partition moved on without us.
+                log.debug("stage %s: request ignored: %s", self.stage, exc)

@@ -1,0 +1,99 @@
+"""Prometheus metrics. Labels come from small closed sets: never a URL or an id."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Attempt durations: from a fast loopback answer up to the 30 s default timeout.
+ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+#: End-to-end latency spans the retry schedule (1 min, 5 min, 30 min by default).
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
+DELIVERY_ATTEMPTS = Counter(
+    "dispatcher_delivery_attempts",
+    "HTTP delivery attempts by stage, outcome (success, failure) and status class.",
+    ["stage", "outcome", "status_class"],
+    registry=REGISTRY,
+)
+ATTEMPT_DURATION = Histogram(
+    "dispatcher_attempt_duration_seconds",
+    "Duration of one HTTP delivery attempt.",
+    ["stage"],
+    buckets=ATTEMPT_BUCKETS,
+    registry=REGISTRY,
+)
+END_TO_END_LATENCY = Histogram(
+    "dispatcher_end_to_end_latency_seconds",
+    "From the event's timestamp to its successful delivery.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+RETRIES_SCHEDULED = Counter(
+    "dispatcher_retries_scheduled",
+    "Deliveries written to a retry topic after a failed attempt, by target stage.",
+    ["stage"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    "dispatcher_dead_letters",
+    "Deliveries written to the dead-letter topic, by the stage of their last attempt.",
+    ["stage"],
+    registry=REGISTRY,
+)
+DEFERRALS = Counter(
+    "dispatcher_deferrals",
+    "Deliveries handed to a retry topic without an attempt (endpoint_busy, circuit_open).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CIRCUIT_OPEN = Gauge(
+    "dispatcher_circuit_open_endpoints",
+    "Endpoints whose circuit breaker is open.",
+    registry=REGISTRY,
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "dispatcher_circuit_transitions",
+    "Circuit breaker state changes, by the new state (open, half_open, closed).",
+    ["state"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "dispatcher_in_flight_deliveries",
+    "Deliveries running or waiting for an endpoint slot.",
+    registry=REGISTRY,
+)
+INVALID_EVENTS = Counter(
+    "dispatcher_invalid_events",
+    "Input messages written to the invalid-events topic, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+SKIPPED = Counter(
+    "dispatcher_skipped_deliveries",
+    "Deliveries not made on purpose, by reason (disabled, deleted, not_entitled, ...).",
+    ["reason"],
+    registry=REGISTRY,
+)
+SUBSCRIPTIONS_LOADED = Gauge(
+    "dispatcher_subscriptions_loaded",
+    "Subscriptions in the in-memory table.",
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "dispatcher_consumer_lag",
+    "Messages between the committed-to-be position and the end of each assigned partition.",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+READY = Gauge(
+    "dispatcher_ready",
+    "1 when the subscriptions table has caught up and partitions are assigned.",
+    registry=REGISTRY,
+)
+
+
+def status_class(status_code: int) -> str:
+    """``2xx`` .. ``5xx``; anything outside 100-599 is ``other``."""
+    return f"{status_code // 100}xx" if 100 <= status_code <= 599 else "other"

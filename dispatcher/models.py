@@ -1,0 +1,236 @@
+"""Wire models: the input event and the subscription record.
+
+Both agree with the JSON Schemas under ``schemas/`` (a test checks the pair on
+the same valid and invalid documents). The retry/dead-letter record lives in
+:mod:`dispatcher.records`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dispatcher.errors import SubscriptionError
+
+#: The top-level keys of a delivered body, in the order they are sent.
+BODY_KEYS: Final = (
+    "event",
+    "timestamp",
+    "organization_id",
+    "session_id",
+    "visitor",
+    "company",
+    "session",
+)
+
+EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+
+
+def parse_timestamp(value: str) -> datetime:
+    """Parse an ISO 8601 timestamp that carries a time zone."""
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError("timestamp needs a time zone (use Z for UTC)")
+    return parsed.astimezone(UTC)
+
+
+def format_timestamp(value: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z`` suffix, as the customer documentation shows."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Open(BaseModel):
+    """An inner object: known fields typed, unknown fields passed through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class Visitor(_Open):
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    job_title: str | None = None
+    linkedin_url: str | None = None
+    location: str | None = None
+
+
+class Company(_Open):
+    name: str | None = None
+    industry: str | None = None
+    employee_count: int | None = Field(None, ge=0)
+    location: str | None = None
+
+
+class Session(_Open):
+    landing_page: str | None = None
+    pages_visited: list[str] | None = None
+    utm_source: str | None = None
+    utm_medium: str | None = None
+    referrer: str | None = None
+    device_type: str | None = None
+
+
+class Event(BaseModel):
+    """A ``visitor.identified`` event as upstream publishes it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    event: str = Field(pattern=EVENT_NAME.pattern, max_length=128)
+    timestamp: str
+    organization_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(min_length=1, max_length=256)
+    visitor: Visitor
+    company: Company
+    session: Session
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, value: str) -> str:
+        parse_timestamp(value)
+        return value
+
+    @property
+    def occurred_at(self) -> datetime:
+        return parse_timestamp(self.timestamp)
+
+
+class ParsedEvent:
+    """A validated event with its body serialized once for every delivery of it."""
+
+    __slots__ = ("body", "event", "occurred_at", "organization_id")
+
+    def __init__(self, raw: Mapping[str, Any], event: Event) -> None:
+        self.event = event.event
+        self.organization_id = event.organization_id
+        self.occurred_at = event.occurred_at
+        # Built from the raw JSON, not the model, so unknown inner fields reach the
+        # customer untouched; only the documented top-level keys are sent.
+        doc = {key: raw[key] for key in BODY_KEYS}
+        doc["timestamp"] = format_timestamp(self.occurred_at)
+        self.body: bytes = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class InvalidEvent(ValueError):
+    """An input message that cannot be dispatched; ``reason`` is a metric label."""
+
+    def __init__(self, reason: Literal["too_large", "not_json", "invalid_event"], detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
+    """Validate an input message; raise :class:`InvalidEvent` saying why it is not one."""
+    if value is None:
+        raise InvalidEvent("invalid_event", "message has no value (a tombstone)")
+    if len(value) > max_bytes:
+        raise InvalidEvent("too_large", f"message is {len(value)} bytes, limit is {max_bytes}")
+    try:
+        raw = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent("not_json", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent("invalid_event", "the JSON value is not an object")
+    try:
+        event = Event.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidEvent("invalid_event", short_errors(exc)) from None
+    return ParsedEvent(raw, event)
+
+
+def short_errors(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: ``field.path: message; ...``."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+class PreviousSecret(BaseModel):
+    """A rotated-out secret that still signs until ``expires_at``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret: str = Field(min_length=8, max_length=256)
+    expires_at: datetime
+
+
+class Subscription(BaseModel):
+    """One webhook endpoint of an organization (value of the subscriptions topic)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhook_id: str = Field(pattern=IDENTIFIER.pattern)
+    organization_id: str = Field(min_length=1, max_length=128)
+    url: str = Field(min_length=1, max_length=2048)
+    events: tuple[str, ...] = Field(min_length=1)
+    secret: str | None = Field(None, min_length=8, max_length=256)
+    previous_secrets: tuple[PreviousSecret, ...] = ()
+    enabled: bool = True
+    plan: str = Field(min_length=1, max_length=64)
+    created_at: datetime
+    updated_at: datetime
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http"):
+            raise ValueError("URL must start with https://")
+        if not parts.hostname:
+            raise ValueError("URL has no host")
+        if parts.username or parts.password:
+            raise ValueError("URL must not carry credentials")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not EVENT_NAME.match(name):
+                raise ValueError(f"{name!r} is not an event name like visitor.identified")
+        return value
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, value: str) -> str:
+        return value.strip().lower()
+
+    def active_secrets(self, now: datetime) -> list[str]:
+        """Secrets that sign a delivery made at ``now``, newest first."""
+        found = [self.secret] if self.secret else []
+        found.extend(p.secret for p in self.previous_secrets if p.expires_at > now)
+        return found
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+def decode_subscription(key: bytes | None, value: bytes) -> Subscription:
+    """Parse a subscriptions-topic record; the key must equal the webhook id."""
+    try:
+        sub = Subscription.model_validate_json(value)
+    except ValidationError as exc:
+        raise SubscriptionError(f"invalid subscription record: {short_errors(exc)}") from None
+    if key is not None and key.decode("utf-8", "replace") != sub.webhook_id:
+        raise SubscriptionError(
+            f"record key {key!r} differs from its webhook_id {sub.webhook_id!r}"
+        )
+    return sub
+
+
+def require_https(url: str, allow_http: bool) -> None:
+    """Refuse plain HTTP unless the operator allowed it."""
+    if urlsplit(url).scheme != "https" and not allow_http:
+        raise SubscriptionError(
+            f"endpoint URL must be https:// (got {url!r}); "
+            "plain HTTP needs DISPATCHER_ALLOW_HTTP=true, for development only"
+        )

@@ -1,0 +1,88 @@
+"""An idempotent Kafka producer whose delivery reports resolve asyncio futures.
+
+librdkafka delivers reports from ``poll()``; a small thread keeps polling so the
+event loop never blocks, and each report is handed back to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from confluent_kafka import KafkaError, KafkaException, Message
+
+from dispatcher.kafka import flush_or_fail, make_producer
+from dispatcher.settings import Settings
+
+
+class AsyncProducer:
+    """``await produce(...)`` returns once the broker acknowledged the record (acks=all)."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self._producer = make_producer(settings)
+        self._loop = loop
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
+        self._thread.start()
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> asyncio.Future[None]:
+        """Queue a record; the future completes with its delivery report."""
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            self._loop.call_soon_threadsafe(_settle, future, err)
+
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=list(headers), on_delivery=report)
+                return future
+            except BufferError:
+                # Local queue full: let librdkafka send some, then try again.
+                self._producer.poll(0.05)
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Produce and wait for the acknowledgement, retrying until it is durable."""
+        delay = 0.2
+        while True:
+            try:
+                await self.produce(topic, value, key, headers)
+                return
+            except KafkaException:
+                # Idempotence already retried inside librdkafka; a failure here means
+                # message.timeout.ms passed. The offset stays uncommitted meanwhile.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flush what is queued, then stop the polling thread."""
+        try:
+            flush_or_fail(self._producer, timeout_s, "retry, dead-letter or invalid-event")
+        finally:
+            self._stop.set()
+            self._thread.join(5)
+
+
+def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
+    if future.done():
+        return
+    if err is None:
+        future.set_result(None)
+    else:
+        future.set_exception(KafkaException(err))

@@ -1,0 +1,78 @@
+"""``dispatcher run``: wire the table, the engine and the health port together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from dispatcher import metrics
+from dispatcher.egress import build_http_client
+from dispatcher.engine import Engine
+from dispatcher.health import Health, HealthServer
+from dispatcher.producer import AsyncProducer
+from dispatcher.settings import Settings
+from dispatcher.table import SubscriptionTable
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and commit."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Not possible off the main thread (an embedding caller then sets ``stop``).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    table = SubscriptionTable(settings, on_change=metrics.SUBSCRIPTIONS_LOADED.set)
+    engine: Engine | None = None
+
+    def is_ready() -> tuple[bool, str]:
+        if not table.caught_up:
+            return False, "subscriptions table is still loading"
+        if engine is None or not engine.ready:
+            return False, "joining the consumer groups"
+        if stop.is_set():
+            return False, "shutting down"
+        return True, "ok"
+
+    health = Health(is_ready)
+    server = (
+        HealthServer(settings.http_host, settings.http_port, health) if settings.http_port else None
+    )
+    if server is not None:
+        server.start()
+        log.info("health and metrics on port %d", server.port)
+
+    table.start()
+    stopped = asyncio.ensure_future(stop.wait())
+    # No event is dispatched before the table holds every subscription that existed
+    # at start-up; until then /readyz says so.
+    while not table.caught_up and not stop.is_set():
+        health.beat()
+        await asyncio.wait({stopped}, timeout=0.1)
+    client = build_http_client(settings)
+    producer = AsyncProducer(settings, loop)
+    try:
+        if not stop.is_set():
+            engine = Engine(settings, table, client, producer)
+            engine.start()
+            log.info("dispatching", extra={"subscriptions": len(table)})
+            while not stop.is_set():
+                health.beat()
+                metrics.READY.set(1 if is_ready()[0] else 0)
+                await asyncio.wait({stopped}, timeout=1.0)
+            metrics.READY.set(0)
+            log.info("stopping: draining in-flight deliveries")
+            await engine.shutdown()
+        else:
+            producer.close()
+    finally:
+        await client.aclose()
+        table.stop()
+        if server is not None:
+            server.stop()
+    log.info("stopped")

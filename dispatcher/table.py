@@ -1,0 +1,206 @@
+"""The subscriptions table: the compacted topic read whole into memory, then followed.
+
+Like Kafka Streams' GlobalKTable: note each partition's end offset at start-up,
+read from the beginning until every partition has reached it (only then is the
+table *caught up* and may events be dispatched), and keep applying changes
+afterwards. One reader thread writes; the event loop only reads, and every read
+is a single dict lookup of an immutable tuple, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from dispatcher.errors import KafkaSetupError, SubscriptionError
+from dispatcher.kafka import table_consumer_config
+from dispatcher.models import Subscription, decode_subscription
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class SubscriptionTable:
+    """Subscriptions by webhook id and by organization, following the topic live."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._by_id: dict[str, Subscription] = {}
+        self._by_org: dict[str, tuple[Subscription, ...]] = {}
+        # Written by the reader thread only; ``_by_org`` is rebuilt from it per
+        # organization so an update costs the size of one organization.
+        self._members: dict[str, dict[str, Subscription]] = {}
+        self._caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._on_change = on_change
+        self.invalid_records = 0
+
+    # --- reads (any thread) -------------------------------------------------
+    def get(self, webhook_id: str) -> Subscription | None:
+        return self._by_id.get(webhook_id)
+
+    def for_organization(self, organization_id: str) -> tuple[Subscription, ...]:
+        return self._by_org.get(organization_id, ())
+
+    def all(self) -> list[Subscription]:
+        return list(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    # --- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        """Start following the topic in a background thread."""
+        consumer = self._open()
+        self._thread = threading.Thread(
+            target=self._run, args=(consumer, True), name="subscriptions-table", daemon=True
+        )
+        self._thread.start()
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        """Block until the table reached the end offsets noted at start-up."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._caught_up.wait(0.1):
+                return True
+            if self._error is not None:
+                raise KafkaSetupError(f"subscriptions table failed: {self._error}")
+        return self._caught_up.is_set()
+
+    def load_once(self, timeout_s: float = 30.0) -> None:
+        """Read the topic up to its current end, then stop (for commands)."""
+        consumer = self._open()
+        self._stop.clear()
+        thread = threading.Thread(target=self._run, args=(consumer, False), daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if self._error is not None:
+            raise KafkaSetupError(
+                f"cannot read {self._settings.subscriptions_topic}: {self._error}"
+            )
+        if not self._caught_up.is_set():
+            self._stop.set()
+            thread.join(5)
+            raise KafkaSetupError(
+                f"reading {self._settings.subscriptions_topic} took longer than {timeout_s:.0f} s"
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # --- the reader thread --------------------------------------------------
+    def _open(self) -> Consumer:
+        topic = self._settings.subscriptions_topic
+        consumer = Consumer(table_consumer_config(self._settings))
+        try:
+            meta = consumer.list_topics(topic, timeout=15)
+        except KafkaException as exc:
+            consumer.close()
+            raise KafkaSetupError(f"cannot reach Kafka: {exc.args[0]}") from None
+        tmeta = meta.topics.get(topic)
+        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+            consumer.close()
+            raise KafkaSetupError(
+                f"topic {topic} does not exist; run `dispatcher topics ensure` first"
+            )
+        partitions = sorted(tmeta.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self._pending_ends: dict[int, int] = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+            if high > low:
+                self._pending_ends[p] = high
+        if not self._pending_ends:
+            self._mark_caught_up()
+        return consumer
+
+    def _mark_caught_up(self) -> None:
+        if not self._caught_up.is_set():
+            log.info("subscriptions table caught up", extra={"subscriptions": len(self._by_id)})
+            self._caught_up.set()
+
+    def _run(self, consumer: Consumer, follow: bool) -> None:
+        try:
+            while not self._stop.is_set():
+                if not follow and self._caught_up.is_set():
+                    return
+                for msg in consumer.consume(500, timeout=0.2):
+                    self._handle(msg)
+        except Exception as exc:  # surfaced through wait_caught_up / readiness
+            log.exception("subscriptions table reader stopped")
+            self._error = exc
+        finally:
+            consumer.close()
+
+    def _handle(self, msg: object) -> None:
+        err = msg.error()  # type: ignore[attr-defined]
+        partition: int = msg.partition()  # type: ignore[attr-defined]
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                self._reached(partition, msg.offset())  # type: ignore[attr-defined]
+                return
+            log.warning("subscriptions topic error: %s", err)
+            return
+        self._apply(msg.key(), msg.value())  # type: ignore[attr-defined]
+        self._reached(partition, msg.offset() + 1)  # type: ignore[attr-defined]
+
+    def _reached(self, partition: int, position: int) -> None:
+        end = self._pending_ends.get(partition)
+        if end is not None and position >= end:
+            del self._pending_ends[partition]
+            if not self._pending_ends:
+                self._mark_caught_up()
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            self.invalid_records += 1
+            log.warning("subscription record without a key ignored")
+            return
+        webhook_id = key.decode("utf-8", "replace")
+        sub: Subscription | None = None
+        if value is not None:
+            try:
+                sub = decode_subscription(key, value)
+            except SubscriptionError as exc:
+                self.invalid_records += 1
+                log.warning("subscription record %s ignored: %s", webhook_id, exc)
+                return
+        # Replace in place (never pop then add) so a concurrent reader never sees
+        # a live subscription missing for an instant.
+        old = self._by_id.get(webhook_id)
+        if sub is not None:
+            self._by_id[webhook_id] = sub
+        else:
+            self._by_id.pop(webhook_id, None)
+        if old is not None and (sub is None or old.organization_id != sub.organization_id):
+            self._members.get(old.organization_id, {}).pop(webhook_id, None)
+            self._reindex(old.organization_id)
+        if sub is not None:
+            self._members.setdefault(sub.organization_id, {})[webhook_id] = sub
+            self._reindex(sub.organization_id)
+        if self._on_change is not None:
+            self._on_change(len(self._by_id))
+
+    def _reindex(self, organization_id: str) -> None:
+        members = self._members.get(organization_id)
+        if members:
+            self._by_org[organization_id] = tuple(members.values())
+        else:
+            self._members.pop(organization_id, None)
+            self._by_org.pop(organization_id, None)

@@ -1,0 +1,154 @@
+"""``dispatcher topics ensure``: create the topics, or say what is wrong with them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from dispatcher.errors import ConfigError, KafkaSetupError
+from dispatcher.kafka import common_config, retry_stages
+from dispatcher.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic as the dispatcher needs it; ``configs`` are checked on existing topics."""
+
+    name: str
+    role: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic the dispatcher reads or writes, with the configs it relies on."""
+    longest_ms = max(settings.retry_delays_s) * 1000
+    if 0 <= settings.retry_retention_ms <= longest_ms * 2:
+        raise ConfigError(
+            "DISPATCHER_RETRY_RETENTION_MS must be far longer than the longest retry delay "
+            f"({longest_ms} ms); got {settings.retry_retention_ms}"
+        )
+    n = settings.topic_partitions
+
+    def deleting(retention_ms: int) -> dict[str, str]:
+        return {"cleanup.policy": "delete", "retention.ms": str(retention_ms)}
+
+    specs = [
+        TopicSpec(settings.input_topic, "input events", n, deleting(settings.input_retention_ms)),
+        TopicSpec(
+            settings.subscriptions_topic,
+            "subscriptions table",
+            n,
+            {"cleanup.policy": "compact"},
+        ),
+    ]
+    specs += [
+        TopicSpec(
+            stage.topic, f"retry after {stage.name}", n, deleting(settings.retry_retention_ms)
+        )
+        for stage in retry_stages(settings)
+    ]
+    specs += [
+        TopicSpec(
+            settings.dead_letter_topic,
+            "dead letters",
+            n,
+            deleting(settings.dead_letter_retention_ms),
+        ),
+        TopicSpec(
+            settings.invalid_topic, "invalid events", n, deleting(settings.invalid_retention_ms)
+        ),
+    ]
+    return specs
+
+
+@dataclass(slots=True)
+class EnsureReport:
+    created: list[str] = field(default_factory=list)
+    ok: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> EnsureReport:
+    """Create missing topics and check the configuration of existing ones."""
+    admin = AdminClient(common_config(settings))
+    specs = topic_specs(settings)
+    try:
+        existing = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise KafkaSetupError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc.args[0]}"
+        ) from None
+
+    report = EnsureReport()
+    missing = [s for s in specs if s.name not in existing]
+    if missing:
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    s.name,
+                    num_partitions=s.partitions,
+                    replication_factor=settings.topic_replication_factor,
+                    config=s.configs,
+                )
+                for s in missing
+            ],
+            request_timeout=timeout_s,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                report.created.append(name)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.name() == "TOPIC_ALREADY_EXISTS":
+                    report.ok.append(name)
+                else:
+                    report.problems.append(f"{name}: cannot create: {err.str()}")
+
+    present = [s for s in specs if s.name in existing]
+    if present:
+        _check_existing(admin, present, existing, report, timeout_s)
+    return report
+
+
+def _check_existing(
+    admin: AdminClient,
+    specs: list[TopicSpec],
+    existing: Mapping[str, object],
+    report: EnsureReport,
+    timeout_s: float,
+) -> None:
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    futures = admin.describe_configs(resources, request_timeout=timeout_s)
+    by_name = {res.name: fut for res, fut in futures.items()}
+    for spec in specs:
+        try:
+            actual = by_name[spec.name].result()
+        except KafkaException as exc:
+            report.problems.append(f"{spec.name}: cannot read its configuration: {exc.args[0]}")
+            continue
+        wrong = []
+        for key, wanted in spec.configs.items():
+            have = actual[key].value if key in actual else None
+            if have != wanted:
+                wrong.append(f"{key}={have} (expected {wanted})")
+        if wrong:
+            report.problems.append(
+                f"{spec.name} ({spec.role}): "
+                + ", ".join(wrong)
+                + "; fix the topic with kafka-configs --alter, or change the settings"
+            )
+        else:
+            report.ok.append(spec.name)
+        meta = existing[spec.name]
+        partitions = len(getattr(meta, "partitions", {}))
+        if partitions != spec.partitions:
+            report.notes.append(
+                f"{spec.name} has {partitions} partitions "
+                f"(DISPATCHER_TOPIC_PARTITIONS is {spec.partitions}); left as it is"
+            )

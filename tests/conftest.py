@@ -1,0 +1,65 @@
+"""Fixtures: the real broker (started by scripts/kafka.sh), namespaces, receivers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from tests.receiver import HttpsReceiver
+from tests.support import BOOTSTRAP, DispatcherProcess, Namespace
+
+
+@pytest.fixture(scope="session")
+def broker() -> str:
+    """The local broker's address; the run fails (never skips) when it is down."""
+    try:
+        AdminClient({"bootstrap.servers": BOOTSTRAP}).list_topics(timeout=10)
+    except KafkaException as exc:
+        pytest.fail(
+            f"no Kafka broker at {BOOTSTRAP} ({exc}); start it with `bash scripts/kafka.sh start`"
+        )
+    return BOOTSTRAP
+
+
+@pytest.fixture
+def receiver() -> Iterator[HttpsReceiver]:
+    with HttpsReceiver() as r:
+        yield r
+
+
+@pytest.fixture
+def ns_factory(broker: str, receiver: HttpsReceiver):  # type: ignore[no-untyped-def]
+    def make(**overrides: object) -> Namespace:
+        overrides.setdefault("http_ca_file", receiver.ca_file)
+        return Namespace(**overrides)
+
+    return make
+
+
+@pytest.fixture
+def ns(ns_factory) -> Namespace:  # type: ignore[no-untyped-def]
+    return ns_factory()
+
+
+@pytest.fixture
+def dispatchers(tmp_path: Path) -> Iterator[list[DispatcherProcess]]:
+    """Processes started by a test; any still running are killed at the end."""
+    started: list[DispatcherProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def run_dispatcher(dispatchers: list[DispatcherProcess], tmp_path: Path):  # type: ignore[no-untyped-def]
+    def start(ns: Namespace, wait_ready: bool = True, **extra: object) -> DispatcherProcess:
+        log = tmp_path / f"dispatcher-{len(dispatchers)}.log"
+        proc = DispatcherProcess(ns, log, **extra)
+        dispatchers.append(proc)
+        return proc.start(wait_ready=wait_ready)
+
+    return start

@@ -1,0 +1,612 @@
+"""The egress guard: address decisions, the guarded backend, and the client end to end.
+
+No test opens a connection to anything but 127.0.0.1: blocked ranges are tested
+as decisions, or through an injected resolver whose answer is refused before any
+connection, and :class:`LoopbackOnly` fails a test that tries anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dispatcher import __version__
+from dispatcher.egress import (
+    REASONS,
+    EgressBlocked,
+    GuardedBackend,
+    IPAddress,
+    blocked_reason,
+    build_http_client,
+    system_resolver,
+)
+from dispatcher.settings import Settings, load_settings
+from tests.receiver import HttpsReceiver, Reply
+
+ip = ipaddress.ip_address
+LOOPBACK_NET = [ipaddress.ip_network("127.0.0.0/8")]
+
+
+# --- decisions ---------------------------------------------------------------
+
+DECISIONS = {
+    "loopback": ["127.0.0.1", "127.5.5.5", "127.255.255.254", "::1"],
+    "private": [
+        "10.0.0.1",
+        "10.255.255.255",
+        "172.16.0.1",
+        "172.31.255.254",
+        "192.168.0.1",
+        "192.168.255.255",
+        "fd12::1",
+        "fc00::1",
+        "fec0::1",
+    ],
+    "link_local": ["169.254.0.1", "169.254.255.254", "fe80::1", "fe80::1%eth0"],
+    "metadata": [
+        "169.254.169.254",
+        "169.254.170.2",
+        "fd00:ec2::254",
+        "100.100.100.200",
+        "168.63.129.16",
+    ],
+    "shared": ["100.64.0.1", "100.127.255.254"],
+    "unspecified": ["0.0.0.0", "0.1.2.3", "::"],
+    "multicast": ["224.0.0.1", "239.255.255.250", "ff02::1", "ff0e::1"],
+    "documentation": ["192.0.2.1", "198.51.100.7", "203.0.113.9", "2001:db8::1", "3fff::1"],
+    "reserved": [
+        "240.0.0.1",
+        "255.255.255.255",
+        "198.18.0.1",
+        "192.0.0.8",
+        "192.88.99.1",
+        "2001::1",  # Teredo
+        "::127.0.0.1",  # deprecated IPv4-compatible form
+        "::ffff:0:7f00:1",  # IPv4-translated (SIIT)
+        "100::1",  # discard-only
+        "64:ff9b:1::a00:1",  # local-use NAT64, embedding not knowable
+        "5f00::1",  # outside 2000::/3
+    ],
+}
+# IPv4 carried in IPv6 is judged as the IPv4 address.
+EMBEDDED = {
+    "::ffff:127.0.0.1": "loopback",
+    "::ffff:10.0.0.1": "private",
+    "::ffff:169.254.169.254": "metadata",
+    "::ffff:100.64.0.1": "shared",
+    "64:ff9b::7f00:1": "loopback",  # NAT64 of 127.0.0.1
+    "64:ff9b::a9fe:a9fe": "metadata",  # NAT64 of 169.254.169.254
+    "2002:7f00:1::": "loopback",  # 6to4 of 127.0.0.1
+    "2002:a00:1::1": "private",  # 6to4 of 10.0.0.1
+    "2002:a9fe:a9fe::": "metadata",
+}
+PUBLIC = [
+    "93.184.216.34",
+    "8.8.8.8",
+    "1.1.1.1",
+    "172.15.255.255",
+    "172.32.0.1",
+    "100.63.255.255",
+    "100.128.0.0",
+    "169.253.255.255",
+    "2606:4700::1",
+    "2a00:1450:4001::1",
+    "::ffff:93.184.216.34",
+    "64:ff9b::5db8:d822",  # NAT64 of 93.184.216.34
+    "2002:5db8:d822::1",  # 6to4 of 93.184.216.34
+]
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [(a, r) for r, addresses in DECISIONS.items() for a in addresses] + list(EMBEDDED.items()),
+)
+def test_blocked(address: str, reason: str) -> None:
+    assert blocked_reason(ip(address), []) == reason
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_allowed(address: str) -> None:
+    assert blocked_reason(ip(address), []) is None
+
+
+def test_reasons_are_a_closed_set() -> None:
+    assert {
+        "loopback",
+        "private",
+        "shared",
+        "link_local",
+        "metadata",
+        "unspecified",
+        "multicast",
+        "documentation",
+        "reserved",
+        "plain_http",
+    } == REASONS
+    assert set(DECISIONS) | {"plain_http"} == REASONS
+
+
+def test_allowlist_lets_its_networks_through_only() -> None:
+    assert blocked_reason(ip("127.0.0.1"), LOOPBACK_NET) is None
+    assert blocked_reason(ip("127.8.9.10"), LOOPBACK_NET) is None
+    assert blocked_reason(ip("::ffff:127.0.0.1"), LOOPBACK_NET) is None
+    assert blocked_reason(ip("10.0.0.1"), LOOPBACK_NET) == "private"
+    assert blocked_reason(ip("::1"), LOOPBACK_NET) == "loopback"
+    assert blocked_reason(ip("169.254.169.254"), LOOPBACK_NET) == "metadata"
+
+
+def test_allowlist_narrow_and_ipv6() -> None:
+    allowed = [ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("::1/128")]
+    assert blocked_reason(ip("10.1.2.3"), allowed) is None
+    assert blocked_reason(ip("10.2.0.1"), allowed) == "private"
+    assert blocked_reason(ip("::1"), allowed) is None
+    assert blocked_reason(ip("127.0.0.1"), allowed) == "loopback"
+
+
+@given(st.ip_addresses(v=4))
+def test_ipv4_mapped_form_is_judged_as_ipv4(address: ipaddress.IPv4Address) -> None:
+    mapped = ip(f"::ffff:{address}")
+    nat64 = ipaddress.IPv6Address(b"\x00\x64\xff\x9b" + bytes(8) + address.packed)
+    assert blocked_reason(mapped, []) == blocked_reason(address, [])
+    assert blocked_reason(nat64, []) == blocked_reason(address, [])
+
+
+@given(st.ip_addresses())
+def test_every_decision_is_a_known_reason(address: IPAddress) -> None:
+    assert blocked_reason(address, []) in REASONS | {None}
+
+
+# --- the backend, with a fake socket layer -------------------------------------
+
+
+class RecordingInner(httpcore.AsyncNetworkBackend):
+    """Records connection attempts; never touches the network."""
+
+    def __init__(self, refuse: Iterable[str] = ()) -> None:
+        self.connects: list[tuple[str, int]] = []
+        self._refuse = set(refuse)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        self.connects.append((host, port))
+        if host in self._refuse:
+            raise httpcore.ConnectError(f"refused by {host}")
+        return httpcore.AsyncMockStream([])
+
+    async def sleep(self, seconds: float) -> None:
+        raise AssertionError("no sleeping in the egress path")
+
+
+class FakeDNS:
+    """A resolver answering from a table, counting lookups."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[IPAddress]:
+        self.lookups.append(host)
+        if host not in self.table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [ip(a) for a in self.table[host]]
+
+
+def connect(backend: GuardedBackend, host: str, port: int = 443, timeout: float = 5.0) -> Any:
+    return asyncio.run(backend.connect_tcp(host, port, timeout=timeout))
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (["10.0.0.5"], "private"),
+        (["169.254.169.254"], "metadata"),
+        (["127.0.0.1", "::1"], "loopback"),
+        (["::ffff:169.254.169.254"], "metadata"),
+    ],
+)
+def test_backend_refuses_before_connecting(answer: list[str], reason: str) -> None:
+    inner = RecordingInner()
+    dns = FakeDNS({"evil.example": answer})
+    backend = GuardedBackend(resolver=dns, inner=inner)
+    with pytest.raises(EgressBlocked) as info:
+        connect(backend, "evil.example")
+    assert info.value.reason == reason
+    assert info.value.address == ip(answer[0])
+    assert info.value.host == "evil.example"
+    assert dns.lookups == ["evil.example"]
+    assert inner.connects == []
+
+
+def test_backend_skips_blocked_addresses_and_connects_by_ip() -> None:
+    inner = RecordingInner()
+    dns = FakeDNS({"mixed.example": ["10.0.0.5", "169.254.169.254", "127.0.0.1"]})
+    backend = GuardedBackend(LOOPBACK_NET, resolver=dns, inner=inner)
+    connect(backend, "mixed.example", 8443)
+    assert inner.connects == [("127.0.0.1", 8443)]
+
+
+def test_backend_falls_back_to_the_next_allowed_address() -> None:
+    inner = RecordingInner(refuse={"127.0.0.2"})
+    dns = FakeDNS({"two.example": ["127.0.0.2", "10.0.0.1", "127.0.0.3"]})
+    backend = GuardedBackend(LOOPBACK_NET, resolver=dns, inner=inner)
+    connect(backend, "two.example")
+    assert inner.connects == [("127.0.0.2", 443), ("127.0.0.3", 443)]
+
+
+def test_backend_reports_the_last_connect_error_when_all_allowed_fail() -> None:
+    inner = RecordingInner(refuse={"127.0.0.2", "127.0.0.3"})
+    dns = FakeDNS({"two.example": ["127.0.0.2", "127.0.0.3"]})
+    backend = GuardedBackend(LOOPBACK_NET, resolver=dns, inner=inner)
+    with pytest.raises(httpcore.ConnectError, match=r"127\.0\.0\.3") as info:
+        connect(backend, "two.example")
+    assert not isinstance(info.value, EgressBlocked)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "169.254.169.254", "::1", "fd00:ec2::254"])
+def test_backend_checks_literal_ips_without_resolving(host: str) -> None:
+    inner = RecordingInner()
+    dns = FakeDNS({})
+    backend = GuardedBackend(resolver=dns, inner=inner)
+    with pytest.raises(EgressBlocked) as info:
+        connect(backend, host)
+    assert info.value.address == ip(host)
+    assert dns.lookups == []
+    assert inner.connects == []
+
+
+def test_backend_unknown_name_is_a_connect_error() -> None:
+    backend = GuardedBackend(resolver=FakeDNS({}), inner=RecordingInner())
+    with pytest.raises(httpcore.ConnectError, match=r"cannot resolve nowhere\.example"):
+        connect(backend, "nowhere.example")
+
+
+def test_backend_name_without_address_is_a_connect_error() -> None:
+    backend = GuardedBackend(resolver=FakeDNS({"empty.example": []}), inner=RecordingInner())
+    with pytest.raises(httpcore.ConnectError, match="no address"):
+        connect(backend, "empty.example")
+
+
+def test_backend_resolution_is_bounded_by_the_connect_timeout() -> None:
+    async def stalled(host: str, port: int) -> Sequence[IPAddress]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    inner = RecordingInner()
+    backend = GuardedBackend(resolver=stalled, inner=inner)
+    with pytest.raises(httpcore.ConnectTimeout):
+        connect(backend, "slow.example", timeout=0.05)
+    assert inner.connects == []
+
+
+def test_system_resolver_answers_literals_and_localhost() -> None:
+    assert asyncio.run(system_resolver("127.0.0.1", 443)) == [ip("127.0.0.1")]
+    addresses = asyncio.run(system_resolver("localhost", 443))
+    assert addresses
+    assert all(a.is_loopback for a in addresses)
+    assert len(set(addresses)) == len(addresses)
+
+
+# --- the client, against a real HTTPS receiver on 127.0.0.1 ----------------------
+
+
+class LoopbackOnly(httpcore.AsyncNetworkBackend):
+    """The real socket layer, refusing (and failing the test) off 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.connects: list[tuple[str, int]] = []
+        self._real = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        self.connects.append((host, port))
+        if host != "127.0.0.1":
+            raise AssertionError(f"test tried to connect to {host}")
+        return await self._real.connect_tcp(host, port, timeout=timeout)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._real.sleep(seconds)
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[HttpsReceiver]:
+    with HttpsReceiver(hostnames=("localhost", "webhooks.example", "127.0.0.1")) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clean(endpoint: HttpsReceiver) -> None:
+    endpoint.reset()
+
+
+@pytest.fixture
+def sockets() -> LoopbackOnly:
+    return LoopbackOnly()
+
+
+DNS = FakeDNS(
+    {
+        "localhost": ["127.0.0.1"],
+        "webhooks.example": ["127.0.0.1"],
+        "other.example": ["127.0.0.1"],
+        "internal.example": ["10.0.0.5"],
+        "metadata.example": ["169.254.169.254"],
+    }
+)
+
+
+def settings(endpoint: HttpsReceiver, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"http_ca_file": endpoint.ca_file, "http_timeout_s": 5.0}
+    values.update(overrides)
+    return load_settings(**values)
+
+
+async def post(
+    config: Settings, url: str, sockets: LoopbackOnly, body: bytes = b'{"ok":true}'
+) -> httpx.Response:
+    async with build_http_client(config, DNS, network_backend=sockets) as client:
+        return await client.post(url, content=body, headers={"Content-Type": "application/json"})
+
+
+def test_post_succeeds_with_loopback_allowlisted(
+    endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    response = asyncio.run(post(config, endpoint.url("/hook?x=1"), sockets, b'{"n":1}'))
+    assert response.status_code == 200
+    [seen] = endpoint.wait_for_requests(1, path="/hook")
+    assert (seen.method, seen.path, seen.body) == ("POST", "/hook?x=1", b'{"n":1}')
+    assert seen.header("user-agent") == f"webhook-dispatcher/{__version__}"
+    assert seen.header("content-type") == "application/json"
+    assert seen.sni == "localhost"
+    assert sockets.connects == [("127.0.0.1", endpoint.port)]
+
+
+def test_post_to_loopback_blocked_by_default(
+    endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    with pytest.raises(EgressBlocked) as info:
+        asyncio.run(post(settings(endpoint), endpoint.url("/hook"), sockets))
+    assert info.value.reason == "loopback"
+    assert info.value.address == ip("127.0.0.1")
+    assert isinstance(info.value, httpx.ConnectError)
+    assert info.value.request.url == endpoint.url("/hook")
+    assert sockets.connects == []
+    assert endpoint.requests == []
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"), [("internal.example", "private"), ("metadata.example", "metadata")]
+)
+def test_post_to_name_resolving_inside_is_blocked(
+    host: str, reason: str, endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    with pytest.raises(EgressBlocked) as info:
+        asyncio.run(post(config, f"https://{host}/hook", sockets))
+    assert info.value.reason == reason
+    assert sockets.connects == []
+
+
+def test_literal_ip_url_is_checked(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+    url = endpoint.url("/ip", hostname="127.0.0.1")
+    with pytest.raises(EgressBlocked):
+        asyncio.run(post(settings(endpoint), url, sockets))
+    assert sockets.connects == []
+    config = settings(endpoint, allowed_networks=["127.0.0.1/32"])
+    assert asyncio.run(post(config, url, sockets)).status_code == 200
+    assert endpoint.requests_to("/ip")[0].sni is None  # no SNI for an IP address
+
+
+def test_hostname_is_verified_and_sent_as_sni_while_connecting_by_ip(
+    endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    url = endpoint.url("/named", hostname="webhooks.example")
+    assert asyncio.run(post(config, url, sockets)).status_code == 200
+    [seen] = endpoint.requests_to("/named")
+    assert seen.sni == "webhooks.example"
+    assert seen.header("host") == f"webhooks.example:{endpoint.port}"
+    assert sockets.connects == [("127.0.0.1", endpoint.port)]
+
+
+def test_certificate_for_another_name_is_refused(
+    endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    # The certificate also names 127.0.0.1: were the connected address verified
+    # instead of the URL's host, this would pass.
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    url = endpoint.url("/other", hostname="other.example")
+    with pytest.raises(httpx.ConnectError) as info:
+        asyncio.run(post(config, url, sockets))
+    assert not isinstance(info.value, EgressBlocked)
+    assert _caused_by(info.value, ssl.SSLCertVerificationError)
+    assert endpoint.requests == []
+
+
+def test_tls_is_verified_without_the_extra_ca(
+    endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"], http_ca_file=None)
+    with pytest.raises(httpx.ConnectError) as info:
+        asyncio.run(post(config, endpoint.url("/untrusted"), sockets))
+    assert _caused_by(info.value, ssl.SSLCertVerificationError)
+    assert endpoint.requests == []
+
+
+def test_redirect_is_not_followed(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+    target = endpoint.url("/elsewhere")
+    endpoint.respond("/moved", Reply(302, headers={"Location": target}))
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    response = asyncio.run(post(config, endpoint.url("/moved"), sockets))
+    assert response.status_code == 302
+    assert response.headers["location"] == target
+    assert [r.path for r in endpoint.requests] == ["/moved"]
+
+
+def test_plain_http_refused_unless_allowed(sockets: LoopbackOnly) -> None:
+    with HttpsReceiver(tls=False) as plain:
+        url = plain.url("/plain", hostname="127.0.0.1")
+        config = load_settings(allowed_networks=["127.0.0.0/8"])
+        with pytest.raises(EgressBlocked) as info:
+            asyncio.run(post(config, url, sockets))
+        assert info.value.reason == "plain_http"
+        assert info.value.address is None
+        assert "http" in str(info.value)
+        assert sockets.connects == []
+
+        allowed = load_settings(allowed_networks=["127.0.0.0/8"], allow_http=True)
+        assert asyncio.run(post(allowed, url, sockets)).status_code == 200
+        assert [r.path for r in plain.requests] == ["/plain"]
+
+        # Allowing HTTP does not lift the address check.
+        with pytest.raises(EgressBlocked) as info:
+            asyncio.run(post(load_settings(allow_http=True), url, sockets))
+        assert info.value.reason == "loopback"
+
+
+def test_connection_refused_is_a_plain_connect_error(sockets: LoopbackOnly) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_settings(allowed_networks=["127.0.0.0/8"])
+    with pytest.raises(httpx.ConnectError) as info:
+        asyncio.run(post(config, f"https://127.0.0.1:{port}/", sockets))
+    assert not isinstance(info.value, EgressBlocked)
+    assert isinstance(info.value.__cause__, httpcore.ConnectError)
+
+
+def test_connect_timeout_covers_name_resolution(sockets: LoopbackOnly) -> None:
+    async def stalled(host: str, port: int) -> Sequence[IPAddress]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send() -> None:
+        config = load_settings(http_timeout_s=0.1)
+        async with build_http_client(config, stalled, network_backend=sockets) as client:
+            await client.post("https://slow-dns.example/", content=b"{}")
+
+    with pytest.raises(httpx.ConnectTimeout):
+        asyncio.run(send())
+    assert sockets.connects == []
+
+
+def test_read_timeout_is_translated(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+    endpoint.respond("/slow", Reply(200, delay_s=10.0))
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"], http_timeout_s=0.2)
+    with pytest.raises(httpx.ReadTimeout):
+        asyncio.run(post(config, endpoint.url("/slow"), sockets))
+    assert len(endpoint.wait_for_requests(1, path="/slow")) == 1
+
+
+def test_connections_are_reused_and_checked_once_each(
+    endpoint: HttpsReceiver, sockets: LoopbackOnly
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+
+    async def three_posts() -> list[int]:
+        async with build_http_client(config, DNS, network_backend=sockets) as client:
+            codes = []
+            for host in ("localhost", "localhost", "webhooks.example"):
+                response = await client.post(endpoint.url("/reuse", hostname=host), content=b"{}")
+                codes.append(response.status_code)
+            return codes
+
+    assert asyncio.run(three_posts()) == [200, 200, 200]
+    assert sockets.connects == [("127.0.0.1", endpoint.port)] * 2
+    assert len(endpoint.requests_to("/reuse")) == 3
+
+
+def test_client_configuration(endpoint: HttpsReceiver) -> None:
+    config = settings(endpoint, http_timeout_s=7.5, max_in_flight=3)
+
+    async def inspect() -> None:
+        async with build_http_client(config) as client:
+            assert client.follow_redirects is False
+            assert client.timeout == httpx.Timeout(7.5)
+            assert client.headers["user-agent"] == f"webhook-dispatcher/{__version__}"
+            assert client.trust_env is False
+
+    asyncio.run(inspect())
+
+
+def test_pool_is_sized_from_max_in_flight(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+    endpoint.respond("/held", Reply(200, delay_s=0.2))
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"], max_in_flight=2)
+
+    async def burst() -> None:
+        async with build_http_client(config, DNS, network_backend=sockets) as client:
+            url = endpoint.url("/held")
+            await asyncio.gather(*(client.post(url, content=b"{}") for _ in range(4)))
+
+    asyncio.run(burst())
+    assert len(sockets.connects) == 2
+    assert len(endpoint.requests_to("/held")) == 4
+
+
+# --- the test receiver itself ----------------------------------------------------
+
+
+def test_receiver_scripts_replies_in_order(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+    endpoint.respond("/flaky", Reply(503, retry_after="7", body=b"busy"), Reply(204))
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+
+    async def three() -> list[httpx.Response]:
+        async with build_http_client(config, DNS, network_backend=sockets) as client:
+            return [await client.post(endpoint.url("/flaky"), content=b"{}") for _ in range(3)]
+
+    first, second, third = asyncio.run(three())
+    assert (first.status_code, first.headers["retry-after"], first.content) == (503, "7", b"busy")
+    assert second.status_code == third.status_code == 204
+
+
+def test_receiver_reads_chunked_bodies(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+
+    async def chunks() -> Any:
+        yield b'{"a":'
+        yield b"1}"
+
+    async def send() -> None:
+        async with build_http_client(config, DNS, network_backend=sockets) as client:
+            await client.post(endpoint.url("/chunked"), content=chunks())
+
+    asyncio.run(send())
+    [seen] = endpoint.requests_to("/chunked")
+    assert seen.body == b'{"a":1}'
+    assert seen.header("transfer-encoding") == "chunked"
+
+
+def test_receiver_wait_times_out_with_a_report(endpoint: HttpsReceiver) -> None:
+    with pytest.raises(TimeoutError, match="wanted 1 request"):
+        endpoint.wait_for_requests(1, path="/never", timeout_s=0.05)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
