@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -28,22 +25,12 @@ from pydantic import ValidationError
 
 from dispatcher import metrics
 from dispatcher.consumer import StageConsumer
-from dispatcher.delivery import AttemptResult, build_headers, post
-from dispatcher.endpoints import Admission, Endpoint, endpoint_key
+from dispatcher.deliveries import Delivery, DeliveryRunner
 from dispatcher.kafka import INPUT_STAGE, RetryStage, retry_stages
 from dispatcher.models import InvalidEvent, Subscription, parse_event, short_errors
-from dispatcher.offsets import OffsetTracker
+from dispatcher.partitions import PartitionState, Slot, now_ms, position_of
 from dispatcher.producer import AsyncProducer
-from dispatcher.records import (
-    H_SOURCE,
-    Attempt,
-    DeliveryRecord,
-    Source,
-    delivery_id_for,
-    due_ms_of,
-    record_headers,
-)
-from dispatcher.routing import after_failure, for_deferral
+from dispatcher.records import H_SOURCE, DeliveryRecord, Source, delivery_id_for, due_ms_of
 from dispatcher.settings import Settings
 from dispatcher.table import SubscriptionTable
 
@@ -51,68 +38,6 @@ log = logging.getLogger(__name__)
 
 H_INVALID_REASON = "dispatcher-invalid-reason"
 H_INVALID_DETAIL = "dispatcher-invalid-detail"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class PartitionState:
-    """One assigned partition of one stage."""
-
-    __slots__ = (
-        "active",
-        "buffer",
-        "consumer",
-        "paused",
-        "queued",
-        "revoked",
-        "stage",
-        "tasks",
-        "timer",
-        "tp",
-        "tracker",
-    )
-
-    def __init__(self, consumer: StageConsumer, tp: TopicPartition, stage: RetryStage | None):
-        self.consumer = consumer
-        self.tp = TopicPartition(tp.topic, tp.partition)
-        self.stage = stage  # None for the input stage
-        self.tracker = OffsetTracker()
-        self.buffer: deque[Message] = deque()
-        self.paused = False
-        self.queued = False  # in the pump's run queue
-        self.active = True  # new work may start
-        self.revoked = False  # completions no longer count
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.timer: asyncio.TimerHandle | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Slot:
-    """One consumed message, finished when ``remaining`` deliveries reach zero."""
-
-    part: PartitionState
-    offset: int
-    remaining: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class Delivery:
-    """One (event, subscription) pair on its way through one attempt or deferral."""
-
-    slot: Slot
-    sub: Subscription
-    delivery_id: str
-    body: bytes
-    event: str
-    event_time: datetime
-    attempts_made: int
-    stage: str
-    source: Source
-    record: DeliveryRecord | None = None
-    endpoint: str = field(default="")
-    finished: bool = False
 
 
 class Engine:
@@ -134,8 +59,9 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.consumers: list[StageConsumer] = []
         self.partitions: dict[tuple[str, int], PartitionState] = {}
-        self.endpoints: dict[str, Endpoint[Delivery]] = {}
-        self.in_flight = 0
+        self.runner = DeliveryRunner(
+            settings, client, producer, self.stages, self._spawn, self._slot_done
+        )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
         self._flush_pending = False
@@ -173,10 +99,11 @@ class Engine:
     async def shutdown(self) -> None:
         """Stop fetching, finish in-flight work within the drain timeout, commit, leave."""
         self._stopping = True
+        self.runner.stopping = True
         for ps in self.partitions.values():
             self._deactivate(ps)
             ps.consumer.pause(ps.tp)
-        self._abandon_queued(set(self.partitions.values()))
+        self.runner.abandon_queued(set(self.partitions.values()))
         tasks = {t for ps in self.partitions.values() for t in ps.tasks}
         if tasks:
             log.info("draining %d in-flight deliveries", len(tasks))
@@ -206,7 +133,7 @@ class Engine:
         try:
             touched: set[PartitionState] = set()
             for msg in batch:
-                topic, partition, offset = _where(msg)
+                topic, partition, offset = position_of(msg)
                 ps = self.partitions.get((topic, partition))
                 if ps is None or not ps.active or ps.consumer is not consumer:
                     continue
@@ -234,7 +161,7 @@ class Engine:
         ]
         for ps in states:
             self._deactivate(ps)
-        self._abandon_queued(set(states))
+        self.runner.abandon_queued(set(states))
         tasks = {t for ps in states for t in ps.tasks}
         if tasks and not self._stopping:
             _done, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
@@ -261,7 +188,7 @@ class Engine:
                 ps.revoked = True
                 states.append(ps)
                 _forget_lag(ps.tp)
-        self._abandon_queued(set(states))
+        self.runner.abandon_queued(set(states))
         for ps in states:
             for task in ps.tasks:
                 task.cancel()
@@ -281,7 +208,7 @@ class Engine:
         self._pump_pending = False
         limit = self.settings.max_in_flight
         now = now_ms()
-        while self.in_flight < limit and self._runnable:
+        while self.runner.in_flight < limit and self._runnable:
             ps = self._runnable.popleft()
             ps.queued = False
             if not ps.active or not ps.buffer:
@@ -325,7 +252,7 @@ class Engine:
 
     # --- turning messages into deliveries -------------------------------------
     def _dispatch(self, ps: PartitionState, msg: Message) -> None:
-        slot = Slot(ps, _where(msg)[2])
+        slot = Slot(ps, position_of(msg)[2])
         if ps.stage is None:
             self._dispatch_event(slot, msg)
         else:
@@ -357,7 +284,7 @@ class Engine:
                 stage=INPUT_STAGE,
                 source=source,
             )
-            self._submit(delivery)
+            self.runner.submit(delivery)
 
     def _dispatch_record(self, slot: Slot, msg: Message, stage: RetryStage) -> None:
         try:
@@ -378,7 +305,7 @@ class Engine:
             return
         if self._skip(sub, record.delivery_id):
             return
-        self._submit(
+        self.runner.submit(
             Delivery(
                 slot=slot,
                 sub=sub,
@@ -431,7 +358,7 @@ class Engine:
             (H_SOURCE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
         ]
         slot.remaining += 1
-        self.in_flight += 1
+        self.runner.add_in_flight(1)
         coro = self.producer.send(self.settings.invalid_topic, msg.value(), msg.key(), headers)
         self._spawn(slot.part, self._then_done(coro, slot))
 
@@ -439,175 +366,20 @@ class Engine:
         try:
             await coro
         except asyncio.CancelledError:
-            self.in_flight -= 1
+            self.runner.add_in_flight(-1)
             raise
+        self.runner.add_in_flight(-1)
         self._slot_done(slot)
 
-    # --- endpoints ------------------------------------------------------------
-    def _submit(self, d: Delivery) -> None:
-        d.slot.remaining += 1
-        self.in_flight += 1
-        metrics.IN_FLIGHT.set(self.in_flight)
-        d.endpoint = endpoint_key(d.sub.url)
-        ep = self.endpoints.get(d.endpoint)
-        if ep is None:
-            s = self.settings
-            ep = Endpoint(
-                s.max_in_flight_per_endpoint,
-                s.endpoint_queue_size,
-                s.circuit_failure_threshold,
-                s.circuit_cooldown_s,
-            )
-            self.endpoints[d.endpoint] = ep
-        admission = ep.admit(d)
-        if admission is Admission.START:
-            self._spawn(d.slot.part, self._attempt(ep, d))
-        elif admission is not Admission.QUEUED:
-            self._spawn(d.slot.part, self._defer(d, admission.value))
-
+    # --- tasks -----------------------------------------------------------------
     def _spawn(self, ps: PartitionState, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
         ps.tasks.add(task)
         task.add_done_callback(ps.tasks.discard)
         task.add_done_callback(_log_crash)
 
-    async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
-        log.debug("attempt start", extra={"delivery_id": d.delivery_id})
-        result: AttemptResult | None = None
-        try:
-            attempt = d.attempts_made + 1
-            secrets = d.sub.active_secrets(datetime.now(UTC))
-            headers = build_headers(d.delivery_id, attempt, d.body, secrets)
-            result = await post(
-                self.client,
-                d.sub.url,
-                d.body,
-                headers,
-                self.settings.http_timeout_s,
-                self.settings.response_snippet_bytes,
-            )
-            outcome = "success" if result.ok else "failure"
-            metrics.DELIVERY_ATTEMPTS.labels(d.stage, outcome, result.status_label).inc()
-            metrics.ATTEMPT_DURATION.labels(d.stage).observe(result.duration_s)
-            if result.ok:
-                latency = (datetime.now(UTC) - d.event_time).total_seconds()
-                metrics.END_TO_END_LATENCY.observe(max(latency, 0.0))
-                log.debug(
-                    "delivered",
-                    extra={"delivery_id": d.delivery_id, "attempt": attempt, "stage": d.stage},
-                )
-                self._delivery_done(d)
-            else:
-                await self._after_failure(d, result)
-        finally:
-            self._abandon_if_unfinished(d)
-            self._release(ep, d, None if result is None else result.ok)
-
-    def _release(self, ep: Endpoint[Delivery], d: Delivery, ok: bool | None) -> None:
-        nxt = ep.release(ok)
-        if nxt is not None:
-            self._spawn(nxt.slot.part, self._attempt(ep, nxt))
-        if ep.open_until is not None and ep.queue and not self._stopping:
-            for waiting in ep.drain_queue():
-                self._spawn(waiting.slot.part, self._defer(waiting, "circuit_open"))
-        if ep.idle and ep.failures == 0:
-            self.endpoints.pop(d.endpoint, None)
-
-    async def _after_failure(self, d: Delivery, result: AttemptResult) -> None:
-        now = datetime.now(UTC)
-        record = d.record or self._new_record(d)
-        record.attempts_made = d.attempts_made + 1
-        record.first_failure_at = record.first_failure_at or now
-        record.history.append(
-            Attempt(
-                attempt=record.attempts_made,
-                stage=d.stage,
-                at=now,
-                duration_ms=round(result.duration_s * 1000, 3),
-                status_code=result.status_code,
-                error_class=result.error_class,
-                error=result.error,
-                response_snippet=result.snippet,
-            )
-        )
-        hop = after_failure(
-            record.attempts_made,
-            self.stages,
-            now_ms(),
-            result.retry_after_s,
-            self.settings.max_retry_after_s,
-        )
-        extra = {"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id}
-        if hop.stage is None:
-            record.dead_lettered_at = now
-            record.dead_letter_reason = f"all {record.attempts_made} attempts failed"
-            topic = self.settings.dead_letter_topic
-            metrics.DEAD_LETTERS.labels(d.stage).inc()
-            log.warning(
-                "dead-lettered after attempt %d: %s",
-                record.attempts_made,
-                record.last_error(),
-                extra=extra,
-            )
-        else:
-            topic = hop.stage.topic
-            metrics.RETRIES_SCHEDULED.labels(hop.stage.name).inc()
-            log.info(
-                "attempt %d failed (%s); retry in stage %s",
-                record.attempts_made,
-                record.last_error(),
-                hop.stage.name,
-                extra=extra,
-            )
-        await self.producer.send(
-            topic, record.to_json(), d.delivery_id.encode(), record_headers(record, hop.due_ms)
-        )
-        self._delivery_done(d)
-
-    async def _defer(self, d: Delivery, reason: str) -> None:
-        metrics.DEFERRALS.labels(reason).inc()
-        record = d.record or self._new_record(d)
-        record.deferrals += 1
-        hop = for_deferral(d.attempts_made, self.stages, now_ms())
-        assert hop.stage is not None
-        try:
-            await self.producer.send(
-                hop.stage.topic,
-                record.to_json(),
-                d.delivery_id.encode(),
-                record_headers(record, hop.due_ms),
-            )
-            self._delivery_done(d)
-        finally:
-            self._abandon_if_unfinished(d)
-
-    def _new_record(self, d: Delivery) -> DeliveryRecord:
-        return DeliveryRecord(
-            delivery_id=d.delivery_id,
-            webhook_id=d.sub.webhook_id,
-            organization_id=d.sub.organization_id,
-            event=d.event,
-            event_timestamp=d.event_time,
-            body=d.body.decode("utf-8"),
-            attempts_made=d.attempts_made,
-            source=d.source,
-        )
-
     # --- completion and offsets -----------------------------------------------
-    def _delivery_done(self, d: Delivery) -> None:
-        d.finished = True
-        self._slot_done(d.slot)
-
-    def _abandon_if_unfinished(self, d: Delivery) -> None:
-        """A cancelled delivery frees its in-flight place; its message stays unfinished."""
-        if not d.finished:
-            d.finished = True
-            self.in_flight -= 1
-            metrics.IN_FLIGHT.set(self.in_flight)
-
     def _slot_done(self, slot: Slot) -> None:
-        self.in_flight -= 1
-        metrics.IN_FLIGHT.set(self.in_flight)
         slot.remaining -= 1
         if slot.remaining == 0:
             self._finish_slot(slot)
@@ -639,30 +411,6 @@ class Engine:
         if ps.timer is not None:
             ps.timer.cancel()
             ps.timer = None
-
-    def _abandon_queued(self, states: set[PartitionState]) -> None:
-        """Drop deliveries still waiting for an endpoint slot on these partitions.
-
-        They never started; their messages stay unfinished, so whoever reads the
-        partition next delivers them.
-        """
-        if not states:
-            return
-        for ep in self.endpoints.values():
-            keep = [d for d in ep.queue if d.slot.part not in states]
-            dropped = len(ep.queue) - len(keep)
-            if dropped:
-                ep.queue.clear()
-                ep.queue.extend(keep)
-                self.in_flight -= dropped
-        metrics.IN_FLIGHT.set(self.in_flight)
-
-
-def _where(msg: Message) -> tuple[str, int, int]:
-    """Topic, partition and offset of a consumed (never an error) message."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return topic, partition, offset
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

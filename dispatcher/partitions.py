@@ -1,0 +1,65 @@
+"""The state of one assigned partition, and of one message taken from it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from confluent_kafka import Message, TopicPartition
+
+from dispatcher.consumer import StageConsumer
+from dispatcher.kafka import RetryStage
+from dispatcher.offsets import OffsetTracker
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PartitionState:
+    """One assigned partition of one stage."""
+
+    __slots__ = (
+        "active",
+        "buffer",
+        "consumer",
+        "paused",
+        "queued",
+        "revoked",
+        "stage",
+        "tasks",
+        "timer",
+        "tp",
+        "tracker",
+    )
+
+    def __init__(self, consumer: StageConsumer, tp: TopicPartition, stage: RetryStage | None):
+        self.consumer = consumer
+        self.tp = TopicPartition(tp.topic, tp.partition)
+        self.stage = stage  # None for the input stage
+        self.tracker = OffsetTracker()
+        self.buffer: deque[Message] = deque()
+        self.paused = False
+        self.queued = False  # in the pump's run queue
+        self.active = True  # new work may start
+        self.revoked = False  # completions no longer count
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """One consumed message, finished when ``remaining`` deliveries reach zero."""
+
+    part: PartitionState
+    offset: int
+    remaining: int = 0
+
+
+def position_of(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed (never an error) message."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
