@@ -78,7 +78,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> EnsureReport:
     admin = AdminClient(common_config(settings))
     specs = topic_specs(settings)
     try:
-        existing = admin.list_topics(timeout=timeout_s).topics
+        existing = admin.list_topics(timeout=min(timeout_s, 10.0)).topics
     except KafkaException as exc:
         raise KafkaSetupError(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc.args[0]}"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every check in one command: lint, types, the chart, and the tests against a real
+# local Kafka broker (started here if it is not running, and stopped again after).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+bash scripts/bootstrap.sh
+
+started_broker=0
+if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
+    bash scripts/kafka.sh start
+    started_broker=1
+fi
+cleanup() {
+    if [[ $started_broker == 1 ]]; then
+        bash scripts/kafka.sh stop || true
+    fi
+}
+trap cleanup EXIT
+
+echo "== ruff"
+.venv/bin/ruff check dispatcher tests scripts
+.venv/bin/ruff format --check dispatcher tests scripts
+echo "== mypy"
+.venv/bin/mypy
+if [[ -f scripts/check-chart.sh ]]; then
+    echo "== chart and compose"
+    bash scripts/check-chart.sh
+fi
+echo "== pytest"
+.venv/bin/pytest "$@"

@@ -1,0 +1,170 @@
+"""The JSON Schemas under schemas/ and the pydantic models agree, on good and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from dispatcher.models import InvalidEvent, Subscription, parse_event
+from dispatcher.records import DeliveryRecord
+from tests.support import SEED_EVENT
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def schema(name: str) -> dict[str, Any]:
+    return json.loads((SCHEMAS / name).read_text())
+
+
+def event_valid_for_both(doc: Any) -> tuple[bool, bool]:
+    by_schema = jsonschema.Draft202012Validator(schema("visitor-identified.schema.json"))
+    schema_ok = by_schema.is_valid(doc)
+    try:
+        parse_event(json.dumps(doc).encode(), 1_000_000)
+        model_ok = True
+    except InvalidEvent:
+        model_ok = False
+    return schema_ok, model_ok
+
+
+def test_seed_example_is_valid_for_schema_and_model() -> None:
+    assert event_valid_for_both(SEED_EVENT) == (True, True)
+
+
+def _without(key: str) -> dict[str, Any]:
+    doc = copy.deepcopy(SEED_EVENT)
+    del doc[key]
+    return doc
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(SEED_EVENT)
+    *parents, last = path.split(".")
+    target = doc
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    return doc
+
+
+INVALID_EVENTS = {
+    "missing event": _without("event"),
+    "missing timestamp": _without("timestamp"),
+    "missing organization_id": _without("organization_id"),
+    "missing session_id": _without("session_id"),
+    "missing visitor": _without("visitor"),
+    "missing company": _without("company"),
+    "missing session": _without("session"),
+    "event not a name": _with("event", "Visitor Identified"),
+    "timestamp not a date": _with("timestamp", "yesterday"),
+    "timestamp without zone": _with("timestamp", "2025-01-15T10:30:00"),
+    "empty organization": _with("organization_id", ""),
+    "organization a number": _with("organization_id", 42),
+    "visitor not an object": _with("visitor", "jane"),
+    "employee_count a string": _with("company.employee_count", "500"),
+    "employee_count negative": _with("company.employee_count", -1),
+    "pages_visited not a list": _with("session.pages_visited", "/pricing"),
+    "email a number": _with("visitor.email", 7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID_EVENTS))
+def test_invalid_event_variants_fail_schema_and_model(name: str) -> None:
+    assert event_valid_for_both(INVALID_EVENTS[name]) == (False, False)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        _with("visitor.email", None),
+        _with("company", {}),
+        _with("session.pages_visited", None),
+        _with("visitor.favourite_colour", "green"),
+        _with("timestamp", "2025-01-15T12:30:00+02:00"),
+    ],
+    ids=["null inner field", "empty inner object", "null list", "extra inner field", "offset"],
+)
+def test_unknown_or_null_inner_fields_are_accepted_by_both(doc: dict[str, Any]) -> None:
+    assert event_valid_for_both(doc) == (True, True)
+
+
+def test_body_keeps_inner_extras_drops_top_level_extras_and_normalises_time() -> None:
+    doc = _with("visitor.favourite_colour", "green")
+    doc["internal_routing"] = "x"
+    doc["timestamp"] = "2025-01-15T12:30:00+02:00"
+    body = json.loads(parse_event(json.dumps(doc).encode(), 1_000_000).body)
+    assert body["visitor"]["favourite_colour"] == "green"
+    assert "internal_routing" not in body
+    assert body["timestamp"] == "2025-01-15T10:30:00Z"
+
+
+def _subscription_doc() -> dict[str, Any]:
+    now = datetime.now(UTC).isoformat()
+    return {
+        "webhook_id": "wh_1",
+        "organization_id": "org_abc123",
+        "url": "https://hooks.example.com/bullseye",
+        "events": ["visitor.identified"],
+        "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "previous_secrets": [],
+        "enabled": True,
+        "plan": "scale",
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def subscription_valid_for_both(doc: dict[str, Any]) -> tuple[bool, bool]:
+    validator = jsonschema.Draft202012Validator(
+        schema("subscription.schema.json"), format_checker=jsonschema.FormatChecker()
+    )
+    try:
+        Subscription.model_validate_json(json.dumps(doc))
+        model_ok = True
+    except ValueError:
+        model_ok = False
+    return validator.is_valid(doc), model_ok
+
+
+def test_subscription_record_agrees() -> None:
+    doc = _subscription_doc()
+    assert subscription_valid_for_both(doc) == (True, True)
+    for key, value in {
+        "url": "ftp://hooks.example.com",
+        "events": [],
+        "secret": "short",
+        "webhook_id": "has space",
+        "unexpected": 1,
+    }.items():
+        bad = dict(doc, **{key: value})
+        assert subscription_valid_for_both(bad) == (False, False), key
+    for key in ("organization_id", "url", "events", "plan"):
+        bad = dict(doc)
+        del bad[key]
+        assert subscription_valid_for_both(bad) == (False, False), key
+
+
+def test_delivery_record_model_output_matches_schema() -> None:
+    record = DeliveryRecord(
+        delivery_id="msg_1",
+        webhook_id="wh_1",
+        organization_id="org_abc123",
+        event="visitor.identified",
+        event_timestamp=datetime.now(UTC),
+        body=json.dumps(SEED_EVENT),
+        attempts_made=0,
+        source={"topic": "visitor.identified", "partition": 0, "offset": 5},  # type: ignore[arg-type]
+    )
+    validator = jsonschema.Draft202012Validator(schema("delivery-record.schema.json"))
+    validator.validate(json.loads(record.to_json()))
+    bad = json.loads(record.to_json())
+    bad["secret"] = "whsec_x"
+    assert not validator.is_valid(bad)
+    with pytest.raises(ValueError):
+        DeliveryRecord.model_validate(bad)
