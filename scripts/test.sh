@@ -18,6 +18,8 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+# The tests talk to the broker this script manages, on whatever port it uses.
+export KAFKA_BOOTSTRAP="127.0.0.1:${KAFKA_PORT:-9092}"
 
 echo "== ruff"
 .venv/bin/ruff check dispatcher tests scripts
