@@ -10,6 +10,7 @@ then be committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class DeliveryRunner:
                 s.endpoint_queue_size,
                 s.circuit_failure_threshold,
                 s.circuit_cooldown_s,
+                queue_wait_s=s.endpoint_queue_wait_s,
             )
             self.endpoints[d.endpoint] = ep
         admission = ep.admit(d)
@@ -227,6 +229,20 @@ class DeliveryRunner:
         if not d.finished:
             d.finished = True
             self.add_in_flight(-1)
+
+    async def evict_excess(self, every_s: float = 0.25) -> None:
+        """Defer what waits at endpoints beyond their bound, as their rates become known.
+
+        Runs for the life of the engine: a burst queued at an endpoint that is not
+        yet measured is handed to the retry path once it shows itself slow.
+        """
+        while True:
+            await asyncio.sleep(every_s)
+            if self.stopping:
+                return
+            for ep in list(self.endpoints.values()):
+                for waiting in ep.excess():
+                    self._spawn(waiting.slot.part, self._defer(waiting, "endpoint_busy"))
 
     def add_in_flight(self, n: int) -> None:
         self.in_flight += n

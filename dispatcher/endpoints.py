@@ -3,6 +3,13 @@
 An endpoint is a URL's origin (scheme, host, port). A slow or dead endpoint can
 hold only its own slots and queue; whatever does not fit is deferred to the
 retry path by the caller, so nothing else waits on it.
+
+The queue is bounded by how long its last item would wait, not only by a count:
+an endpoint that completes 2,000 requests a second may queue 2,000 x
+``queue_wait_s`` deliveries, one that completes none keeps ``queue_size``. Until
+its rate has been measured over one window an endpoint is trusted; once
+measured, what exceeds the bound is handed back (:meth:`Endpoint.excess`) so a
+burst sent to an endpoint that turned out to be stalled does not stay queued.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from urllib.parse import urlsplit
 from dispatcher import metrics
 
 T = TypeVar("T")
+
+#: Completions are counted over windows of this length to estimate the rate.
+RATE_WINDOW_S = 1.0
 
 
 def endpoint_key(url: str) -> str:
@@ -37,6 +47,8 @@ class Endpoint(Generic[T]):
 
     __slots__ = (
         "_clock",
+        "_window_count",
+        "_window_start",
         "active",
         "cooldown_s",
         "failures",
@@ -45,6 +57,8 @@ class Endpoint(Generic[T]):
         "probing",
         "queue",
         "queue_size",
+        "queue_wait_s",
+        "rate",
         "threshold",
     )
 
@@ -55,6 +69,7 @@ class Endpoint(Generic[T]):
         threshold: int,
         cooldown_s: float,
         clock: Callable[[], float] = time.monotonic,
+        queue_wait_s: float = 0.0,
     ) -> None:
         self.limit = limit
         self.queue_size = queue_size
@@ -66,6 +81,11 @@ class Endpoint(Generic[T]):
         self.open_until: float | None = None
         self.probing = False
         self._clock = clock
+        self.queue_wait_s = queue_wait_s
+        #: Completions per second over the last full window; None until measured.
+        self.rate: float | None = None
+        self._window_start = clock()
+        self._window_count = 0
 
     def admit(self, item: T) -> Admission:
         """Take ``item`` now, queue it, or say why it must be deferred."""
@@ -80,10 +100,35 @@ class Endpoint(Generic[T]):
         if self.active < self.limit:
             self.active += 1
             return Admission.START
-        if len(self.queue) < self.queue_size:
+        if len(self.queue) < self.queue_bound():
             self.queue.append(item)
             return Admission.QUEUED
         return Admission.BUSY
+
+    def queue_bound(self) -> float:
+        """How many deliveries may wait here now (see the module docstring)."""
+        self._roll_window()
+        if self.rate is None:
+            return float("inf") if self.queue_wait_s > 0 else self.queue_size
+        return max(self.queue_size, self.rate * self.queue_wait_s)
+
+    def excess(self) -> list[T]:
+        """Queued items beyond the bound (newest first out), to be deferred."""
+        bound = self.queue_bound()
+        out: list[T] = []
+        while len(self.queue) > bound:
+            out.append(self.queue.pop())
+        return out
+
+    def _roll_window(self) -> None:
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed >= RATE_WINDOW_S:
+            # Only a saturated window says how fast the endpoint is; an unsaturated
+            # one (or idle time) says nothing, and the endpoint is trusted again.
+            self.rate = self._window_count / elapsed if self.queue else None
+            self._window_start = now
+            self._window_count = 0
 
     def release(self, ok: bool | None) -> T | None:
         """A running delivery ended; returns the next queued item to start, if any.
@@ -91,6 +136,7 @@ class Endpoint(Generic[T]):
         ``ok`` is None for a cancelled delivery, which says nothing about the endpoint.
         """
         self.active -= 1
+        self._window_count += 1
         if ok is not None:
             self._record(ok)
         elif self.probing:

@@ -68,6 +68,7 @@ class Engine:
         self._pump_pending = False
         self._stopping = False
         self._entitled = frozenset(settings.entitled_plans)
+        self._evictor: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -91,6 +92,7 @@ class Engine:
             )
         for consumer in self.consumers:
             consumer.start()
+        self._evictor = self._loop.create_task(self.runner.evict_excess())
 
     @property
     def ready(self) -> bool:
@@ -100,6 +102,8 @@ class Engine:
         """Stop fetching, finish in-flight work within the drain timeout, commit, leave."""
         self._stopping = True
         self.runner.stopping = True
+        if self._evictor is not None:
+            self._evictor.cancel()
         for ps in self.partitions.values():
             self._deactivate(ps)
             ps.consumer.pause(ps.tp)

@@ -145,6 +145,12 @@ class Settings(BaseSettings):
     endpoint_queue_size: int = Field(
         64, ge=0, description="Deliveries waiting for one endpoint before more are deferred."
     )
+    endpoint_queue_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="A fast endpoint may queue as many deliveries as it completes in this "
+        "many seconds (more than DISPATCHER_ENDPOINT_QUEUE_SIZE); 0 = fixed size.",
+    )
     partition_buffer_high: int = Field(
         1000, ge=1, description="Buffered messages of one partition at which it is paused."
     )
