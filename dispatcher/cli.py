@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import urllib.error
 import urllib.request
@@ -60,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ensure = tsub.add_parser("ensure", help="create missing topics; report misconfigured ones")
     ensure.set_defaults(handler=cmd_topics_ensure)
 
-    from dispatcher import cli_manage
+    from dispatcher import cli_deadletter, cli_manage
 
     cli_manage.add_commands(sub)
+    cli_deadletter.add_commands(sub)
     return parser
 
 
@@ -71,7 +73,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.service import serve
 
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except DispatcherError as exc:
+        # Once logging is JSON, the reason for exiting is a JSON line too.
+        logging.getLogger("dispatcher").error("exiting: %s", exc)
+        return exc.exit_code
     return 0
 
 

@@ -1,33 +1,54 @@
-"""``dispatcher subscriptions ...``: the management commands."""
+"""``dispatcher subscriptions ...`` and ``dispatcher send-test``: the management commands.
+
+Output is a table (or ``key: value`` lines) by default and JSON with ``--json``.
+A secret is printed only when it was generated: by ``put`` creating a
+subscription, or by ``rotate-secret``; never by ``get`` or ``list``.
+"""
 
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from typing import Any
 
 from dispatcher import subscriptions as subs
-from dispatcher.cli import print_json, subscription_view
-from dispatcher.models import Subscription
+from dispatcher.cli import print_json
+from dispatcher.cli_common import OneLineParser, missing_action, print_table, warn
+from dispatcher.errors import DispatcherError
+from dispatcher.models import Subscription, format_timestamp
 from dispatcher.settings import Settings
+
+_ACTIONS = ("put", "get", "list", "delete", "enable", "disable", "rotate-secret")
 
 
 def add_commands(sub: Any) -> None:
     group = sub.add_parser("subscriptions", help="manage webhook subscriptions")
-    ssub = group.add_subparsers(title="subscriptions commands", metavar="ACTION", required=True)
+    group.set_defaults(handler=missing_action("subscriptions", _ACTIONS))
+    ssub = group.add_subparsers(
+        title="subscriptions commands", metavar="ACTION", parser_class=OneLineParser
+    )
 
-    put = ssub.add_parser("put", help="create or update a subscription")
+    put = ssub.add_parser(
+        "put",
+        help="create or update a subscription",
+        description="Create a subscription, or with --id of an existing one change the "
+        "given fields. A new subscription needs --organization, --url and --plan.",
+    )
     put.add_argument("--id", dest="webhook_id", help="webhook id (default: a new one)")
     put.add_argument("--organization", help="organization id")
     put.add_argument("--url", help="endpoint URL (https://...)")
     put.add_argument(
         "--event",
         dest="events",
+        metavar="EVENT",
         action="append",
         help="event to send (repeatable; default visitor.identified)",
     )
     put.add_argument("--plan", help="the organization's plan (e.g. scale, enterprise)")
     secret = put.add_mutually_exclusive_group()
-    secret.add_argument("--secret", help="signing secret (default: generated and shown once)")
+    secret.add_argument(
+        "--secret", help="signing secret (default for a new one: generated and shown once)"
+    )
     secret.add_argument("--no-secret", action="store_true", help="send unsigned deliveries")
     state = put.add_mutually_exclusive_group()
     state.add_argument("--disabled", action="store_true", help="store it disabled")
@@ -36,7 +57,7 @@ def add_commands(sub: Any) -> None:
     put.set_defaults(handler=cmd_put)
 
     get = ssub.add_parser("get", help="show one subscription")
-    get.add_argument("webhook_id")
+    get.add_argument("webhook_id", metavar="WEBHOOK_ID")
     get.add_argument("--json", action="store_true", help="print JSON")
     get.set_defaults(handler=cmd_get)
 
@@ -51,20 +72,50 @@ def add_commands(sub: Any) -> None:
         ("disable", "stop deliveries to a subscription, keeping it"),
     ):
         p = ssub.add_parser(name, help=helptext)
-        p.add_argument("webhook_id")
+        p.add_argument("webhook_id", metavar="WEBHOOK_ID")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(handler=cmd_state, action=name)
 
     rot = ssub.add_parser(
-        "rotate-secret", help="new secret; the old one signs too for the grace period"
+        "rotate-secret",
+        help="new secret; the old one signs too for the grace period",
+        description="Replace the signing secret. Until DISPATCHER_SECRET_ROTATION_GRACE_S "
+        "has passed, deliveries carry a signature with the old secret as well.",
     )
-    rot.add_argument("webhook_id")
+    rot.add_argument("webhook_id", metavar="WEBHOOK_ID")
     rot.add_argument("--secret", help="the new secret (default: generated and shown once)")
     rot.add_argument("--json", action="store_true", help="print JSON")
     rot.set_defaults(handler=cmd_rotate)
 
+    test = sub.add_parser(
+        "send-test",
+        help="send a sample event to one endpoint now",
+        description="POST a sample visitor.identified event, marked X-Bullseye-Test: true and "
+        "signed like a real delivery, to one subscription's endpoint. Exit 0 on a 2xx answer.",
+    )
+    test.add_argument("webhook_id", metavar="WEBHOOK_ID")
+    test.add_argument("--json", action="store_true", help="print JSON")
+    test.set_defaults(handler=cmd_send_test)
 
-def _show(sub: Subscription, as_json: bool, secret: str | None = None) -> None:
+
+def subscription_view(sub: Subscription, now: datetime | None = None) -> dict[str, Any]:
+    """A subscription as shown to operators: never a secret, only whether one is set."""
+    now = now or datetime.now(UTC)
+    data = sub.model_dump(mode="json", exclude={"secret", "previous_secrets"})
+    data["secret"] = "set" if sub.secret else "none"
+    data["previous_secrets_until"] = [
+        format_timestamp(p.expires_at) for p in sub.previous_secrets if p.expires_at > now
+    ]
+    return data
+
+
+def _show(change_or_sub: subs.Change | Subscription, as_json: bool) -> None:
+    if isinstance(change_or_sub, subs.Change):
+        sub, secret = change_or_sub.sub, change_or_sub.new_secret
+        for message in change_or_sub.warnings:
+            warn(message)
+    else:
+        sub, secret = change_or_sub, None
     view = subscription_view(sub)
     if secret is not None:
         view["new_secret"] = secret
@@ -72,8 +123,9 @@ def _show(sub: Subscription, as_json: bool, secret: str | None = None) -> None:
         print_json(view)
         return
     for key, value in view.items():
-        shown = ", ".join(value) if isinstance(value, list) else value
-        print(f"{key + ':':<18}{shown}")
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        print(f"{key + ':':<24}{value}")
     if secret is not None:
         print("\nStore this secret now: it is not shown again.")
 
@@ -82,7 +134,7 @@ def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
     webhook_id = args.webhook_id or subs.new_webhook_id()
     existing = subs.load_table(settings).get(webhook_id) if args.webhook_id else None
     enabled = False if args.disabled else (True if args.enabled else None)
-    sub, generated = subs.build(
+    change = subs.build(
         settings,
         existing=existing,
         webhook_id=webhook_id,
@@ -94,8 +146,8 @@ def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
         no_secret=args.no_secret,
         enabled=enabled,
     )
-    subs.write(settings, webhook_id, sub)
-    _show(sub, args.json, generated)
+    subs.write(settings, webhook_id, change.sub)
+    _show(change, args.json)
     return 0
 
 
@@ -116,15 +168,15 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
             s.organization_id,
             s.plan,
             "yes" if s.enabled else "no",
-            "set" if s.secret else "none",
+            ("rotating" if len(s.active_secrets(datetime.now(UTC))) > 1 else "set")
+            if s.secret
+            else "none",
             ",".join(s.events),
             s.url,
         )
         for s in found
     ]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(header, rows)
     print(f"\n{len(rows)} subscription(s)")
     return 0
 
@@ -133,27 +185,44 @@ def cmd_state(args: argparse.Namespace, settings: Settings) -> int:
     sub = subs.get(settings, args.webhook_id)
     if args.action == "delete":
         subs.write(settings, sub.webhook_id, None)
-        print(f"deleted {sub.webhook_id}")
+        if args.json:
+            print_json({"deleted": sub.webhook_id})
+        else:
+            print(f"deleted {sub.webhook_id}")
         return 0
-    updated, _ = subs.build(
-        settings,
-        existing=sub,
-        webhook_id=sub.webhook_id,
-        organization_id=None,
-        url=None,
-        events=None,
-        plan=None,
-        secret=None,
-        enabled=args.action == "enable",
-    )
-    subs.write(settings, sub.webhook_id, updated)
-    _show(updated, args.json)
+    change = subs.set_enabled(settings, sub, args.action == "enable")
+    subs.write(settings, sub.webhook_id, change.sub)
+    _show(change, args.json)
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     sub = subs.get(settings, args.webhook_id)
-    updated, secret = subs.rotate(settings, sub, args.secret)
-    subs.write(settings, sub.webhook_id, updated)
-    _show(updated, args.json, None if args.secret else secret)
+    change = subs.rotate(settings, sub, args.secret)
+    subs.write(settings, sub.webhook_id, change.sub)
+    _show(change, args.json)
+    return 0
+
+
+def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.sendtest import send_test
+
+    sub = subs.get(settings, args.webhook_id)
+    if not sub.enabled:
+        warn(f"{sub.webhook_id} is disabled: real events are not sent to it")
+    if sub.plan not in settings.entitled_plans:
+        warn(f"{sub.webhook_id}'s plan {sub.plan!r} does not include webhooks")
+    report = send_test(settings, sub)
+    result = report.result
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        print(f"POST {sub.url}")
+        print(f"delivery id: {report.delivery_id}")
+        status = f"HTTP {result.status_code}" if result.status_code is not None else "no answer"
+        print(f"{status} in {result.duration_s * 1000:.0f} ms")
+        if report.response is not None:
+            print(f"response: {report.response or '(empty)'}")
+    if not result.ok:
+        raise DispatcherError(f"test delivery to {sub.webhook_id} failed: {report.reason}")
     return 0

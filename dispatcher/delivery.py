@@ -9,6 +9,7 @@ egress guard refused the address) and ``other``.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ async def post(
             status_code=code,
             error_class="none" if ok else "http",
             error=None if ok else f"HTTP {code}",
-            snippet=None if ok else data[:snippet_bytes].decode("utf-8", "replace"),
+            snippet=data[:snippet_bytes].decode("utf-8", "replace"),
             retry_after_s=retry_after,
         )
     except TimeoutError:
@@ -142,6 +143,17 @@ def _transport_class(exc: BaseException) -> str:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
+    # The transport's own message is often generic ("All connection attempts
+    # failed"); the operating system's error underneath says what happened.
+    seen: BaseException | None = exc
+    while seen is not None:
+        # An SSLError's errno is an OpenSSL code, not the operating system's.
+        if isinstance(seen, OSError) and seen.errno and not isinstance(seen, ssl.SSLError):
+            reason = os.strerror(seen.errno)
+            if reason not in text:
+                text = f"{text} ({reason})"
+            break
+        seen = seen.__cause__ or seen.__context__
     return f"{type(exc).__name__}: {text}"
 
 

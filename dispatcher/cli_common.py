@@ -1,0 +1,68 @@
+"""Pieces shared by the operator commands: one-line usage errors, tables, time options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from dispatcher.errors import ConfigError
+
+PROG = "dispatcher"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error.
+
+    Unknown arguments are refused here too, by the subcommand that got them, so
+    they never reach the top-level parser's two-line usage message.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"{PROG}: error: {where}{message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+def missing_action(name: str, actions: Sequence[str]) -> Any:
+    """A handler for a command group called without its action."""
+
+    def handler(args: argparse.Namespace, settings: object) -> int:
+        raise ConfigError(f"{name}: choose an action: {', '.join(actions)}")
+
+    return handler
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Columns padded to their widest cell; the last column is never padded."""
+    text = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in text) for i in range(len(header))]
+    for row in text:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def parse_time_option(value: str, flag: str) -> datetime:
+    """An ISO 8601 date or time from the command line; without a zone, UTC."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{flag}: {value!r} is not an ISO 8601 time (e.g. 2025-01-15T10:30:00Z)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)

@@ -1,0 +1,208 @@
+"""Replaying dead letters through the retry path with a fresh attempt budget.
+
+Each selected delivery goes back to the first retry stage, due now, with its
+attempt count and history cleared (same delivery id, same body), so the stage
+attempts it as attempt 1 and, should it fail again, retries it in full. Each
+replay is then recorded in the dead-letter topic itself by a marker (see
+:mod:`dispatcher.deadletter`); dead letters with a marker are left out of later
+replays, so running the same replay twice sends nothing the second time. A
+replayed delivery that fails again is dead-lettered anew, at a new offset, and
+can be replayed again.
+
+The retry record is acknowledged before its marker is written: a crash in
+between can at worst replay a delivery twice, never lose one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from dispatcher.deadletter import DeadLetter, Filters, read
+from dispatcher.errors import KafkaSetupError
+from dispatcher.kafka import flush_or_fail, make_producer, retry_stages
+from dispatcher.models import Subscription, format_timestamp
+from dispatcher.partitions import now_ms
+from dispatcher.records import H_DELIVERY_ID, H_REPLAY_OF, DeliveryRecord, record_headers
+from dispatcher.settings import Settings
+
+#: Retry records written before their markers are; bounds what a crash can replay twice.
+REPLAY_BATCH = 500
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What a replay did (or, dry, would do)."""
+
+    replayed: list[DeadLetter] = field(default_factory=list)
+    #: Older dead letters of a delivery replayed once, through its newest dead letter.
+    merged: list[DeadLetter] = field(default_factory=list)
+    already_replayed: int = 0
+    #: Left alone, not marked: replayable once their subscription is back.
+    skipped: dict[str, list[DeadLetter]] = field(default_factory=dict)
+    failed: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    topic: str = ""
+
+
+def replay(
+    settings: Settings,
+    filters: Filters,
+    table: Callable[[str], Subscription | None],
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """Send the matching, not yet replayed dead letters back through attempt 1.
+
+    ``table`` looks a subscription up by webhook id: a dead letter whose
+    subscription is deleted, disabled or not entitled is skipped (and not marked),
+    since the dispatcher would not call it anyway.
+    """
+    scan = read(settings, filters, keep_body=True)
+    report = ReplayReport(topic=retry_stages(settings)[0].topic)
+    newest: dict[str, DeadLetter] = {}
+    older: dict[str, list[DeadLetter]] = {}
+    for letter in scan.letters:
+        if letter.replayed is not None:
+            report.already_replayed += 1
+            continue
+        reason = _skip_reason(settings, table(letter.record.webhook_id))
+        if reason is not None:
+            report.skipped.setdefault(reason, []).append(letter)
+            continue
+        # At-least-once writing can leave one delivery dead-lettered twice: send it once.
+        key = letter.record.delivery_id
+        if key in newest:
+            older.setdefault(key, []).append(newest[key])
+            report.merged.append(newest[key])
+        newest[key] = letter
+    chosen = list(newest.values())
+    if dry_run:
+        report.replayed = chosen
+        return report
+    producer = make_producer(settings)
+    for start in range(0, len(chosen), REPLAY_BATCH):
+        batch = chosen[start : start + REPLAY_BATCH]
+        sent = _send_retries(producer, report.topic, batch, report.failed)
+        _send_markers(settings, producer, report.topic, sent, older)
+        report.replayed.extend(sent)
+        if progress is not None:
+            progress(start + len(batch), len(chosen))
+    return report
+
+
+def _skip_reason(settings: Settings, sub: Subscription | None) -> str | None:
+    if sub is None:
+        return "subscription deleted"
+    if not sub.enabled:
+        return "subscription disabled"
+    if sub.plan not in settings.entitled_plans:
+        return "plan not entitled"
+    return None
+
+
+def fresh_record(record: DeliveryRecord) -> DeliveryRecord:
+    """The same delivery (id, body, source) with a new attempt budget."""
+    return record.model_copy(
+        update={
+            "attempts_made": 0,
+            "deferrals": 0,
+            "first_failure_at": None,
+            "history": [],
+            "dead_lettered_at": None,
+            "dead_letter_reason": None,
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """One record to produce."""
+
+    topic: str
+    value: bytes
+    key: bytes
+    headers: list[tuple[str, str | bytes | None]]
+
+
+def _produce_all(producer: Producer, records: list[_Out], what: str) -> dict[int, str]:
+    """Produce and wait for every acknowledgement; the errors by index."""
+    errors: dict[int, str] = {}
+
+    def reporter(index: int) -> Callable[[KafkaError | None, Message], None]:
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors[index] = err.str()
+
+        return report
+
+    for index, out in enumerate(records):
+        while True:
+            try:
+                producer.produce(
+                    out.topic, out.value, out.key, headers=out.headers, on_delivery=reporter(index)
+                )
+                break
+            except BufferError:
+                producer.poll(0.1)  # local queue full: let some go first
+    flush_or_fail(producer, 60.0, what)
+    return errors
+
+
+def _send_retries(
+    producer: Producer,
+    topic: str,
+    batch: list[DeadLetter],
+    failed: list[tuple[DeadLetter, str]],
+) -> list[DeadLetter]:
+    """Write the batch to the first retry stage, due now; the dead letters acknowledged."""
+    due = now_ms()
+    records = []
+    for letter in batch:
+        record = fresh_record(letter.record)
+        headers = record_headers(record, due, [(H_REPLAY_OF, letter.position.encode())])
+        records.append(_Out(topic, record.to_json(), record.delivery_id.encode(), list(headers)))
+    errors = _produce_all(producer, records, "replayed")
+    for index, error in errors.items():
+        failed.append((batch[index], error))
+    return [letter for index, letter in enumerate(batch) if index not in errors]
+
+
+def _send_markers(
+    settings: Settings,
+    producer: Producer,
+    retry_topic: str,
+    sent: list[DeadLetter],
+    older: dict[str, list[DeadLetter]],
+) -> None:
+    now = format_timestamp(datetime.now(UTC))
+    records = []
+    for letter in sent:
+        key = letter.record.delivery_id
+        for target in [letter, *older.get(key, [])]:
+            value = {
+                "replay_of": target.position,
+                "delivery_id": key,
+                "replayed_at": now,
+                "replayed_to": retry_topic,
+            }
+            headers: list[tuple[str, str | bytes | None]] = [
+                (H_REPLAY_OF, target.position.encode()),
+                (H_DELIVERY_ID, key.encode()),
+            ]
+            records.append(
+                _Out(settings.dead_letter_topic, json.dumps(value).encode(), key.encode(), headers)
+            )
+    errors = _produce_all(producer, records, "replay marker")
+    if errors:
+        raise KafkaSetupError(
+            f"{len(sent)} deliveries were replayed, but {len(errors)} replay marker(s) could "
+            f"not be written ({next(iter(errors.values()))}); replaying the same selection "
+            "again would send those deliveries twice"
+        )

@@ -1,0 +1,109 @@
+"""Running the ``dispatcher`` command in tests: in-process (fast) or as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from dispatcher import cli
+from dispatcher.kafka import retry_stages, table_consumer_config
+from tests.support import REPO, Namespace, to_env, wait_until
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        """The JSON printed by a command that succeeded."""
+        assert self.code == 0, (self.code, self.out, self.err)
+        return json.loads(self.out)
+
+    def assert_one_line_error(self, code: int = 2, *needles: str) -> None:
+        """A refusal: the given exit code, one ``dispatcher: error:`` line, no traceback."""
+        assert self.code == code, (self.code, self.out, self.err)
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1, self.err
+        assert lines[0].startswith("dispatcher: error: "), self.err
+        assert "Traceback" not in self.err
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+
+
+Cli = Callable[..., Result]
+
+
+def make_inprocess(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """``cli(ns, *argv, **setting_overrides)`` runs ``dispatcher.cli.main`` here."""
+
+    def run(ns: Namespace, *argv: str, **extra: Any) -> Result:
+        for key in list(os.environ):
+            if key.startswith("DISPATCHER_"):
+                monkeypatch.delenv(key)
+        for key, value in to_env({**ns.values, **extra}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:  # argparse's usage errors
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def run_subprocess(ns: Namespace, *argv: str, timeout_s: float = 120, **extra: Any) -> Result:
+    """``python -m dispatcher.cli ...`` as a child process with the namespace's settings."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", *argv],
+        env=ns.env(**extra),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def wait_topics_ready(ns: Namespace, timeout_s: float = 30.0) -> Namespace:
+    """Wait until every partition of the namespace's new topics has a leader.
+
+    Right after creation a broker can still answer NOT_LEADER_FOR_PARTITION, and a
+    command run at that instant would fail for reasons that are not its own.
+    """
+    settings = ns.settings
+    topics = [
+        settings.input_topic,
+        settings.subscriptions_topic,
+        settings.dead_letter_topic,
+        settings.invalid_topic,
+        *(stage.topic for stage in retry_stages(settings)),
+    ]
+    consumer = Consumer(table_consumer_config(settings))
+
+    def ready() -> bool:
+        try:
+            meta = consumer.list_topics(timeout=5)
+            for topic in topics:
+                for p in meta.topics[topic].partitions:
+                    consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
+        except (KafkaException, KeyError):
+            return False
+        return True
+
+    try:
+        wait_until(ready, timeout_s, "the namespace's topics to have leaders", interval_s=0.2)
+    finally:
+        consumer.close()
+    return ns
