@@ -71,6 +71,9 @@ class StageConsumer:
         # At most two batches wait on the loop: the thread cannot run ahead of it.
         self._handoff = threading.BoundedSemaphore(2)
         self._requests: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        # Committed offsets of assigned partitions with no position yet, asked once per
+        # assignment (they cannot move while we consume nothing from them).
+        self._committed: dict[tuple[str, int], int] = {}
         self._consumer: Consumer = make_consumer(settings, group_id)
         self._thread = threading.Thread(target=self._run, name=f"consumer-{stage}", daemon=True)
 
@@ -141,6 +144,7 @@ class StageConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Requests made for an earlier generation go first, so the resume below wins.
         self._carry_out_requests()
+        self._committed.clear()
         consumer.incremental_assign(partitions)
         if partitions:
             # A partition paused under a previous owner or generation must not stay
@@ -155,6 +159,10 @@ class StageConsumer:
             offsets = self._await(self._owner.revoke(self, partitions))
             if offsets:
                 try:
+                    # With auto-commit on, librdkafka commits the stored offsets of the
+                    # partitions being unassigned, after this commit: store them too, or
+                    # that commit rewinds the group to an older position (duplicates).
+                    consumer.store_offsets(offsets=offsets)
                     consumer.commit(offsets=offsets, asynchronous=False)
                 except KafkaException as exc:
                     log.warning("stage %s: commit on revoke failed: %s", self.stage, exc)
@@ -162,7 +170,15 @@ class StageConsumer:
         consumer.incremental_unassign(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._loop.call_soon_threadsafe(self._owner.lost, self, partitions)
+        # Wait until the loop has dropped its state, as a revoke does: a pause it
+        # queued for these partitions afterwards would be carried out after a
+        # re-assignment, and hold the new owner's partition paused for good.
+        async def lose() -> list[TopicPartition]:
+            self._owner.lost(self, partitions)
+            return []
+
+        if not self._loop.is_closed():
+            self._await(lose())
         log.warning("stage %s lost %s", self.stage, [p.partition for p in partitions])
         consumer.incremental_unassign(partitions)
 
@@ -184,10 +200,31 @@ class StageConsumer:
             assignment = self._consumer.assignment()
             if not assignment:
                 return
+            # No position until a message was consumed: an empty partition is
+            # caught up; otherwise the next owner starts at the committed offset.
+            unknown: dict[tuple[str, int], tuple[int, int]] = {}
             for tp in self._consumer.position(assignment):
-                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                if tp.offset >= 0 and high >= 0:
-                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(high - tp.offset)
+                # Asked of the broker: the cached end offset only moves with fetches,
+                # so it stands still on a paused partition, just when a backlog grows.
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                if high < 0:
+                    continue  # not fetched yet
+                if tp.offset >= 0:
+                    _set_lag(tp.topic, tp.partition, high - tp.offset)
+                elif high <= low:
+                    _set_lag(tp.topic, tp.partition, 0)
+                else:
+                    unknown[(tp.topic, tp.partition)] = (low, high)
+            asked = [TopicPartition(t, p) for t, p in unknown if (t, p) not in self._committed]
+            if asked:
+                for tp in self._consumer.committed(asked, timeout=2):
+                    if tp.error is None:
+                        self._committed[(tp.topic, tp.partition)] = tp.offset
+            for key, (low, high) in unknown.items():
+                committed = self._committed.get(key)
+                if committed is not None:
+                    # No committed offset: auto.offset.reset=earliest starts at low.
+                    _set_lag(key[0], key[1], high - max(committed, low))
         except KafkaException:
             pass
 
@@ -202,3 +239,8 @@ class StageConsumer:
             except KafkaException as exc:
                 # _STATE and friends after a revoke: the partition moved on without us.
                 log.debug("stage %s: request ignored: %s", self.stage, exc)
+
+
+def _set_lag(topic: str, partition: int, lag: int) -> None:
+    # The cached end offset can trail a position just consumed past it.
+    metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(lag, 0))

@@ -196,6 +196,12 @@ class DeliveryRunner:
         record.deferrals += 1
         hop = for_deferral(d.attempts_made, self.stages, now_ms())
         assert hop.stage is not None
+        log.info(
+            "deferred (%s) to stage %s",
+            reason,
+            hop.stage.name,
+            extra={"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id},
+        )
         try:
             await self.producer.send(
                 hop.stage.topic,

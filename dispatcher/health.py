@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dispatcher.errors import ConfigError
 from dispatcher.metrics import REGISTRY
 
 #: The event loop beats every second; this long without a beat means it is stuck.
@@ -62,7 +63,12 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # probes every few seconds would drown the logs
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"DISPATCHER_HTTP_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(

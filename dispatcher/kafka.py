@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,16 @@ from dispatcher.errors import KafkaSetupError
 from dispatcher.settings import Settings
 
 INPUT_STAGE = "input"
+
+#: Where librdkafka's own log lines go; None leaves them on stderr as plain text,
+#: which suits the one-shot commands but not the service's JSON logs.
+_client_logger: logging.Logger | None = None
+
+
+def send_client_logs_to(logger: logging.Logger | None) -> None:
+    """Route the log lines of every Kafka client created from now on through ``logger``."""
+    global _client_logger
+    _client_logger = logger
 
 
 def stage_name(delay_s: int) -> str:
@@ -58,6 +69,8 @@ def common_config(settings: Settings) -> dict[str, Any]:
     }
     conf.update({k: v for k, v in optional.items() if v})
     conf.update(settings.kafka_extra_config)
+    if _client_logger is not None:
+        conf["logger"] = _client_logger
     return conf
 
 

@@ -23,6 +23,12 @@ from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: While the topic is missing or the broker unreachable: how often to look again,
+#: and how often to repeat the warning (logged at once whenever the reason changes).
+_REOPEN_EVERY_S = 2.0
+_REOPEN_TIMEOUT_S = 5.0
+_WAIT_LOG_EVERY_S = 60.0
+
 
 class SubscriptionTable:
     """Subscriptions by webhook id and by organization, following the topic live."""
@@ -42,6 +48,7 @@ class SubscriptionTable:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._waiting_for: str | None = None
         self._on_change = on_change
         self.invalid_records = 0
 
@@ -62,12 +69,27 @@ class SubscriptionTable:
     def caught_up(self) -> bool:
         return self._caught_up.is_set()
 
+    @property
+    def waiting_for(self) -> str | None:
+        """Why the table cannot start reading yet (missing topic, no broker), or None."""
+        return self._waiting_for
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the reader thread, if it stopped."""
+        return self._error
+
     # --- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        """Start following the topic in a background thread."""
-        consumer = self._open()
+        """Start following the topic in a background thread.
+
+        A missing topic or an unreachable broker is waited for, not fatal: a pod
+        started before ``dispatcher topics ensure`` ran stays alive and not ready
+        (saying why, see :attr:`waiting_for`) and starts once the topic exists,
+        instead of crash-looping.
+        """
         self._thread = threading.Thread(
-            target=self._run, args=(consumer, True), name="subscriptions-table", daemon=True
+            target=self._open_and_follow, name="subscriptions-table", daemon=True
         )
         self._thread.start()
 
@@ -105,27 +127,65 @@ class SubscriptionTable:
             self._thread.join(10)
 
     # --- the reader thread --------------------------------------------------
-    def _open(self) -> Consumer:
+    def _open_and_follow(self) -> None:
+        logged_at = -_WAIT_LOG_EVERY_S
+        while not self._stop.is_set():
+            try:
+                consumer = self._open(_REOPEN_TIMEOUT_S)
+            except KafkaSetupError as exc:
+                reason = str(exc)
+                now = time.monotonic()
+                if reason != self._waiting_for or now - logged_at >= _WAIT_LOG_EVERY_S:
+                    log.warning("subscriptions table waiting: %s", reason)
+                    logged_at = now
+                self._waiting_for = reason
+                self._stop.wait(_REOPEN_EVERY_S)
+                continue
+            except Exception as exc:
+                log.exception("subscriptions table reader could not start")
+                self._error = exc
+                return
+            if self._waiting_for is not None:
+                log.info("subscriptions topic %s available", self._settings.subscriptions_topic)
+                self._waiting_for = None
+            self._run(consumer, True)
+            return
+
+    def _open(self, timeout_s: float = 15.0) -> Consumer:
         topic = self._settings.subscriptions_topic
         consumer = Consumer(table_consumer_config(self._settings))
         try:
-            meta = consumer.list_topics(topic, timeout=15)
+            meta = consumer.list_topics(topic, timeout=timeout_s)
         except KafkaException as exc:
             consumer.close()
-            raise KafkaSetupError(f"cannot reach Kafka: {exc.args[0]}") from None
+            raise KafkaSetupError(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers}: {_describe(exc)}"
+            ) from None
         tmeta = meta.topics.get(topic)
-        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
+        error = None if tmeta is None else tmeta.error
+        if error is not None and error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            consumer.close()
+            raise KafkaSetupError(f"cannot read topic {topic}: {error.str()}")
+        if tmeta is None or error is not None or not tmeta.partitions:
             consumer.close()
             raise KafkaSetupError(
                 f"topic {topic} does not exist; run `dispatcher topics ensure` first"
             )
         partitions = sorted(tmeta.partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self._pending_ends: dict[int, int] = {}
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
-            if high > low:
-                self._pending_ends[p] = high
+        try:
+            for p in partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=timeout_s
+                )
+                if high > low:
+                    self._pending_ends[p] = high
+        except KafkaException as exc:
+            consumer.close()
+            raise KafkaSetupError(
+                f"cannot read the end offsets of {topic}: {_describe(exc)}"
+            ) from None
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         if not self._pending_ends:
             self._mark_caught_up()
         return consumer
@@ -204,3 +264,8 @@ class SubscriptionTable:
         else:
             self._members.pop(organization_id, None)
             self._by_org.pop(organization_id, None)
+
+
+def _describe(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.str() if isinstance(err, KafkaError) else str(exc)
