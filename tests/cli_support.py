@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from dispatcher import cli
-from dispatcher.kafka import retry_stages, table_consumer_config
-from tests.support import REPO, Namespace, to_env, wait_until
+from tests.support import REPO, Namespace, to_env, wait_for_leaders
 
 
 @dataclass(frozen=True)
@@ -77,33 +75,6 @@ def run_subprocess(ns: Namespace, *argv: str, timeout_s: float = 120, **extra: A
 
 
 def wait_topics_ready(ns: Namespace, timeout_s: float = 30.0) -> Namespace:
-    """Wait until every partition of the namespace's new topics has a leader.
-
-    Right after creation a broker can still answer NOT_LEADER_FOR_PARTITION, and a
-    command run at that instant would fail for reasons that are not its own.
-    """
-    settings = ns.settings
-    topics = [
-        settings.input_topic,
-        settings.subscriptions_topic,
-        settings.dead_letter_topic,
-        settings.invalid_topic,
-        *(stage.topic for stage in retry_stages(settings)),
-    ]
-    consumer = Consumer(table_consumer_config(settings))
-
-    def ready() -> bool:
-        try:
-            meta = consumer.list_topics(timeout=5)
-            for topic in topics:
-                for p in meta.topics[topic].partitions:
-                    consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
-        except (KafkaException, KeyError):
-            return False
-        return True
-
-    try:
-        wait_until(ready, timeout_s, "the namespace's topics to have leaders", interval_s=0.2)
-    finally:
-        consumer.close()
+    """The namespace, once every partition of its topics has a leader."""
+    wait_for_leaders(ns.settings, timeout_s)
     return ns

@@ -33,11 +33,19 @@ def receiver() -> Iterator[HttpsReceiver]:
 
 @pytest.fixture
 def ns_factory(broker: str, receiver: HttpsReceiver):  # type: ignore[no-untyped-def]
+    made: list[Namespace] = []
+
     def make(**overrides: object) -> Namespace:
         overrides.setdefault("http_ca_file", receiver.ca_file)
-        return Namespace(**overrides)
+        ns = Namespace(**overrides)
+        made.append(ns)
+        return ns
 
-    return make
+    yield make
+    # Keep the one test broker small: a whole suite would otherwise leave
+    # thousands of partitions behind.
+    for ns in made:
+        ns.drop_topics()
 
 
 @pytest.fixture

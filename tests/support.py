@@ -6,6 +6,7 @@ tests share one real broker without seeing each other's records.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,13 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from dispatcher.kafka import table_consumer_config
+from dispatcher.kafka import retry_stages, table_consumer_config
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
 from dispatcher.subscriptions import write
-from dispatcher.topics import ensure_topics
+from dispatcher.topics import ensure_topics, topic_specs
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 SEED_EVENT: dict[str, Any] = json.loads(
@@ -95,6 +97,37 @@ def to_env(values: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def wait_for_leaders(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Wait until every partition of the settings' topics has a leader.
+
+    Right after creation a broker can still answer NOT_LEADER_FOR_PARTITION, and a
+    test acting at that instant would fail for reasons that are not its own.
+    """
+    topics = [
+        settings.input_topic,
+        settings.subscriptions_topic,
+        settings.dead_letter_topic,
+        settings.invalid_topic,
+        *(stage.topic for stage in retry_stages(settings)),
+    ]
+    consumer = Consumer(table_consumer_config(settings))
+
+    def ready() -> bool:
+        try:
+            meta = consumer.list_topics(timeout=5)
+            for topic in topics:
+                for p in meta.topics[topic].partitions:
+                    consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
+        except (KafkaException, KeyError):
+            return False
+        return True
+
+    try:
+        wait_until(ready, timeout_s, "the topics to have leaders", interval_s=0.2)
+    finally:
+        consumer.close()
+
+
 class Namespace:
     """One test's settings, topics and helpers to write and read them."""
 
@@ -103,7 +136,16 @@ class Namespace:
         self.settings = Settings(**self.values)
         report = ensure_topics(self.settings)
         assert not report.problems, report.problems
+        wait_for_leaders(self.settings)
         self._producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+
+    def drop_topics(self) -> None:
+        """Delete this namespace's topics (best effort, at the end of a test)."""
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+        topics = [spec.name for spec in topic_specs(self.settings)]
+        for future in admin.delete_topics(topics, operation_timeout=10).values():
+            with contextlib.suppress(KafkaException):
+                future.result(timeout=15)
 
     def env(self, **extra: Any) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
