@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 H_INVALID_REASON = "dispatcher-invalid-reason"
 H_INVALID_DETAIL = "dispatcher-invalid-detail"
+#: A retry partition paused until its head is due resumes this much earlier: a
+#: resumed partition takes a fetch round trip (hundreds of ms) to deliver the
+#: records behind the head, which are often due right after it.
+RESUME_AHEAD_MS = 1000
 
 
 class Engine:
@@ -195,7 +199,10 @@ class Engine:
         self.runner.abandon_queued(set(states))
         for ps in states:
             for task in ps.tasks:
-                task.cancel()
+                # On the next turn of the loop: a task cancelled before its first step
+                # never runs its ``finally``, and would keep its in-flight count and
+                # its endpoint slot for good.
+                self._loop.call_soon(task.cancel)
 
     # --- the pump -------------------------------------------------------------
     def _enqueue(self, ps: PartitionState) -> None:
@@ -220,7 +227,9 @@ class Engine:
             if ps.stage is not None:
                 due = due_ms_of(ps.buffer[0].headers())
                 if due > now:
-                    self._arm_timer(ps, due, now)
+                    # Wake once to resume fetching ahead of the due time, then to dispatch.
+                    ahead = due - RESUME_AHEAD_MS
+                    self._arm_timer(ps, ahead if ahead > now else due, now)
                     self._update_pause(ps, now)
                     continue
             self._dispatch(ps, ps.buffer.popleft())
@@ -248,8 +257,12 @@ class Engine:
 
     def _want_paused(self, ps: PartitionState, now: int) -> bool:
         size = len(ps.buffer)
-        if ps.stage is not None and size and due_ms_of(ps.buffer[0].headers()) > now:
-            return True  # nothing to do on this partition until its head is due
+        if (
+            ps.stage is not None
+            and size
+            and due_ms_of(ps.buffer[0].headers()) > now + RESUME_AHEAD_MS
+        ):
+            return True  # nothing to do on this partition until its head is (nearly) due
         if ps.paused:
             return size > self.settings.partition_buffer_low
         return size >= self.settings.partition_buffer_high

@@ -1,0 +1,302 @@
+"""Pure logic of the engine: the offset tracker, failure routing and endpoint admission.
+
+No broker and no HTTP here: these are the decisions the integration tests rely on,
+checked over many inputs (the tracker with hypothesis) and with an injected clock
+(the circuit breaker).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher.endpoints import Admission, Endpoint, endpoint_key
+from dispatcher.kafka import RetryStage
+from dispatcher.offsets import OffsetTracker
+from dispatcher.routing import after_failure, for_deferral
+
+# --- OffsetTracker -------------------------------------------------------------
+
+#: Increasing offsets with gaps (compaction, transaction markers), as a partition yields.
+offset_runs = st.lists(st.integers(0, 10_000), min_size=1, max_size=60, unique=True).map(sorted)
+
+
+def _expected_position(received: list[int], finished: set[int]) -> int | None:
+    if not received:
+        return None
+    unfinished = [o for o in received if o not in finished]
+    return min(unfinished) if unfinished else received[-1] + 1
+
+
+@given(offsets=offset_runs, data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_position_is_the_lowest_unfinished_offset_whatever_the_order(
+    offsets: list[int], data: st.DataObject
+) -> None:
+    tracker = OffsetTracker()
+    received: list[int] = []
+    finished: set[int] = set()
+    previous: int | None = None
+    to_receive = list(offsets)
+    while to_receive or len(finished) < len(received):
+        open_ = [o for o in received if o not in finished]
+        # Receiving and finishing interleave at random, as fetches and deliveries do.
+        if to_receive and (not open_ or data.draw(st.booleans(), label="receive")):
+            offset = to_receive.pop(0)
+            tracker.received(offset)
+            received.append(offset)
+            moved = None
+        else:
+            offset = data.draw(st.sampled_from(open_), label="finish")
+            moved = tracker.finished(offset)
+            finished.add(offset)
+        position = tracker.position
+        assert position is not None
+        assert position == _expected_position(received, finished)
+        if previous is not None:
+            assert position >= previous, "the position went back"
+            if moved is not None:
+                # finished() says True exactly when the position moved.
+                assert moved == (position > previous)
+        assert all(position <= o for o in received if o not in finished), "passed unfinished"
+        previous = position
+    assert tracker.position == offsets[-1] + 1
+
+
+@given(offsets=offset_runs, data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_a_repeated_completion_changes_nothing(offsets: list[int], data: st.DataObject) -> None:
+    tracker = OffsetTracker()
+    for offset in offsets:
+        tracker.received(offset)
+    order = data.draw(st.permutations(offsets), label="order")
+    for offset in order:
+        tracker.finished(offset)
+        before = tracker.position
+        assert tracker.finished(offset) is False
+        assert tracker.position == before
+    assert tracker.position == offsets[-1] + 1
+
+
+@given(offsets=offset_runs, data=st.data())
+@settings(max_examples=100, deadline=None)
+def test_duplicate_or_out_of_order_received_is_rejected(
+    offsets: list[int], data: st.DataObject
+) -> None:
+    tracker = OffsetTracker()
+    for offset in offsets:
+        tracker.received(offset)
+    stale = data.draw(st.integers(-1, offsets[-1]), label="stale")
+    with pytest.raises(ValueError):
+        tracker.received(stale)
+    # The rejected offset left no trace: finishing everything gets past the last one.
+    for offset in offsets:
+        tracker.finished(offset)
+    assert tracker.position == offsets[-1] + 1
+
+
+def test_nothing_received_means_nothing_to_commit() -> None:
+    tracker = OffsetTracker()
+    assert tracker.position is None
+    assert tracker.finished(5) is False
+    assert tracker.position is None
+
+
+def test_gaps_are_skipped_once_the_offsets_around_them_finish() -> None:
+    tracker = OffsetTracker()
+    for offset in (3, 7, 8, 20):
+        tracker.received(offset)
+    assert tracker.position == 3
+    assert tracker.finished(8) is False
+    assert tracker.finished(7) is False
+    assert tracker.position == 3
+    assert tracker.finished(3) is True
+    assert tracker.position == 20  # 4..6 and 9..19 were never received
+    assert tracker.finished(20) is True
+    assert tracker.position == 21
+
+
+# --- routing -------------------------------------------------------------------
+
+STAGES = [
+    RetryStage(0, "1m", "retry.1m", 60),
+    RetryStage(1, "5m", "retry.5m", 300),
+    RetryStage(2, "30m", "retry.30m", 1800),
+]
+NOW = 1_700_000_000_000
+
+
+@pytest.mark.parametrize(("attempts", "stage"), [(1, 0), (2, 1), (3, 2)])
+def test_a_failed_attempt_goes_to_the_stage_of_its_number(attempts: int, stage: int) -> None:
+    hop = after_failure(attempts, STAGES, NOW)
+    assert hop.stage is STAGES[stage]
+    assert not hop.dead_letter
+    assert hop.due_ms == NOW + STAGES[stage].delay_s * 1000
+
+
+def test_after_the_last_stage_comes_the_dead_letter_topic() -> None:
+    hop = after_failure(len(STAGES) + 1, STAGES, NOW)
+    assert hop.dead_letter and hop.stage is None
+    # A Retry-After does not buy an attempt beyond the schedule.
+    assert after_failure(len(STAGES) + 1, STAGES, NOW, retry_after_s=10).dead_letter
+
+
+def test_a_short_retry_after_does_not_shorten_the_delay() -> None:
+    hop = after_failure(1, STAGES, NOW, retry_after_s=5)
+    assert hop.stage is STAGES[0]
+    assert hop.due_ms == NOW + 60_000
+
+
+def test_a_long_retry_after_waits_in_the_first_stage_long_enough() -> None:
+    hop = after_failure(1, STAGES, NOW, retry_after_s=120)
+    # 1m is too short to keep its topic ordered by due time; 5m is the first that holds it.
+    assert hop.stage is STAGES[1]
+    assert hop.due_ms == NOW + 120_000
+    exact = after_failure(1, STAGES, NOW, retry_after_s=300)
+    assert exact.stage is STAGES[1]
+    assert exact.due_ms == NOW + 300_000
+
+
+def test_a_retry_after_beyond_every_stage_waits_in_the_last_and_is_capped() -> None:
+    hop = after_failure(2, STAGES, NOW, retry_after_s=7200, max_retry_after_s=3600)
+    assert hop.stage is STAGES[-1]
+    assert hop.due_ms == NOW + 3_600_000
+    uncapped = after_failure(1, STAGES, NOW, retry_after_s=2500, max_retry_after_s=86_400)
+    assert uncapped.stage is STAGES[-1]
+    assert uncapped.due_ms == NOW + 2_500_000
+
+
+def test_a_retry_after_never_moves_a_delivery_to_an_earlier_stage() -> None:
+    hop = after_failure(3, STAGES, NOW, retry_after_s=120)
+    assert hop.stage is STAGES[2]
+    assert hop.due_ms == NOW + 1_800_000
+
+
+@pytest.mark.parametrize(("attempts", "stage"), [(0, 0), (1, 0), (2, 1), (3, 2), (4, 2), (9, 2)])
+def test_a_deferral_waits_in_its_current_stage_and_is_never_dead_lettered(
+    attempts: int, stage: int
+) -> None:
+    hop = for_deferral(attempts, STAGES, NOW)
+    assert hop.stage is STAGES[stage]
+    assert hop.due_ms == NOW + STAGES[stage].delay_s * 1000
+
+
+# --- Endpoint ------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _endpoint(clock: Clock, limit: int = 2, queue: int = 2, threshold: int = 3) -> Endpoint[str]:
+    return Endpoint(limit, queue, threshold, cooldown_s=30.0, clock=clock)
+
+
+def test_endpoint_key_is_the_origin() -> None:
+    assert endpoint_key("https://Hooks.Example.com/a?x=1") == "https://hooks.example.com:443"
+    assert endpoint_key("https://hooks.example.com:8443/b") == "https://hooks.example.com:8443"
+    assert endpoint_key("http://127.0.0.1/c") == "http://127.0.0.1:80"
+    assert endpoint_key("https://a.example/x") != endpoint_key("https://a.example:444/x")
+
+
+def test_slots_then_queue_then_busy_and_the_queue_feeds_freed_slots() -> None:
+    ep = _endpoint(Clock())
+    assert [ep.admit(x) for x in "abcde"] == [
+        Admission.START,
+        Admission.START,
+        Admission.QUEUED,
+        Admission.QUEUED,
+        Admission.BUSY,
+    ]
+    assert ep.active == 2 and list(ep.queue) == ["c", "d"]
+    assert ep.release(True) == "c"
+    assert ep.active == 2
+    assert ep.release(True) == "d"
+    assert ep.release(True) is None
+    assert ep.release(True) is None
+    assert ep.active == 0 and ep.idle
+
+
+def test_a_zero_queue_defers_everything_beyond_the_slots() -> None:
+    ep = _endpoint(Clock(), limit=1, queue=0)
+    assert ep.admit("a") is Admission.START
+    assert ep.admit("b") is Admission.BUSY
+
+
+def test_consecutive_failures_open_the_circuit_and_a_success_resets_the_count() -> None:
+    clock = Clock()
+    ep = _endpoint(clock, limit=10, queue=0, threshold=3)
+    for _ in range(2):
+        assert ep.admit("x") is Admission.START
+        ep.release(False)
+    assert ep.admit("x") is Admission.START
+    ep.release(True)  # the count starts again
+    for _ in range(2):
+        assert ep.admit("x") is Admission.START
+        ep.release(False)
+    assert ep.open_until is None
+    assert ep.admit("x") is Admission.START
+    ep.release(False)
+    assert ep.open_until == clock.now + 30.0
+    assert ep.admit("y") is Admission.CIRCUIT_OPEN
+    assert not ep.idle
+
+
+def test_an_open_circuit_admits_one_probe_after_the_cooldown_and_closes_on_success() -> None:
+    clock = Clock()
+    ep = _endpoint(clock, threshold=1)
+    ep.admit("x")
+    ep.release(False)
+    clock.now += 29.9
+    assert ep.admit("early") is Admission.CIRCUIT_OPEN
+    clock.now += 0.2
+    assert ep.admit("probe") is Admission.START
+    # Half-open: only the probe goes through until it has answered.
+    assert ep.admit("second") is Admission.CIRCUIT_OPEN
+    assert ep.admit("third") is Admission.CIRCUIT_OPEN
+    assert ep.release(True) is None
+    assert ep.open_until is None and ep.failures == 0 and ep.idle
+    assert ep.admit("after") is Admission.START
+
+
+def test_a_failed_probe_reopens_for_another_full_cooldown() -> None:
+    clock = Clock()
+    ep = _endpoint(clock, threshold=1)
+    ep.admit("x")
+    ep.release(False)
+    clock.now += 31
+    assert ep.admit("probe") is Admission.START
+    ep.release(False)
+    assert ep.open_until == clock.now + 30.0
+    clock.now += 29
+    assert ep.admit("still open") is Admission.CIRCUIT_OPEN
+    clock.now += 2
+    assert ep.admit("next probe") is Admission.START
+    assert ep.admit("other") is Admission.CIRCUIT_OPEN
+
+
+def test_a_cancelled_probe_says_nothing_and_lets_another_probe_through() -> None:
+    clock = Clock()
+    ep = _endpoint(clock, threshold=1)
+    ep.admit("x")
+    ep.release(False)
+    clock.now += 31
+    assert ep.admit("probe") is Admission.START
+    ep.release(None)
+    assert ep.open_until is not None
+    assert ep.admit("probe again") is Admission.START
+
+
+def test_no_queued_item_starts_while_the_circuit_is_open() -> None:
+    clock = Clock()
+    ep = _endpoint(clock, limit=1, queue=2, threshold=1)
+    assert ep.admit("a") is Admission.START
+    assert ep.admit("b") is Admission.QUEUED
+    assert ep.release(False) is None  # opened: "b" must be deferred by the caller
+    assert ep.drain_queue() == ["b"]
+    assert not ep.queue
