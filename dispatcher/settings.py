@@ -129,7 +129,10 @@ class Settings(BaseSettings):
         86_400, ge=0, description="How long a rotated-out secret keeps signing, in seconds."
     )
     max_retry_after_s: int = Field(
-        3600, ge=0, description="Longest `Retry-After` honoured, in seconds."
+        1800,
+        ge=0,
+        description="Longest `Retry-After` honoured, in seconds. Above the last retry delay, "
+        "such a delivery holds back the retries behind it in its partition.",
     )
     response_snippet_bytes: int = Field(
         256, ge=0, le=65536, description="Bytes of a failed response kept in the attempt history."
