@@ -303,6 +303,10 @@ def _route(path: str) -> str:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 overflows when a dispatcher opens a burst
+    # of connections; the kernel then drops SYNs, and the client retries only after
+    # 1 s, which would show up as a second of delivery latency that is not ours.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], owner: HttpsReceiver) -> None:
         self.owner = owner
