@@ -10,9 +10,9 @@ connection is opened to:
   itself, judges every address with :func:`blocked_reason`, and connects by IP to
   an allowed one. TLS still verifies, and sends SNI for, the URL's hostname:
   ``httpcore`` passes the origin host to ``start_tls``, not the connected address.
-* :class:`GuardedTransport`, an ``httpx`` transport over an ``httpcore`` pool that
-  uses that backend, refuses plain ``http://`` unless allowed. ``httpx``'s own
-  ``AsyncHTTPTransport`` takes no network backend, so this one is built on the
+* :class:`GuardedTransport`, an ``httpx`` transport over per-origin connection
+  pools that use that backend, refuses plain ``http://`` unless allowed. ``httpx``'s
+  own ``AsyncHTTPTransport`` takes no network backend, so this one is built on the
   public ``httpcore`` API instead of swapping a private attribute.
 
 Refusals raise :class:`EgressBlocked`, a subclass of ``httpx.ConnectError`` that
@@ -36,6 +36,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal, get_args
 
@@ -44,6 +45,7 @@ import httpcore
 import httpx
 
 from dispatcher import __version__
+from dispatcher.pool import ConnectionPools
 from dispatcher.settings import Settings
 
 __all__ = [
@@ -325,7 +327,9 @@ class GuardedTransport(httpx.AsyncBaseTransport):
 
     Plain ``http://`` requests raise :class:`EgressBlocked` (``plain_http``) unless
     ``allow_http``. There is no proxy support: a proxy would resolve the name
-    itself, out of reach of the address check.
+    itself, out of reach of the address check. Connections are pooled per origin
+    (:class:`~dispatcher.pool.ConnectionPools`), up to ``max_connections`` in use
+    for each; the caller's in-flight limits bound the sum.
     """
 
     def __init__(
@@ -339,14 +343,11 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self.backend = backend
         self._allow_http = allow_http
-        self._pool = httpcore.AsyncConnectionPool(
+        self._pools = ConnectionPools(
             ssl_context=ssl_context,
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=keepalive_expiry_s,
-            http1=True,
-            http2=False,
             network_backend=backend,
+            max_connections=max_connections,
+            keepalive_expiry_s=keepalive_expiry_s,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -368,7 +369,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
             extensions=request.extensions,
         )
         with _translated():
-            response = await self._pool.handle_async_request(core_request)
+            response = await self._pools.handle_async_request(core_request)
         if not isinstance(response.stream, AsyncIterable):
             raise TypeError("httpcore returned a synchronous response stream")
         return httpx.Response(
@@ -381,7 +382,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close every pooled connection."""
         with _translated():
-            await self._pool.aclose()
+            await self._pools.aclose()
 
 
 def build_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
@@ -429,4 +430,7 @@ def build_http_client(
         # No proxies from the environment (they would resolve names past the
         # check) and no credentials from ~/.netrc.
         trust_env=False,
+        # Cookies an endpoint sets are neither kept nor sent back: the jar would
+        # grow with every endpoint that sets one, for the life of the process.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )

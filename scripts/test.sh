@@ -22,8 +22,8 @@ trap cleanup EXIT
 export KAFKA_BOOTSTRAP="127.0.0.1:${KAFKA_PORT:-9092}"
 
 echo "== ruff"
-.venv/bin/ruff check dispatcher tests scripts
-.venv/bin/ruff format --check dispatcher tests scripts
+.venv/bin/ruff check dispatcher tests scripts bench
+.venv/bin/ruff format --check dispatcher tests scripts bench
 echo "== mypy"
 .venv/bin/mypy
 if [[ -f scripts/check-chart.sh ]]; then
