@@ -1,0 +1,3 @@
+module benchreceiver
+
+go 1.22

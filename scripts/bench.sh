@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The benchmark in one command: builds the Go receiver (cached under bench/.build),
+# makes sure the local broker runs (starting it, and stopping it again after, only
+# if it was down), and runs bench/run.py. Flags go to bench/run.py (--help).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+bash scripts/bootstrap.sh >/dev/null
+
+build="$repo/bench/.build"
+mkdir -p "$build"
+# The Go build cache stays inside the repository, next to the binary.
+(cd bench/receiver && GOCACHE="$build/gocache" GOTOOLCHAIN=local GOFLAGS= GOPROXY=off \
+    go build -trimpath -o "$build/receiver" .)
+
+started_broker=0
+if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
+    bash scripts/kafka.sh start
+    started_broker=1
+fi
+cleanup() {
+    if [[ $started_broker == 1 ]]; then
+        bash scripts/kafka.sh stop || true
+    fi
+}
+trap cleanup EXIT
+
+.venv/bin/python -m bench.run --receiver "$build/receiver" "$@"
