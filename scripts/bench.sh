@@ -14,16 +14,6 @@ mkdir -p "$build"
 (cd bench/receiver && GOCACHE="$build/gocache" GOTOOLCHAIN=local GOFLAGS= GOPROXY=off \
     go build -trimpath -o "$build/receiver" .)
 
-started_broker=0
-if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
-    bash scripts/kafka.sh start
-    started_broker=1
-fi
-cleanup() {
-    if [[ $started_broker == 1 ]]; then
-        bash scripts/kafka.sh stop || true
-    fi
-}
-trap cleanup EXIT
+source scripts/broker-lease.sh
 
 .venv/bin/python -m bench.run --receiver "$build/receiver" "$@"

@@ -6,15 +6,5 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 bash scripts/bootstrap.sh
-started_broker=0
-if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
-    bash scripts/kafka.sh start
-    started_broker=1
-fi
-cleanup() {
-    if [[ $started_broker == 1 ]]; then
-        bash scripts/kafka.sh stop || true
-    fi
-}
-trap cleanup EXIT
+source scripts/broker-lease.sh
 .venv/bin/python scripts/demo.py

@@ -7,17 +7,7 @@ cd "$repo"
 
 bash scripts/bootstrap.sh
 
-started_broker=0
-if ! bash scripts/kafka.sh status >/dev/null 2>&1; then
-    bash scripts/kafka.sh start
-    started_broker=1
-fi
-cleanup() {
-    if [[ $started_broker == 1 ]]; then
-        bash scripts/kafka.sh stop || true
-    fi
-}
-trap cleanup EXIT
+source scripts/broker-lease.sh
 # The tests talk to the broker this script manages, on whatever port it uses.
 export KAFKA_BOOTSTRAP="127.0.0.1:${KAFKA_PORT:-9092}"
 
