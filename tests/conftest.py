@@ -9,6 +9,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from tests.cli_support import Cli, make_inprocess
 from tests.receiver import HttpsReceiver
 from tests.support import BOOTSTRAP, DispatcherProcess, Namespace
 
@@ -71,3 +72,17 @@ def run_dispatcher(dispatchers: list[DispatcherProcess], tmp_path: Path):  # typ
         return proc.start(wait_ready=wait_ready)
 
     return start
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The command line, run in-process."""
+    return make_inprocess(monkeypatch, capsys)
+
+
+@pytest.fixture(scope="module")
+def shared_ns(broker: str) -> Iterator[Namespace]:
+    """One namespace per module for the many refusals, which write nothing."""
+    ns = Namespace()
+    yield ns
+    ns.drop_topics()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,27 +24,11 @@ from dispatcher.records import (
     header_value,
     record_headers,
 )
-from tests.cli_support import Cli, make_inprocess, run_subprocess, wait_topics_ready
+from tests.cli_support import Cli, run_subprocess, wait_topics_ready
 from tests.receiver import HttpsReceiver, Reply
 from tests.support import BOOTSTRAP, SEED_EVENT, Namespace, wait_until
 
 DAY1 = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_inprocess(monkeypatch, capsys)
-
-
-@pytest.fixture
-def ns(ns: Namespace) -> Namespace:
-    return wait_topics_ready(ns)
-
-
-@pytest.fixture(scope="module")
-def shared_ns(broker: str) -> Iterator[Namespace]:
-    """One namespace for the refusals, which write nothing."""
-    yield wait_topics_ready(Namespace())
 
 
 def dead_letter(

@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import base64
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from dispatcher.subscriptions import get as get_subscription
-from tests.cli_support import Cli, make_inprocess, run_subprocess, wait_topics_ready
+from tests.cli_support import Cli, run_subprocess
 from tests.receiver import HttpsReceiver
 from tests.support import SEED_EVENT, Namespace, metric_value, wait_until
 
 # Written with a URL on the receiver, which the test namespaces allow (loopback).
 URL = "https://127.0.0.1:8443/hooks/bullseye"
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return make_inprocess(monkeypatch, capsys)
-
-
-@pytest.fixture
-def ns(ns: Namespace) -> Namespace:
-    return wait_topics_ready(ns)
-
-
-@pytest.fixture(scope="module")
-def shared_ns(broker: str) -> Iterator[Namespace]:
-    """One namespace for the many refusals, which write nothing."""
-    yield wait_topics_ready(Namespace())
 
 
 def put_args(**changes: str | None) -> list[str]:
