@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import httpcore
 
@@ -64,6 +64,7 @@ class ConnectionPools:
         self._max_connections = max_connections
         self._keepalive_expiry_s = keepalive_expiry_s
         self._origins: dict[_Key, _Origin] = {}
+        self._closed = False
         self._next_sweep = time.monotonic() + keepalive_expiry_s
 
     def _connect(self, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection:
@@ -84,12 +85,15 @@ class ConnectionPools:
         pool = self._origins.get(key)
         if pool is None:
             pool = self._origins[key] = _Origin(self._max_connections)
-        timeouts = request.extensions.get("timeout", {})
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await pool.slots.acquire()
-        except TimeoutError:
-            raise httpcore.PoolTimeout("no connection free within the pool timeout") from None
+        if pool.slots.locked():
+            timeouts = request.extensions.get("timeout", {})
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await pool.slots.acquire()
+            except TimeoutError:
+                raise httpcore.PoolTimeout("no connection free within the pool timeout") from None
+        else:
+            await pool.slots.acquire()  # a free place: taken without waiting
         pool.in_use += 1
         try:
             while True:
@@ -113,11 +117,14 @@ class ConnectionPools:
             pool.slots.release()
             raise
 
-        def release() -> None:
+        async def release() -> None:
             pool.in_use -= 1
             pool.slots.release()
             if conn.is_available():
-                pool.idle.append(conn)
+                if self._closed:
+                    await _close([conn])
+                else:
+                    pool.idle.append(conn)
 
         if not isinstance(response.stream, AsyncIterable):
             raise TypeError("httpcore returned a synchronous response stream")
@@ -148,6 +155,7 @@ class ConnectionPools:
 
     async def aclose(self) -> None:
         """Close every idle connection; those in use close with their responses."""
+        self._closed = True
         closing = [c for pool in self._origins.values() for c in pool.idle]
         self._origins.clear()
         await _close(closing)
@@ -156,9 +164,11 @@ class ConnectionPools:
 class _Released(AsyncIterable[bytes]):
     """A response body that gives its connection back once closed."""
 
-    def __init__(self, stream: AsyncIterable[bytes], release: Callable[[], None]) -> None:
+    def __init__(
+        self, stream: AsyncIterable[bytes], release: Callable[[], Awaitable[None]]
+    ) -> None:
         self._stream = stream
-        self._release: Callable[[], None] | None = release
+        self._release: Callable[[], Awaitable[None]] | None = release
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -177,7 +187,7 @@ class _Released(AsyncIterable[bytes]):
             if aclose is not None:
                 await aclose()
         finally:
-            release()
+            await release()
 
 
 async def _close(connections: list[httpcore.AsyncHTTPConnection]) -> None:

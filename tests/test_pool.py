@@ -113,16 +113,23 @@ def wire() -> Tracked:
     return Tracked()
 
 
-def client(
+def transport(
     receiver: HttpsReceiver, wire: Tracked, max_connections: int = 64, keepalive_s: float = 4.0
-) -> httpx.AsyncClient:
-    transport = GuardedTransport(
+) -> GuardedTransport:
+    return GuardedTransport(
         ssl_context=build_ssl_context(receiver.ca_file),
         backend=GuardedBackend(allowed_networks=LOOPBACK, inner=wire),
         max_connections=max_connections,
         keepalive_expiry_s=keepalive_s,
     )
-    return httpx.AsyncClient(transport=transport, timeout=5.0)
+
+
+def client(
+    receiver: HttpsReceiver, wire: Tracked, max_connections: int = 64, keepalive_s: float = 4.0
+) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=transport(receiver, wire, max_connections, keepalive_s), timeout=5.0
+    )
 
 
 def test_sequential_requests_share_one_connection(first: HttpsReceiver, wire: Tracked) -> None:
@@ -270,3 +277,21 @@ def test_the_delivery_client_keeps_no_cookies(first: HttpsReceiver, wire: Tracke
 
     assert asyncio.run(run()) == 0
     assert [r.header("cookie") for r in first.requests_to("/jar")] == [None, None]
+
+
+def test_a_connection_given_back_after_the_client_closed_is_closed(
+    first: HttpsReceiver, wire: Tracked
+) -> None:
+    async def run() -> None:
+        t = transport(first, wire)
+        request = httpx.Request("POST", first.url("/late"), content=b"{}")
+        response = await t.handle_async_request(request)
+        # Read to the end, so the connection is reusable, but not yet given back.
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        assert [chunk async for chunk in response.stream] == []
+        await t.aclose()
+        assert not wire.connections[0].closed, "still held by its response"
+        await response.aclose()
+
+    asyncio.run(run())
+    assert [c.closed for c in wire.connections] == [True]
