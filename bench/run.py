@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--isolation-events",
         type=int,
-        default=1_000,
+        default=2_000,
         help="isolation backlog (events; each fans out to ten deliveries)",
     )
     p.add_argument("--memory-events", type=int, default=100_000, help="memory backlog (events)")
