@@ -16,8 +16,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 
 from dispatcher import __version__
-from dispatcher.errors import ConfigError, DispatcherError
-from dispatcher.models import Subscription
+from dispatcher.errors import DispatcherError
 from dispatcher.settings import Settings, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -117,20 +116,6 @@ def cmd_topics_ensure(args: argparse.Namespace, settings: Settings) -> int:
 
 def print_json(value: object) -> None:
     print(json.dumps(value, indent=2, default=str))
-
-
-def subscription_view(sub: Subscription) -> dict[str, object]:
-    """A subscription as shown to operators: never its secrets."""
-    data = sub.model_dump(mode="json", exclude={"secret", "previous_secrets"})
-    data["secret"] = "set" if sub.secret else "none"
-    data["previous_secrets"] = len(sub.previous_secrets)
-    return data
-
-
-def require(value: str | None, flag: str) -> str:
-    if not value:
-        raise ConfigError(f"{flag} is required")
-    return value
 
 
 if __name__ == "__main__":

@@ -98,7 +98,6 @@ class DeliveryRunner:
             self._spawn(d.slot.part, self._defer(d, admission.value))
 
     async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
-        log.debug("attempt start", extra={"delivery_id": d.delivery_id})
         result: AttemptResult | None = None
         try:
             attempt = d.attempts_made + 1

@@ -137,7 +137,6 @@ class Engine:
             self.partitions[(tp.topic, tp.partition)] = PartitionState(consumer, tp, stage)
 
     def messages(self, consumer: StageConsumer, batch: list[Message]) -> None:
-        log.debug("batch of %d from %s", len(batch), consumer.stage)
         try:
             touched: set[PartitionState] = set()
             for msg in batch:
