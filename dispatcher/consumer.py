@@ -34,18 +34,49 @@ _POLL_S = 0.05
 _LAG_EVERY_S = 5.0
 
 
+class StageFeed(Protocol):
+    """What the loop asks of a stage consumer (a fake one in the engine's unit tests)."""
+
+    stage: str
+    topic: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None: ...
+
+    def start(self) -> None: ...
+
+    def pause(self, tp: TopicPartition) -> None: ...
+
+    def resume(self, tp: TopicPartition) -> None: ...
+
+    def store(self, offsets: list[TopicPartition]) -> None: ...
+
+    def batch_done(self) -> None: ...
+
+    def close(self, timeout_s: float = 30.0) -> None: ...
+
+
 class PartitionOwner(Protocol):
     """The loop side of a stage consumer."""
 
-    def assigned(self, consumer: StageConsumer, partitions: list[TopicPartition]) -> None: ...
+    def assigned(self, consumer: StageFeed, partitions: list[TopicPartition]) -> None: ...
 
-    def messages(self, consumer: StageConsumer, batch: list[Message]) -> None: ...
+    def messages(self, consumer: StageFeed, batch: list[Message]) -> None: ...
 
     def revoke(
-        self, consumer: StageConsumer, partitions: list[TopicPartition]
+        self, consumer: StageFeed, partitions: list[TopicPartition]
     ) -> Awaitable[list[TopicPartition]]: ...
 
-    def lost(self, consumer: StageConsumer, partitions: list[TopicPartition]) -> None: ...
+    def lost(self, consumer: StageFeed, partitions: list[TopicPartition]) -> None: ...
+
+
+#: Makes the consumer of one stage: (settings, stage, topic, group id, owner, loop).
+ConsumerFactory = Callable[
+    [Settings, str, str, str, PartitionOwner, asyncio.AbstractEventLoop], StageFeed
+]
 
 
 class StageConsumer:
@@ -68,12 +99,11 @@ class StageConsumer:
         self._owner = owner
         self._loop = loop
         self._stop = threading.Event()
+        self._started = False
+        self._failure: str | None = None
         # At most two batches wait on the loop: the thread cannot run ahead of it.
         self._handoff = threading.BoundedSemaphore(2)
         self._requests: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-        # Committed offsets of assigned partitions with no position yet, asked once per
-        # assignment (they cannot move while we consume nothing from them).
-        self._committed: dict[tuple[str, int], int] = {}
         self._consumer: Consumer = make_consumer(settings, group_id)
         self._thread = threading.Thread(target=self._run, name=f"consumer-{stage}", daemon=True)
 
@@ -86,6 +116,7 @@ class StageConsumer:
             on_lost=self._on_lost,
         )
         self._thread.start()
+        self._started = True
 
     def pause(self, tp: TopicPartition) -> None:
         self._requests.put(lambda: self._consumer.pause([tp]))
@@ -98,6 +129,18 @@ class StageConsumer:
 
     def batch_done(self) -> None:
         self._handoff.release()
+
+    @property
+    def ready(self) -> bool:
+        return self.joined.is_set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the polling thread is gone while nobody asked it to stop, or None."""
+        gone = self._started and not self._thread.is_alive() and not self._stop.is_set()
+        if self._failure is None and gone:
+            return f"the consumer thread of stage {self.stage} stopped"
+        return self._failure
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop polling and leave the group (final revoke and commit happen here)."""
@@ -117,8 +160,10 @@ class StageConsumer:
                 if now >= next_lag:
                     next_lag = now + _LAG_EVERY_S
                     self._report_lag()
-        except Exception:
-            log.exception("consumer of stage %s failed", self.stage)
+        except Exception as exc:
+            metrics.INTERNAL_ERRORS.labels("thread").inc()
+            self._failure = f"the consumer thread of stage {self.stage} died: {exc!r}"
+            log.exception("the consumer thread of stage %s died", self.stage)
         finally:
             self._carry_out_requests()
             try:
@@ -144,7 +189,6 @@ class StageConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Requests made for an earlier generation go first, so the resume below wins.
         self._carry_out_requests()
-        self._committed.clear()
         consumer.incremental_assign(partitions)
         if partitions:
             # A partition paused under a previous owner or generation must not stay
@@ -196,35 +240,26 @@ class StageConsumer:
             return []
 
     def _report_lag(self) -> None:
+        """Lag of each assigned partition from the group's committed offset.
+
+        Measured from what is committed, not from the fetch position: a partition
+        whose commit stands still while it is fetched ahead shows its true backlog.
+        """
         try:
             assignment = self._consumer.assignment()
             if not assignment:
                 return
-            # No position until a message was consumed: an empty partition is
-            # caught up; otherwise the next owner starts at the committed offset.
-            unknown: dict[tuple[str, int], tuple[int, int]] = {}
-            for tp in self._consumer.position(assignment):
+            for tp in self._consumer.committed(assignment, timeout=2):
+                if tp.error is not None:
+                    continue
                 # Asked of the broker: the cached end offset only moves with fetches,
                 # so it stands still on a paused partition, just when a backlog grows.
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=2, cached=False)
                 if high < 0:
-                    continue  # not fetched yet
-                if tp.offset >= 0:
-                    _set_lag(tp.topic, tp.partition, high - tp.offset)
-                elif high <= low:
-                    _set_lag(tp.topic, tp.partition, 0)
-                else:
-                    unknown[(tp.topic, tp.partition)] = (low, high)
-            asked = [TopicPartition(t, p) for t, p in unknown if (t, p) not in self._committed]
-            if asked:
-                for tp in self._consumer.committed(asked, timeout=2):
-                    if tp.error is None:
-                        self._committed[(tp.topic, tp.partition)] = tp.offset
-            for key, (low, high) in unknown.items():
-                committed = self._committed.get(key)
-                if committed is not None:
-                    # No committed offset: auto.offset.reset=earliest starts at low.
-                    _set_lag(key[0], key[1], high - max(committed, low))
+                    continue
+                # No committed offset yet: auto.offset.reset=earliest starts at low.
+                start = tp.offset if tp.offset >= 0 else low
+                _set_lag(tp.topic, tp.partition, high - max(start, low))
         except KafkaException:
             pass
 

@@ -1,17 +1,24 @@
 """Deliveries: one attempt at an endpoint, or the hand-over to the next topic.
 
 A :class:`Delivery` is one (event, subscription) pair for one try. The
-:class:`DeliveryRunner` admits it at its endpoint (start, queue or defer), makes
-the attempt, and on failure writes the delivery record to the next retry stage
-or to the dead-letter topic. Whatever the outcome, it reports the delivery done
-only once its result is final or durably written, so the message's offset may
-then be committed.
+:class:`DeliveryRunner` admits it at its endpoint (the webhook: start, queue or
+defer), makes the attempt, and on failure writes the delivery record to the next
+retry stage or to the dead-letter topic. Each delivery holds a
+:class:`~dispatcher.work.Ticket` that it finishes only once its result is final
+or durably written, so the message's offset may then be committed.
+
+An endpoint whose queue is full makes the partitions that feed it wait
+(backpressure); only a stalled endpoint or an open circuit defers deliveries,
+and a delivery deferred for longer than ``deferral_max_age_s`` is dead-lettered
+with reason ``endpoint_unavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,18 +28,23 @@ import httpx
 
 from dispatcher import metrics
 from dispatcher.delivery import AttemptResult, build_headers, post
-from dispatcher.endpoints import Admission, Endpoint, endpoint_key
+from dispatcher.endpoints import Admission, Endpoint
 from dispatcher.kafka import RetryStage
 from dispatcher.models import Subscription
 from dispatcher.partitions import PartitionState, Slot, now_ms
-from dispatcher.producer import AsyncProducer
+from dispatcher.producer import RecordSink
 from dispatcher.records import Attempt, DeliveryRecord, Source, record_headers
 from dispatcher.routing import after_failure, for_deferral
 from dispatcher.settings import Settings
+from dispatcher.work import Ticket, Work
 
 log = logging.getLogger(__name__)
 
-Spawn = Callable[[PartitionState, Coroutine[Any, Any, None]], None]
+Spawn = Callable[[Ticket, Coroutine[Any, Any, None]], None]
+#: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
+ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+#: Deferrals are logged as counts per interval, not one line each.
+DEFERRAL_LOG_EVERY_S = 10.0
 
 
 @dataclass(slots=True, eq=False)
@@ -49,38 +61,69 @@ class Delivery:
     stage: str
     source: Source
     record: DeliveryRecord | None = None
-    endpoint: str = field(default="")
-    finished: bool = False
+    ticket: Ticket | None = field(default=None)
+
+
+class DeferralLog:
+    """Counts deferrals per reason and logs them once per interval."""
+
+    def __init__(self, every_s: float = DEFERRAL_LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self.counts: Counter[str] = Counter()
+        self._since = time.monotonic()
+
+    def note(self, reason: str, d: Delivery) -> None:
+        metrics.DEFERRALS.labels(reason).inc()
+        self.counts[reason] += 1
+        log.debug("deferred (%s)", reason, extra={"delivery_id": d.delivery_id})
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._since < self.every_s:
+            return
+        if self.counts:
+            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+            log.info(
+                "deferred %d deliveries in %.0f s (%s)",
+                self.counts.total(),
+                now - self._since,
+                detail,
+            )
+        self.counts.clear()
+        self._since = now
 
 
 class DeliveryRunner:
-    """Runs deliveries within the per-endpoint limits; counts what is in flight."""
+    """Runs deliveries within the per-endpoint limits."""
 
     def __init__(
         self,
         settings: Settings,
         client: httpx.AsyncClient,
-        producer: AsyncProducer,
+        producer: RecordSink,
         stages: list[RetryStage],
+        work: Work,
         spawn: Spawn,
-        slot_done: Callable[[Slot], None],
+        unblocked: Callable[[PartitionState], None],
     ) -> None:
         self.settings = settings
         self.client = client
         self.producer = producer
         self.stages = stages
+        self.work = work
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
-        self.in_flight = 0
+        #: Partitions waiting for an endpoint's full queue, by webhook id.
+        self.waiting: dict[str, set[PartitionState]] = {}
+        self.deferrals = DeferralLog()
         self.stopping = False
         self._spawn = spawn
-        self._slot_done = slot_done
+        self._unblocked = unblocked
 
     def submit(self, d: Delivery) -> None:
-        """Start, queue or defer one delivery; its slot waits for it."""
-        d.slot.remaining += 1
-        self.add_in_flight(1)
-        d.endpoint = endpoint_key(d.sub.url)
-        ep = self.endpoints.get(d.endpoint)
+        """Start, queue or defer one delivery; its message waits for it."""
+        ticket = d.ticket = self.work.open(d.slot, d.delivery_id)
+        key = d.sub.webhook_id
+        ep = self.endpoints.get(key)
         if ep is None:
             s = self.settings
             ep = Endpoint(
@@ -89,28 +132,23 @@ class DeliveryRunner:
                 s.circuit_failure_threshold,
                 s.circuit_cooldown_s,
                 queue_wait_s=s.endpoint_queue_wait_s,
+                stall_s=s.endpoint_stall_s,
             )
-            self.endpoints[d.endpoint] = ep
+            self.endpoints[key] = ep
         admission = ep.admit(d)
         if admission is Admission.START:
-            self._spawn(d.slot.part, self._attempt(ep, d))
-        elif admission is not Admission.QUEUED:
-            self._spawn(d.slot.part, self._defer(d, admission.value))
+            self._spawn(ticket, self._attempt(ep, d))
+        elif admission is Admission.QUEUED:
+            if ep.full:
+                d.slot.part.blocked.add(key)
+                self.waiting.setdefault(key, set()).add(d.slot.part)
+        else:
+            self._spawn(ticket, self._defer(d, admission.value))
 
     async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
         result: AttemptResult | None = None
         try:
-            attempt = d.attempts_made + 1
-            secrets = d.sub.active_secrets(datetime.now(UTC))
-            headers = build_headers(d.delivery_id, attempt, d.body, secrets)
-            result = await post(
-                self.client,
-                d.sub.url,
-                d.body,
-                headers,
-                self.settings.http_timeout_s,
-                self.settings.response_snippet_bytes,
-            )
+            result = await self._post(d)
             outcome = "success" if result.ok else "failure"
             metrics.DELIVERY_ATTEMPTS.labels(d.stage, outcome, result.status_label).inc()
             metrics.ATTEMPT_DURATION.labels(d.stage).observe(result.duration_s)
@@ -119,24 +157,65 @@ class DeliveryRunner:
                 metrics.END_TO_END_LATENCY.observe(max(latency, 0.0))
                 log.debug(
                     "delivered",
-                    extra={"delivery_id": d.delivery_id, "attempt": attempt, "stage": d.stage},
+                    extra={"delivery_id": d.delivery_id, "attempt": d.attempts_made + 1},
                 )
-                self._delivery_done(d)
+                self._finish(d)
             else:
                 await self._after_failure(d, result)
         finally:
-            self._abandon_if_unfinished(d)
             self._release(ep, d, None if result is None else result.ok)
 
+    async def _post(self, d: Delivery) -> AttemptResult:
+        """One attempt; an exception nobody foresaw is a failed attempt of class ``internal``."""
+        started = time.perf_counter()
+        try:
+            secrets = d.sub.active_secrets(datetime.now(UTC))
+            headers = build_headers(d.delivery_id, d.attempts_made + 1, d.body, secrets)
+            return await post(
+                self.client,
+                d.sub.url,
+                d.body,
+                headers,
+                self.settings.http_timeout_s,
+                self.settings.response_snippet_bytes,
+            )
+        except Exception as exc:
+            metrics.INTERNAL_ERRORS.labels("attempt").inc()
+            log.exception(
+                "attempt failed unexpectedly: %s",
+                type(exc).__name__,
+                extra={"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id},
+            )
+            return AttemptResult(
+                ok=False,
+                duration_s=time.perf_counter() - started,
+                error_class="internal",
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+
     def _release(self, ep: Endpoint[Delivery], d: Delivery, ok: bool | None) -> None:
+        key = d.sub.webhook_id
         nxt = ep.release(ok)
-        if nxt is not None:
-            self._spawn(nxt.slot.part, self._attempt(ep, nxt))
+        if nxt is not None and nxt.ticket is not None:
+            self._spawn(nxt.ticket, self._attempt(ep, nxt))
         if ep.open_until is not None and ep.queue and not self.stopping:
-            for waiting in ep.drain_queue():
-                self._spawn(waiting.slot.part, self._defer(waiting, "circuit_open"))
+            self._defer_queue(ep, "circuit_open")
+        self._unblock_if_room(key, ep)
         if ep.idle and ep.failures == 0:
-            self.endpoints.pop(d.endpoint, None)
+            self.endpoints.pop(key, None)
+
+    def _defer_queue(self, ep: Endpoint[Delivery], reason: str) -> None:
+        for waiting in ep.drain_queue():
+            if waiting.ticket is not None:
+                self._spawn(waiting.ticket, self._defer(waiting, reason))
+
+    def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
+        if key not in self.waiting or (ep is not None and ep.full):
+            return
+        for ps in self.waiting.pop(key):
+            ps.blocked.discard(key)
+            if not ps.blocked:
+                self._unblocked(ps)
 
     async def _after_failure(self, d: Delivery, result: AttemptResult) -> None:
         now = datetime.now(UTC)
@@ -164,53 +243,56 @@ class DeliveryRunner:
         )
         extra = {"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id}
         if hop.stage is None:
-            record.dead_lettered_at = now
-            record.dead_letter_reason = f"all {record.attempts_made} attempts failed"
-            topic = self.settings.dead_letter_topic
-            metrics.DEAD_LETTERS.labels(d.stage).inc()
-            log.warning(
-                "dead-lettered after attempt %d: %s",
-                record.attempts_made,
-                record.last_error(),
-                extra=extra,
-            )
-        else:
-            topic = hop.stage.topic
-            metrics.RETRIES_SCHEDULED.labels(hop.stage.name).inc()
-            log.info(
-                "attempt %d failed (%s); retry in stage %s",
-                record.attempts_made,
-                record.last_error(),
-                hop.stage.name,
-                extra=extra,
-            )
-        await self.producer.send(
-            topic, record.to_json(), d.delivery_id.encode(), record_headers(record, hop.due_ms)
+            reason = f"all {record.attempts_made} attempts failed"
+            await self._dead_letter(d, record, reason, now)
+            return
+        metrics.RETRIES_SCHEDULED.labels(hop.stage.name).inc()
+        log.info(
+            "attempt %d failed (%s); retry in stage %s",
+            record.attempts_made,
+            record.last_error(),
+            hop.stage.name,
+            extra=extra,
         )
-        self._delivery_done(d)
+        await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
+
+    async def _dead_letter(
+        self, d: Delivery, record: DeliveryRecord, reason: str, now: datetime
+    ) -> None:
+        record.dead_lettered_at = now
+        record.dead_letter_reason = reason
+        metrics.DEAD_LETTERS.labels(d.stage).inc()
+        log.warning(
+            "dead-lettered after %d attempts: %s %s",
+            record.attempts_made,
+            reason,
+            record.last_error(),
+            extra={"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id},
+        )
+        await self._hand_over(d, record, self.settings.dead_letter_topic, now_ms())
+
+    async def _hand_over(
+        self, d: Delivery, record: DeliveryRecord, topic: str, due_ms: int
+    ) -> None:
+        """Write the record to its next topic; the delivery is finished once acknowledged."""
+        await self.producer.send(
+            topic, record.to_json(), d.delivery_id.encode(), record_headers(record, due_ms)
+        )
+        self._finish(d)
 
     async def _defer(self, d: Delivery, reason: str) -> None:
-        metrics.DEFERRALS.labels(reason).inc()
+        now = datetime.now(UTC)
         record = d.record or self._new_record(d)
+        record.first_deferred_at = record.first_deferred_at or now
+        since = min(record.first_failure_at or now, record.first_deferred_at)
+        if (now - since).total_seconds() > self.settings.deferral_max_age_s:
+            await self._dead_letter(d, record, ENDPOINT_UNAVAILABLE, now)
+            return
         record.deferrals += 1
         hop = for_deferral(d.attempts_made, self.stages, now_ms())
         assert hop.stage is not None
-        log.info(
-            "deferred (%s) to stage %s",
-            reason,
-            hop.stage.name,
-            extra={"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id},
-        )
-        try:
-            await self.producer.send(
-                hop.stage.topic,
-                record.to_json(),
-                d.delivery_id.encode(),
-                record_headers(record, hop.due_ms),
-            )
-            self._delivery_done(d)
-        finally:
-            self._abandon_if_unfinished(d)
+        self.deferrals.note(reason, d)
+        await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
 
     def _new_record(self, d: Delivery) -> DeliveryRecord:
         return DeliveryRecord(
@@ -224,34 +306,27 @@ class DeliveryRunner:
             source=d.source,
         )
 
-    def _delivery_done(self, d: Delivery) -> None:
-        d.finished = True
-        self.add_in_flight(-1)
-        self._slot_done(d.slot)
+    def _finish(self, d: Delivery) -> None:
+        if d.ticket is not None:
+            self.work.finish(d.ticket)
 
-    def _abandon_if_unfinished(self, d: Delivery) -> None:
-        """A cancelled delivery frees its in-flight place; its message stays unfinished."""
-        if not d.finished:
-            d.finished = True
-            self.add_in_flight(-1)
+    async def supervise(self, every_s: float = 0.25) -> None:
+        """Defer what waits at stalled endpoints; log deferral counts per interval.
 
-    async def evict_excess(self, every_s: float = 0.25) -> None:
-        """Defer what waits at endpoints beyond their bound, as their rates become known.
-
-        Runs for the life of the engine: a burst queued at an endpoint that is not
-        yet measured is handed to the retry path once it shows itself slow.
+        Runs for the life of the engine: an endpoint that stops answering while its
+        queue is full would otherwise hold its partitions paused for good.
         """
-        while True:
+        while not self.stopping:
             await asyncio.sleep(every_s)
-            if self.stopping:
-                return
-            for ep in list(self.endpoints.values()):
-                for waiting in ep.excess():
-                    self._spawn(waiting.slot.part, self._defer(waiting, "endpoint_busy"))
+            self.check_endpoints()
+            self.deferrals.flush()
+        self.deferrals.flush(force=True)
 
-    def add_in_flight(self, n: int) -> None:
-        self.in_flight += n
-        metrics.IN_FLIGHT.set(self.in_flight)
+    def check_endpoints(self) -> None:
+        for key, ep in list(self.endpoints.items()):
+            if ep.stalled and ep.queue and not self.stopping:
+                self._defer_queue(ep, Admission.STALLED.value)
+            self._unblock_if_room(key, ep)
 
     def abandon_queued(self, states: set[PartitionState]) -> None:
         """Drop deliveries still waiting for an endpoint slot on these partitions.
@@ -261,10 +336,15 @@ class DeliveryRunner:
         """
         if not states:
             return
-        for ep in self.endpoints.values():
+        for key, ep in list(self.endpoints.items()):
             keep = [d for d in ep.queue if d.slot.part not in states]
-            dropped = len(ep.queue) - len(keep)
-            if dropped:
-                ep.queue.clear()
-                ep.queue.extend(keep)
-                self.add_in_flight(-dropped)
+            if len(keep) == len(ep.queue):
+                continue
+            for d in ep.queue:
+                if d.slot.part in states and d.ticket is not None:
+                    self.work.release(d.ticket)
+            ep.queue.clear()
+            ep.queue.extend(keep)
+            self._unblock_if_room(key, ep)
+        for waiting in self.waiting.values():
+            waiting.difference_update(states)

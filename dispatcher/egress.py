@@ -420,7 +420,8 @@ def build_http_client(
         ssl_context=build_ssl_context(settings.http_ca_file),
         backend=backend,
         allow_http=settings.allow_http,
-        max_connections=settings.max_in_flight,
+        # Per origin: every webhook on one host shares this cap and its connections.
+        max_connections=settings.max_in_flight_per_origin,
     )
     return httpx.AsyncClient(
         transport=transport,

@@ -1,15 +1,20 @@
-"""Per-endpoint isolation: concurrency slots, a bounded wait queue, a circuit breaker.
+"""Per-endpoint isolation: concurrency slots, a wait queue, a circuit breaker.
 
-An endpoint is a URL's origin (scheme, host, port). A slow or dead endpoint can
-hold only its own slots and queue; whatever does not fit is deferred to the
-retry path by the caller, so nothing else waits on it.
+An endpoint is one webhook (a subscription id): two webhooks on the same host
+have separate slots, queues and breakers, so one customer's stalled or failing
+URL never slows or trips another's. What they share is per origin, in the HTTP
+client: the keep-alive connections and a cap on concurrent requests.
 
-The queue is bounded by how long its last item would wait, not only by a count:
-an endpoint that completes 2,000 requests a second may queue 2,000 x
-``queue_wait_s`` deliveries, one that completes none keeps ``queue_size``. Until
-its rate has been measured over one window an endpoint is trusted; once
-measured, what exceeds the bound is handed back (:meth:`Endpoint.excess`) so a
-burst sent to an endpoint that turned out to be stalled does not stay queued.
+Backpressure first, deferral last. A delivery that finds every slot taken waits
+in the endpoint's queue; once the queue is *full* the caller makes the partitions
+feeding the endpoint wait (they are paused), however slowly it answers. Only an
+endpoint that is *stalled* (requests in flight and no answer for ``stall_s``) or
+whose circuit is open has its deliveries deferred to the retry path.
+
+The queue bound follows how long its last item would wait, not only a count: an
+endpoint that completes 2,000 requests a second may queue 2,000 x
+``queue_wait_s`` deliveries, one that completes none (or is not measured yet)
+keeps ``queue_size``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Generic, TypeVar
-from urllib.parse import urlsplit
 
 from dispatcher import metrics
 
@@ -29,16 +33,10 @@ T = TypeVar("T")
 RATE_WINDOW_S = 1.0
 
 
-def endpoint_key(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
 class Admission(Enum):
     START = "start"
     QUEUED = "queued"
-    BUSY = "endpoint_busy"
+    STALLED = "endpoint_stalled"
     CIRCUIT_OPEN = "circuit_open"
 
 
@@ -47,6 +45,7 @@ class Endpoint(Generic[T]):
 
     __slots__ = (
         "_clock",
+        "_last_progress",
         "_window_count",
         "_window_start",
         "active",
@@ -59,6 +58,7 @@ class Endpoint(Generic[T]):
         "queue_size",
         "queue_wait_s",
         "rate",
+        "stall_s",
         "threshold",
     )
 
@@ -70,6 +70,7 @@ class Endpoint(Generic[T]):
         cooldown_s: float,
         clock: Callable[[], float] = time.monotonic,
         queue_wait_s: float = 0.0,
+        stall_s: float = float("inf"),
     ) -> None:
         self.limit = limit
         self.queue_size = queue_size
@@ -86,6 +87,9 @@ class Endpoint(Generic[T]):
         self.rate: float | None = None
         self._window_start = clock()
         self._window_count = 0
+        self.stall_s = stall_s
+        #: When a request last completed, or started on an idle endpoint.
+        self._last_progress = clock()
 
     def admit(self, item: T) -> Admission:
         """Take ``item`` now, queue it, or say why it must be deferred."""
@@ -97,28 +101,34 @@ class Endpoint(Generic[T]):
             metrics.CIRCUIT_TRANSITIONS.labels("half_open").inc()
             self.active += 1
             return Admission.START
+        if self.stalled:
+            return Admission.STALLED
         if self.active < self.limit:
+            if self.active == 0:
+                self._last_progress = self._clock()
             self.active += 1
             return Admission.START
-        if len(self.queue) < self.queue_bound():
-            self.queue.append(item)
-            return Admission.QUEUED
-        return Admission.BUSY
+        self.queue.append(item)
+        return Admission.QUEUED
+
+    @property
+    def stalled(self) -> bool:
+        """Requests in flight, none answered for ``stall_s``."""
+        return self.active > 0 and self._clock() - self._last_progress >= self.stall_s
+
+    @property
+    def full(self) -> bool:
+        """The queue reached its bound: whoever feeds this endpoint should wait."""
+        return len(self.queue) >= self.queue_bound()
 
     def queue_bound(self) -> float:
         """How many deliveries may wait here now (see the module docstring)."""
         self._roll_window()
         if self.rate is None:
-            return float("inf") if self.queue_wait_s > 0 else self.queue_size
+            # Not measured yet: the partitions wait early, which costs nothing but
+            # keeps a stalled endpoint from taking the global in-flight places.
+            return self.queue_size
         return max(self.queue_size, self.rate * self.queue_wait_s)
-
-    def excess(self) -> list[T]:
-        """Queued items beyond the bound (newest first out), to be deferred."""
-        bound = self.queue_bound()
-        out: list[T] = []
-        while len(self.queue) > bound:
-            out.append(self.queue.pop())
-        return out
 
     def _roll_window(self) -> None:
         now = self._clock()
@@ -137,6 +147,7 @@ class Endpoint(Generic[T]):
         """
         self.active -= 1
         self._window_count += 1
+        self._last_progress = self._clock()
         if ok is not None:
             self._record(ok)
         elif self.probing:
@@ -149,7 +160,7 @@ class Endpoint(Generic[T]):
         return None
 
     def drain_queue(self) -> list[T]:
-        """Everything waiting (to defer it when the circuit opens or work is revoked)."""
+        """Everything waiting (to defer it when the circuit opens or the endpoint stalls)."""
         items = list(self.queue)
         self.queue.clear()
         return items

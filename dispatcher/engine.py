@@ -4,10 +4,18 @@ Messages consumed for a partition wait in that partition's buffer; a round-robin
 pump takes them out while the global in-flight limit allows and, on a retry
 stage, only once the head record is due. A partition is paused while its buffer
 is over the high mark (or its head is not due yet) and resumed under the low
-mark, so memory follows the limits and never the backlog. Each message fans out
-to deliveries; its offset is finished when every one of them has succeeded, been
+mark, so memory follows the limits and never the backlog; it also waits while an
+endpoint it fed has a full queue (backpressure). Each message fans out to
+deliveries; its offset is finished when every one of them has succeeded, been
 skipped on purpose, or been durably written to the next topic, and the tracker
-then lets the committable position move past it.
+then lets the committable position move past it. The counting is owned by
+:class:`~dispatcher.work.Work` alone.
+
+Nothing that one record holds may stop the pump: an exception while fanning a
+message out sends it to the invalid-events topic (reason ``internal``); one that
+escapes the pump itself sets :attr:`Engine.failure`, and the service drains and
+exits. A progress watchdog reports partitions whose committable offset stands
+still while work is pending (:attr:`Engine.stuck`).
 """
 
 from __future__ import annotations
@@ -15,24 +23,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
 import httpx
 from confluent_kafka import Message, TopicPartition
-from pydantic import ValidationError
 
 from dispatcher import metrics
-from dispatcher.consumer import StageConsumer
-from dispatcher.deliveries import Delivery, DeliveryRunner
-from dispatcher.kafka import INPUT_STAGE, RetryStage, retry_stages
-from dispatcher.models import InvalidEvent, Subscription, parse_event, short_errors
+from dispatcher.consumer import ConsumerFactory, StageConsumer, StageFeed
+from dispatcher.deliveries import DeliveryRunner
+from dispatcher.fanout import Fanout, Subscriptions, Unusable
+from dispatcher.kafka import INPUT_STAGE, retry_stages
 from dispatcher.partitions import PartitionState, Slot, now_ms, position_of
-from dispatcher.producer import AsyncProducer
-from dispatcher.records import H_SOURCE, DeliveryRecord, Source, delivery_id_for, due_ms_of
+from dispatcher.producer import RecordSink
+from dispatcher.records import H_SOURCE, due_ms_of
 from dispatcher.settings import Settings
-from dispatcher.table import SubscriptionTable
+from dispatcher.watchdog import stuck_partitions
+from dispatcher.work import Ticket, Work
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,8 @@ H_INVALID_DETAIL = "dispatcher-invalid-detail"
 #: resumed partition takes a fetch round trip (hundreds of ms) to deliver the
 #: records behind the head, which are often due right after it.
 RESUME_AHEAD_MS = 1000
+#: How often endpoints are checked for stalls and partitions for progress.
+TICK_S = 0.25
 
 
 class Engine:
@@ -50,9 +61,10 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        table: SubscriptionTable,
+        table: Subscriptions,
         client: httpx.AsyncClient,
-        producer: AsyncProducer,
+        producer: RecordSink,
+        consumer_factory: ConsumerFactory = StageConsumer,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -61,31 +73,35 @@ class Engine:
         self.stages = retry_stages(settings)
         self._stage_of_topic = {s.topic: s for s in self.stages}
         self._loop = asyncio.get_running_loop()
-        self.consumers: list[StageConsumer] = []
+        self._consumer_factory = consumer_factory
+        self.consumers: list[StageFeed] = []
         self.partitions: dict[tuple[str, int], PartitionState] = {}
+        self.work = Work(self._finish_slot, self._pump_soon)
         self.runner = DeliveryRunner(
-            settings, client, producer, self.stages, self._spawn, self._slot_done
+            settings, client, producer, self.stages, self.work, self._spawn, self._unblocked
         )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
         self._flush_pending = False
         self._pump_pending = False
         self._stopping = False
-        self._entitled = frozenset(settings.entitled_plans)
-        self._evictor: asyncio.Task[None] | None = None
+        self.fanout = Fanout(settings, table)
+        self._ticker: asyncio.Task[None] | None = None
+        self._failure: str | None = None
+        #: Partitions reported stuck by the watchdog ("topic/partition for N s").
+        self.stuck: list[str] = []
 
     # --- lifecycle ------------------------------------------------------------
     def start(self) -> None:
         """Join the consumer groups of the input stage and of every retry stage."""
         group = self.settings.group_id
+        make = self._consumer_factory
         self.consumers = [
-            StageConsumer(
-                self.settings, INPUT_STAGE, self.settings.input_topic, group, self, self._loop
-            )
+            make(self.settings, INPUT_STAGE, self.settings.input_topic, group, self, self._loop)
         ]
         for stage in self.stages:
             self.consumers.append(
-                StageConsumer(
+                make(
                     self.settings,
                     stage.name,
                     stage.topic,
@@ -96,18 +112,28 @@ class Engine:
             )
         for consumer in self.consumers:
             consumer.start()
-        self._evictor = self._loop.create_task(self.runner.evict_excess())
+        self._ticker = self._loop.create_task(self._tick())
 
     @property
     def ready(self) -> bool:
-        return bool(self.consumers) and all(c.joined.is_set() for c in self.consumers)
+        return bool(self.consumers) and all(c.ready for c in self.consumers)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot go on (the pump, a polling thread), or None."""
+        if self._failure is not None:
+            return self._failure
+        for consumer in self.consumers:
+            if consumer.failure is not None:
+                return consumer.failure
+        return self.producer.failure
 
     async def shutdown(self) -> None:
         """Stop fetching, finish in-flight work within the drain timeout, commit, leave."""
         self._stopping = True
         self.runner.stopping = True
-        if self._evictor is not None:
-            self._evictor.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         for ps in self.partitions.values():
             self._deactivate(ps)
             ps.consumer.pause(ps.tp)
@@ -122,12 +148,13 @@ class Engine:
                 log.warning("gave up %d deliveries at the drain timeout", len(pending))
                 await asyncio.wait(pending, timeout=5)
         self._flush()
+        self.runner.deferrals.flush(force=True)
         await asyncio.to_thread(self.producer.close)
         for consumer in self.consumers:
             await asyncio.to_thread(consumer.close)
 
     # --- PartitionOwner (called on the loop by the consumer threads) ----------
-    def assigned(self, consumer: StageConsumer, partitions: list[TopicPartition]) -> None:
+    def assigned(self, consumer: StageFeed, partitions: list[TopicPartition]) -> None:
         stage = self._stage_of_topic.get(consumer.topic)
         for tp in partitions:
             old = self.partitions.get((tp.topic, tp.partition))
@@ -136,7 +163,7 @@ class Engine:
                 old.revoked = True
             self.partitions[(tp.topic, tp.partition)] = PartitionState(consumer, tp, stage)
 
-    def messages(self, consumer: StageConsumer, batch: list[Message]) -> None:
+    def messages(self, consumer: StageFeed, batch: list[Message]) -> None:
         try:
             touched: set[PartitionState] = set()
             for msg in batch:
@@ -158,7 +185,7 @@ class Engine:
         self._pump()
 
     async def revoke(
-        self, consumer: StageConsumer, partitions: list[TopicPartition]
+        self, consumer: StageFeed, partitions: list[TopicPartition]
     ) -> list[TopicPartition]:
         states = [
             ps
@@ -185,7 +212,7 @@ class Engine:
                 offsets.append(TopicPartition(ps.tp.topic, ps.tp.partition, position))
         return offsets
 
-    def lost(self, consumer: StageConsumer, partitions: list[TopicPartition]) -> None:
+    def lost(self, consumer: StageFeed, partitions: list[TopicPartition]) -> None:
         states = []
         for tp in partitions:
             ps = self.partitions.get((tp.topic, tp.partition))
@@ -199,15 +226,20 @@ class Engine:
         for ps in states:
             for task in ps.tasks:
                 # On the next turn of the loop: a task cancelled before its first step
-                # never runs its ``finally``, and would keep its in-flight count and
-                # its endpoint slot for good.
+                # never runs its ``finally``, and would keep its endpoint slot for good
+                # (its ticket is released by its done callback either way).
                 self._loop.call_soon(task.cancel)
 
     # --- the pump -------------------------------------------------------------
     def _enqueue(self, ps: PartitionState) -> None:
-        if not ps.queued and ps.active and ps.buffer:
+        if not ps.queued and ps.active and ps.buffer and not ps.blocked:
             ps.queued = True
             self._runnable.append(ps)
+
+    def _unblocked(self, ps: PartitionState) -> None:
+        """An endpoint this partition waited for has room again."""
+        self._enqueue(ps)
+        self._pump_soon()
 
     def _pump_soon(self) -> None:
         if not self._pump_pending:
@@ -216,12 +248,22 @@ class Engine:
 
     def _pump(self) -> None:
         self._pump_pending = False
+        if self._failure is not None:
+            return
+        try:
+            self._pump_some()
+        except Exception as exc:
+            metrics.INTERNAL_ERRORS.labels("pump").inc()
+            self._failure = f"the dispatch pump failed: {exc!r}"
+            log.exception("the dispatch pump failed")
+
+    def _pump_some(self) -> None:
         limit = self.settings.max_in_flight
         now = now_ms()
-        while self.runner.in_flight < limit and self._runnable:
+        while self.work.in_flight < limit and self._runnable:
             ps = self._runnable.popleft()
             ps.queued = False
-            if not ps.active or not ps.buffer:
+            if not ps.active or not ps.buffer or ps.blocked:
                 continue
             if ps.stage is not None:
                 due = due_ms_of(ps.buffer[0].headers())
@@ -269,93 +311,25 @@ class Engine:
     # --- turning messages into deliveries -------------------------------------
     def _dispatch(self, ps: PartitionState, msg: Message) -> None:
         slot = Slot(ps, position_of(msg)[2])
-        if ps.stage is None:
-            self._dispatch_event(slot, msg)
-        else:
-            self._dispatch_record(slot, msg, ps.stage)
-        if slot.remaining == 0:
-            self._finish_slot(slot)
-
-    def _dispatch_event(self, slot: Slot, msg: Message) -> None:
-        try:
-            event = parse_event(msg.value(), self.settings.max_event_bytes)
-        except InvalidEvent as exc:
-            self._reject(slot, msg, exc.reason, exc.detail)
-            return
-        topic, partition = slot.part.tp.topic, slot.part.tp.partition
-        source = Source(topic=topic, partition=partition, offset=slot.offset)
-        for sub in self.table.for_organization(event.organization_id):
-            if event.event not in sub.events:
-                continue
-            if self._skip(sub, None):
-                continue
-            delivery = Delivery(
-                slot=slot,
-                sub=sub,
-                delivery_id=delivery_id_for(topic, partition, slot.offset, sub.webhook_id),
-                body=event.body,
-                event=event.event,
-                event_time=event.occurred_at,
-                attempts_made=0,
-                stage=INPUT_STAGE,
-                source=source,
-            )
-            self.runner.submit(delivery)
-
-    def _dispatch_record(self, slot: Slot, msg: Message, stage: RetryStage) -> None:
-        try:
-            record = DeliveryRecord.model_validate_json(msg.value() or b"")
-        except ValidationError as exc:
-            self._reject(slot, msg, "invalid_record", short_errors(exc))
-            return
-        sub = self.table.get(record.webhook_id)
-        if sub is None:
-            metrics.SKIPPED.labels("deleted").inc()
-            log.info(
-                "retry skipped: subscription deleted",
-                extra={"delivery_id": record.delivery_id, "webhook_id": record.webhook_id},
-            )
-            return
-        if record.event not in sub.events:
-            self._skip_log("unsubscribed", record.delivery_id, sub)
-            return
-        if self._skip(sub, record.delivery_id):
-            return
-        self.runner.submit(
-            Delivery(
-                slot=slot,
-                sub=sub,
-                delivery_id=record.delivery_id,
-                body=record.body_bytes,
-                event=record.event,
-                event_time=record.event_timestamp,
-                attempts_made=record.attempts_made,
-                stage=stage.name,
-                source=record.source,
-                record=record,
-            )
-        )
-
-    def _skip(self, sub: Subscription, delivery_id: str | None) -> bool:
-        """Count and log a subscription that must not be called now."""
-        if not sub.enabled:
-            reason = "disabled"
-        elif sub.plan not in self._entitled:
-            reason = "not_entitled"
-        elif not sub.url.startswith("https://") and not self.settings.allow_http:
-            reason = "insecure_url"
-        else:
-            return False
-        self._skip_log(reason, delivery_id, sub)
-        return True
-
-    def _skip_log(self, reason: str, delivery_id: str | None, sub: Subscription) -> None:
-        metrics.SKIPPED.labels(reason).inc()
-        log.info(
-            "delivery skipped: %s",
-            reason,
-            extra={"delivery_id": delivery_id, "webhook_id": sub.webhook_id},
-        )
+        with self.work.message(slot):
+            try:
+                if ps.stage is None:
+                    deliveries = self.fanout.of_event(slot, msg)
+                else:
+                    deliveries = self.fanout.of_record(slot, msg, ps.stage)
+            except Unusable as exc:
+                self._reject(slot, msg, exc.reason, exc.detail)
+                return
+            except Exception as exc:
+                # Whatever the record holds, it ends somewhere recorded.
+                metrics.INTERNAL_ERRORS.labels("fan_out").inc()
+                log.exception(
+                    "fanning out %s/%d@%d failed", ps.tp.topic, ps.tp.partition, slot.offset
+                )
+                self._reject(slot, msg, "internal", f"{type(exc).__name__}: {exc}")
+                return
+            for delivery in deliveries:
+                self.runner.submit(delivery)
 
     def _reject(self, slot: Slot, msg: Message, reason: str, detail: str) -> None:
         """Write an unusable input message, bytes intact, to the invalid-events topic."""
@@ -369,41 +343,40 @@ class Engine:
             detail,
         )
         headers = [
-            (H_INVALID_REASON, reason.encode()),
-            (H_INVALID_DETAIL, detail.encode()[:1000]),
+            (H_INVALID_REASON, reason.encode("utf-8", "replace")),
+            (H_INVALID_DETAIL, detail.encode("utf-8", "replace")[:1000]),
             (H_SOURCE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
         ]
-        slot.remaining += 1
-        self.runner.add_in_flight(1)
-        coro = self.producer.send(self.settings.invalid_topic, msg.value(), msg.key(), headers)
-        self._spawn(slot.part, self._then_done(coro, slot))
+        ticket = self.work.open(slot, f"the invalid-event write of {msg.topic()}@{msg.offset()}")
+        self._spawn(ticket, self._write_invalid(ticket, msg.value(), msg.key(), headers))
 
-    async def _then_done(self, coro: Coroutine[Any, Any, None], slot: Slot) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            self.runner.add_in_flight(-1)
-            raise
-        self.runner.add_in_flight(-1)
-        self._slot_done(slot)
+    async def _write_invalid(
+        self,
+        ticket: Ticket,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        await self.producer.send(self.settings.invalid_topic, value, key, headers)
+        self.work.finish(ticket)
 
     # --- tasks -----------------------------------------------------------------
-    def _spawn(self, ps: PartitionState, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
-        ps.tasks.add(task)
-        task.add_done_callback(ps.tasks.discard)
-        task.add_done_callback(_log_crash)
+    def _spawn(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:
+        self.work.start(ticket, coro, ticket.slot.part.tasks)
+
+    async def _tick(self) -> None:
+        """Stalled endpoints, deferral counts and partition progress, a few times a second."""
+        while not self._stopping:
+            await asyncio.sleep(TICK_S)
+            self.runner.check_endpoints()
+            self.runner.deferrals.flush()
+            self.stuck = stuck_partitions(self.partitions.values(), self.settings, len(self.stuck))
 
     # --- completion and offsets -----------------------------------------------
-    def _slot_done(self, slot: Slot) -> None:
-        slot.remaining -= 1
-        if slot.remaining == 0:
-            self._finish_slot(slot)
-        self._pump_soon()
-
     def _finish_slot(self, slot: Slot) -> None:
         ps = slot.part
         if not ps.revoked and ps.tracker.finished(slot.offset):
+            ps.progress_at = time.monotonic()
             self._dirty.add(ps)
             if not self._flush_pending:
                 self._flush_pending = True
@@ -411,7 +384,7 @@ class Engine:
 
     def _flush(self) -> None:
         self._flush_pending = False
-        by_consumer: dict[StageConsumer, list[TopicPartition]] = {}
+        by_consumer: dict[StageFeed, list[TopicPartition]] = {}
         for ps in self._dirty:
             position = ps.tracker.position
             if not ps.revoked and position is not None:
@@ -427,11 +400,6 @@ class Engine:
         if ps.timer is not None:
             ps.timer.cancel()
             ps.timer = None
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("delivery task failed", exc_info=exc)
 
 
 def _forget_lag(tp: TopicPartition) -> None:

@@ -3,6 +3,7 @@
     DispatcherError
     ├── ConfigError          a setting or command-line value is wrong (exit 2)
     ├── KafkaSetupError      topics missing or misconfigured, broker unreachable (exit 1)
+    ├── EngineFailure        the dispatch pump or a polling thread died (exit 1)
     └── SubscriptionError    a subscription record or command input is invalid (exit 2)
 
 Errors of dependencies (confluent-kafka, httpx, pydantic) are translated into these
@@ -24,6 +25,10 @@ class ConfigError(DispatcherError):
 
 class KafkaSetupError(DispatcherError):
     """The broker is unreachable or a topic is missing or wrongly configured."""
+
+
+class EngineFailure(DispatcherError):
+    """The engine cannot go on: its pump or a polling thread died; the process exits."""
 
 
 class SubscriptionError(DispatcherError):

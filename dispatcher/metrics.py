@@ -44,13 +44,13 @@ DEAD_LETTERS = Counter(
 )
 DEFERRALS = Counter(
     "dispatcher_deferrals",
-    "Deliveries handed to a retry topic without an attempt (endpoint_busy, circuit_open).",
+    "Deliveries handed to a retry topic without an attempt (endpoint_stalled, circuit_open).",
     ["reason"],
     registry=REGISTRY,
 )
 CIRCUIT_OPEN = Gauge(
     "dispatcher_circuit_open_endpoints",
-    "Endpoints whose circuit breaker is open.",
+    "Endpoints (webhooks) whose circuit breaker is open.",
     registry=REGISTRY,
 )
 CIRCUIT_TRANSITIONS = Counter(
@@ -83,8 +83,20 @@ SUBSCRIPTIONS_LOADED = Gauge(
 )
 CONSUMER_LAG = Gauge(
     "dispatcher_consumer_lag",
-    "Messages between the committed-to-be position and the end of each assigned partition.",
+    "Messages between the group's committed offset and the end of each assigned partition.",
     ["topic", "partition"],
+    registry=REGISTRY,
+)
+INTERNAL_ERRORS = Counter(
+    "dispatcher_internal_errors",
+    "Unexpected exceptions, by where they were caught (attempt, fan_out, task, pump, thread).",
+    ["where"],
+    registry=REGISTRY,
+)
+STUCK_PARTITIONS = Gauge(
+    "dispatcher_stuck_partitions",
+    "Assigned partitions whose committable offset has not moved for longer than "
+    "DISPATCHER_STUCK_PARTITION_AFTER_S while messages are pending.",
     registry=REGISTRY,
 )
 READY = Gauge(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message, TopicPartition
 
-from dispatcher.consumer import StageConsumer
+from dispatcher.consumer import StageFeed
 from dispatcher.kafka import RetryStage
 from dispatcher.offsets import OffsetTracker
 
@@ -23,9 +23,11 @@ class PartitionState:
 
     __slots__ = (
         "active",
+        "blocked",
         "buffer",
         "consumer",
         "paused",
+        "progress_at",
         "queued",
         "revoked",
         "stage",
@@ -35,7 +37,7 @@ class PartitionState:
         "tracker",
     )
 
-    def __init__(self, consumer: StageConsumer, tp: TopicPartition, stage: RetryStage | None):
+    def __init__(self, consumer: StageFeed, tp: TopicPartition, stage: RetryStage | None):
         self.consumer = consumer
         self.tp = TopicPartition(tp.topic, tp.partition)
         self.stage = stage  # None for the input stage
@@ -47,6 +49,10 @@ class PartitionState:
         self.revoked = False  # completions no longer count
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None
+        #: Endpoints (webhook ids) whose full queue this partition waits for.
+        self.blocked: set[str] = set()
+        #: When the committable offset last moved, or work became pending (monotonic s).
+        self.progress_at = time.monotonic()
 
 
 @dataclass(slots=True, eq=False)

@@ -7,13 +7,35 @@ event loop never blocks, and each report is handed back to the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
+from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message
 
+from dispatcher import metrics
 from dispatcher.kafka import flush_or_fail, make_producer
 from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RecordSink(Protocol):
+    """What the engine asks of a producer (a fake one in the engine's unit tests)."""
+
+    @property
+    def failure(self) -> str | None: ...
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None: ...
+
+    def close(self, timeout_s: float = 30.0) -> None: ...
 
 
 class AsyncProducer:
@@ -23,6 +45,7 @@ class AsyncProducer:
         self._producer = make_producer(settings)
         self._loop = loop
         self._stop = threading.Event()
+        self._failure: str | None = None
         self._thread = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
         self._thread.start()
 
@@ -66,9 +89,21 @@ class AsyncProducer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    @property
+    def failure(self) -> str | None:
+        """Why delivery reports stopped arriving (the poll thread is gone), or None."""
+        if self._failure is None and not self._thread.is_alive() and not self._stop.is_set():
+            return "the producer poll thread stopped"
+        return self._failure
+
     def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.1)
+        try:
+            while not self._stop.is_set():
+                self._producer.poll(0.1)
+        except Exception as exc:
+            metrics.INTERNAL_ERRORS.labels("thread").inc()
+            self._failure = f"the producer poll thread died: {exc!r}"
+            log.exception("the producer poll thread died")
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Flush what is queued, then stop the polling thread."""

@@ -76,6 +76,7 @@ class DeliveryRecord(BaseModel):
     attempts_made: int = Field(ge=0)
     deferrals: int = Field(0, ge=0)
     first_failure_at: datetime | None = None
+    first_deferred_at: datetime | None = None
     source: Source
     history: list[Attempt] = Field(default_factory=list)
     dead_lettered_at: datetime | None = None

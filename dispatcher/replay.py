@@ -114,6 +114,7 @@ def fresh_record(record: DeliveryRecord) -> DeliveryRecord:
             "attempts_made": 0,
             "deferrals": 0,
             "first_failure_at": None,
+            "first_deferred_at": None,
             "history": [],
             "dead_lettered_at": None,
             "dead_letter_reason": None,

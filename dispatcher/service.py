@@ -10,7 +10,7 @@ import signal
 from dispatcher import kafka, metrics
 from dispatcher.egress import build_http_client
 from dispatcher.engine import Engine
-from dispatcher.errors import KafkaSetupError
+from dispatcher.errors import EngineFailure, KafkaSetupError
 from dispatcher.health import Health, HealthServer
 from dispatcher.logs import KAFKA_CLIENT_LOGGER
 from dispatcher.producer import AsyncProducer
@@ -25,7 +25,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     Raises :class:`KafkaSetupError` after a clean shutdown if the subscriptions
     table stopped following its topic: dispatching on a stale table would call
-    deleted or disabled endpoints, so the process exits and is restarted.
+    deleted or disabled endpoints, so the process exits and is restarted. Raises
+    :class:`EngineFailure` likewise when the pump or a polling thread died.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -37,6 +38,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     table = SubscriptionTable(settings, on_change=metrics.SUBSCRIPTIONS_LOADED.set)
     engine: Engine | None = None
+    failure: str | None = None
 
     def is_ready() -> tuple[bool, str]:
         if table.failure is not None:
@@ -47,8 +49,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return False, "subscriptions table is still loading"
         if engine is None or not engine.ready:
             return False, "joining the consumer groups"
+        if engine.failure is not None:
+            return False, engine.failure
         if stop.is_set():
             return False, "shutting down"
+        if engine.stuck:
+            return False, "partitions not moving while work is pending: " + ", ".join(engine.stuck)
         return True, "ok"
 
     health = Health(is_ready)
@@ -81,6 +87,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                 if table.failure is not None:
                     log.error("subscriptions table stopped following its topic; shutting down")
                     break
+                if engine.failure is not None:
+                    failure = engine.failure
+                    log.error("%s; shutting down", failure)
+                    break
                 await asyncio.wait({stopped}, timeout=1.0)
             metrics.READY.set(0)
             log.info("stopping: draining in-flight deliveries")
@@ -94,4 +104,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             server.stop()
     if table.failure is not None:
         raise KafkaSetupError(f"subscriptions table failed: {table.failure}")
+    if failure is not None:
+        raise EngineFailure(failure)
     log.info("stopped")

@@ -143,16 +143,43 @@ class Settings(BaseSettings):
         512, ge=1, description="Deliveries running or queued at once, across all endpoints."
     )
     max_in_flight_per_endpoint: int = Field(
-        16, ge=1, description="Concurrent requests to one endpoint (webhook URL)."
+        16, ge=1, description="Concurrent requests to one endpoint (one webhook)."
+    )
+    max_in_flight_per_origin: int = Field(
+        256,
+        ge=1,
+        description="Concurrent requests to one origin (scheme, host, port) over all the "
+        "webhooks there; they share its keep-alive connections.",
     )
     endpoint_queue_size: int = Field(
-        64, ge=0, description="Deliveries waiting for one endpoint before more are deferred."
+        64,
+        ge=0,
+        description="Deliveries waiting for one endpoint before the partitions feeding it "
+        "wait too (are paused).",
     )
     endpoint_queue_wait_s: float = Field(
         2.0,
         ge=0,
         description="A fast endpoint may queue as many deliveries as it completes in this "
         "many seconds (more than DISPATCHER_ENDPOINT_QUEUE_SIZE); 0 = fixed size.",
+    )
+    endpoint_stall_s: float = Field(
+        10.0,
+        gt=0,
+        description="An endpoint with requests in flight and no answer for this long is "
+        "stalled: its waiting and new deliveries are deferred until it answers again.",
+    )
+    deferral_max_age_s: int = Field(
+        259_200,
+        ge=1,
+        description="A delivery still deferred this many seconds after its first attempt "
+        "or deferral is dead-lettered with reason `endpoint_unavailable`.",
+    )
+    stuck_partition_after_s: float = Field(
+        300.0,
+        gt=0,
+        description="A partition whose committable offset has not moved for this long while "
+        "messages are pending is reported stuck (`/readyz`, metric, alert).",
     )
     partition_buffer_high: int = Field(
         1000, ge=1, description="Buffered messages of one partition at which it is paused."

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.endpoints import Admission, Endpoint, endpoint_key
+from dispatcher.endpoints import Admission, Endpoint
 from dispatcher.kafka import RetryStage
 from dispatcher.offsets import OffsetTracker
 from dispatcher.routing import after_failure, for_deferral
@@ -197,35 +197,49 @@ def _endpoint(clock: Clock, limit: int = 2, queue: int = 2, threshold: int = 3) 
     return Endpoint(limit, queue, threshold, cooldown_s=30.0, clock=clock)
 
 
-def test_endpoint_key_is_the_origin() -> None:
-    assert endpoint_key("https://Hooks.Example.com/a?x=1") == "https://hooks.example.com:443"
-    assert endpoint_key("https://hooks.example.com:8443/b") == "https://hooks.example.com:8443"
-    assert endpoint_key("http://127.0.0.1/c") == "http://127.0.0.1:80"
-    assert endpoint_key("https://a.example/x") != endpoint_key("https://a.example:444/x")
-
-
-def test_slots_then_queue_then_busy_and_the_queue_feeds_freed_slots() -> None:
+def test_slots_then_queue_and_a_full_queue_asks_for_backpressure_not_deferral() -> None:
     ep = _endpoint(Clock())
     assert [ep.admit(x) for x in "abcde"] == [
         Admission.START,
         Admission.START,
         Admission.QUEUED,
         Admission.QUEUED,
-        Admission.BUSY,
+        Admission.QUEUED,
     ]
-    assert ep.active == 2 and list(ep.queue) == ["c", "d"]
+    assert ep.full
+    assert ep.active == 2 and list(ep.queue) == ["c", "d", "e"]
     assert ep.release(True) == "c"
-    assert ep.active == 2
+    assert ep.full
     assert ep.release(True) == "d"
+    assert not ep.full
+    assert ep.release(True) == "e"
     assert ep.release(True) is None
     assert ep.release(True) is None
     assert ep.active == 0 and ep.idle
 
 
-def test_a_zero_queue_defers_everything_beyond_the_slots() -> None:
+def test_a_zero_queue_is_full_at_once() -> None:
     ep = _endpoint(Clock(), limit=1, queue=0)
     assert ep.admit("a") is Admission.START
-    assert ep.admit("b") is Admission.BUSY
+    assert ep.full
+    assert ep.admit("b") is Admission.QUEUED
+
+
+def test_an_endpoint_with_requests_and_no_answer_for_the_stall_time_is_stalled() -> None:
+    clock = Clock()
+    ep = Endpoint[str](1, 4, 10, cooldown_s=30.0, clock=clock, stall_s=5.0)
+    clock.now += 100  # idle time does not count
+    assert ep.admit("a") is Admission.START
+    assert ep.admit("b") is Admission.QUEUED
+    clock.now += 4.9
+    assert not ep.stalled
+    clock.now += 0.2
+    assert ep.stalled
+    assert ep.admit("c") is Admission.STALLED
+    # A slow answer is progress: the endpoint is no longer stalled.
+    assert ep.release(False) == "b"
+    assert not ep.stalled
+    assert ep.admit("d") is Admission.QUEUED
 
 
 def test_consecutive_failures_open_the_circuit_and_a_success_resets_the_count() -> None:

@@ -1,0 +1,131 @@
+"""Fan-out: which deliveries one consumed message makes, decided without side effects.
+
+An input event becomes one delivery per subscription of its organization that
+lists its event and may be called now; a retry record becomes its one delivery
+again, if its subscription still may be called. What is skipped on purpose is
+counted and logged; nothing is started or written here (the engine does that).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from confluent_kafka import Message
+from pydantic import ValidationError
+
+from dispatcher import metrics
+from dispatcher.deliveries import Delivery
+from dispatcher.kafka import INPUT_STAGE, RetryStage
+from dispatcher.models import InvalidEvent, Subscription, parse_event, short_errors
+from dispatcher.partitions import Slot
+from dispatcher.records import DeliveryRecord, Source, delivery_id_for
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Subscriptions(Protocol):
+    """The lookups fan-out makes in the subscriptions table."""
+
+    def get(self, webhook_id: str) -> Subscription | None: ...
+
+    def for_organization(self, organization_id: str) -> tuple[Subscription, ...]: ...
+
+
+class Unusable(Exception):
+    """A message that cannot be dispatched: it goes to the invalid-events topic."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Fanout:
+    """Deliveries of a message, by the one policy of who may be called."""
+
+    def __init__(self, settings: Settings, table: Subscriptions) -> None:
+        self.settings = settings
+        self.table = table
+        self._entitled = frozenset(settings.entitled_plans)
+
+    def of_event(self, slot: Slot, msg: Message) -> list[Delivery]:
+        try:
+            event = parse_event(msg.value(), self.settings.max_event_bytes)
+        except InvalidEvent as exc:
+            raise Unusable(exc.reason, exc.detail) from None
+        topic, partition = slot.part.tp.topic, slot.part.tp.partition
+        source = Source(topic=topic, partition=partition, offset=slot.offset)
+        out = []
+        for sub in self.table.for_organization(event.organization_id):
+            if event.event not in sub.events or self.skip(sub, None):
+                continue
+            out.append(
+                Delivery(
+                    slot=slot,
+                    sub=sub,
+                    delivery_id=delivery_id_for(topic, partition, slot.offset, sub.webhook_id),
+                    body=event.body,
+                    event=event.event,
+                    event_time=event.occurred_at,
+                    attempts_made=0,
+                    stage=INPUT_STAGE,
+                    source=source,
+                )
+            )
+        return out
+
+    def of_record(self, slot: Slot, msg: Message, stage: RetryStage) -> list[Delivery]:
+        try:
+            record = DeliveryRecord.model_validate_json(msg.value() or b"")
+        except ValidationError as exc:
+            raise Unusable("invalid_record", short_errors(exc)) from None
+        sub = self.table.get(record.webhook_id)
+        if sub is None:
+            metrics.SKIPPED.labels("deleted").inc()
+            log.info(
+                "retry skipped: subscription deleted",
+                extra={"delivery_id": record.delivery_id, "webhook_id": record.webhook_id},
+            )
+            return []
+        if record.event not in sub.events:
+            self._skip_log("unsubscribed", record.delivery_id, sub)
+            return []
+        if self.skip(sub, record.delivery_id):
+            return []
+        return [
+            Delivery(
+                slot=slot,
+                sub=sub,
+                delivery_id=record.delivery_id,
+                body=record.body_bytes,
+                event=record.event,
+                event_time=record.event_timestamp,
+                attempts_made=record.attempts_made,
+                stage=stage.name,
+                source=record.source,
+                record=record,
+            )
+        ]
+
+    def skip(self, sub: Subscription, delivery_id: str | None) -> bool:
+        """Count and log a subscription that must not be called now."""
+        if not sub.enabled:
+            reason = "disabled"
+        elif sub.plan not in self._entitled:
+            reason = "not_entitled"
+        elif not sub.url.startswith("https://") and not self.settings.allow_http:
+            reason = "insecure_url"
+        else:
+            return False
+        self._skip_log(reason, delivery_id, sub)
+        return True
+
+    def _skip_log(self, reason: str, delivery_id: str | None, sub: Subscription) -> None:
+        metrics.SKIPPED.labels(reason).inc()
+        log.info(
+            "delivery skipped: %s",
+            reason,
+            extra={"delivery_id": delivery_id, "webhook_id": sub.webhook_id},
+        )

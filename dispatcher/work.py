@@ -1,0 +1,109 @@
+"""The one owner of the work bookkeeping: what each message still waits for, what is in flight.
+
+Every piece of work taken from a message (an attempt, a deferral, a hand-over to
+the next topic, an invalid-event write) holds a :class:`Ticket`. A ticket counts
+once in the global in-flight number and once in its message's ``remaining``;
+it ends exactly once, either *finished* (its result is final or durably written,
+so the message may be committed past it) or *released* (it was cancelled,
+abandoned or crashed: the in-flight place is given back, the message stays
+unfinished and is delivered again by whoever reads the partition next).
+
+Nothing else changes these counts. Every ticket's coroutine runs as a task
+started by :meth:`Work.start`, whose completion (normal, failed, or cancelled
+before it even began) releases a ticket that did not finish, so no exception
+can leak a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+from dispatcher import metrics
+from dispatcher.partitions import Slot
+
+log = logging.getLogger(__name__)
+
+
+class Ticket:
+    """One unit of work of one message; ends once (finished or released)."""
+
+    __slots__ = ("ended", "label", "slot")
+
+    def __init__(self, slot: Slot, label: str) -> None:
+        self.slot = slot
+        self.label = label  # a delivery id or a message position, for the logs
+        self.ended = False
+
+
+class Work:
+    """Counts tickets per message and globally; calls back when a message is finished."""
+
+    def __init__(self, on_finished: Callable[[Slot], None], on_freed: Callable[[], None]) -> None:
+        self.in_flight = 0
+        self._on_finished = on_finished
+        self._on_freed = on_freed
+
+    @contextlib.contextmanager
+    def message(self, slot: Slot) -> Iterator[None]:
+        """Hold ``slot`` open while it fans out, so it is finished only once all is counted."""
+        slot.remaining += 1
+        try:
+            yield
+        finally:
+            self._done_with(slot)
+
+    def open(self, slot: Slot, label: str) -> Ticket:
+        slot.remaining += 1
+        self._add(1)
+        return Ticket(slot, label)
+
+    def finish(self, ticket: Ticket) -> None:
+        """The ticket's result is final or durably written: its message may move on."""
+        if ticket.ended:
+            return
+        ticket.ended = True
+        self._add(-1)
+        self._done_with(ticket.slot)
+        self._on_freed()
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back the in-flight place; the message stays unfinished."""
+        if ticket.ended:
+            return
+        ticket.ended = True
+        self._add(-1)
+        self._on_freed()
+
+    def start(
+        self, ticket: Ticket, coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]
+    ) -> asyncio.Task[None]:
+        """Run one ticket's work as a task kept in ``tasks`` until it ends."""
+        task = asyncio.get_running_loop().create_task(_logged(ticket, coro))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        # A done callback runs even for a task cancelled before its first step,
+        # which never enters its own ``finally``.
+        task.add_done_callback(lambda _task: self.release(ticket))
+        return task
+
+    def _done_with(self, slot: Slot) -> None:
+        slot.remaining -= 1
+        if slot.remaining == 0:
+            self._on_finished(slot)
+
+    def _add(self, n: int) -> None:
+        self.in_flight += n
+        metrics.IN_FLIGHT.set(self.in_flight)
+
+
+async def _logged(ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:
+    """Whatever escapes a ticket's work is logged once and counted, never lost silently."""
+    try:
+        await coro
+    except Exception:
+        metrics.INTERNAL_ERRORS.labels("task").inc()
+        log.exception("unexpected error in %s; its message will be read again", ticket.label)

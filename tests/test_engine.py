@@ -1,0 +1,357 @@
+"""The engine in-process: bookkeeping, isolation, backpressure, deferral, supervision.
+
+Fake consumers and a fake producer stand at its edges (tests/engine_fakes.py);
+the test plays the broker through the ``PartitionOwner`` protocol. Each test
+runs in milliseconds; the same behaviour against the real broker and real HTTPS
+receivers is covered by test_isolation.py, test_crash.py and test_retries.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from dispatcher.deliveries import ENDPOINT_UNAVAILABLE
+from dispatcher.engine import H_INVALID_REASON
+from dispatcher.records import DeliveryRecord, Source
+from tests.engine_fakes import (
+    FakeTable,
+    Handler,
+    Harness,
+    event,
+    running,
+    sample,
+    settings,
+    subscription,
+    until,
+)
+
+A = "https://hooks.example.com/a"
+B = "https://hooks.example.com/b"  # the same origin as A: another webhook, same host
+STAGE_1 = "webhooks.retry.1m"
+
+
+def reply(status: int) -> httpx.Response:
+    # A streamed body, as from the network: the delivery reads it raw.
+    return httpx.Response(status, stream=httpx.ByteStream(b"{}"))
+
+
+def ok(_request: httpx.Request) -> httpx.Response:
+    return reply(200)
+
+
+def gated(gate: asyncio.Event, seen: list[httpx.Request] | None = None) -> Handler:
+    """A webhook that answers once ``gate`` is set, noting each request in ``seen``."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await gate.wait()
+        if seen is not None:
+            seen.append(request)
+        return ok(request)
+
+    return handler
+
+
+def sessions(requests: list[httpx.Request]) -> list[str]:
+    return [json.loads(r.content)["session_id"] for r in requests]
+
+
+def idle(h: Harness) -> bool:
+    return h.engine.work.in_flight == 0
+
+
+def test_every_event_delivered_committed_and_nothing_left_in_flight() -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        table = FakeTable(subscription("wh_a", A), subscription("wh_b", B))
+        async with running(settings(), table, handler) as h:
+            h.input.assign(0)
+            h.input.feed([event(f"s{i}") for i in range(50)])
+            await until(lambda: h.input.stored.get(0) == 50, what="offset 50 stored")
+            assert idle(h)
+            assert len(seen) == 100
+            assert h.producer.sent == []
+
+    asyncio.run(main())
+
+
+def test_an_unexpected_exception_in_a_delivery_is_a_failed_internal_attempt() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a":
+            raise RuntimeError("nobody foresaw this")
+        return ok(request)
+
+    async def main() -> None:
+        before = sample("dispatcher_internal_errors_total", where="attempt")
+        table = FakeTable(subscription("wh_a", A), subscription("wh_b", B))
+        async with running(settings(), table, handler) as h:
+            h.input.assign(0)
+            h.input.feed([event("s1"), event("s2")])
+            await until(lambda: h.input.stored.get(0) == 2, what="both offsets stored")
+            assert idle(h)
+            retries = [
+                DeliveryRecord.model_validate_json(s.value or b"") for s in h.producer.to(STAGE_1)
+            ]
+            assert len(retries) == 2
+            for record in retries:
+                assert record.webhook_id == "wh_a"
+                assert record.attempts_made == 1
+                assert record.history[0].error_class == "internal"
+                assert "RuntimeError" in (record.history[0].error or "")
+        assert sample("dispatcher_internal_errors_total", where="attempt") == before + 2
+
+    asyncio.run(main())
+
+
+def test_an_exception_while_fanning_out_sends_the_message_to_the_invalid_topic() -> None:
+    class Exploding(FakeTable):
+        def for_organization(self, organization_id: str) -> tuple:  # type: ignore[type-arg]
+            if organization_id == "org_poison":
+                raise RecursionError("deep")
+            return super().for_organization(organization_id)
+
+    async def main() -> None:
+        table = Exploding(subscription("wh_a", A))
+        async with running(settings(), table, ok_async) as h:
+            h.input.assign(0)
+            h.input.feed([event("s1"), event("p", org="org_poison"), event("s2")])
+            await until(lambda: h.input.stored.get(0) == 3, what="the partition to move on")
+            invalid = h.producer.to("webhooks.invalid")
+            assert len(invalid) == 1
+            assert invalid[0].header(H_INVALID_REASON) == b"internal"
+            assert json.loads(invalid[0].value or b"")["session_id"] == "p"
+            assert idle(h)
+
+    asyncio.run(main())
+
+
+async def ok_async(request: httpx.Request) -> httpx.Response:
+    return ok(request)
+
+
+def test_an_exception_escaping_the_pump_fails_the_engine() -> None:
+    async def main() -> None:
+        before = sample("dispatcher_internal_errors_total", where="pump")
+        async with running(settings(), FakeTable(subscription("wh_a", A)), ok_async) as h:
+
+            def broken(_delivery: object) -> None:
+                raise KeyError("bookkeeping bug")
+
+            h.engine.runner.submit = broken  # type: ignore[method-assign]
+            assert h.engine.failure is None
+            h.input.assign(0)
+            h.input.feed([event("s1")])
+            assert h.engine.failure is not None and "pump" in h.engine.failure
+        assert sample("dispatcher_internal_errors_total", where="pump") == before + 1
+
+    asyncio.run(main())
+
+
+def test_a_dead_consumer_or_producer_thread_fails_the_engine() -> None:
+    async def main() -> None:
+        async with running(settings(), FakeTable(), ok_async) as h:
+            assert h.engine.ready and h.engine.failure is None
+            h.consumers["5m"].failure = "the consumer thread of stage 5m died"
+            assert h.engine.failure == "the consumer thread of stage 5m died"
+            h.consumers["5m"].failure = None
+            h.producer.failure = "the producer poll thread died"
+            assert h.engine.failure == "the producer poll thread died"
+
+    asyncio.run(main())
+
+
+def test_a_lost_partition_gives_back_every_count_even_of_tasks_not_started() -> None:
+    gate = asyncio.Event()
+    handler = gated(gate)
+
+    async def main() -> None:
+        s = settings(max_in_flight_per_endpoint=2, endpoint_queue_size=100)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event(f"s{i}") for i in range(10)])
+            await until(lambda: h.engine.work.in_flight == 10, what="all ten in flight")
+            h.input.lose(0)
+            await until(lambda: idle(h), what="in-flight back to 0")
+            assert h.input.stored == {}
+            ep = h.engine.runner.endpoints.get("wh_a")
+            assert ep is None or (ep.active == 0 and not ep.queue)
+
+    asyncio.run(main())
+
+
+def test_revoke_waits_for_in_flight_work_and_returns_the_position() -> None:
+    gate = asyncio.Event()
+    handler = gated(gate)
+
+    async def main() -> None:
+        async with running(settings(), FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0, 1)
+            h.input.feed([event("s1"), event("s2")], partition=1)
+            await until(lambda: h.engine.work.in_flight == 2, what="two in flight")
+            asyncio.get_running_loop().call_later(0.05, gate.set)
+            offsets = await h.input.revoke(1)
+            assert [(tp.partition, tp.offset) for tp in offsets] == [(1, 2)]
+            assert idle(h)
+
+    asyncio.run(main())
+
+
+def test_shutdown_drains_in_flight_deliveries_then_closes() -> None:
+    gate = asyncio.Event()
+    handler = gated(gate)
+
+    async def main() -> None:
+        async with running(settings(), FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event("s1"), event("s2"), event("s3")])
+            await until(lambda: h.engine.work.in_flight == 3, what="three in flight")
+            asyncio.get_running_loop().call_later(0.05, gate.set)
+            await h.engine.shutdown()
+            assert h.input.stored == {0: 3}
+            assert h.producer.closed and h.input.closed
+            assert idle(h)
+
+    asyncio.run(main())
+
+
+def test_a_slow_webhook_pauses_its_partition_instead_of_deferring() -> None:
+    gate = asyncio.Event()
+    seen: list[httpx.Request] = []
+    handler = gated(gate, seen)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=60)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event(f"s{i:03d}") for i in range(10)])
+            # 4 running + a queue of 4: then the partition waits for the webhook...
+            await until(lambda: h.engine.work.in_flight == 8, what="slots and queue taken")
+            ps = h.engine.partitions[("visitor.identified", 0)]
+            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 2
+            assert 0 not in h.input.paused
+            # ... and what comes in meanwhile fills its buffer until it is paused.
+            h.input.feed([event(f"s{i:03d}") for i in range(10, 40)])
+            await until(lambda: 0 in h.input.paused, what="the partition to be paused")
+            assert h.engine.work.in_flight == 8
+            assert h.producer.sent == []
+            gate.set()
+            await until(lambda: h.input.stored.get(0) == 40, what="every offset stored")
+            assert len(set(sessions(seen))) == 40
+            assert h.producer.sent == [], "a slow but answering webhook was deferred"
+            assert 0 not in h.input.paused
+
+    asyncio.run(main())
+
+
+def test_a_stalled_webhook_is_deferred_and_its_neighbour_on_the_same_host_is_served() -> None:
+    seen: list[httpx.Request] = []
+    hang = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a":
+            await hang.wait()
+        seen.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=0.1, http_timeout_s=60)
+        table = FakeTable(subscription("wh_a", A), subscription("wh_b", B))
+        async with running(s, table, handler) as h:
+            h.input.assign(0)
+            h.input.feed([event(f"s{i:03d}") for i in range(60)])
+            await until(lambda: len(seen) == 60, what="every event at the healthy webhook")
+            await until(
+                lambda: len(h.producer.to(STAGE_1)) == 56, what="the stalled one's deferrals"
+            )
+            records = [
+                DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(STAGE_1)
+            ]
+            assert {r.webhook_id for r in records} == {"wh_a"}
+            assert all(r.attempts_made == 0 and r.deferrals == 1 for r in records)
+            assert all(x.header("dispatcher-attempt") == b"0" for x in h.producer.to(STAGE_1))
+            # Only the four stuck in the stalled webhook's slots hold the partition back.
+            assert h.input.stored.get(0, 0) == 0
+            assert h.engine.work.in_flight == 4
+            hang.set()
+            await until(lambda: h.input.stored.get(0) == 60, what="the partition to move on")
+
+    asyncio.run(main())
+
+
+def _retry_message(first_deferred: datetime) -> bytes:
+    record = DeliveryRecord(
+        delivery_id="msg_old",
+        webhook_id="wh_a",
+        organization_id="org_abc123",
+        event="visitor.identified",
+        event_timestamp=first_deferred,
+        body=event("old").decode(),
+        attempts_made=0,
+        deferrals=40,
+        first_deferred_at=first_deferred,
+        source=Source(topic="visitor.identified", partition=0, offset=0),
+    )
+    return record.to_json()
+
+
+@pytest.mark.parametrize("age_h", [71, 73])
+def test_a_delivery_deferred_past_the_age_limit_is_dead_lettered(age_h: int) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return reply(503)
+
+    async def main() -> None:
+        s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event("opens-the-circuit")])
+            await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            first = datetime.now(UTC) - timedelta(hours=age_h)
+            stage.feed([_retry_message(first)], headers=[("dispatcher-due-ms", b"0")])
+            await until(lambda: stage.stored.get(0) == 1, what="the retry record to be handled")
+            dead = h.producer.to("webhooks.dead-letter")
+            if age_h > 72:
+                assert len(dead) == 1
+                record = DeliveryRecord.model_validate_json(dead[0].value or b"")
+                assert record.dead_letter_reason == ENDPOINT_UNAVAILABLE
+                assert record.delivery_id == "msg_old"
+            else:
+                assert dead == []
+                deferred = [
+                    DeliveryRecord.model_validate_json(x.value or b"")
+                    for x in h.producer.to(STAGE_1)
+                ]
+                assert deferred[-1].delivery_id == "msg_old"
+                assert deferred[-1].deferrals == 41
+                assert deferred[-1].first_deferred_at == first
+
+    asyncio.run(main())
+
+
+def test_a_partition_that_does_not_move_is_reported_stuck_then_clears() -> None:
+    gate = asyncio.Event()
+    handler = gated(gate)
+
+    async def main() -> None:
+        s = settings(stuck_partition_after_s=0.2, endpoint_stall_s=60)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0, 1)
+            h.input.feed([event("s1")], partition=1)
+            await until(lambda: h.engine.stuck, what="the partition to be reported stuck")
+            assert h.engine.stuck[0].startswith("visitor.identified/1 for ")
+            assert sample("dispatcher_stuck_partitions") == 1
+            gate.set()
+            await until(lambda: not h.engine.stuck, what="the report to clear")
+            assert sample("dispatcher_stuck_partitions") == 0
+
+    asyncio.run(main())
