@@ -14,6 +14,14 @@ from tests.receiver import HttpsReceiver
 from tests.support import BOOTSTRAP, DispatcherProcess, Namespace
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the broker (through any fixture) carries the ``kafka`` marker,
+    so ``pytest -m 'not kafka'`` runs the in-process tests alone, in seconds."""
+    for item in items:
+        if "broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(scope="session")
 def broker() -> str:
     """The local broker's address; the run fails (never skips) when it is down."""

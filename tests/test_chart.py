@@ -64,6 +64,8 @@ KNOWN_METRICS = {
     "dispatcher_consumer_lag",
     "dispatcher_skipped_deliveries_total",
     "dispatcher_ready",
+    "dispatcher_stuck_partitions",
+    "dispatcher_internal_errors_total",
 }
 
 OPTIONAL_TEMPLATES = {
@@ -470,11 +472,12 @@ def test_alerts_use_known_metrics_and_cover_the_failure_modes() -> None:
         assert item["labels"]["severity"]
         assert 'job="ci-webhook-dispatcher"' in item["expr"]
     alerts = {r["alert"] for r in rules}
-    # The ci file turns notReady off; the defaults have all four.
+    # The ci file turns notReady off; the defaults have all five.
     assert alerts == {
         "WebhookDispatcherDeadLetters",
         "WebhookDispatcherConsumerLagHigh",
         "WebhookDispatcherFailureRatioHigh",
+        "WebhookDispatcherPartitionStuck",
     }
 
 
@@ -485,6 +488,7 @@ def test_all_alerts_by_default(tmp_path: Path) -> None:
         "WebhookDispatcherDeadLetters",
         "WebhookDispatcherConsumerLagHigh",
         "WebhookDispatcherFailureRatioHigh",
+        "WebhookDispatcherPartitionStuck",
         "WebhookDispatcherNotReady",
     }
     lag = next(r for r in rules if r["alert"] == "WebhookDispatcherConsumerLagHigh")

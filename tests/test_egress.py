@@ -551,9 +551,9 @@ def test_client_configuration(endpoint: HttpsReceiver) -> None:
     asyncio.run(inspect())
 
 
-def test_pool_is_sized_from_max_in_flight(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+def test_pool_is_capped_per_origin(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
     endpoint.respond("/held", Reply(200, delay_s=0.2))
-    config = settings(endpoint, allowed_networks=["127.0.0.0/8"], max_in_flight=2)
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"], max_in_flight_per_origin=2)
 
     async def burst() -> None:
         async with build_http_client(config, DNS, network_backend=sockets) as client:
