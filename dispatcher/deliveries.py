@@ -39,6 +39,8 @@ from dispatcher.settings import Settings
 from dispatcher.work import Ticket, Work
 
 log = logging.getLogger(__name__)
+#: Summary lines name no delivery: they have a logger of their own.
+deferral_log = logging.getLogger("dispatcher.deferrals")
 
 Spawn = Callable[[Ticket, Coroutine[Any, Any, None]], None]
 #: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
@@ -83,7 +85,7 @@ class DeferralLog:
             return
         if self.counts:
             detail = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-            log.info(
+            deferral_log.info(
                 "deferred %d deliveries in %.0f s (%s)",
                 self.counts.total(),
                 now - self._since,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -110,10 +111,42 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> EnsureReport:
                 else:
                     report.problems.append(f"{name}: cannot create: {err.str()}")
 
+    if report.created:
+        _wait_for_leaders(admin, report, timeout_s)
     present = [s for s in specs if s.name in existing]
     if present:
         _check_existing(admin, present, existing, report, timeout_s)
     return report
+
+
+def _wait_for_leaders(admin: AdminClient, report: EnsureReport, timeout_s: float) -> None:
+    """Return once every partition of the created topics has a leader.
+
+    Right after creation a broker can still answer "Not leader for partition" to a
+    write; a ``subscriptions put`` right after ``topics ensure`` must not.
+    """
+    deadline = time.monotonic() + timeout_s
+    waiting = set(report.created)
+    while waiting:
+        try:
+            topics = admin.list_topics(timeout=5).topics
+        except KafkaException:
+            topics = {}
+        for name in list(waiting):
+            meta = topics.get(name)
+            if meta is None or meta.error is not None or not meta.partitions:
+                continue
+            if all(p.leader >= 0 and p.error is None for p in meta.partitions.values()):
+                waiting.discard(name)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            for name in sorted(waiting):
+                report.problems.append(
+                    f"{name}: created, but its partitions have no leader after {timeout_s:.0f} s"
+                )
+            return
+        time.sleep(0.1)
 
 
 def _check_existing(

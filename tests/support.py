@@ -141,8 +141,13 @@ class Namespace:
 
     def drop_topics(self) -> None:
         """Delete this namespace's topics (best effort, at the end of a test)."""
+        self.drop(self.settings)
+
+    @staticmethod
+    def drop(settings: Settings) -> None:
+        """Delete the topics of ``settings`` (best effort)."""
         admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-        topics = [spec.name for spec in topic_specs(self.settings)]
+        topics = [spec.name for spec in topic_specs(settings)]
         for future in admin.delete_topics(topics, operation_timeout=10).values():
             with contextlib.suppress(KafkaException):
                 future.result(timeout=15)

@@ -161,11 +161,13 @@ def run(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             http_ca_file=receiver.ca_file,
             retry_delays_s=[2, 3],
             http_timeout_s=2.5,
-            # Four at once per endpoint and no queue: a fifth concurrent delivery to
-            # one endpoint is deferred to the first retry stage.
+            # Four at once per endpoint: a fifth concurrent delivery to one endpoint
+            # waits, and once the endpoint has answered nothing for 0.5 s it is
+            # deferred to the first retry stage.
             max_in_flight_per_endpoint=4,
             endpoint_queue_size=0,
             endpoint_queue_wait_s=0,
+            endpoint_stall_s=0.5,
             circuit_failure_threshold=50,
             log_level="DEBUG",
         )
@@ -183,7 +185,7 @@ def run(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         receiver.respond("/flaky", Reply(500, body=b"try later"), Reply(200))
         receiver.respond("/slow", Reply(200, delay_s=5), Reply(200))
         receiver.respond("/dead", Reply(500, body=b"down"))
-        receiver.respond("/busy", *[Reply(200, delay_s=0.8)] * 4, Reply(200))
+        receiver.respond("/busy", *[Reply(200, delay_s=1.5)] * 4, Reply(200))
 
         proc = DispatcherProcess(ns, tmp / "dispatcher.log")
         try:
@@ -292,8 +294,9 @@ def test_metrics_count_every_kind_of_delivery(run: Run) -> None:
 
 
 def test_deferral_is_counted_and_matches_the_retry_topic(run: Run) -> None:
-    deferred = metric_value(run.metrics, "dispatcher_deferrals_total", reason="endpoint_busy")
+    deferred = metric_value(run.metrics, "dispatcher_deferrals_total", reason="endpoint_stalled")
     assert deferred >= 1
+    assert metric_value(run.metrics, "dispatcher_deferrals_total") == deferred
     # Each deferral is one record in the first retry stage spending no attempt.
     first = retry_stages(run.ns.settings)[0].topic
     records = [json.loads(m.value()) for m in run.records[first]]
@@ -395,8 +398,19 @@ def test_every_log_line_is_json_and_delivery_lines_carry_the_id(run: Run) -> Non
     assert [(d["level"], d["delivery_id"]) for d in dead] == [
         ("warning", dead_request.header("x-bullseye-delivery-id"))
     ]
-    # The deferral and the invalid event are logged too.
-    assert any(line["message"].startswith("deferred (endpoint_busy)") for line in lines)
+    # The deferral is a DEBUG line with its id, and counted in an INFO line per interval.
+    assert any(line["message"] == "deferred (endpoint_stalled)" for line in lines)
+
+    def summary() -> list[dict[str, Any]]:
+        return [
+            line
+            for line in json_lines(run.proc.logs())
+            if line["level"] == "info" and line["message"].startswith("deferred 1 deliveries in ")
+        ]
+
+    [line] = wait_until(summary, 20, "the deferral summary line")
+    assert line["message"].endswith("(1 endpoint_stalled)"), line
+    # The invalid event is logged too.
     assert any(line["level"] == "warning" and "not_json" in line["message"] for line in lines)
 
 

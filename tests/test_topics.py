@@ -7,6 +7,8 @@ import sys
 
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from dispatcher.settings import Settings
+from dispatcher.topics import ensure_topics
 from tests.support import BOOTSTRAP, Namespace, namespace_settings, to_env
 
 
@@ -88,3 +90,19 @@ def test_ensure_with_unreachable_broker_is_one_clear_line() -> None:
 def test_namespace_helper_uses_real_topics(broker: str) -> None:
     ns = Namespace()
     assert ns.read_all(ns.settings.input_topic) == []
+
+
+def test_ensure_returns_once_every_created_partition_has_a_leader(broker: str) -> None:
+    settings = Settings(**namespace_settings())
+    report = ensure_topics(settings)
+    try:
+        assert not report.problems, report.problems
+        assert len(report.created) == 7
+        # Asked right away, with a client of its own: no created partition lacks a leader.
+        meta = AdminClient({"bootstrap.servers": BOOTSTRAP}).list_topics(timeout=10)
+        for name in report.created:
+            partitions = meta.topics[name].partitions
+            assert len(partitions) == settings.topic_partitions
+            assert all(p.leader >= 0 and p.error is None for p in partitions.values()), name
+    finally:
+        Namespace.drop(settings)
