@@ -118,8 +118,12 @@ class Endpoint(Generic[T]):
 
     @property
     def full(self) -> bool:
-        """The queue reached its bound: whoever feeds this endpoint should wait."""
-        return len(self.queue) >= self.queue_bound()
+        """The queue reached its bound: whoever feeds this endpoint should wait.
+
+        An empty queue is never full, so a zero bound still lets partitions go on
+        once what waited has started.
+        """
+        return bool(self.queue) and len(self.queue) >= self.queue_bound()
 
     def queue_bound(self) -> float:
         """How many deliveries may wait here now (see the module docstring)."""

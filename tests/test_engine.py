@@ -223,25 +223,27 @@ def test_shutdown_drains_in_flight_deliveries_then_closes() -> None:
     asyncio.run(main())
 
 
-def test_a_slow_webhook_pauses_its_partition_instead_of_deferring() -> None:
+@pytest.mark.parametrize("queue", [4, 0])
+def test_a_slow_webhook_pauses_its_partition_instead_of_deferring(queue: int) -> None:
     gate = asyncio.Event()
     seen: list[httpx.Request] = []
     handler = gated(gate, seen)
 
     async def main() -> None:
-        s = settings(endpoint_stall_s=60)
+        s = settings(endpoint_stall_s=60, endpoint_queue_size=queue)
+        taken = 4 + max(queue, 1)  # the slots, and the queue up to its bound (one at least)
         async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
             h.input.assign(0)
             h.input.feed([event(f"s{i:03d}") for i in range(10)])
-            # 4 running + a queue of 4: then the partition waits for the webhook...
-            await until(lambda: h.engine.work.in_flight == 8, what="slots and queue taken")
+            # 4 running + a full queue: then the partition waits for the webhook...
+            await until(lambda: h.engine.work.in_flight == taken, what="slots and queue taken")
             ps = h.engine.partitions[("visitor.identified", 0)]
-            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 2
+            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 10 - taken
             assert 0 not in h.input.paused
             # ... and what comes in meanwhile fills its buffer until it is paused.
             h.input.feed([event(f"s{i:03d}") for i in range(10, 40)])
             await until(lambda: 0 in h.input.paused, what="the partition to be paused")
-            assert h.engine.work.in_flight == 8
+            assert h.engine.work.in_flight == taken
             assert h.producer.sent == []
             gate.set()
             await until(lambda: h.input.stored.get(0) == 40, what="every offset stored")

@@ -218,11 +218,14 @@ def test_slots_then_queue_and_a_full_queue_asks_for_backpressure_not_deferral() 
     assert ep.active == 0 and ep.idle
 
 
-def test_a_zero_queue_is_full_at_once() -> None:
+def test_a_zero_queue_is_full_with_its_first_item_and_free_once_it_started() -> None:
     ep = _endpoint(Clock(), limit=1, queue=0)
     assert ep.admit("a") is Admission.START
-    assert ep.full
+    assert not ep.full
     assert ep.admit("b") is Admission.QUEUED
+    assert ep.full
+    assert ep.release(True) == "b"
+    assert not ep.full
 
 
 def test_an_endpoint_with_requests_and_no_answer_for_the_stall_time_is_stalled() -> None:
