@@ -294,16 +294,19 @@ class Bench:
         }
 
     # --- 2. isolation -----------------------------------------------------------
-    def isolation_run(self, stalled: bool) -> dict[str, Any]:
+    def isolation_run(self, stalled: bool, same_host: bool = False) -> dict[str, Any]:
         n = self.args.isolation_events
         healthy = ENDPOINTS - 1
         self.receiver.reset()
         ns = self.namespace()
         try:
+            # Same host: ten webhooks on one origin (one port), told apart by path.
             for i in range(healthy):
-                ns.subscribe(self.receiver.url(i, f"/ok/h{i}"), "org_iso", f"wh_h{i}")
+                port = 0 if same_host else i
+                ns.subscribe(self.receiver.url(port, f"/ok/h{i}"), "org_iso", f"wh_h{i}")
             last = "/stall/x" if stalled else "/ok/x"
-            ns.subscribe(self.receiver.url(healthy, f"{last}{healthy}"), "org_iso", "wh_x")
+            port = 0 if same_host else healthy
+            ns.subscribe(self.receiver.url(port, f"{last}{healthy}"), "org_iso", "wh_x")
             ns.publish(n, ["org_iso"])
             with self.dispatcher(ns) as proc:
                 proc.wait_ready()
@@ -338,11 +341,21 @@ class Bench:
         free = self.isolation_run(stalled=False)
         say(f"isolation: {self.args.isolation_events} events x 10 endpoints, one stalled")
         stuck = self.isolation_run(stalled=True)
+        n = self.args.isolation_events
+        say(f"isolation: {n} events x 10 webhooks on one host, none stalled")
+        host_free = self.isolation_run(stalled=False, same_host=True)
+        say(f"isolation: {n} events x 10 webhooks on one host, one stalled")
+        host_stuck = self.isolation_run(stalled=True, same_host=True)
         return {
             "topology": "1 organization x 10 subscriptions, 10 endpoints; 9 measured",
             "unstalled": free,
             "stalled": stuck,
-            "ratio": round(stuck["per_s"] / free["per_s"], 3) if free["per_s"] else None,
+            "ratio": _ratio(stuck["per_s"], free["per_s"]),
+            "same_host": {
+                "unstalled": host_free,
+                "stalled": host_stuck,
+                "ratio": _ratio(host_stuck["per_s"], host_free["per_s"]),
+            },
         }
 
     # --- 3. memory --------------------------------------------------------------
@@ -451,6 +464,16 @@ def table(results: dict[str, Any]) -> str:
                 f"deferred {s['stalled']['deferred']:.0f}",
             ),
             (f"isolation #{i}: ratio", f"{s['ratio']:.3f}", "target >= 0.9"),
+            (
+                f"isolation #{i}: same host, 9 healthy, 1 stalled",
+                f"{s['same_host']['stalled']['per_s']:.0f} /s",
+                f"deferred {s['same_host']['stalled']['deferred']:.0f}",
+            ),
+            (
+                f"isolation #{i}: same host, ratio",
+                f"{s['same_host']['ratio']:.3f}",
+                "target >= 0.9",
+            ),
         ]
     if "memory" in results:
         m = results["memory"]
