@@ -13,7 +13,8 @@ the end of a warm-up share and the start of a tail share of the deliveries.
    and receiver. Ratio = dispatcher rate / baseline rate.
 2. Isolation: one organization, ten subscriptions on ten ports; run once with all
    ten answering, once with the tenth stalled (it never answers). Ratio = the
-   nine healthy endpoints' rate stalled / their rate unstalled.
+   nine healthy endpoints' rate stalled / their rate unstalled. Then the same
+   with the ten webhooks on one port (one origin), told apart by path.
 3. Memory: a ``--memory-events`` backlog for one organization whose one endpoint
    is stalled, so that every event is consumed and deferred to the first retry
    stage as fast as the dispatcher can, and read back and deferred again once the
