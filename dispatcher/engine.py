@@ -95,21 +95,12 @@ class Engine:
     def start(self) -> None:
         """Join the consumer groups of the input stage and of every retry stage."""
         group = self.settings.group_id
-        make = self._consumer_factory
+        feeds = [(INPUT_STAGE, self.settings.input_topic, group)]
+        feeds += [(s.name, s.topic, f"{group}.{s.name}") for s in self.stages]
         self.consumers = [
-            make(self.settings, INPUT_STAGE, self.settings.input_topic, group, self, self._loop)
+            self._consumer_factory(self.settings, name, topic, group_id, self, self._loop)
+            for name, topic, group_id in feeds
         ]
-        for stage in self.stages:
-            self.consumers.append(
-                make(
-                    self.settings,
-                    stage.name,
-                    stage.topic,
-                    f"{group}.{stage.name}",
-                    self,
-                    self._loop,
-                )
-            )
         for consumer in self.consumers:
             consumer.start()
         self._ticker = self._loop.create_task(self._tick())
@@ -366,11 +357,19 @@ class Engine:
 
     async def _tick(self) -> None:
         """Stalled endpoints, deferral counts and partition progress, a few times a second."""
-        while not self._stopping:
-            await asyncio.sleep(TICK_S)
-            self.runner.check_endpoints()
-            self.runner.deferrals.flush()
-            self.stuck = stuck_partitions(self.partitions.values(), self.settings, len(self.stuck))
+        try:
+            while not self._stopping:
+                await asyncio.sleep(TICK_S)
+                self.runner.check_endpoints()
+                self.runner.deferrals.flush()
+                self.stuck = stuck_partitions(
+                    self.partitions.values(), self.settings, len(self.stuck)
+                )
+        except Exception as exc:
+            # Without it stalls go unnoticed and partitions may wait for good.
+            metrics.INTERNAL_ERRORS.labels("tick").inc()
+            self._failure = f"the engine's supervision tick failed: {exc!r}"
+            log.exception("the engine's supervision tick failed")
 
     # --- completion and offsets -----------------------------------------------
     def _finish_slot(self, slot: Slot) -> None:

@@ -89,7 +89,8 @@ CONSUMER_LAG = Gauge(
 )
 INTERNAL_ERRORS = Counter(
     "dispatcher_internal_errors",
-    "Unexpected exceptions, by where they were caught (attempt, fan_out, task, pump, thread).",
+    "Unexpected exceptions, by where they were caught (attempt, fan_out, task, pump, tick, "
+    "thread).",
     ["where"],
     registry=REGISTRY,
 )

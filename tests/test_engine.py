@@ -156,6 +156,20 @@ def test_an_exception_escaping_the_pump_fails_the_engine() -> None:
     asyncio.run(main())
 
 
+def test_an_exception_in_the_supervision_tick_fails_the_engine() -> None:
+    async def main() -> None:
+        async with running(settings(), FakeTable(), ok_async) as h:
+
+            def broken() -> None:
+                raise ValueError("stall check bug")
+
+            h.engine.runner.check_endpoints = broken  # type: ignore[method-assign]
+            await until(lambda: h.engine.failure, what="the engine to fail")
+            assert "supervision tick" in (h.engine.failure or "")
+
+    asyncio.run(main())
+
+
 def test_a_dead_consumer_or_producer_thread_fails_the_engine() -> None:
     async def main() -> None:
         async with running(settings(), FakeTable(), ok_async) as h:
