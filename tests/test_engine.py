@@ -112,6 +112,37 @@ def test_an_unexpected_exception_in_a_delivery_is_a_failed_internal_attempt() ->
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("url", ["https://h.example/a\x01b", "https://\u2603_.example/hook"])
+def test_a_url_the_http_client_rejects_stops_no_one_else(url: str) -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        # As if it had got past validation: the engine must hold whatever it is given.
+        bad = subscription("wh_bad", A, org="org_bad").model_copy(update={"url": url})
+        table = FakeTable(bad, subscription("wh_good", B, org="org_good"))
+        s = settings(max_in_flight=8)
+        async with running(s, table, handler) as h:
+            h.input.assign(0)
+            mixed = [
+                event(f"{org}{i}", org=f"org_{org}") for i in range(40) for org in ("bad", "good")
+            ]
+            h.input.feed(mixed)
+            await until(lambda: h.input.stored.get(0) == 80, what="every offset stored")
+            assert len(seen) == 40 and {r.url.path for r in seen} == {"/b"}
+            records = [DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.sent]
+            # Failed attempts (retried later) until the circuit opened, then deferrals.
+            assert len(records) == 40 and {r.webhook_id for r in records} == {"wh_bad"}
+            attempted = [r for r in records if r.attempts_made]
+            assert attempted and all(r.history[0].error_class == "internal" for r in attempted)
+            assert idle(h)
+
+    asyncio.run(main())
+
+
 def test_an_exception_while_fanning_out_sends_the_message_to_the_invalid_topic() -> None:
     class Exploding(FakeTable):
         def for_organization(self, organization_id: str) -> tuple:  # type: ignore[type-arg]
