@@ -127,6 +127,9 @@ def main() -> int:
         )["new_secret"]
     print(f"   webhook {WEBHOOK_ID}, secret generated (shown once): {secret}")
 
+    secret_file = tmp / "secret"
+    secret_file.touch(mode=0o600)
+    secret_file.write_text(secret)
     receiver = subprocess.Popen(
         [
             PYTHON,
@@ -138,8 +141,8 @@ def main() -> int:
             str(tmp / "cert.pem"),
             "--key",
             str(tmp / "key.pem"),
-            "--secret",
-            secret,
+            "--secret-file",
+            str(secret_file),
             "--exit-after",
             "1",
         ],

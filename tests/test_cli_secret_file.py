@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import trustme
 
+from dispatcher.signing import signature_headers
 from dispatcher.subscriptions import get as get_subscription
 from tests.cli_support import Cli
-from tests.support import REPO, Namespace
+from tests.support import REPO, Namespace, free_port
 
 URL = "https://127.0.0.1:8443/hooks/bullseye"
 PUT = ["subscriptions", "put", "--organization", "org_1", "--url", URL, "--plan", "scale"]
@@ -118,3 +123,52 @@ def test_secret_sources_exclude_each_other(cli: Cli, shared_ns: Namespace, argv:
     result = cli(shared_ns, *argv)
     result.assert_one_line_error(2, "not allowed with argument")
     assert FILE_SECRET not in result.err
+
+
+def test_sample_receiver_verifies_with_a_secret_from_a_file(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    (tmp_path / "secret").write_text(FILE_SECRET + "\n")
+    port = free_port()
+    receiver = subprocess.Popen(
+        [
+            sys.executable, "-m", "dispatcher.sample_receiver", "--port", str(port),
+            "--cert", str(tmp_path / "cert.pem"), "--key", str(tmp_path / "key.pem"),
+            "--secret-file", str(tmp_path / "secret"), "--exit-after", "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert receiver.stdout is not None
+        assert "listening" in receiver.stdout.readline()
+        body = b'{"event":"visitor.identified"}'
+        headers = signature_headers("dlv_file", int(time.time()), body, [FILE_SECRET])
+        trust = ssl.create_default_context()
+        ca.configure_trust(trust)
+        url = f"https://127.0.0.1:{port}/"
+        answer = httpx.post(url, content=body, headers=headers, verify=trust)
+        assert answer.status_code == 200
+        assert json.loads(receiver.stdout.readline())["verified"] is True
+        assert receiver.wait(30) == 0
+    finally:
+        receiver.kill()
+        receiver.wait(10)
+        if receiver.stdout is not None:
+            receiver.stdout.close()
+
+
+def test_sample_receiver_refuses_a_missing_secret_file(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "dispatcher.sample_receiver", "--cert", "c.pem", "--key",
+            "k.pem", "--secret-file", str(tmp_path / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--secret-file: cannot read" in done.stderr and "Traceback" not in done.stderr
