@@ -372,9 +372,8 @@ def test_static_membership_takes_the_pod_name_by_default() -> None:
     assert "DISPATCHER_SESSION_TIMEOUT_S" not in job_env
 
 
-def test_static_membership_can_be_turned_off(tmp_path: Path) -> None:
-    values = {"kafka": {"staticMembership": False, "sessionTimeoutSeconds": 45}}
-    docs = render(REQUIRED, values, tmp=tmp_path)
+def test_static_membership_can_be_turned_off() -> None:
+    docs = render_ci(CHART / "ci" / "dynamic-membership-values.yaml")
     env = env_of(one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
     assert "DISPATCHER_GROUP_INSTANCE_ID" not in env
     assert env["DISPATCHER_SESSION_TIMEOUT_S"]["value"] == "45"
