@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trustme
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -190,6 +191,17 @@ def main() -> int:
         receiver.kill()
         receiver.wait(10)
         dispatcher("subscriptions", "delete", WEBHOOK_ID, env=env)
+        if options.namespace:
+            drop_topics(options.namespace)
+
+
+def drop_topics(namespace: str) -> None:
+    """Delete the private topics of a namespaced run, so repeated runs leave nothing."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    prefix = f"{namespace}."
+    topics = [t for t in admin.list_topics(timeout=15).topics if t.startswith(prefix)]
+    for future in admin.delete_topics(topics, operation_timeout=30).values():
+        future.result()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from demo import DISPATCHER, dispatcher, free_port, namespaced
+from demo import DISPATCHER, dispatcher, drop_topics, free_port, namespaced
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 READY_TIMEOUT_S = 180
@@ -64,7 +64,8 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 def measure(case: str, rounds: int, log: Path) -> list[float]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
-    env.update(namespaced(f"rejoin.{case}.{os.getpid()}.{int(time.time())}"))
+    namespace = f"rejoin.{case}.{os.getpid()}.{int(time.time())}"
+    env.update(namespaced(namespace))
     env.update(
         {
             "DISPATCHER_KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
@@ -96,6 +97,7 @@ def measure(case: str, rounds: int, log: Path) -> list[float]:
         print(f"{case:7} round {n + 1}: {how} to ready in {took:5.1f} s", flush=True)
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
+    drop_topics(namespace)
     return times
 
 
