@@ -66,17 +66,16 @@ def parse_time_option(value: str, flag: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def add_secret_options(group: Any, what: str) -> None:
+def add_secret_options(group: Any, what: str, default: str) -> None:
     """``--secret-file`` and ``--secret`` on a parser or mutually exclusive group."""
     group.add_argument(
         "--secret-file",
         metavar="PATH",
-        help=f"read {what} from this file, or from standard input with `-`",
+        help=f"read {what} from PATH, or from standard input with `-` ({default})",
     )
     group.add_argument(
         "--secret",
-        help=f"{what} on the command line (visible in `ps` and shell history: "
-        "prefer --secret-file)",
+        help=f"{what} on the command line: visible in `ps` and shell history, prefer --secret-file",
     )
 
 

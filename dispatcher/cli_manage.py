@@ -55,7 +55,7 @@ def add_commands(sub: Any) -> None:
     put.add_argument("--plan", help="the organization's plan (e.g. scale, enterprise)")
     secret = put.add_mutually_exclusive_group()
     add_secret_options(
-        secret, "the signing secret (default for a new one: generated and shown once)"
+        secret, "the signing secret", "default for a new one: generated and shown once"
     )
     secret.add_argument("--no-secret", action="store_true", help="send unsigned deliveries")
     state = put.add_mutually_exclusive_group()
@@ -93,7 +93,8 @@ def add_commands(sub: Any) -> None:
     rot.add_argument("webhook_id", metavar="WEBHOOK_ID")
     add_secret_options(
         rot.add_mutually_exclusive_group(),
-        "the new secret (default: generated and shown once)",
+        "the new secret",
+        "default: generated and shown once",
     )
     rot.add_argument("--json", action="store_true", help="print JSON")
     rot.set_defaults(handler=cmd_rotate)

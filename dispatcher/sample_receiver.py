@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", required=True, help="PEM certificate chain")
     parser.add_argument("--key", required=True, help="PEM private key")
     add_secret_options(
-        parser.add_mutually_exclusive_group(), "the webhook secret to verify signatures with"
+        parser.add_mutually_exclusive_group(),
+        "the webhook secret",
+        "without one, signatures are not checked",
     )
     parser.add_argument("--exit-after", type=int, help="exit after this many verified deliveries")
     args = parser.parse_args(argv)
