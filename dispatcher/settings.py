@@ -79,10 +79,12 @@ class Settings(BaseSettings):
         "across restarts (the chart uses the pod name), so a restarted instance takes its "
         "partitions back at once. Unset: dynamic membership.",
     )
+    # 6 s is the broker's default minimum; above 300 s librdkafka would refuse it
+    # unless max.poll.interval.ms (300 s) were raised too.
     session_timeout_s: int = Field(
         45,
         ge=6,
-        le=1800,
+        le=300,
         description="Kafka group session timeout: how long the partitions of a member "
         "that stopped answering wait for it before the group rebalances.",
     )

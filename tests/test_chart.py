@@ -379,7 +379,7 @@ def test_static_membership_can_be_turned_off() -> None:
     assert env["DISPATCHER_SESSION_TIMEOUT_S"]["value"] == "45"
 
 
-@pytest.mark.parametrize("seconds", [5, 1801, "30"])
+@pytest.mark.parametrize("seconds", [5, 301, "30"])
 def test_session_timeout_outside_the_brokers_bounds_is_refused(
     seconds: object, tmp_path: Path
 ) -> None:
