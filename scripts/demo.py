@@ -187,7 +187,7 @@ def main() -> int:
         return 0
     finally:
         service.send_signal(signal.SIGTERM)
-        service.wait(60)
+        print(f"6. SIGTERM: the dispatcher drained and exited with {service.wait(60)}")
         receiver.kill()
         receiver.wait(10)
         dispatcher("subscriptions", "delete", WEBHOOK_ID, env=env)

@@ -161,14 +161,30 @@ touch "$work/started"
 
 # `dispatcher` of the built image, as uid 10001, on the host network, with the
 # caller's DISPATCHER_* settings; $work (the demo's certificates) is mounted read-only.
+# buildah answers a SIGTERM by killing what it runs, so the SIGTERM goes to the
+# dispatcher process itself (found among buildah's descendants), which drains
+# and exits as it would in a pod.
 cat >"$work/dispatcher-in-image" <<EOF
 #!/usr/bin/env bash
 settings=()
 for name in \$(compgen -e | grep '^DISPATCHER_' || true); do
     settings+=(--env "\$name=\${!name}")
 done
-exec buildah run ${isolation[*]} --user 10001:10001 --network host \\
-    --volume "$work:$work:ro" "\${settings[@]}" "$container" dispatcher "\$@"
+buildah run ${isolation[*]} --user 10001:10001 --network host \\
+    --volume "$work:$work:ro" "\${settings[@]}" "$container" dispatcher "\$@" &
+runner=\$!
+forward() {
+    local level=\$runner pid
+    while [[ -n \$level ]]; do
+        for pid in \$level; do
+            [[ \$(ps -o comm= -p "\$pid") == dispatcher ]] && kill -TERM "\$pid"
+        done
+        level=\$(ps -o pid= --ppid "\$(echo \$level | tr ' ' ,)" || true)
+    done
+}
+trap forward TERM
+wait \$runner || true  # returns early when the trap runs
+wait \$runner
 EOF
 chmod +x "$work/dispatcher-in-image"
 
