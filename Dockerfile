@@ -18,8 +18,15 @@ COPY dispatcher/ dispatcher/
 # Every dependency, confluent-kafka included, comes as a manylinux wheel, so
 # neither stage needs a compiler. Installing from the local wheel directory with
 # --no-index makes the venv hold exactly what was just resolved.
+# Behind a TLS-intercepting proxy, give pip its CA bundle as a build secret
+# (`--secret id=pip-ca,src=ca.pem`): it is used for this step and stored nowhere.
+# A directory of every wheel needed, mounted at /wheelhouse (`--volume`, as
+# scripts/image-check.sh does), replaces the package index.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    /opt/venv/bin/pip wheel --wheel-dir /wheels . \
+    --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && if [ -d /wheelhouse ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
+ && /opt/venv/bin/pip wheel --wheel-dir /wheels . \
  && /opt/venv/bin/pip install --no-index --find-links /wheels webhook-dispatcher \
  && /opt/venv/bin/dispatcher --help > /dev/null
 

@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     ensure = tsub.add_parser("ensure", help="create missing topics; report misconfigured ones")
     ensure.set_defaults(handler=cmd_topics_ensure)
 
-    from dispatcher import cli_deadletter, cli_manage
+    from dispatcher import cli_deadletter, cli_group, cli_manage
 
     cli_manage.add_commands(sub)
     cli_deadletter.add_commands(sub)
+    cli_group.add_commands(sub)
     return parser
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from dispatcher.errors import ConfigError
@@ -62,6 +64,62 @@ def parse_time_option(value: str, flag: str) -> datetime:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
+
+
+def add_secret_options(group: Any, what: str, default: str) -> None:
+    """``--secret-file`` and ``--secret`` on a parser or mutually exclusive group."""
+    group.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help=f"read {what} from PATH, or from standard input with `-` ({default})",
+    )
+    group.add_argument(
+        "--secret",
+        help=f"{what} on the command line: visible in `ps` and shell history, prefer --secret-file",
+    )
+
+
+def read_secret(args: argparse.Namespace) -> str | None:
+    """The secret given by ``--secret-file`` (one line) or ``--secret``; None if neither.
+
+    A file's line ending is dropped, nothing else: the secret's own checks see
+    exactly what the file holds. ``-`` reads standard input, without echo when it
+    is a terminal.
+    """
+    if args.secret is not None:
+        return str(args.secret)
+    if args.secret_file is None:
+        return None
+    source = "standard input" if args.secret_file == "-" else args.secret_file
+    try:
+        if args.secret_file != "-":
+            text = Path(args.secret_file).read_text(encoding="utf-8")
+        elif sys.stdin.isatty():
+            text = getpass.getpass("secret: ")
+        else:
+            text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--secret-file: {source} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"--secret-file: cannot read {source}: {exc.strerror or exc}") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError(f"--secret-file: {source} is empty")
+    if "\n" in secret or "\r" in secret:
+        raise ConfigError(f"--secret-file: {source} must hold the secret on a single line")
+    return secret
+
+
+def warn_of_secret_option(args: argparse.Namespace) -> None:
+    """After a command took ``--secret``: it is kept working, but said to be unsafe.
+
+    Given once the command has succeeded, so a refusal stays a single line.
+    """
+    if args.secret is not None:
+        warn(
+            "--secret is visible to other users in `ps` and stays in shell history; "
+            "use --secret-file PATH or --secret-file - (standard input)"
+        )
 
 
 def warn(message: str) -> None:

@@ -13,7 +13,15 @@ from typing import Any
 
 from dispatcher import subscriptions as subs
 from dispatcher.cli import print_json
-from dispatcher.cli_common import OneLineParser, missing_action, print_table, warn
+from dispatcher.cli_common import (
+    OneLineParser,
+    add_secret_options,
+    missing_action,
+    print_table,
+    read_secret,
+    warn,
+    warn_of_secret_option,
+)
 from dispatcher.errors import DispatcherError
 from dispatcher.models import Subscription, format_timestamp
 from dispatcher.settings import Settings
@@ -46,8 +54,8 @@ def add_commands(sub: Any) -> None:
     )
     put.add_argument("--plan", help="the organization's plan (e.g. scale, enterprise)")
     secret = put.add_mutually_exclusive_group()
-    secret.add_argument(
-        "--secret", help="signing secret (default for a new one: generated and shown once)"
+    add_secret_options(
+        secret, "the signing secret", "default for a new one: generated and shown once"
     )
     secret.add_argument("--no-secret", action="store_true", help="send unsigned deliveries")
     state = put.add_mutually_exclusive_group()
@@ -83,7 +91,11 @@ def add_commands(sub: Any) -> None:
         "has passed, deliveries carry a signature with the old secret as well.",
     )
     rot.add_argument("webhook_id", metavar="WEBHOOK_ID")
-    rot.add_argument("--secret", help="the new secret (default: generated and shown once)")
+    add_secret_options(
+        rot.add_mutually_exclusive_group(),
+        "the new secret",
+        "default: generated and shown once",
+    )
     rot.add_argument("--json", action="store_true", help="print JSON")
     rot.set_defaults(handler=cmd_rotate)
 
@@ -142,12 +154,13 @@ def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
         url=args.url,
         events=args.events,
         plan=args.plan,
-        secret=args.secret,
+        secret=read_secret(args),
         no_secret=args.no_secret,
         enabled=enabled,
     )
     subs.write(settings, webhook_id, change.sub)
     _show(change, args.json)
+    warn_of_secret_option(args)
     return 0
 
 
@@ -198,9 +211,10 @@ def cmd_state(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
     sub = subs.get(settings, args.webhook_id)
-    change = subs.rotate(settings, sub, args.secret)
+    change = subs.rotate(settings, sub, read_secret(args))
     subs.write(settings, sub.webhook_id, change.sub)
     _show(change, args.json)
+    warn_of_secret_option(args)
     return 0
 
 

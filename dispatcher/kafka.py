@@ -113,8 +113,15 @@ def consumer_config(settings: Settings, group_id: str) -> dict[str, Any]:
             # at 230-265 MB RSS instead of 180-190 MB (bench/, memory phase).
             "queued.max.messages.kbytes": 2048,
             "fetch.max.bytes": 2 * 1024 * 1024,
+            "session.timeout.ms": settings.session_timeout_s * 1000,
         }
     )
+    if settings.group_instance_id:
+        # Static membership: a member rejoining under the same id gets its
+        # partitions back without a rebalance, instead of waiting for the session
+        # of its dead predecessor to time out. Each stage has its own group, so
+        # one id serves all of them.
+        conf["group.instance.id"] = settings.group_instance_id
     conf.update(settings.kafka_extra_config)
     conf.update(settings.kafka_consumer_extra_config)
     return conf

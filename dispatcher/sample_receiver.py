@@ -1,7 +1,7 @@
 """A sample HTTPS webhook receiver that verifies every delivery it gets.
 
     python -m dispatcher.sample_receiver --port 8443 --cert cert.pem --key key.pem \\
-        --secret whsec_...
+        --secret-file secret.txt
 
 It checks ``X-Bullseye-Signature`` and the Standard Webhooks signature with the
 helpers in :mod:`dispatcher.signing`, answers 200 to authentic deliveries and 401
@@ -18,6 +18,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from dispatcher.cli_common import add_secret_options, read_secret
+from dispatcher.errors import ConfigError
 from dispatcher.signing import SignatureVerificationError, verify_bullseye, verify_standard_webhook
 
 
@@ -86,10 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--cert", required=True, help="PEM certificate chain")
     parser.add_argument("--key", required=True, help="PEM private key")
-    parser.add_argument("--secret", help="webhook secret to verify signatures with")
+    add_secret_options(
+        parser.add_mutually_exclusive_group(),
+        "the webhook secret",
+        "without one, signatures are not checked",
+    )
     parser.add_argument("--exit-after", type=int, help="exit after this many verified deliveries")
     args = parser.parse_args(argv)
-    server = make_server(args.host, args.port, args.cert, args.key, args.secret, args.exit_after)
+    try:
+        secret = read_secret(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    server = make_server(args.host, args.port, args.cert, args.key, secret, args.exit_after)
     print(json.dumps({"listening": f"https://{args.host}:{server.server_address[1]}/"}), flush=True)
     try:
         server.serve_forever()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from dispatcher.errors import ConfigError
 
 ENV_PREFIX = "DISPATCHER_"
+_KAFKA_NAME = re.compile(r"[a-zA-Z0-9._-]+")
 
 
 def _split_list(value: Any) -> Any:
@@ -67,7 +69,24 @@ class Settings(BaseSettings):
     )
     group_id: str = Field(
         "webhook-dispatcher",
-        description="Consumer group id; each retry stage uses `<group_id>.<stage>`.",
+        description="Consumer group id; each retry stage uses `<group_id>.<stage>`. "
+        "A new group id starts at the earliest retained input offset, re-delivering up to "
+        "the input retention (7 d) of events: see `dispatcher group start-at-end`.",
+    )
+    group_instance_id: str | None = Field(
+        None,
+        description="Static group membership: this instance's `group.instance.id`, stable "
+        "across restarts (the chart uses the pod name), so a restarted instance takes its "
+        "partitions back at once. Unset: dynamic membership.",
+    )
+    # 6 s is the broker's default minimum; above 300 s librdkafka would refuse it
+    # unless max.poll.interval.ms (300 s) were raised too.
+    session_timeout_s: int = Field(
+        45,
+        ge=6,
+        le=300,
+        description="Kafka group session timeout: how long the partitions of a member "
+        "that stopped answering wait for it before the group rebalances.",
     )
 
     # --- Topics -----------------------------------------------------------
@@ -241,6 +260,16 @@ class Settings(BaseSettings):
     @classmethod
     def _plans(cls, value: list[str]) -> list[str]:
         return [plan.strip().lower() for plan in value]
+
+    @field_validator("group_instance_id")
+    @classmethod
+    def _instance_id(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        # Kafka's rule for group.instance.id (as for topic names).
+        if len(value) > 249 or not _KAFKA_NAME.fullmatch(value):
+            raise ValueError("must be 1 to 249 of the characters a-z A-Z 0-9 . _ -")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -124,13 +124,22 @@ def generate_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(SECRET_BYTES)).decode("ascii")
 
 
-def verify_bullseye(secret: str, body: bytes, signature: str) -> bool:
+def verify_bullseye(secret: str | Sequence[str], body: bytes, signature: str) -> bool:
     """Tell whether ``signature`` is the ``X-Bullseye-Signature`` of ``body``.
 
-    Compared in constant time; surrounding whitespace and hex case are ignored.
+    ``secret`` may be a list: the header carries one signature, made with the
+    newest secret, so a receiver rotating secrets accepts both its new and its old
+    secret until the rotation is over. Empty secrets never match. Each is compared
+    in constant time; surrounding whitespace and hex case are ignored.
     """
-    expected = bullseye_signature(secret, body).encode("ascii")
-    return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8"))
+    candidates = [secret] if isinstance(secret, str) else list(secret)
+    given = signature.strip().lower().encode("utf-8")
+    matched = False
+    for key in candidates:
+        expected = bullseye_signature(key, body).encode("ascii")
+        # Every candidate is checked, so the time taken does not tell which matched.
+        matched |= bool(key) and hmac.compare_digest(expected, given)
+    return matched
 
 
 def verify_standard_webhook(

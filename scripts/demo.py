@@ -2,12 +2,18 @@
 
 Started by ``scripts/demo.sh`` once the broker is up. Uses the product's default
 topic names; the demo's subscription is deleted again at the end.
+
+``scripts/image-check.sh`` runs it with ``--dispatcher`` (a command that runs the
+built image's ``dispatcher``) and ``--namespace`` (private topics and group, so
+the check never meets another dispatcher on a shared broker).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,11 +24,15 @@ from pathlib import Path
 
 import trustme
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SEED_EVENT = REPO / "tests" / "data" / "seed-event.json"
 WEBHOOK_ID = "wh_demo"
+BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+#: The dispatcher command line; ``--dispatcher`` replaces it.
+DISPATCHER = [PYTHON, "-m", "dispatcher.cli"]
 
 
 def free_port() -> int:
@@ -32,9 +42,7 @@ def free_port() -> int:
 
 
 def dispatcher(*args: str, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [PYTHON, "-m", "dispatcher.cli", *args], env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([*DISPATCHER, *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"demo: `dispatcher {' '.join(args)}` failed:\n{done.stderr}")
     return done.stdout
@@ -50,8 +58,29 @@ def wait_for(check, timeout_s: float, what: str):  # type: ignore[no-untyped-def
     sys.exit(f"demo: timed out waiting for {what}")
 
 
+def namespaced(namespace: str) -> dict[str, str]:
+    """Settings that give the dispatcher its own topics and consumer group."""
+    return {
+        "DISPATCHER_GROUP_ID": f"{namespace}.dispatcher",
+        "DISPATCHER_INPUT_TOPIC": f"{namespace}.visitor.identified",
+        "DISPATCHER_SUBSCRIPTIONS_TOPIC": f"{namespace}.webhooks.subscriptions",
+        "DISPATCHER_RETRY_TOPIC_PREFIX": f"{namespace}.webhooks.retry.",
+        "DISPATCHER_DEAD_LETTER_TOPIC": f"{namespace}.webhooks.dead-letter",
+        "DISPATCHER_INVALID_TOPIC": f"{namespace}.webhooks.invalid",
+    }
+
+
 def main() -> int:
+    global DISPATCHER
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dispatcher", help="command that runs `dispatcher` (shell words)")
+    parser.add_argument("--namespace", help="prefix of private topic names and group id")
+    options = parser.parse_args()
+    if options.dispatcher:
+        DISPATCHER = shlex.split(options.dispatcher)
     tmp = Path(tempfile.mkdtemp(prefix="dispatcher-demo-"))
+    if options.dispatcher:
+        tmp.chmod(0o755)  # it may run as another user, who must read the CA certificate
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
     ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
@@ -69,8 +98,11 @@ def main() -> int:
             "DISPATCHER_HTTP_PORT": str(health_port),
             "DISPATCHER_TOPIC_PARTITIONS": "3",
             "DISPATCHER_LOG_LEVEL": "WARNING",
+            "DISPATCHER_KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
         }
     )
+    if options.namespace:
+        env.update(namespaced(options.namespace))
     print("1. topics")
     print(dispatcher("topics", "ensure", env=env), end="")
 
@@ -96,6 +128,9 @@ def main() -> int:
         )["new_secret"]
     print(f"   webhook {WEBHOOK_ID}, secret generated (shown once): {secret}")
 
+    secret_file = tmp / "secret"
+    secret_file.touch(mode=0o600)
+    secret_file.write_text(secret)
     receiver = subprocess.Popen(
         [
             PYTHON,
@@ -107,31 +142,36 @@ def main() -> int:
             str(tmp / "cert.pem"),
             "--key",
             str(tmp / "key.pem"),
-            "--secret",
-            secret,
+            "--secret-file",
+            str(secret_file),
             "--exit-after",
             "1",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    service = subprocess.Popen([PYTHON, "-m", "dispatcher.cli", "run"], env=env)
+    service = subprocess.Popen([*DISPATCHER, "run"], env=env)
     try:
         print("3. dispatcher started; waiting until it is ready")
+
+        def ready() -> bool:
+            if service.poll() is not None:
+                sys.exit(f"demo: the dispatcher stopped with exit code {service.returncode}")
+            check = subprocess.run([*DISPATCHER, "check"], env=env, capture_output=True)
+            return check.returncode == 0
+
         wait_for(
-            lambda: (
-                subprocess.run(
-                    [PYTHON, "-m", "dispatcher.cli", "check"], env=env, capture_output=True
-                ).returncode
-                == 0
-            ),
+            ready,
             60,
             "the dispatcher to be ready",
         )
+        print(f"   `dispatcher check` answers: {dispatcher('check', env=env).strip()}")
         print("4. publishing the example visitor.identified event")
         event = json.loads(SEED_EVENT.read_text())
-        producer = Producer({"bootstrap.servers": "127.0.0.1:9092"})
-        producer.produce("visitor.identified", json.dumps(event).encode())
+        producer = Producer({"bootstrap.servers": BOOTSTRAP})
+        producer.produce(
+            env.get("DISPATCHER_INPUT_TOPIC", "visitor.identified"), json.dumps(event).encode()
+        )
         producer.flush(30)
 
         assert receiver.stdout is not None
@@ -147,10 +187,21 @@ def main() -> int:
         return 0
     finally:
         service.send_signal(signal.SIGTERM)
-        service.wait(60)
+        print(f"6. SIGTERM: the dispatcher drained and exited with {service.wait(60)}")
         receiver.kill()
         receiver.wait(10)
         dispatcher("subscriptions", "delete", WEBHOOK_ID, env=env)
+        if options.namespace:
+            drop_topics(options.namespace)
+
+
+def drop_topics(namespace: str) -> None:
+    """Delete the private topics of a namespaced run, so repeated runs leave nothing."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    prefix = f"{namespace}."
+    topics = [t for t in admin.list_topics(timeout=15).topics if t.startswith(prefix)]
+    for future in admin.delete_topics(topics, operation_timeout=30).values():
+        future.result()
 
 
 if __name__ == "__main__":

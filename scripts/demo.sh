@@ -7,4 +7,5 @@ cd "$repo"
 
 bash scripts/bootstrap.sh
 source scripts/broker-lease.sh
+export KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP:-127.0.0.1:${KAFKA_PORT:-9092}}"
 .venv/bin/python scripts/demo.py

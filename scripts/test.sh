@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Every check in one command: lint, types, the chart, and the tests against a real
-# local Kafka broker (started here if it is not running, and stopped again after).
+# Every check in one command: lint, types, the chart, the tests against a real
+# local Kafka broker (started here if it is not running, and stopped again after)
+# and, when no pytest arguments are given, the container image built and run
+# (scripts/image-check.sh; SKIP_IMAGE_CHECK=1 leaves it out).
+#
+# Sets up what the tests need: .venv (scripts/bootstrap.sh), the broker, and the
+# Prometheus server the observability tests scrape the dispatcher with (the
+# Debian package, installed when missing and this user may; otherwise it stops
+# at once with one line saying how).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
+source scripts/debian-package.sh
+need_debian_package prometheus prometheus || exit 1
 bash scripts/bootstrap.sh
 
 source scripts/broker-lease.sh
@@ -22,3 +31,7 @@ if [[ -f scripts/check-chart.sh ]]; then
 fi
 echo "== pytest"
 .venv/bin/pytest "$@"
+if [[ $# == 0 && ${SKIP_IMAGE_CHECK:-0} != 1 ]]; then
+    echo "== image"
+    bash scripts/image-check.sh
+fi

@@ -47,6 +47,8 @@ CHART_MANAGED_SETTINGS = {
     "kafka_consumer_extra_config",
     "http_ca_file",
     "http_port",
+    "group_instance_id",
+    "session_timeout_s",
 }
 
 # Every metric the dispatcher exports; alerts and the dashboard may use no other.
@@ -356,6 +358,36 @@ def test_kafka_credentials_and_ca_come_from_existing_secrets() -> None:
     ):
         assert env[name]["value"] == f"{mount['mountPath']}/{file}"
     assert env["DISPATCHER_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+
+
+def test_static_membership_takes_the_pod_name_by_default() -> None:
+    pod = one(render_ci(CHART / "ci" / "default-values.yaml"), "Deployment")["spec"]["template"]
+    env = env_of(pod["spec"]["containers"][0])
+    assert env["DISPATCHER_GROUP_INSTANCE_ID"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    assert env["DISPATCHER_SESSION_TIMEOUT_S"]["value"] == "30"
+    # The topics Job joins no consumer group: it gets neither.
+    job = one(render_ci(CHART / "ci" / "topics-job-values.yaml"), "Job")["spec"]["template"]
+    job_env = env_of(job["spec"]["containers"][0])
+    assert "DISPATCHER_GROUP_INSTANCE_ID" not in job_env
+    assert "DISPATCHER_SESSION_TIMEOUT_S" not in job_env
+
+
+def test_static_membership_can_be_turned_off() -> None:
+    docs = render_ci(CHART / "ci" / "dynamic-membership-values.yaml")
+    env = env_of(one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+    assert "DISPATCHER_GROUP_INSTANCE_ID" not in env
+    assert env["DISPATCHER_SESSION_TIMEOUT_S"]["value"] == "45"
+
+
+@pytest.mark.parametrize("seconds", [5, 301, "30"])
+def test_session_timeout_outside_the_brokers_bounds_is_refused(
+    seconds: object, tmp_path: Path
+) -> None:
+    result = render_result(REQUIRED, {"kafka": {"sessionTimeoutSeconds": seconds}}, tmp=tmp_path)
+    assert result.returncode != 0
+    assert "sessionTimeoutSeconds" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)

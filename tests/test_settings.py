@@ -35,6 +35,10 @@ def test_readme_settings_table_is_complete_and_current() -> None:
         ("DISPATCHER_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING or ERROR"),
         ("DISPATCHER_KAFKA_EXTRA_CONFIG", "{not json", "DISPATCHER_KAFKA_EXTRA_CONFIG"),
         ("DISPATCHER_PARTITION_BUFFER_LOW", "5000", "DISPATCHER_PARTITION_BUFFER_LOW"),
+        ("DISPATCHER_GROUP_INSTANCE_ID", "pod/0", "DISPATCHER_GROUP_INSTANCE_ID"),
+        ("DISPATCHER_GROUP_INSTANCE_ID", "p" * 250, "1 to 249 of the characters"),
+        ("DISPATCHER_SESSION_TIMEOUT_S", "3", "greater than or equal to 6"),
+        ("DISPATCHER_SESSION_TIMEOUT_S", "301", "less than or equal to 300"),
     ],
 )
 def test_bad_setting_is_one_line_naming_it(variable: str, value: str, expected: str) -> None:

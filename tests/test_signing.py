@@ -293,3 +293,36 @@ def test_verify_standard_malformed_signature(signature: str) -> None:
 
 def test_verification_error_is_a_value_error() -> None:
     assert issubclass(SignatureVerificationError, ValueError)
+
+
+# --- verify_bullseye with a list of secrets (rotation) -------------------------
+
+
+def test_bullseye_header_is_signed_with_the_newest_secret_only() -> None:
+    headers = signature_headers("dlv_1", NOW, SEED_BODY, [SECRET, OLD_SECRET])
+    signature = headers["X-Bullseye-Signature"]
+    assert signature == bullseye_signature(SECRET, SEED_BODY)
+    assert not verify_bullseye(OLD_SECRET, SEED_BODY, signature)
+
+
+@pytest.mark.parametrize(
+    "secrets",
+    [[SECRET, OLD_SECRET], [OLD_SECRET, SECRET], (SECRET,), ["", SECRET]],
+    ids=["new first", "old first", "tuple", "with a blank"],
+)
+def test_verify_bullseye_accepts_a_list_holding_the_signing_secret(secrets: list[str]) -> None:
+    assert verify_bullseye(secrets, SEED_BODY, SEED_BULLSEYE)
+
+
+@pytest.mark.parametrize(
+    ("secrets", "signature"),
+    [
+        ([OLD_SECRET], SEED_BULLSEYE),  # only the old secret: the header was signed with the new
+        ([], SEED_BULLSEYE),  # nothing to check with
+        (["", OLD_SECRET], bullseye_signature("", SEED_BODY)),  # a blank secret never matches
+        ([SECRET, OLD_SECRET], SEED_BULLSEYE[:-1]),  # truncated
+    ],
+    ids=["old only", "empty list", "blank secret", "truncated"],
+)
+def test_verify_bullseye_list_rejects(secrets: list[str], signature: str) -> None:
+    assert not verify_bullseye(secrets, SEED_BODY, signature)
