@@ -23,7 +23,19 @@ from dispatcher.settings import Settings, load_settings
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+#: More arguments than any command needs; argparse slows quadratically beyond
+#: (50,000 repeated flags took minutes), so such a command line is refused at once.
+MAX_ARGUMENTS = 1000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) > MAX_ARGUMENTS:
+        print(
+            f"dispatcher: error: {len(argv)} command-line arguments; at most {MAX_ARGUMENTS}",
+            file=sys.stderr,
+        )
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
