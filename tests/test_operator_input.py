@@ -5,6 +5,7 @@ traceback, never a credential echoed, never a success reported for a write that 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from tests.cli_support import Cli, Result, put_args, run_subprocess
 from tests.receiver import HttpsReceiver
 from tests.support import Namespace
+from tests.test_cli_deadletter import dead_letter
 
 UNREACHABLE = "127.0.0.1:1"  # loopback, nothing listens: connection refused at once
 PASSWORD = "hunter2-very-secret"
@@ -92,6 +94,19 @@ def test_client_log_lines_shown_with_verbose(shared_ns: Namespace) -> None:
     assert result.code == 1
     assert any(line.startswith("%") for line in result.err.splitlines()), result.err
     assert result.err.splitlines()[-1].startswith("dispatcher: error: cannot reach Kafka")
+
+
+def test_replay_to_a_missing_retry_topic_fails_and_marks_nothing(cli: Cli, ns: Namespace) -> None:
+    ns.subscribe("https://127.0.0.1:9/a", webhook_id="wh_a", organization_id="org_1")
+    letter = dead_letter(ns, "wh_a", "org_1", datetime(2025, 1, 1, tzinfo=UTC))
+    missing = f"{ns.values['group_id']}.missing.retry."
+    result = cli(ns, "dead-letter", "replay", "--all", retry_topic_prefix=missing)
+    result.assert_one_line_error(1, "does not exist")
+    # Nothing was replayed, so nothing is marked: the same replay can run again.
+    listed = cli(ns, "dead-letter", "list", "--include-replayed", "--json").json()
+    assert [(row["delivery_id"], row["replayed"]) for row in listed] == [
+        (letter.delivery_id, False)
+    ]
 
 
 # --- settings and Kafka client properties ----------------------------------------------------
