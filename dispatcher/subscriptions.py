@@ -63,10 +63,34 @@ def load_table(settings: Settings) -> SubscriptionTable:
 
 
 def get(settings: Settings, webhook_id: str) -> Subscription:
-    sub = load_table(settings).get(webhook_id)
+    table = load_table(settings)
+    sub = table.get(webhook_id)
     if sub is None:
-        raise SubscriptionError(f"no subscription with webhook id {webhook_id!r}")
+        raise SubscriptionError(_missing(table, webhook_id))
     return sub
+
+
+def _missing(table: SubscriptionTable, webhook_id: str) -> str:
+    why = table.ignored.get(webhook_id)
+    if why is None:
+        return f"no subscription with webhook id {webhook_id!r}"
+    return (
+        f"no usable subscription with webhook id {webhook_id!r}: its record is ignored ({why}); "
+        "`subscriptions delete` removes it"
+    )
+
+
+def delete(settings: Settings, webhook_id: str) -> str:
+    """Write a tombstone for a subscription, or for a record the dispatcher ignores.
+
+    A record that does not validate is never loaded, so it cannot be fetched;
+    deleting it is still how it leaves the compacted topic.
+    """
+    table = load_table(settings)
+    if table.get(webhook_id) is None and webhook_id not in table.ignored:
+        raise SubscriptionError(_missing(table, webhook_id))
+    write(settings, webhook_id, None)
+    return webhook_id
 
 
 def list_all(settings: Settings, organization_id: str | None = None) -> list[Subscription]:

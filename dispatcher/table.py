@@ -52,6 +52,8 @@ class SubscriptionTable:
         self._waiting_for: str | None = None
         self._on_change = on_change
         self.invalid_records = 0
+        #: Webhook ids whose latest record was ignored, with why (``delete`` can clear them).
+        self.ignored: dict[str, str] = {}
 
     # --- reads (any thread) -------------------------------------------------
     def get(self, webhook_id: str) -> Subscription | None:
@@ -230,14 +232,12 @@ class SubscriptionTable:
             try:
                 sub = decode_subscription(key, value)
             except SubscriptionError as exc:
-                self._ignore("invalid", f"subscription record {webhook_id!r} ignored: {exc}")
+                self._ignore_record(webhook_id, str(exc))
                 return
             except Exception as exc:  # whatever a record holds, the reader keeps going
-                self._ignore(
-                    "invalid",
-                    f"subscription record {webhook_id!r} ignored: {type(exc).__name__}: {exc}",
-                )
+                self._ignore_record(webhook_id, f"{type(exc).__name__}: {exc}")
                 return
+        self.ignored.pop(webhook_id, None)
         # Replace in place (never pop then add) so a concurrent reader never sees
         # a live subscription missing for an instant.
         old = self._by_id.get(webhook_id)
@@ -253,6 +253,10 @@ class SubscriptionTable:
             self._reindex(sub.organization_id)
         if self._on_change is not None:
             self._on_change(len(self._by_id))
+
+    def _ignore_record(self, webhook_id: str, why: str) -> None:
+        self.ignored[webhook_id] = why
+        self._ignore("invalid", f"subscription record {webhook_id!r} ignored: {why}")
 
     def _ignore(self, reason: str, message: str) -> None:
         """A record that would fail in the hot path: count it, say why, keep what was there.

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 from tests.cli_support import Cli, Result, put_args, run_subprocess
+from tests.hostile import subscription_record
 from tests.receiver import HttpsReceiver
-from tests.support import Namespace
+from tests.support import BOOTSTRAP, Namespace
 from tests.test_cli_deadletter import dead_letter
 
 UNREACHABLE = "127.0.0.1:1"  # loopback, nothing listens: connection refused at once
@@ -55,6 +57,22 @@ def test_put_stores_the_url_as_the_dispatcher_will_call_it(
     assert created["url"] == "https://127.0.0.1:8443/hooks"
     shown = cli(ns, "subscriptions", "get", created["webhook_id"], "--json").json()
     assert shown["url"] == "https://127.0.0.1:8443/hooks"
+
+
+def test_a_stored_undeliverable_subscription_is_explained_and_can_be_deleted(
+    cli: Cli, ns: Namespace
+) -> None:
+    producer = Producer({"bootstrap.servers": BOOTSTRAP})
+    record = subscription_record("wh_bad", "https://127.0.0.1:99999/x")
+    producer.produce(ns.settings.subscriptions_topic, record, b"wh_bad")
+    assert producer.flush(30) == 0
+    cli(ns, "subscriptions", "get", "wh_bad").assert_one_line_error(2, "ignored", "Port")
+    assert cli(ns, "subscriptions", "list", "--json").json() == []
+    deleted = cli(ns, "subscriptions", "delete", "wh_bad")
+    assert deleted.code == 0, deleted.err
+    cli(ns, "subscriptions", "get", "wh_bad").assert_one_line_error(
+        2, "no subscription with webhook id 'wh_bad'"
+    )
 
 
 def test_put_with_50000_event_flags_is_refused_at_once(cli: Cli, shared_ns: Namespace) -> None:
