@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 from tests.cli_support import Cli, Result, put_args, run_subprocess
 from tests.hostile import subscription_record
 from tests.receiver import HttpsReceiver
-from tests.support import BOOTSTRAP, Namespace
+from tests.support import BOOTSTRAP, REPO, Namespace
 from tests.test_cli_deadletter import dead_letter
 
 UNREACHABLE = "127.0.0.1:1"  # loopback, nothing listens: connection refused at once
@@ -135,6 +135,10 @@ BAD_CLIENT_SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "missing CA file": (
         {"kafka_security_protocol": "SSL", "kafka_ssl_ca_location": "/nonexistent/ca.pem"},
         "/nonexistent/ca.pem does not exist",
+    ),
+    "CA file not PEM": (
+        {"kafka_security_protocol": "SSL", "kafka_ssl_ca_location": str(REPO / "README.md")},
+        "ssl.ca.location",
     ),
 }
 
