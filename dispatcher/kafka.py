@@ -15,6 +15,7 @@ from dispatcher.errors import ConfigError, DispatcherError, KafkaSetupError
 from dispatcher.settings import Settings
 
 INPUT_STAGE = "input"
+PRODUCER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: Where librdkafka's own log lines go; None leaves them on stderr as plain text,
 #: which suits the one-shot commands but not the service's JSON logs.
@@ -85,6 +86,11 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
+            # The client's own limit (1,000,000 bytes by default) is below the
+            # broker's (1 MiB + 12): an input message the broker accepted must be
+            # writable, headers added, to the invalid-events topic; the broker's
+            # limit is the one that counts.
+            "message.max.bytes": PRODUCER_MAX_MESSAGE_BYTES,
         }
     )
     # Operators may tune batching, never weaken durability.

@@ -73,7 +73,9 @@ def test_poison_events_and_bad_subscriptions_never_stop_good_traffic(
     ns: Namespace = ns_factory(max_event_bytes=MAX_EVENT_BYTES)
     port = receiver.port
     ns.subscribe(receiver.url("/hook"), organization_id=ORG)
-    producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+    producer = Producer(
+        {"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "message.max.bytes": 2 << 20}
+    )
     subs_topic = ns.settings.subscriptions_topic
     # Written as raw records, as any other writer of the topic could.
     deliverable = {
@@ -103,6 +105,9 @@ def test_poison_events_and_bad_subscriptions_never_stop_good_traffic(
     proc = run_dispatcher(ns)
 
     poison = dict(REPORTED)
+    # Above the client's default limit, below the broker's: it was accepted, so it
+    # must be writable to the invalid-events topic too.
+    poison[b"p-near-broker-limit"] = b"x" * 1_040_000
     for i, value in enumerate(sample(poison_events, 40)):
         poison[f"p-generated-{i:02d}".encode()] = value
     good = [good_event(f"good-{i:03d}") for i in range(len(poison) + 1)]
