@@ -17,26 +17,62 @@ from collections.abc import Callable, Sequence
 
 from dispatcher import __version__
 from dispatcher.errors import DispatcherError
+from dispatcher.kafka import check_client_config, send_client_logs_to
 from dispatcher.settings import Settings, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+#: More arguments than any command needs; argparse slows quadratically beyond
+#: (50,000 repeated flags took minutes), so such a command line is refused at once.
+MAX_ARGUMENTS = 1000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) > MAX_ARGUMENTS:
+        print(
+            f"dispatcher: error: {len(argv)} command-line arguments; at most {MAX_ARGUMENTS}",
+            file=sys.stderr,
+        )
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
         return 2
+    # librdkafka prints every failed connection attempt (hundreds of lines while a
+    # broker is down); a command reports the outcome in one line instead.
+    send_client_logs_to(None if args.verbose else _QUIET)
     try:
         settings = load_settings()
         return handler(args, settings)
     except DispatcherError as exc:
-        print(f"dispatcher: error: {exc}", file=sys.stderr)
+        print(f"dispatcher: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug, not an operator mistake: still one line unless asked
+        if args.verbose:
+            raise
+        print(
+            f"dispatcher: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+            "(--verbose shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+#: Swallows librdkafka's own log lines unless ``--verbose``.
+_QUIET = logging.getLogger("dispatcher.kafka-client.quiet")
+_QUIET.propagate = False
+_QUIET.addHandler(logging.NullHandler())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deliver visitor.identified events from Kafka to customer webhooks.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the Kafka client's own log lines, and a traceback on an unexpected error",
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the dispatcher service")
@@ -74,6 +115,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     try:
+        check_client_config(settings)
         asyncio.run(serve(settings))
     except DispatcherError as exc:
         # Once logging is JSON, the reason for exiting is a JSON line too.

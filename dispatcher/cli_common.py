@@ -6,11 +6,12 @@ import argparse
 import getpass
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 from dispatcher.errors import ConfigError
+from dispatcher.models import as_utc
 
 PROG = "dispatcher"
 
@@ -61,9 +62,10 @@ def parse_time_option(value: str, flag: str) -> datetime:
         raise ConfigError(
             f"{flag}: {value!r} is not an ISO 8601 time (e.g. 2025-01-15T10:30:00Z)"
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return as_utc(parsed)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {value!r}: {exc}") from None
 
 
 def add_secret_options(group: Any, what: str, default: str) -> None:

@@ -195,14 +195,14 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_state(args: argparse.Namespace, settings: Settings) -> int:
-    sub = subs.get(settings, args.webhook_id)
     if args.action == "delete":
-        subs.write(settings, sub.webhook_id, None)
+        webhook_id = subs.delete(settings, args.webhook_id)
         if args.json:
-            print_json({"deleted": sub.webhook_id})
+            print_json({"deleted": webhook_id})
         else:
-            print(f"deleted {sub.webhook_id}")
+            print(f"deleted {webhook_id}")
         return 0
+    sub = subs.get(settings, args.webhook_id)
     change = subs.set_enabled(settings, sub, args.action == "enable")
     subs.write(settings, sub.webhook_id, change.sub)
     _show(change, args.json)

@@ -26,7 +26,7 @@ from confluent_kafka import (
 from pydantic import ValidationError
 
 from dispatcher.errors import KafkaSetupError
-from dispatcher.kafka import table_consumer_config
+from dispatcher.kafka import check_topic, make_table_consumer
 from dispatcher.models import format_timestamp
 from dispatcher.records import H_REPLAY_OF, DeliveryRecord, header_value
 from dispatcher.settings import Settings
@@ -163,17 +163,9 @@ def read(settings: Settings, filters: Filters, keep_body: bool = False) -> Scan:
 
 
 def _read_topic(settings: Settings, topic: str) -> Iterable[Message]:
-    consumer = Consumer(table_consumer_config(settings))
+    consumer = make_table_consumer(settings)
     try:
-        try:
-            meta = consumer.list_topics(topic, timeout=15)
-        except KafkaException as exc:
-            raise KafkaSetupError(f"cannot reach Kafka: {exc.args[0]}") from None
-        tmeta = meta.topics.get(topic)
-        if tmeta is None or tmeta.error is not None or not tmeta.partitions:
-            raise KafkaSetupError(
-                f"topic {topic} does not exist; run `dispatcher topics ensure` first"
-            )
+        tmeta = check_topic(consumer, settings, topic, 15)
         ends: dict[int, int] = {}
         for p in sorted(tmeta.partitions):
             low, high = _watermarks(consumer, TopicPartition(topic, p))

@@ -45,6 +45,7 @@ import httpcore
 import httpx
 
 from dispatcher import __version__
+from dispatcher.errors import ConfigError
 from dispatcher.pool import ConnectionPools
 from dispatcher.settings import Settings
 
@@ -391,7 +392,11 @@ def build_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     # Slim container images often ship without a system CA bundle.
     context.load_verify_locations(cafile=certifi.where())
     if ca_file:
-        context.load_verify_locations(cafile=ca_file)
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except OSError as exc:  # missing, unreadable, or not PEM (ssl.SSLError)
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            raise ConfigError(f"DISPATCHER_HTTP_CA_FILE: cannot load {ca_file}: {reason}") from None
     return context
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
-from dispatcher.errors import KafkaSetupError
+from dispatcher.errors import ConfigError, DispatcherError, KafkaSetupError
 from dispatcher.settings import Settings
 
 INPUT_STAGE = "input"
+PRODUCER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: Where librdkafka's own log lines go; None leaves them on stderr as plain text,
 #: which suits the one-shot commands but not the service's JSON logs.
@@ -83,6 +86,11 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
+            # The client's own limit (1,000,000 bytes by default) is below the
+            # broker's (1 MiB + 12): an input message the broker accepted must be
+            # writable, headers added, to the invalid-events topic; the broker's
+            # limit is the one that counts.
+            "message.max.bytes": PRODUCER_MAX_MESSAGE_BYTES,
         }
     )
     # Operators may tune batching, never weaken durability.
@@ -144,17 +152,134 @@ def table_consumer_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_producer(settings: Settings) -> Producer:
+    conf = producer_config(settings)
     try:
-        return Producer(producer_config(settings))
+        return Producer(conf)
     except KafkaException as exc:
-        raise KafkaSetupError(f"cannot create a Kafka producer: {exc}") from None
+        raise client_error(exc, conf, "producer") from None
 
 
 def make_consumer(settings: Settings, group_id: str) -> Consumer:
+    conf = consumer_config(settings, group_id)
     try:
-        return Consumer(consumer_config(settings, group_id))
+        return Consumer(conf)
     except KafkaException as exc:
-        raise KafkaSetupError(f"cannot create a Kafka consumer: {exc}") from None
+        raise client_error(exc, conf, "consumer") from None
+
+
+def make_table_consumer(settings: Settings) -> Consumer:
+    conf = table_consumer_config(settings)
+    try:
+        return Consumer(conf)
+    except KafkaException as exc:
+        raise client_error(exc, conf, "consumer") from None
+
+
+def check_client_config(settings: Settings) -> None:
+    """Create (and drop) each kind of client once, so a bad property fails in one line now.
+
+    librdkafka checks its properties only when a client is created; the service
+    creates some of its clients in background threads, where a bad one would
+    surface late and wrapped.
+    """
+    make_producer(settings)
+    make_consumer(settings, settings.group_id).close()
+    make_table_consumer(settings).close()
+
+
+def client_error(exc: KafkaException, conf: dict[str, Any], what: str) -> DispatcherError:
+    """One line for a client librdkafka refused to create; credentials never quoted.
+
+    An invalid argument (unknown property, bad value, unreadable certificate
+    file) is a setting to fix (exit 2); anything else is the environment (exit 1).
+    """
+    err = exc.args[0] if exc.args else None
+    text = err.str() if isinstance(err, KafkaError) else str(exc)
+    for key, value in conf.items():
+        if _is_secret(key) and isinstance(value, str) and value:
+            text = text.replace(value, "***")
+    missing = [
+        f"{key} file {value} does not exist"
+        for key, value in conf.items()
+        if key.endswith(".location") and isinstance(value, str) and not os.path.exists(value)
+    ]
+    message = f"cannot create a Kafka {what}: {'; '.join(missing) or text}"
+    if isinstance(err, KafkaError) and err.code() == KafkaError._INVALID_ARG:
+        return ConfigError(
+            f"{message} (check DISPATCHER_KAFKA_* settings and DISPATCHER_KAFKA_EXTRA_CONFIG)"
+        )
+    return KafkaSetupError(message)
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key for word in ("password", "secret", "sasl.oauthbearer", ".pem"))
+
+
+def check_topic(
+    client: Consumer | Producer, settings: Settings, topic: str, timeout_s: float
+) -> Any:
+    """The topic's metadata, or one line saying the broker or the topic is missing."""
+    try:
+        meta = client.list_topics(topic, timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaSetupError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {describe(exc)}"
+        ) from None
+    tmeta = meta.topics.get(topic)
+    error = None if tmeta is None else tmeta.error
+    if error is not None and error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+        raise KafkaSetupError(f"cannot read topic {topic}: {error.str()}")
+    if tmeta is None or error is not None or not tmeta.partitions:
+        raise KafkaSetupError(f"topic {topic} does not exist; run `dispatcher topics ensure` first")
+    return tmeta
+
+
+def describe(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.str() if isinstance(err, KafkaError) else str(exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record to produce."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)
+
+
+def produce_confirmed(
+    producer: Producer, records: Sequence[Outgoing], timeout_s: float, what: str
+) -> dict[int, str]:
+    """Produce and wait for every delivery report; the failed ones' errors by index.
+
+    A record the client refuses outright (too large, say) counts as failed; a
+    report that does not arrive within ``timeout_s`` fails the whole call.
+    """
+    errors: dict[int, str] = {}
+
+    def reporter(index: int) -> Callable[[KafkaError | None, Message], None]:
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors[index] = err.str()
+
+        return report
+
+    for index, out in enumerate(records):
+        while True:
+            try:
+                producer.produce(
+                    out.topic, out.value, out.key, headers=out.headers, on_delivery=reporter(index)
+                )
+                break
+            except BufferError:
+                producer.poll(0.1)  # local queue full: let some go first
+            except KafkaException as exc:
+                errors[index] = describe(exc)
+                break
+    flush_or_fail(producer, timeout_s, what)
+    return errors
 
 
 def flush_or_fail(producer: Producer, timeout_s: float, what: str) -> None:

@@ -70,6 +70,12 @@ INVALID_EVENTS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+INVALID_SUBSCRIPTIONS = Counter(
+    "dispatcher_invalid_subscriptions",
+    "Subscription records ignored when read, by reason (no_key, invalid).",
+    ["reason"],
+    registry=REGISTRY,
+)
 SKIPPED = Counter(
     "dispatcher_skipped_deliveries",
     "Deliveries not made on purpose, by reason (disabled, deleted, not_entitled, ...).",

@@ -8,6 +8,7 @@ the same valid and invalid documents). The retry/dead-letter record lives in
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dispatcher.errors import SubscriptionError
+from dispatcher.urls import normalize_url
 
 #: The top-level keys of a delivered body, in the order they are sent.
 BODY_KEYS: Final = (
@@ -38,7 +40,21 @@ def parse_timestamp(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
         raise ValueError("timestamp needs a time zone (use Z for UTC)")
-    return parsed.astimezone(UTC)
+    return as_utc(parsed)
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC (a naive one taken as UTC); ValueError when UTC cannot hold it.
+
+    0001-01-01T00:00:00+01:00 is a valid ISO 8601 time whose UTC form falls before
+    year 1: ``astimezone`` raises OverflowError, which validators would not catch.
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time is out of range once converted to UTC") from None
 
 
 def format_timestamp(value: datetime) -> str:
@@ -112,37 +128,114 @@ class ParsedEvent:
         self.occurred_at = event.occurred_at
         # Built from the raw JSON, not the model, so unknown inner fields reach the
         # customer untouched; only the documented top-level keys are sent.
+        # allow_nan=False: the body must be JSON, and NaN/Infinity are not.
         doc = {key: raw[key] for key in BODY_KEYS}
         doc["timestamp"] = format_timestamp(self.occurred_at)
-        self.body: bytes = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        self.body: bytes = text.encode()
+
+
+InvalidReason = Literal["too_large", "not_json", "invalid_event"]
+
+#: Deepest nesting of objects and arrays accepted in an event. Real events nest
+#: two or three levels; the limit keeps every later step (validation, encoding,
+#: the customer's own parser) far from any recursion limit.
+MAX_EVENT_DEPTH: Final = 32
 
 
 class InvalidEvent(ValueError):
     """An input message that cannot be dispatched; ``reason`` is a metric label."""
 
-    def __init__(self, reason: Literal["too_large", "not_json", "invalid_event"], detail: str):
+    def __init__(self, reason: InvalidReason, detail: str):
+        # The detail goes into a log line and a Kafka header: one line, encodable.
+        detail = " ".join(detail.split())[:500]
+        detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(detail)
-        self.reason = reason
+        self.reason: InvalidReason = reason
         self.detail = detail
 
 
 def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
-    """Validate an input message; raise :class:`InvalidEvent` saying why it is not one."""
+    """Validate an input message; raise :class:`InvalidEvent` saying why it is not one.
+
+    Nothing else ever escapes: whatever the bytes hold, the caller gets either an
+    event it can deliver or a reason to set the message aside.
+    """
+    try:
+        return _parse_event(value, max_bytes)
+    except InvalidEvent:
+        raise
+    except Exception as exc:  # unforeseen: still set aside, never stop the partition
+        raise InvalidEvent(
+            "invalid_event", f"cannot be read: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
     if value is None:
         raise InvalidEvent("invalid_event", "message has no value (a tombstone)")
     if len(value) > max_bytes:
         raise InvalidEvent("too_large", f"message is {len(value)} bytes, limit is {max_bytes}")
     try:
-        raw = json.loads(value)
+        # Strictly UTF-8 (RFC 8259): json.loads would also guess UTF-16 and UTF-32.
+        raw = json.loads(
+            value.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidEvent("not_json", f"not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent(
+            "invalid_event", f"nested deeper than {MAX_EVENT_DEPTH} levels"
+        ) from None
+    except ValueError as exc:  # a number Python will not convert (NaN, 1e999, 5,000 digits)
+        raise InvalidEvent("invalid_event", f"unusable number: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidEvent("invalid_event", "the JSON value is not an object")
+    # Nesting needs an opening bracket per level: counting them (fast, in C) spares
+    # the walk for nearly every event.
+    openers = value.count(b"{") + value.count(b"[")
+    if openers > MAX_EVENT_DEPTH and _depth(raw) > MAX_EVENT_DEPTH:
+        raise InvalidEvent("invalid_event", f"nested deeper than {MAX_EVENT_DEPTH} levels")
     try:
         event = Event.model_validate(raw)
     except ValidationError as exc:
         raise InvalidEvent("invalid_event", short_errors(exc)) from None
-    return ParsedEvent(raw, event)
+    try:
+        return ParsedEvent(raw, event)
+    except UnicodeEncodeError:
+        raise InvalidEvent(
+            "invalid_event", "text holds a lone surrogate (\\ud800-\\udfff)"
+        ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is out of the range of a double")
+    return number
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_EVENT_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def short_errors(exc: ValidationError) -> str:
@@ -162,6 +255,8 @@ class PreviousSecret(BaseModel):
     secret: str = Field(min_length=8, max_length=256)
     expires_at: datetime
 
+    _utc = field_validator("expires_at")(as_utc)
+
 
 class Subscription(BaseModel):
     """One webhook endpoint of an organization (value of the subscriptions topic)."""
@@ -179,17 +274,9 @@ class Subscription(BaseModel):
     created_at: datetime
     updated_at: datetime
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http"):
-            raise ValueError("URL must start with https://")
-        if not parts.hostname:
-            raise ValueError("URL has no host")
-        if parts.username or parts.password:
-            raise ValueError("URL must not carry credentials")
-        return value
+    _url = field_validator("url")(normalize_url)
+    # Times in UTC, so comparing them with now can never fail in the hot path.
+    _utc = field_validator("created_at", "updated_at")(as_utc)
 
     @field_validator("events")
     @classmethod

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Producer
 
 from dispatcher.deadletter import DeadLetter, Filters, read
 from dispatcher.errors import KafkaSetupError
-from dispatcher.kafka import flush_or_fail, make_producer, retry_stages
+from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed, retry_stages
 from dispatcher.models import Subscription, format_timestamp
 from dispatcher.partitions import now_ms
 from dispatcher.records import H_DELIVERY_ID, H_REPLAY_OF, DeliveryRecord, record_headers
@@ -87,6 +87,7 @@ def replay(
         report.replayed = chosen
         return report
     producer = make_producer(settings)
+    check_topic(producer, settings, report.topic, 10.0)
     for start in range(0, len(chosen), REPLAY_BATCH):
         batch = chosen[start : start + REPLAY_BATCH]
         sent = _send_retries(producer, report.topic, batch, report.failed)
@@ -122,40 +123,6 @@ def fresh_record(record: DeliveryRecord) -> DeliveryRecord:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Out:
-    """One record to produce."""
-
-    topic: str
-    value: bytes
-    key: bytes
-    headers: list[tuple[str, str | bytes | None]]
-
-
-def _produce_all(producer: Producer, records: list[_Out], what: str) -> dict[int, str]:
-    """Produce and wait for every acknowledgement; the errors by index."""
-    errors: dict[int, str] = {}
-
-    def reporter(index: int) -> Callable[[KafkaError | None, Message], None]:
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors[index] = err.str()
-
-        return report
-
-    for index, out in enumerate(records):
-        while True:
-            try:
-                producer.produce(
-                    out.topic, out.value, out.key, headers=out.headers, on_delivery=reporter(index)
-                )
-                break
-            except BufferError:
-                producer.poll(0.1)  # local queue full: let some go first
-    flush_or_fail(producer, 60.0, what)
-    return errors
-
-
 def _send_retries(
     producer: Producer,
     topic: str,
@@ -168,8 +135,10 @@ def _send_retries(
     for letter in batch:
         record = fresh_record(letter.record)
         headers = record_headers(record, due, [(H_REPLAY_OF, letter.position.encode())])
-        records.append(_Out(topic, record.to_json(), record.delivery_id.encode(), list(headers)))
-    errors = _produce_all(producer, records, "replayed")
+        records.append(
+            Outgoing(topic, record.to_json(), record.delivery_id.encode(), list(headers))
+        )
+    errors = produce_confirmed(producer, records, 60.0, "replayed")
     for index, error in errors.items():
         failed.append((batch[index], error))
     return [letter for index, letter in enumerate(batch) if index not in errors]
@@ -198,9 +167,11 @@ def _send_markers(
                 (H_DELIVERY_ID, key.encode()),
             ]
             records.append(
-                _Out(settings.dead_letter_topic, json.dumps(value).encode(), key.encode(), headers)
+                Outgoing(
+                    settings.dead_letter_topic, json.dumps(value).encode(), key.encode(), headers
+                )
             )
-    errors = _produce_all(producer, records, "replay marker")
+    errors = produce_confirmed(producer, records, 60.0, "replay marker")
     if errors:
         raise KafkaSetupError(
             f"{len(sent)} deliveries were replayed, but {len(errors)} replay marker(s) could "

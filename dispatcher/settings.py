@@ -21,12 +21,28 @@ ENV_PREFIX = "DISPATCHER_"
 _KAFKA_NAME = re.compile(r"[a-zA-Z0-9._-]+")
 
 
+#: Settings whose values may hold credentials: never quoted in an error.
+SECRET_SETTINGS = frozenset(
+    {"kafka_sasl_password", "kafka_extra_config", "kafka_consumer_extra_config"}
+)
+
+
+def _json(text: str, what: str) -> Any:
+    """Decode a JSON setting; any failure (nesting too deep included) is a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"not a valid JSON {what}: nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"not a valid JSON {what}: {exc}") from None
+
+
 def _split_list(value: Any) -> Any:
     """Accept a JSON list or a comma-separated string from the environment."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)
+            return _json(text, "list")
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
@@ -235,7 +251,7 @@ class Settings(BaseSettings):
     @classmethod
     def _extra(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return json.loads(value) if value.strip() else {}
+            return _json(value, "object") if value.strip() else {}
         return value
 
     @field_validator("retry_delays_s")
@@ -309,6 +325,12 @@ def describe_validation_error(exc: ValidationError) -> str:
         name = f"{ENV_PREFIX}{str(loc[0]).upper()}" if loc else "settings"
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if isinstance(got, dict) or "PASSWORD" in name else f" (got {got!r})"
+        secret = bool(loc) and str(loc[0]) in SECRET_SETTINGS
+        shown = "" if isinstance(got, dict | list) or secret else f" (got {_short(got)})"
         parts.append(f"{name}: {msg}{shown}")
     return "invalid setting: " + "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from dispatcher.egress import IPAddress, blocked_reason
-from dispatcher.errors import SubscriptionError
-from dispatcher.kafka import flush_or_fail, make_producer
+from dispatcher.errors import KafkaSetupError, SubscriptionError
+from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed
 from dispatcher.models import PreviousSecret, Subscription, require_https, short_errors
 from dispatcher.settings import Settings
 from dispatcher.signing import SECRET_PREFIX, generate_secret, standard_webhooks_key
@@ -37,6 +37,8 @@ DEFAULT_EVENTS = ("visitor.identified",)
 KNOWN_EVENTS = frozenset(DEFAULT_EVENTS)
 #: How long the early address check may wait for DNS before leaving it to delivery time.
 RESOLVE_TIMEOUT_S = 5.0
+#: How long a write may take to be acknowledged before the command fails.
+WRITE_TIMEOUT_S = 30.0
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
@@ -61,10 +63,34 @@ def load_table(settings: Settings) -> SubscriptionTable:
 
 
 def get(settings: Settings, webhook_id: str) -> Subscription:
-    sub = load_table(settings).get(webhook_id)
+    table = load_table(settings)
+    sub = table.get(webhook_id)
     if sub is None:
-        raise SubscriptionError(f"no subscription with webhook id {webhook_id!r}")
+        raise SubscriptionError(_missing(table, webhook_id))
     return sub
+
+
+def _missing(table: SubscriptionTable, webhook_id: str) -> str:
+    why = table.ignored.get(webhook_id)
+    if why is None:
+        return f"no subscription with webhook id {webhook_id!r}"
+    return (
+        f"no usable subscription with webhook id {webhook_id!r}: its record is ignored ({why}); "
+        "`subscriptions delete` removes it"
+    )
+
+
+def delete(settings: Settings, webhook_id: str) -> str:
+    """Write a tombstone for a subscription, or for a record the dispatcher ignores.
+
+    A record that does not validate is never loaded, so it cannot be fetched;
+    deleting it is still how it leaves the compacted topic.
+    """
+    table = load_table(settings)
+    if table.get(webhook_id) is None and webhook_id not in table.ignored:
+        raise SubscriptionError(_missing(table, webhook_id))
+    write(settings, webhook_id, None)
+    return webhook_id
 
 
 def list_all(settings: Settings, organization_id: str | None = None) -> list[Subscription]:
@@ -215,7 +241,8 @@ def build(
         "webhook_id": webhook_id,
         "organization_id": organization_id,
         "url": url,
-        "events": tuple(events) if events else None,
+        # Each event once, in the order given: repeating a flag changes nothing.
+        "events": tuple(dict.fromkeys(events)) if events else None,
         "plan": plan,
         "enabled": enabled,
     }
@@ -276,11 +303,16 @@ def rotate(settings: Settings, sub: Subscription, secret: str | None) -> Change:
 
 
 def write(settings: Settings, webhook_id: str, sub: Subscription | None) -> None:
-    """Write a subscription (or a tombstone for ``None``) and wait for the broker."""
+    """Write a subscription (or a tombstone for ``None``) and wait for its acknowledgement.
+
+    Raises :class:`KafkaSetupError` unless the broker confirmed the record, so a
+    caller never reports success (or shows a new secret) for a write that was lost.
+    """
+    topic = settings.subscriptions_topic
     producer = make_producer(settings)
-    producer.produce(
-        settings.subscriptions_topic,
-        None if sub is None else sub.to_json(),
-        webhook_id.encode(),
-    )
-    flush_or_fail(producer, 30.0, "subscription")
+    # Checked first: librdkafka would otherwise wait 30 s for a missing topic to appear.
+    check_topic(producer, settings, topic, WRITE_TIMEOUT_S / 3)
+    record = Outgoing(topic, None if sub is None else sub.to_json(), webhook_id.encode())
+    errors = produce_confirmed(producer, [record], WRITE_TIMEOUT_S, "subscription")
+    if errors:
+        raise KafkaSetupError(f"subscription {webhook_id} was not written to {topic}: {errors[0]}")

@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from dispatcher.errors import KafkaSetupError, SubscriptionError
-from dispatcher.kafka import table_consumer_config
+from dispatcher import metrics
+from dispatcher.errors import ConfigError, KafkaSetupError, SubscriptionError
+from dispatcher.kafka import check_topic, describe, make_table_consumer
 from dispatcher.models import Subscription, decode_subscription
 from dispatcher.settings import Settings
 
@@ -51,6 +52,8 @@ class SubscriptionTable:
         self._waiting_for: str | None = None
         self._on_change = on_change
         self.invalid_records = 0
+        #: Webhook ids whose latest record was ignored, with why (``delete`` can clear them).
+        self.ignored: dict[str, str] = {}
 
     # --- reads (any thread) -------------------------------------------------
     def get(self, webhook_id: str) -> Subscription | None:
@@ -141,6 +144,10 @@ class SubscriptionTable:
                 self._waiting_for = reason
                 self._stop.wait(_REOPEN_EVERY_S)
                 continue
+            except ConfigError as exc:  # a setting to fix: one line, no traceback
+                log.error("subscriptions table reader could not start: %s", exc)
+                self._error = exc
+                return
             except Exception as exc:
                 log.exception("subscriptions table reader could not start")
                 self._error = exc
@@ -153,24 +160,12 @@ class SubscriptionTable:
 
     def _open(self, timeout_s: float = 15.0) -> Consumer:
         topic = self._settings.subscriptions_topic
-        consumer = Consumer(table_consumer_config(self._settings))
+        consumer = make_table_consumer(self._settings)
         try:
-            meta = consumer.list_topics(topic, timeout=timeout_s)
-        except KafkaException as exc:
+            tmeta = check_topic(consumer, self._settings, topic, timeout_s)
+        except KafkaSetupError:
             consumer.close()
-            raise KafkaSetupError(
-                f"cannot reach Kafka at {self._settings.kafka_bootstrap_servers}: {_describe(exc)}"
-            ) from None
-        tmeta = meta.topics.get(topic)
-        error = None if tmeta is None else tmeta.error
-        if error is not None and error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-            consumer.close()
-            raise KafkaSetupError(f"cannot read topic {topic}: {error.str()}")
-        if tmeta is None or error is not None or not tmeta.partitions:
-            consumer.close()
-            raise KafkaSetupError(
-                f"topic {topic} does not exist; run `dispatcher topics ensure` first"
-            )
+            raise
         partitions = sorted(tmeta.partitions)
         self._pending_ends: dict[int, int] = {}
         try:
@@ -183,7 +178,7 @@ class SubscriptionTable:
         except KafkaException as exc:
             consumer.close()
             raise KafkaSetupError(
-                f"cannot read the end offsets of {topic}: {_describe(exc)}"
+                f"cannot read the end offsets of {topic}: {describe(exc)}"
             ) from None
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         if not self._pending_ends:
@@ -229,8 +224,7 @@ class SubscriptionTable:
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
-            self.invalid_records += 1
-            log.warning("subscription record without a key ignored")
+            self._ignore("no_key", "subscription record without a key ignored")
             return
         webhook_id = key.decode("utf-8", "replace")
         sub: Subscription | None = None
@@ -238,9 +232,12 @@ class SubscriptionTable:
             try:
                 sub = decode_subscription(key, value)
             except SubscriptionError as exc:
-                self.invalid_records += 1
-                log.warning("subscription record %s ignored: %s", webhook_id, exc)
+                self._ignore_record(webhook_id, str(exc))
                 return
+            except Exception as exc:  # whatever a record holds, the reader keeps going
+                self._ignore_record(webhook_id, f"{type(exc).__name__}: {exc}")
+                return
+        self.ignored.pop(webhook_id, None)
         # Replace in place (never pop then add) so a concurrent reader never sees
         # a live subscription missing for an instant.
         old = self._by_id.get(webhook_id)
@@ -257,6 +254,20 @@ class SubscriptionTable:
         if self._on_change is not None:
             self._on_change(len(self._by_id))
 
+    def _ignore_record(self, webhook_id: str, why: str) -> None:
+        self.ignored[webhook_id] = why
+        self._ignore("invalid", f"subscription record {webhook_id!r} ignored: {why}")
+
+    def _ignore(self, reason: str, message: str) -> None:
+        """A record that would fail in the hot path: count it, say why, keep what was there.
+
+        A subscription whose new version is unusable keeps its last good version,
+        so one bad write never silently stops an endpoint that worked.
+        """
+        self.invalid_records += 1
+        metrics.INVALID_SUBSCRIPTIONS.labels(reason).inc()
+        log.warning("%s", message[:1000].encode("utf-8", "backslashreplace").decode())
+
     def _reindex(self, organization_id: str) -> None:
         members = self._members.get(organization_id)
         if members:
@@ -264,8 +275,3 @@ class SubscriptionTable:
         else:
             self._members.pop(organization_id, None)
             self._by_org.pop(organization_id, None)
-
-
-def _describe(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    return err.str() if isinstance(err, KafkaError) else str(exc)

@@ -10,7 +10,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from dispatcher.errors import ConfigError, KafkaSetupError
-from dispatcher.kafka import common_config, retry_stages
+from dispatcher.kafka import client_error, common_config, retry_stages
 from dispatcher.settings import Settings
 
 
@@ -76,7 +76,11 @@ class EnsureReport:
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> EnsureReport:
     """Create missing topics and check the configuration of existing ones."""
-    admin = AdminClient(common_config(settings))
+    conf = common_config(settings)
+    try:
+        admin = AdminClient(conf)
+    except KafkaException as exc:
+        raise client_error(exc, conf, "admin client") from None
     specs = topic_specs(settings)
     try:
         existing = admin.list_topics(timeout=min(timeout_s, 10.0)).topics

@@ -78,3 +78,18 @@ def wait_topics_ready(ns: Namespace, timeout_s: float = 30.0) -> Namespace:
     """The namespace, once every partition of its topics has a leader."""
     wait_for_leaders(ns.settings, timeout_s)
     return ns
+
+
+# Written with a URL on the receiver, which the test namespaces allow (loopback).
+PUT_URL = "https://127.0.0.1:8443/hooks/bullseye"
+
+
+def put_args(**changes: str | None) -> list[str]:
+    """``subscriptions put`` with valid values, except those changed (None leaves one out)."""
+    fields: dict[str, str | None] = {"organization": "org_1", "url": PUT_URL, "plan": "scale"}
+    fields.update(changes)
+    args = ["subscriptions", "put"]
+    for flag, value in fields.items():
+        if value is not None:
+            args += [f"--{flag}", value]
+    return args

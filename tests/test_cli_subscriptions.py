@@ -9,22 +9,11 @@ from typing import Any
 import pytest
 
 from dispatcher.subscriptions import get as get_subscription
-from tests.cli_support import Cli, run_subprocess
+from tests.cli_support import PUT_URL, Cli, put_args, run_subprocess
 from tests.receiver import HttpsReceiver
 from tests.support import SEED_EVENT, Namespace, metric_value, wait_until
 
-# Written with a URL on the receiver, which the test namespaces allow (loopback).
-URL = "https://127.0.0.1:8443/hooks/bullseye"
-
-
-def put_args(**changes: str | None) -> list[str]:
-    fields: dict[str, str | None] = {"organization": "org_1", "url": URL, "plan": "scale"}
-    fields.update(changes)
-    args = ["subscriptions", "put"]
-    for flag, value in fields.items():
-        if value is not None:
-            args += [f"--{flag}", value]
-    return args
+URL = PUT_URL
 
 
 # --- refusals ------------------------------------------------------------------
