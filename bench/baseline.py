@@ -10,7 +10,7 @@ three kinds:
 * ``pool_per_endpoint``: plain httpx with a transport mounted per origin, the
   fastest stock httpx gets at this concurrency;
 * ``dispatcher``: httpx over the dispatcher's own transport
-  (:func:`dispatcher.egress.build_http_client`), so that the dispatcher's rate
+  (:func:`dispatcher.outbound.egress.build_http_client`), so that the dispatcher's rate
   divided by this one is the cost of everything but HTTP.
 
 Run as ``python -m bench.baseline '<json>'``; prints one JSON line of results.
@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from dispatcher.egress import build_http_client
+from dispatcher.outbound.egress import build_http_client
 from dispatcher.settings import Settings
 
 KINDS = ("one_pool", "pool_per_endpoint", "dispatcher")

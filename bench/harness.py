@@ -29,12 +29,12 @@ import trustme
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dispatcher.kafka import retry_stages
+from dispatcher.commands.subscriptions import write
+from dispatcher.commands.topics import ensure_topics, topic_specs
 from dispatcher.models import Subscription
+from dispatcher.outbound.signing import generate_secret
 from dispatcher.settings import Settings
-from dispatcher.signing import generate_secret
-from dispatcher.subscriptions import write
-from dispatcher.topics import ensure_topics, topic_specs
+from dispatcher.stages import retry_stages
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_EVENT: dict[str, Any] = json.loads((REPO / "tests" / "data" / "seed-event.json").read_text())
@@ -311,7 +311,7 @@ class Dispatcher:
         self._log = log_path
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher.cli", "run"],
+                [sys.executable, "-m", "dispatcher.commands.cli", "run"],
                 env=ns.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,

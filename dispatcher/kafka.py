@@ -14,7 +14,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from dispatcher.errors import ConfigError, DispatcherError, KafkaSetupError
 from dispatcher.settings import Settings
 
-INPUT_STAGE = "input"
 PRODUCER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: Where librdkafka's own log lines go; None leaves them on stderr as plain text,
@@ -26,33 +25,6 @@ def send_client_logs_to(logger: logging.Logger | None) -> None:
     """Route the log lines of every Kafka client created from now on through ``logger``."""
     global _client_logger
     _client_logger = logger
-
-
-def stage_name(delay_s: int) -> str:
-    """A short name for a delay: 60 -> ``1m``, 1800 -> ``30m``, 7200 -> ``2h``, 5 -> ``5s``."""
-    if delay_s % 3600 == 0:
-        return f"{delay_s // 3600}h"
-    if delay_s % 60 == 0:
-        return f"{delay_s // 60}m"
-    return f"{delay_s}s"
-
-
-@dataclass(frozen=True, slots=True)
-class RetryStage:
-    """One delay topic: deliveries wait there until ``delay_s`` after they failed."""
-
-    index: int
-    name: str
-    topic: str
-    delay_s: int
-
-
-def retry_stages(settings: Settings) -> list[RetryStage]:
-    """The retry stages in order; their topic names derive from the delays."""
-    return [
-        RetryStage(i, stage_name(d), f"{settings.retry_topic_prefix}{stage_name(d)}", d)
-        for i, d in enumerate(settings.retry_delays_s)
-    ]
 
 
 def common_config(settings: Settings) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dispatcher.errors import SubscriptionError
-from dispatcher.urls import normalize_url
+from dispatcher.outbound.urls import normalize_url
 
 #: The top-level keys of a delivered body, in the order they are sent.
 BODY_KEYS: Final = (

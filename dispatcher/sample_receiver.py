@@ -4,7 +4,7 @@
         --secret-file secret.txt
 
 It checks ``X-Bullseye-Signature`` and the Standard Webhooks signature with the
-helpers in :mod:`dispatcher.signing`, answers 200 to authentic deliveries and 401
+helpers in :mod:`dispatcher.outbound.signing`, answers 200 to authentic deliveries and 401
 to the rest, and prints one JSON line per delivery. It is the example receiver
 of the README and of the demo; a real receiver does the same checks.
 """
@@ -18,9 +18,13 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dispatcher.cli_common import add_secret_options, read_secret
+from dispatcher.commands.cli_common import add_secret_options, read_secret
 from dispatcher.errors import ConfigError
-from dispatcher.signing import SignatureVerificationError, verify_bullseye, verify_standard_webhook
+from dispatcher.outbound.signing import (
+    SignatureVerificationError,
+    verify_bullseye,
+    verify_standard_webhook,
+)
 
 
 def verify(secret: str | None, body: bytes, headers: dict[str, str]) -> tuple[bool, str]:

@@ -32,7 +32,7 @@ SEED_EVENT = REPO / "tests" / "data" / "seed-event.json"
 WEBHOOK_ID = "wh_demo"
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 #: The dispatcher command line; ``--dispatcher`` replaces it.
-DISPATCHER = [PYTHON, "-m", "dispatcher.cli"]
+DISPATCHER = [PYTHON, "-m", "dispatcher.commands.cli"]
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import cli
+from dispatcher.commands import cli
 from tests.support import REPO, Namespace, to_env, wait_for_leaders
 
 
@@ -42,7 +42,7 @@ Cli = Callable[..., Result]
 
 
 def make_inprocess(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """``cli(ns, *argv, **setting_overrides)`` runs ``dispatcher.cli.main`` here."""
+    """``cli(ns, *argv, **setting_overrides)`` runs ``dispatcher.commands.cli.main`` here."""
 
     def run(ns: Namespace, *argv: str, **extra: Any) -> Result:
         for key in list(os.environ):
@@ -62,9 +62,9 @@ def make_inprocess(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
 
 
 def run_subprocess(ns: Namespace, *argv: str, timeout_s: float = 120, **extra: Any) -> Result:
-    """``python -m dispatcher.cli ...`` as a child process with the namespace's settings."""
+    """``python -m dispatcher.commands.cli ...`` as a child process with the settings."""
     proc = subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", *argv],
+        [sys.executable, "-m", "dispatcher.commands.cli", *argv],
         env=ns.env(**extra),
         cwd=REPO,
         capture_output=True,

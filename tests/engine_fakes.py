@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 from confluent_kafka import Message, TopicPartition
 
-from dispatcher.consumer import PartitionOwner
-from dispatcher.engine import Engine
+from dispatcher.core.consumer import PartitionOwner
+from dispatcher.core.engine import Engine
 from dispatcher.metrics import REGISTRY
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings

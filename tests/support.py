@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dispatcher.kafka import retry_stages, table_consumer_config
+from dispatcher.commands.subscriptions import write
+from dispatcher.commands.topics import ensure_topics, topic_specs
+from dispatcher.kafka import table_consumer_config
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import write
-from dispatcher.topics import ensure_topics, topic_specs
+from dispatcher.stages import retry_stages
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 SEED_EVENT: dict[str, Any] = json.loads(
@@ -235,7 +236,7 @@ class DispatcherProcess:
     def start(self, wait_ready: bool = True) -> DispatcherProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "run"],
+            [sys.executable, "-m", "dispatcher.commands.cli", "run"],
             env=self._env,
             stdout=log,
             stderr=subprocess.STDOUT,

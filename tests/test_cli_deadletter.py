@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from dispatcher.cli_deadletter import ProgressBar
-from dispatcher.deadletter import Filters, read
-from dispatcher.kafka import retry_stages
+from dispatcher.commands.cli_deadletter import ProgressBar
+from dispatcher.commands.deadletter import Filters, read
 from dispatcher.records import (
     H_ATTEMPT,
     H_DUE_MS,
@@ -24,6 +23,7 @@ from dispatcher.records import (
     header_value,
     record_headers,
 )
+from dispatcher.stages import retry_stages
 from tests.cli_support import Cli, run_subprocess, wait_topics_ready
 from tests.receiver import HttpsReceiver, Reply
 from tests.support import BOOTSTRAP, SEED_EVENT, Namespace, wait_until

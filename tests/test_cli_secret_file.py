@@ -13,8 +13,8 @@ import httpx
 import pytest
 import trustme
 
-from dispatcher.signing import signature_headers
-from dispatcher.subscriptions import get as get_subscription
+from dispatcher.commands.subscriptions import get as get_subscription
+from dispatcher.outbound.signing import signature_headers
 from tests.cli_support import Cli
 from tests.support import REPO, Namespace, free_port
 
@@ -27,7 +27,7 @@ WARNING = "--secret is visible to other users"
 
 def run_with_stdin(ns: Namespace, stdin: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", *argv],
+        [sys.executable, "-m", "dispatcher.commands.cli", *argv],
         env=ns.env(),
         cwd=REPO,
         input=stdin,

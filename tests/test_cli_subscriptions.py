@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.subscriptions import get as get_subscription
+from dispatcher.commands.subscriptions import get as get_subscription
 from tests.cli_support import PUT_URL, Cli, put_args, run_subprocess
 from tests.receiver import HttpsReceiver
 from tests.support import SEED_EVENT, Namespace, metric_value, wait_until

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import __version__
-from dispatcher.egress import (
+from dispatcher.outbound.egress import (
     REASONS,
     EgressBlocked,
     GuardedBackend,

@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from dispatcher.deliveries import ENDPOINT_UNAVAILABLE
-from dispatcher.engine import H_INVALID_REASON
+from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
+from dispatcher.core.engine import H_INVALID_REASON
 from dispatcher.records import DeliveryRecord, Source
 from tests.engine_fakes import (
     FakeTable,

@@ -32,12 +32,12 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.kafka import retry_stages
+from dispatcher.commands.subscriptions import write
+from dispatcher.commands.topics import ensure_topics
 from dispatcher.logs import RepeatFilter
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
-from dispatcher.subscriptions import write
-from dispatcher.topics import ensure_topics
+from dispatcher.stages import retry_stages
 from tests.receiver import HttpsReceiver, Reply
 from tests.support import (
     BOOTSTRAP,
@@ -58,7 +58,7 @@ MARKERS = (SECRET, SECRET.removeprefix("whsec_"), CANARY.decode())
 
 LOG_KEYS = {"time", "level", "logger", "message"}
 #: Loggers whose every line is about one delivery.
-DELIVERY_LOGGERS = {"dispatcher.deliveries"}
+DELIVERY_LOGGERS = {"dispatcher.core.deliveries"}
 
 
 def event(org: str, **changes: Any) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def assert_no_secret(what: str, data: bytes | str) -> None:
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", *args],
+        [sys.executable, "-m", "dispatcher.commands.cli", *args],
         env=env,
         cwd=REPO,
         capture_output=True,

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.endpoints import Admission, Endpoint
-from dispatcher.kafka import RetryStage
-from dispatcher.offsets import OffsetTracker
-from dispatcher.routing import after_failure, for_deferral
+from dispatcher.core.endpoints import Admission, Endpoint
+from dispatcher.core.offsets import OffsetTracker
+from dispatcher.core.routing import after_failure, for_deferral
+from dispatcher.stages import RetryStage
 
 # --- OffsetTracker -------------------------------------------------------------
 

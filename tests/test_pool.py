@@ -16,7 +16,7 @@ import httpcore
 import httpx
 import pytest
 
-from dispatcher.egress import (
+from dispatcher.outbound.egress import (
     GuardedBackend,
     GuardedTransport,
     build_http_client,

@@ -26,8 +26,8 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dispatcher.kafka import RetryStage, retry_stages
 from dispatcher.records import H_ATTEMPT, H_DELIVERY_ID, H_DUE_MS
+from dispatcher.stages import RetryStage, retry_stages
 from tests.receiver import HttpsReceiver, ReceivedRequest, Reply
 from tests.support import (
     BOOTSTRAP,

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from dispatcher.commands.sendtest import SAMPLE_EVENT, sample_body
+from dispatcher.commands.subscriptions import write
 from dispatcher.models import PreviousSecret
-from dispatcher.sendtest import SAMPLE_EVENT, sample_body
-from dispatcher.signing import generate_secret
-from dispatcher.subscriptions import write
+from dispatcher.outbound.signing import generate_secret
 from tests.cli_support import Cli, make_inprocess, run_subprocess, wait_topics_ready
 from tests.receiver import HttpsReceiver, Reply
 from tests.support import SEED_EVENT, Namespace, free_port

@@ -45,7 +45,7 @@ def test_bad_setting_is_one_line_naming_it(variable: str, value: str, expected: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     env[variable] = value
     done = subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "topics", "ensure"],
+        [sys.executable, "-m", "dispatcher.commands.cli", "topics", "ensure"],
         env=env,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from dispatcher.signing import (
+from dispatcher.outbound.signing import (
     SignatureVerificationError,
     bullseye_signature,
     generate_secret,

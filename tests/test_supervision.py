@@ -13,8 +13,8 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from dispatcher.consumer import StageConsumer
-from dispatcher.producer import AsyncProducer
+from dispatcher.core.consumer import StageConsumer
+from dispatcher.core.producer import AsyncProducer
 from tests.engine_fakes import sample, settings
 
 

@@ -7,14 +7,14 @@ import sys
 
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from dispatcher.commands.topics import ensure_topics
 from dispatcher.settings import Settings
-from dispatcher.topics import ensure_topics
 from tests.support import BOOTSTRAP, Namespace, namespace_settings, to_env
 
 
 def ensure(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "topics", "ensure"],
+        [sys.executable, "-m", "dispatcher.commands.cli", "topics", "ensure"],
         env=env,
         capture_output=True,
         text=True,
@@ -76,7 +76,7 @@ def test_ensure_with_unreachable_broker_is_one_clear_line() -> None:
     env = base_env(values)
     env["DISPATCHER_KAFKA_EXTRA_CONFIG"] = '{"socket.connection.setup.timeout.ms": "1000"}'
     done = subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "topics", "ensure"],
+        [sys.executable, "-m", "dispatcher.commands.cli", "topics", "ensure"],
         env=env,
         capture_output=True,
         text=True,

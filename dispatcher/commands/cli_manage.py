@@ -11,12 +11,12 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
-from dispatcher import subscriptions as subs
-from dispatcher.cli import print_json
-from dispatcher.cli_common import (
+from dispatcher.commands import subscriptions as subs
+from dispatcher.commands.cli_common import (
     OneLineParser,
     add_secret_options,
     missing_action,
+    print_json,
     print_table,
     read_secret,
     warn,
@@ -219,7 +219,7 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.sendtest import send_test
+    from dispatcher.commands.sendtest import send_test
 
     sub = subs.get(settings, args.webhook_id)
     if not sub.enabled:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import urllib.error
@@ -101,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensure = tsub.add_parser("ensure", help="create missing topics; report misconfigured ones")
     ensure.set_defaults(handler=cmd_topics_ensure)
 
-    from dispatcher import cli_deadletter, cli_group, cli_manage
+    from dispatcher.commands import cli_deadletter, cli_group, cli_manage
 
     cli_manage.add_commands(sub)
     cli_deadletter.add_commands(sub)
@@ -110,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.core.service import serve
     from dispatcher.logs import configure_logging
-    from dispatcher.service import serve
 
     configure_logging(settings.log_level)
     try:
@@ -140,7 +139,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics_ensure(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.topics import ensure_topics
+    from dispatcher.commands.topics import ensure_topics
 
     report = ensure_topics(settings)
     for name in report.created:
@@ -155,10 +154,6 @@ def cmd_topics_ensure(args: argparse.Namespace, settings: Settings) -> int:
         print(f"dispatcher: error: {len(report.problems)} topic(s) misconfigured", file=sys.stderr)
         return 1
     return 0
-
-
-def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from dispatcher import deadletter, replay
-from dispatcher.cli import print_json
-from dispatcher.cli_common import OneLineParser, missing_action, parse_time_option, print_table
+from dispatcher.commands import deadletter, replay
+from dispatcher.commands.cli_common import (
+    OneLineParser,
+    missing_action,
+    parse_time_option,
+    print_json,
+    print_table,
+)
 from dispatcher.errors import ConfigError, DispatcherError
 from dispatcher.models import format_timestamp
 from dispatcher.settings import Settings
@@ -130,7 +135,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.subscriptions import load_table
+    from dispatcher.commands.subscriptions import load_table
 
     filters = _filters(args)
     if filters.empty and not args.all:

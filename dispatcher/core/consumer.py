@@ -1,7 +1,7 @@
 """A group consumer for one stage, run in its own thread.
 
 The thread only polls and hands batches to the event loop; all decisions are
-taken on the loop (see :mod:`dispatcher.engine`). The loop's pause, resume and
+taken on the loop (see :mod:`dispatcher.core.engine`). The loop's pause, resume and
 offset-store requests are queued and carried out by this thread between polls:
 called from the loop they would wait on the consumer while it is inside
 ``consume()``, stalling every delivery for that long. Rebalance

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -122,6 +123,11 @@ def warn_of_secret_option(args: argparse.Namespace) -> None:
             "--secret is visible to other users in `ps` and stays in shell history; "
             "use --secret-file PATH or --secret-file - (standard input)"
         )
+
+
+def print_json(value: object) -> None:
+    """A command's ``--json`` output: indented, times and other values as text."""
+    print(json.dumps(value, indent=2, default=str))
 
 
 def warn(message: str) -> None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from dispatcher.delivery import AttemptResult, build_headers, post
-from dispatcher.egress import build_http_client
 from dispatcher.models import Subscription, format_timestamp, parse_event
+from dispatcher.outbound.delivery import AttemptResult, build_headers, post
+from dispatcher.outbound.egress import build_http_client
 from dispatcher.settings import Settings
 
 #: How much of the endpoint's answer is shown to the operator.

@@ -20,9 +20,9 @@ from typing import Final
 import httpx
 
 from dispatcher import __version__
-from dispatcher.egress import EgressBlocked
 from dispatcher.metrics import status_class
-from dispatcher.signing import signature_headers
+from dispatcher.outbound.egress import EgressBlocked
+from dispatcher.outbound.signing import signature_headers
 
 H_DELIVERY_ID: Final = "X-Bullseye-Delivery-Id"
 H_ATTEMPT: Final = "X-Bullseye-Attempt"

@@ -4,7 +4,7 @@ Each selected delivery goes back to the first retry stage, due now, with its
 attempt count and history cleared (same delivery id, same body), so the stage
 attempts it as attempt 1 and, should it fail again, retries it in full. Each
 replay is then recorded in the dead-letter topic itself by a marker (see
-:mod:`dispatcher.deadletter`); dead letters with a marker are left out of later
+:mod:`dispatcher.commands.deadletter`); dead letters with a marker are left out of later
 replays, so running the same replay twice sends nothing the second time. A
 replayed delivery that fails again is dead-lettered anew, at a new offset, and
 can be replayed again.
@@ -22,13 +22,14 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Producer
 
-from dispatcher.deadletter import DeadLetter, Filters, read
+from dispatcher.commands.deadletter import DeadLetter, Filters, read
+from dispatcher.core.partitions import now_ms
 from dispatcher.errors import KafkaSetupError
-from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed, retry_stages
+from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed
 from dispatcher.models import Subscription, format_timestamp
-from dispatcher.partitions import now_ms
 from dispatcher.records import H_DELIVERY_ID, H_REPLAY_OF, DeliveryRecord, record_headers
 from dispatcher.settings import Settings
+from dispatcher.stages import retry_stages
 
 #: Retry records written before their markers are; bounds what a crash can replay twice.
 REPLAY_BATCH = 500

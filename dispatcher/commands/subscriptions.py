@@ -24,13 +24,13 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from dispatcher.egress import IPAddress, blocked_reason
+from dispatcher.core.table import SubscriptionTable
 from dispatcher.errors import KafkaSetupError, SubscriptionError
 from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed
 from dispatcher.models import PreviousSecret, Subscription, require_https, short_errors
+from dispatcher.outbound.egress import IPAddress, blocked_reason
+from dispatcher.outbound.signing import SECRET_PREFIX, generate_secret, standard_webhooks_key
 from dispatcher.settings import Settings
-from dispatcher.signing import SECRET_PREFIX, generate_secret, standard_webhooks_key
-from dispatcher.table import SubscriptionTable
 
 DEFAULT_EVENTS = ("visitor.identified",)
 #: Events upstream publishes; a subscription to anything else would never fire.

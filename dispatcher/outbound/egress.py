@@ -46,7 +46,7 @@ import httpx
 
 from dispatcher import __version__
 from dispatcher.errors import ConfigError
-from dispatcher.pool import ConnectionPools
+from dispatcher.outbound.pool import ConnectionPools
 from dispatcher.settings import Settings
 
 __all__ = [
@@ -329,7 +329,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     Plain ``http://`` requests raise :class:`EgressBlocked` (``plain_http``) unless
     ``allow_http``. There is no proxy support: a proxy would resolve the name
     itself, out of reach of the address check. Connections are pooled per origin
-    (:class:`~dispatcher.pool.ConnectionPools`), up to ``max_connections`` in use
+    (:class:`~dispatcher.outbound.pool.ConnectionPools`), up to ``max_connections`` in use
     for each; the caller's in-flight limits bound the sum.
     """
 

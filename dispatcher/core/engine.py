@@ -9,7 +9,7 @@ endpoint it fed has a full queue (backpressure). Each message fans out to
 deliveries; its offset is finished when every one of them has succeeded, been
 skipped on purpose, or been durably written to the next topic, and the tracker
 then lets the committable position move past it. The counting is owned by
-:class:`~dispatcher.work.Work` alone.
+:class:`~dispatcher.core.work.Work` alone.
 
 Nothing that one record holds may stop the pump: an exception while fanning a
 message out sends it to the invalid-events topic (reason ``internal``); one that
@@ -32,16 +32,16 @@ import httpx
 from confluent_kafka import Message, TopicPartition
 
 from dispatcher import metrics
-from dispatcher.consumer import ConsumerFactory, StageConsumer, StageFeed
-from dispatcher.deliveries import DeliveryRunner
-from dispatcher.fanout import Fanout, Subscriptions, Unusable
-from dispatcher.kafka import INPUT_STAGE, retry_stages
-from dispatcher.partitions import PartitionState, Slot, now_ms, position_of
-from dispatcher.producer import RecordSink
+from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
+from dispatcher.core.deliveries import DeliveryRunner
+from dispatcher.core.fanout import Fanout, Subscriptions, Unusable
+from dispatcher.core.partitions import PartitionState, Slot, now_ms, position_of
+from dispatcher.core.producer import RecordSink
+from dispatcher.core.watchdog import stuck_partitions
+from dispatcher.core.work import Ticket, Work
 from dispatcher.records import H_SOURCE, due_ms_of
 from dispatcher.settings import Settings
-from dispatcher.watchdog import stuck_partitions
-from dispatcher.work import Ticket, Work
+from dispatcher.stages import INPUT_STAGE, retry_stages
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ import logging
 import signal
 
 from dispatcher import kafka, metrics
-from dispatcher.egress import build_http_client
-from dispatcher.engine import Engine
+from dispatcher.core.engine import Engine
+from dispatcher.core.health import Health, HealthServer
+from dispatcher.core.producer import AsyncProducer
+from dispatcher.core.table import SubscriptionTable
 from dispatcher.errors import EngineFailure, KafkaSetupError
-from dispatcher.health import Health, HealthServer
 from dispatcher.logs import KAFKA_CLIENT_LOGGER
-from dispatcher.producer import AsyncProducer
+from dispatcher.outbound.egress import build_http_client
 from dispatcher.settings import Settings
-from dispatcher.table import SubscriptionTable
 
 log = logging.getLogger(__name__)
 

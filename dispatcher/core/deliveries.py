@@ -4,7 +4,7 @@ A :class:`Delivery` is one (event, subscription) pair for one try. The
 :class:`DeliveryRunner` admits it at its endpoint (the webhook: start, queue or
 defer), makes the attempt, and on failure writes the delivery record to the next
 retry stage or to the dead-letter topic. Each delivery holds a
-:class:`~dispatcher.work.Ticket` that it finishes only once its result is final
+:class:`~dispatcher.core.work.Ticket` that it finishes only once its result is final
 or durably written, so the message's offset may then be committed.
 
 An endpoint whose queue is full makes the partitions that feed it wait
@@ -27,16 +27,16 @@ from typing import Any
 import httpx
 
 from dispatcher import metrics
-from dispatcher.delivery import AttemptResult, build_headers, post
-from dispatcher.endpoints import Admission, Endpoint
-from dispatcher.kafka import RetryStage
+from dispatcher.core.endpoints import Admission, Endpoint
+from dispatcher.core.partitions import PartitionState, Slot, now_ms
+from dispatcher.core.producer import RecordSink
+from dispatcher.core.routing import after_failure, for_deferral
+from dispatcher.core.work import Ticket, Work
 from dispatcher.models import Subscription
-from dispatcher.partitions import PartitionState, Slot, now_ms
-from dispatcher.producer import RecordSink
+from dispatcher.outbound.delivery import AttemptResult, build_headers, post
 from dispatcher.records import Attempt, DeliveryRecord, Source, record_headers
-from dispatcher.routing import after_failure, for_deferral
 from dispatcher.settings import Settings
-from dispatcher.work import Ticket, Work
+from dispatcher.stages import RetryStage
 
 log = logging.getLogger(__name__)
 #: Summary lines name no delivery: they have a logger of their own.

@@ -10,8 +10,9 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from dispatcher.errors import ConfigError, KafkaSetupError
-from dispatcher.kafka import client_error, common_config, retry_stages
+from dispatcher.kafka import client_error, common_config
 from dispatcher.settings import Settings
+from dispatcher.stages import retry_stages
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 The topic is read whole, every partition from the beginning up to its end offset
 as of the start of the command. Besides dead letters it holds *replay markers*
-(see :mod:`dispatcher.replay`): records keyed by the delivery id with the header
+(see :mod:`dispatcher.commands.replay`): records keyed by the delivery id with the header
 ``dispatcher-replay-of: <partition>/<offset>`` naming the dead letter replayed.
 A dead letter with a marker has been replayed already.
 """

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message, TopicPartition
 
-from dispatcher.consumer import StageFeed
-from dispatcher.kafka import RetryStage
-from dispatcher.offsets import OffsetTracker
+from dispatcher.core.consumer import StageFeed
+from dispatcher.core.offsets import OffsetTracker
+from dispatcher.stages import RetryStage
 
 
 def now_ms() -> int:

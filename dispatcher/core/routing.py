@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatcher.kafka import RetryStage
+from dispatcher.stages import RetryStage
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,12 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from dispatcher import metrics
-from dispatcher.deliveries import Delivery
-from dispatcher.kafka import INPUT_STAGE, RetryStage
+from dispatcher.core.deliveries import Delivery
+from dispatcher.core.partitions import Slot
 from dispatcher.models import InvalidEvent, Subscription, parse_event, short_errors
-from dispatcher.partitions import Slot
 from dispatcher.records import DeliveryRecord, Source, delivery_id_for
 from dispatcher.settings import Settings
+from dispatcher.stages import INPUT_STAGE, RetryStage
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from dispatcher.cli import print_json
-from dispatcher.cli_common import OneLineParser, missing_action, print_table
+from dispatcher.commands.cli_common import (
+    OneLineParser,
+    missing_action,
+    print_json,
+    print_table,
+)
 from dispatcher.errors import ConfigError, KafkaSetupError
-from dispatcher.kafka import common_config, retry_stages
+from dispatcher.kafka import common_config
 from dispatcher.settings import Settings
+from dispatcher.stages import retry_stages
 
 TIMEOUT_S = 15.0
 

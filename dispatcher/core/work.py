@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from dispatcher import metrics
-from dispatcher.partitions import Slot
+from dispatcher.core.partitions import Slot
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 
 from dispatcher import metrics
-from dispatcher.partitions import PartitionState, now_ms
+from dispatcher.core.partitions import PartitionState, now_ms
 from dispatcher.records import due_ms_of
 from dispatcher.settings import Settings
 
