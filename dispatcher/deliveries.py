@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from dispatcher import metrics
+from dispatcher.attempts import emit_attempt
 from dispatcher.delivery import AttemptResult, build_headers, post
 from dispatcher.endpoints import Admission, Endpoint, endpoint_key
 from dispatcher.kafka import RetryStage
@@ -27,7 +28,7 @@ from dispatcher.models import Subscription
 from dispatcher.partitions import PartitionState, Slot, now_ms
 from dispatcher.producer import AsyncProducer
 from dispatcher.records import Attempt, DeliveryRecord, Source, record_headers
-from dispatcher.routing import after_failure, for_deferral
+from dispatcher.routing import NextHop, after_failure, for_deferral
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,10 @@ class DeliveryRunner:
                     extra={"delivery_id": d.delivery_id, "attempt": attempt, "stage": d.stage},
                 )
                 self._delivery_done(d)
-            else:
-                await self._after_failure(d, result)
+            hop = None if result.ok else await self._after_failure(d, result)
+            emit_attempt(
+                self.producer, self.settings.attempts_topic, d, attempt, headers, result, hop
+            )
         finally:
             self._abandon_if_unfinished(d)
             self._release(ep, d, None if result is None else result.ok)
@@ -138,7 +141,7 @@ class DeliveryRunner:
         if ep.idle and ep.failures == 0:
             self.endpoints.pop(d.endpoint, None)
 
-    async def _after_failure(self, d: Delivery, result: AttemptResult) -> None:
+    async def _after_failure(self, d: Delivery, result: AttemptResult) -> NextHop:
         now = datetime.now(UTC)
         record = d.record or self._new_record(d)
         record.attempts_made = d.attempts_made + 1
@@ -188,6 +191,7 @@ class DeliveryRunner:
             topic, record.to_json(), d.delivery_id.encode(), record_headers(record, hop.due_ms)
         )
         self._delivery_done(d)
+        return hop
 
     async def _defer(self, d: Delivery, reason: str) -> None:
         metrics.DEFERRALS.labels(reason).inc()

@@ -175,6 +175,7 @@ class Subscription(BaseModel):
     secret: str | None = Field(None, min_length=8, max_length=256)
     previous_secrets: tuple[PreviousSecret, ...] = ()
     enabled: bool = True
+    description: str | None = Field(None, max_length=500)
     plan: str = Field(min_length=1, max_length=64)
     created_at: datetime
     updated_at: datetime

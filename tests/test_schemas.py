@@ -168,3 +168,36 @@ def test_delivery_record_model_output_matches_schema() -> None:
     assert not validator.is_valid(bad)
     with pytest.raises(ValueError):
         DeliveryRecord.model_validate(bad)
+
+
+def test_attempt_record_model_output_matches_schema() -> None:
+    from dispatcher.attempts import AttemptRecord
+
+    record = AttemptRecord(
+        delivery_id="msg_1",
+        webhook_id="wh_1",
+        organization_id="org_abc123",
+        event="visitor.identified",
+        session_id="sess_1",
+        event_timestamp=datetime.now(UTC),
+        source={"topic": "visitor.identified", "partition": 0, "offset": 5},  # type: ignore[arg-type]
+        attempt=1,
+        stage="input",
+        at=datetime.now(UTC),
+        duration_ms=12.5,
+        status_code=500,
+        error_class="http",
+        response_snippet="oops",
+        next_retry_at=datetime.now(UTC),
+        request_headers={"X-Bullseye-Signature": "ab12"},
+        body=json.dumps(SEED_EVENT),
+    )
+    validator = jsonschema.Draft202012Validator(
+        schema("attempt-record.schema.json"), format_checker=jsonschema.FormatChecker()
+    )
+    validator.validate(json.loads(record.to_json()))
+    bad = json.loads(record.to_json())
+    bad["secret"] = "whsec_x"
+    assert not validator.is_valid(bad)
+    with pytest.raises(ValueError):
+        AttemptRecord.model_validate(bad)
