@@ -18,7 +18,7 @@ import logging
 import sys
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Final
 
@@ -196,13 +196,14 @@ class HistoryIndex:
                     continue
                 if len(page) == limit:
                     return page, True
-                page.append(entry)
+                page.append(_snapshot(entry))
             return page, False
 
     def delivery(self, webhook_id: str, delivery_id: str) -> DeliveryEntry | None:
         with self.lock:
             hist = self.webhooks.get(webhook_id)
-            return None if hist is None else hist.deliveries.get(delivery_id)
+            entry = None if hist is None else hist.deliveries.get(delivery_id)
+            return None if entry is None else _snapshot(entry)
 
     def summary(self, webhook_id: str, now_ms: int) -> dict[str, object]:
         with self.lock:
@@ -227,6 +228,11 @@ class HistoryIndex:
             },
             "failing_now": hist.last_ok is False,
         }
+
+
+def _snapshot(entry: DeliveryEntry) -> DeliveryEntry:
+    """A copy that the reader thread will not change while a request reads it."""
+    return replace(entry, attempts=list(entry.attempts))
 
 
 def _percentile(sorted_values: list[float], q: int) -> float | None:
