@@ -119,6 +119,8 @@ def install(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # a body that cannot even be parsed (bad bytes)
+            return respond(field_problem("body", str(exc.detail)), request.url.path)
         titles = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized"}
         problem = Problem(
             exc.status_code,
