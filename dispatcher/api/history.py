@@ -127,7 +127,7 @@ class HistoryIndex:
             self._seq += 1
             entry = DeliveryEntry(
                 self._seq,
-                sys.intern(r.delivery_id),
+                r.delivery_id,
                 sys.intern(r.event),
                 r.session_id,
                 at_ms,
