@@ -73,6 +73,18 @@ def test_keys_health_and_problems(
         assert malformed.status_code == 422 and malformed.headers["content-type"] == PROBLEM
         huge = http.post(webhooks(api), json={"url": receiver.url("/hook"), "x": "a" * 70_000})
         assert huge.status_code == 413 and huge.headers["content-type"] == PROBLEM
+        chunked = http.post(
+            webhooks(api),
+            content=iter([b'{"url": "', b"a" * 40_000, b"b" * 40_000, b'"}']),
+            headers={"content-type": "application/json"},
+        )
+        assert chunked.status_code == 413, chunked.text
+        small_chunks = http.post(
+            webhooks(api),
+            content=iter([b'{"url": "ftp://x', b'.example.com"}']),
+            headers={"content-type": "application/json"},
+        )
+        assert small_chunks.status_code == 422  # read whole, then validated as usual
         assert http.get(webhooks(api)).json() == {"data": []}  # nothing was written
 
     log_lines = [json.loads(line) for line in api.logs().splitlines() if line.startswith("{")]

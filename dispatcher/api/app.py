@@ -62,7 +62,12 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class BodyLimit:
-    """Refuse a body over the limit with 413, before any of it reaches a route."""
+    """Refuse a body over the limit with 413, before any of it reaches a route.
+
+    A declared length is checked at once; a chunked body is read here (up to the
+    limit) and handed on whole, since a route's own read would turn the refusal
+    into a parse error.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -73,31 +78,32 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
+        messages: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+                await self._refuse(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = Problem(413, "too-large", "Body too large", f"limit is {self.max_bytes} bytes")
         await problems.respond(problem, scope.get("path"))(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
