@@ -15,10 +15,11 @@ reached the end offsets seen at start) and then follows it.
 from __future__ import annotations
 
 import logging
+import struct
 import sys
 import threading
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from array import array
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
 
@@ -61,11 +62,64 @@ class AttemptLine:
     dead_lettered: bool
     partition: int
     offset: int
+    has_body: bool = False
+
+
+# An attempt packed into 36 bytes: flags, attempt, status code (-1 = none), time,
+# duration, error class (index into _ERRORS), next retry (-1 = none), partition,
+# offset. Kept as objects, an attempt cost about 200 bytes; a million deliveries
+# made that the bulk of the index (bench/history_memory.py).
+_PACKED = struct.Struct("<BHhqfBqHq")
+_RESEND, _OK, _DEAD, _BODY = 1, 2, 4, 8
+_ERRORS: list[str] = ["none", "http", "timeout", "connection", "tls", "blocked", "other"]
+_ERROR_INDEX = {name: i for i, name in enumerate(_ERRORS)}
+
+
+def _error_index(name: str) -> int:
+    index = _ERROR_INDEX.get(name)
+    if index is None:
+        if len(_ERRORS) >= 255:  # a closed set in practice; never let it grow without bound
+            return _ERROR_INDEX["other"]
+        index = _ERROR_INDEX[name] = len(_ERRORS)
+        _ERRORS.append(sys.intern(name))
+    return index
+
+
+def _unpack(packed: bytes) -> list[AttemptLine]:
+    lines = []
+    for (
+        flags,
+        attempt,
+        status,
+        at,
+        duration,
+        error,
+        retry,
+        partition,
+        offset,
+    ) in _PACKED.iter_unpack(packed):
+        lines.append(
+            AttemptLine(
+                "resend" if flags & _RESEND else "attempt",
+                attempt,
+                at,
+                round(duration, 3),
+                bool(flags & _OK),
+                None if status < 0 else status,
+                _ERRORS[error],
+                None if retry < 0 else retry,
+                bool(flags & _DEAD),
+                partition,
+                offset,
+                bool(flags & _BODY),
+            )
+        )
+    return lines
 
 
 @dataclass(slots=True)
 class DeliveryEntry:
-    """One delivery of one webhook."""
+    """One delivery of one webhook; its attempts packed (see ``_PACKED``)."""
 
     seq: int
     delivery_id: str
@@ -73,8 +127,19 @@ class DeliveryEntry:
     session_id: str | None
     first_ms: int
     status: str = "pending"
-    attempts: list[AttemptLine] = field(default_factory=list)
-    body_at: tuple[int, int] | None = None
+    packed: bytes = b""
+
+    @property
+    def attempts(self) -> list[AttemptLine]:
+        return _unpack(self.packed)
+
+    @property
+    def body_at(self) -> tuple[int, int] | None:
+        """Where the record carrying the body is (the latest first attempt)."""
+        for line in reversed(self.attempts):
+            if line.has_body:
+                return line.partition, line.offset
+        return None
 
     @property
     def last(self) -> AttemptLine | None:
@@ -92,15 +157,47 @@ class LastError:
     error: str | None
 
 
-@dataclass(slots=True)
 class WebhookHistory:
-    deliveries: OrderedDict[str, DeliveryEntry] = field(default_factory=OrderedDict)
-    hours: dict[int, list[int]] = field(default_factory=dict)
-    latencies: deque[tuple[int, float]] = field(
-        default_factory=lambda: deque(maxlen=LATENCIES_KEPT)
+    """One webhook's deliveries (oldest first) and its counters, in compact arrays."""
+
+    __slots__ = (
+        "count_hours",
+        "counts",
+        "deliveries",
+        "last_error",
+        "last_ok",
+        "lat_at",
+        "lat_ms",
+        "lat_next",
     )
-    last_error: LastError | None = None
-    last_ok: bool | None = None
+
+    def __init__(self) -> None:
+        self.deliveries: dict[str, DeliveryEntry] = {}  # insertion order = age
+        # Successes and failures per hour for the last 25 hours, in a ring by hour.
+        self.count_hours = array("q", [-1] * 25)
+        self.counts = array("L", [0] * 50)
+        # The latest attempts' times and durations, in a ring.
+        self.lat_at = array("q")
+        self.lat_ms = array("f")
+        self.lat_next = 0
+        self.last_error: LastError | None = None
+        self.last_ok: bool | None = None
+
+    def count(self, hour: int, ok: bool) -> None:
+        slot = hour % 25
+        if self.count_hours[slot] != hour:
+            self.count_hours[slot] = hour
+            self.counts[2 * slot] = self.counts[2 * slot + 1] = 0
+        self.counts[2 * slot + (0 if ok else 1)] += 1
+
+    def latency(self, at_ms: int, duration_ms: float) -> None:
+        if len(self.lat_at) < LATENCIES_KEPT:
+            self.lat_at.append(at_ms)
+            self.lat_ms.append(duration_ms)
+            return
+        self.lat_at[self.lat_next] = at_ms
+        self.lat_ms[self.lat_next] = duration_ms
+        self.lat_next = (self.lat_next + 1) % LATENCIES_KEPT
 
 
 class HistoryIndex:
@@ -126,41 +223,34 @@ class HistoryIndex:
         if entry is None:
             self._seq += 1
             entry = DeliveryEntry(
-                self._seq,
-                r.delivery_id,
-                sys.intern(r.event),
-                r.session_id,
-                at_ms,
+                self._seq, r.delivery_id, sys.intern(r.event), r.session_id, at_ms
             )
             hist.deliveries[r.delivery_id] = entry
             while len(hist.deliveries) > self.per_webhook:
-                hist.deliveries.popitem(last=False)
-        line = AttemptLine(
-            sys.intern(r.kind),
-            r.attempt,
+                del hist.deliveries[next(iter(hist.deliveries))]
+        flags = (
+            (_RESEND if r.kind == "resend" else 0)
+            | (_OK if r.ok else 0)
+            | (_DEAD if r.dead_lettered else 0)
+            | (_BODY if r.body is not None else 0)
+        )
+        entry.packed += _PACKED.pack(
+            flags,
+            min(r.attempt, 65535),
+            -1 if r.status_code is None else max(min(r.status_code, 32767), -1),
             at_ms,
             r.duration_ms,
-            r.ok,
-            r.status_code,
-            sys.intern(r.error_class),
-            None if r.next_retry_at is None else to_ms(r.next_retry_at),
-            r.dead_lettered,
-            partition,
+            _error_index(r.error_class),
+            -1 if r.next_retry_at is None else to_ms(r.next_retry_at),
+            min(partition, 65535),
             offset,
         )
-        entry.attempts.append(line)
-        if r.body is not None:
-            entry.body_at = (partition, offset)
         if r.kind == "resend":
             entry.status = "pending"
             return
         entry.status = "succeeded" if r.ok else ("dead_lettered" if r.dead_lettered else "failing")
-        hour = at_ms // HOUR_MS
-        counts = hist.hours.setdefault(hour, [0, 0])
-        counts[0 if r.ok else 1] += 1
-        for old in [h for h in hist.hours if h < hour - 24]:
-            del hist.hours[old]
-        hist.latencies.append((at_ms, r.duration_ms))
+        hist.count(at_ms // HOUR_MS, r.ok)
+        hist.latency(at_ms, r.duration_ms)
         hist.last_ok = r.ok
         if not r.ok:
             hist.last_error = LastError(at_ms, r.error_class, r.status_code, r.error)
@@ -210,9 +300,14 @@ class HistoryIndex:
             hist = self.webhooks.get(webhook_id) or WebhookHistory()
             since = now_ms - 24 * HOUR_MS
             first_hour = since // HOUR_MS
-            ok = sum(c[0] for h, c in hist.hours.items() if h >= first_hour)
-            failed = sum(c[1] for h, c in hist.hours.items() if h >= first_hour)
-            recent = sorted(d for at, d in hist.latencies if at >= since)
+            ok = failed = 0
+            for slot, hour in enumerate(hist.count_hours):
+                if hour >= first_hour:
+                    ok += hist.counts[2 * slot]
+                    failed += hist.counts[2 * slot + 1]
+            recent = sorted(
+                d for at, d in zip(hist.lat_at, hist.lat_ms, strict=True) if at >= since
+            )
             err = hist.last_error
         return {
             "successes_24h": ok,
@@ -232,7 +327,7 @@ class HistoryIndex:
 
 def _snapshot(entry: DeliveryEntry) -> DeliveryEntry:
     """A copy that the reader thread will not change while a request reads it."""
-    return replace(entry, attempts=list(entry.attempts))
+    return replace(entry)
 
 
 def _percentile(sorted_values: list[float], q: int) -> float | None:
