@@ -102,6 +102,8 @@ def test_history_of_a_success_a_failure_and_a_resend(
     receiver.respond("/bad", Reply(200))
     resent = http.post(f"{detail_url}/resend")
     assert resent.status_code == 202, resent.text
+    # Read-your-writes: the next read shows it asked for, or already delivered.
+    assert http.get(detail_url).json()["status"] in ("pending", "succeeded")
     wait_until(lambda: deliveries(http, bad["id"], status="succeeded"), 30, "the resent delivery")
     bad_requests = receiver.requests_to("/bad")
     assert len(bad_requests) == 5

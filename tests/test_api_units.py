@@ -121,3 +121,11 @@ def test_idempotency_ids_and_cache() -> None:
     cache.put(("o", "k", "2"), "fp", 201, {"id": "y"})  # full: not kept, never evicts live ones
     assert cache.get(("o", "k", "1")).body == {"id": "x"}  # type: ignore[union-attr]
     assert cache.get(("o", "k", "2")) is None
+
+
+def test_histories_of_deleted_webhooks_are_forgotten() -> None:
+    index = HistoryIndex(per_webhook=10)
+    index.apply(record("d1", 1, True, NOW), 0, 1)
+    assert index.forget_missing({"wh_1"}) == 0
+    assert index.forget_missing({"wh_other"}) == 1
+    assert index.deliveries("wh_1") == ([], False)

@@ -112,6 +112,7 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         beat = asyncio.create_task(_heartbeat(health))
+        sweep = asyncio.create_task(_forget_deleted(ctx))
         try:
             if start_readers:
                 await asyncio.to_thread(ctx.store.start)
@@ -119,6 +120,7 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
             yield
         finally:
             beat.cancel()
+            sweep.cancel()
             if start_readers:
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
@@ -180,3 +182,11 @@ async def _heartbeat(health: Health) -> None:
     while True:
         health.beat()
         await asyncio.sleep(1.0)
+
+
+async def _forget_deleted(ctx: ApiContext, every_s: float = 300.0) -> None:
+    """Keep the history index to live webhooks: deleted ones' histories are dropped."""
+    while True:
+        await asyncio.sleep(every_s)
+        if ctx.ready()[0]:
+            ctx.index.forget_missing(set(list(ctx.store.subs)))

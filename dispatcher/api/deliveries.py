@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -28,6 +29,7 @@ from dispatcher.api.models import (
     WebhookSummary,
 )
 from dispatcher.api.problems import Problem, field_problem, not_found
+from dispatcher.api.store import WriteTimeout
 from dispatcher.api.webhooks import BASE, Ctx, Org, Reader, WebhookId, Writer, owned
 from dispatcher.kafka import retry_stages
 from dispatcher.models import IDENTIFIER
@@ -196,11 +198,18 @@ def resend_delivery(
             "requested_by": caller.name,
         }
     )
+    # The marker first, and read back: the resend shows at once as pending, and the
+    # attempts it leads to (same key, so the same partition) come after it.
+    ((topic, partition, offset),) = ctx.store.write(
+        [(ctx.settings.attempts_topic, delivery_id, marker.to_json())]
+    )
+    deadline = time.monotonic() + ctx.settings.api_write_timeout_s
+    if not ctx.history.wait_past(topic, partition, offset, deadline):
+        raise WriteTimeout("resend recorded but not read back in time")
     stage = retry_stages(ctx.settings)[0]
     ctx.store.write(
         [(stage.topic, delivery_id, record.to_json())], record_headers(record, now_ms())
     )
-    ctx.store.write([(ctx.settings.attempts_topic, delivery_id, marker.to_json())])
     audit(caller, "delivery.resend", org, webhook_id)
     return Resent(id=delivery_id, status="pending")
 

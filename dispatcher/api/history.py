@@ -255,6 +255,18 @@ class HistoryIndex:
         if not r.ok:
             hist.last_error = LastError(at_ms, r.error_class, r.status_code, r.error)
 
+    def forget_missing(self, live: set[str]) -> int:
+        """Drop the histories of webhooks not in ``live`` (deleted); how many went.
+
+        Attempts of a deleted webhook may still arrive (retries in flight), so this
+        runs now and then rather than on the tombstone.
+        """
+        with self.lock:
+            gone = [w for w in self.webhooks if w not in live]
+            for webhook_id in gone:
+                del self.webhooks[webhook_id]
+        return len(gone)
+
     # --- queries ----------------------------------------------------------
     def deliveries(
         self,

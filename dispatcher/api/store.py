@@ -96,10 +96,11 @@ class Store(Follower):
 
     def write(
         self, batch: list[tuple[str, str, bytes | None]], headers: Headers | None = None
-    ) -> None:
+    ) -> list[tuple[str, int, int]]:
         """Produce every record, then wait until the reader has applied those it reads.
 
         ``headers`` go on every record of the batch (used for other topics only).
+        Returns where each record was written: (topic, partition, offset).
         """
         assert self._producer is not None, "store not started"
         written: list[tuple[str, int, int]] = []
@@ -123,6 +124,7 @@ class Store(Follower):
         for topic, partition, offset in written:
             if topic in self.topics and not self.wait_past(topic, partition, offset, deadline):
                 raise WriteTimeout("write acknowledged but not read back in time")
+        return written
 
     # --- applying records (reader thread) -----------------------------------
     def apply(
