@@ -34,7 +34,7 @@ class ApiProcess:
         self._clients: list[httpx.Client] = []
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> ApiProcess:
+    def start(self, wait_ready: bool = True) -> ApiProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dispatcher.cli", "api"],
@@ -44,17 +44,25 @@ class ApiProcess:
                 cwd=REPO,
             )
 
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def readyz(self) -> tuple[int, str]:
+        try:
+            r = httpx.get(self.url + "/readyz", timeout=2)
+        except httpx.HTTPError as exc:
+            return 0, str(exc)
+        return r.status_code, r.text
+
+    def wait_ready(self) -> None:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"dispatcher api exited early:\n{self.logs()[-3000:]}")
-            try:
-                return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return self.readyz()[0] == 200
 
         wait_until(ready, 60, "the API to be ready", interval_s=0.1)
-        return self
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}

@@ -95,10 +95,10 @@ def run_api(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     started: list[ApiProcess] = []
 
-    def start(ns: Namespace, **extra: object) -> ApiProcess:
+    def start(ns: Namespace, wait_ready: bool = True, **extra: object) -> ApiProcess:
         api = ApiProcess(ns, tmp_path / f"api-{len(started)}.log", **extra)
         started.append(api)
-        return api.start()
+        return api.start(wait_ready)
 
     yield start
     for api in started:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
+
+import httpx
 
 from dispatcher.signing import SECRET_PREFIX
 from tests.api_support import ORG, ApiProcess
+from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, Reply
-from tests.support import Namespace
+from tests.support import Namespace, namespace_settings, to_env, wait_until
 
 PROBLEM = "application/problem+json"
 
@@ -93,7 +98,7 @@ def test_keys_health_and_problems(
 
 
 def test_webhook_lifecycle(
-    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver, cli: Cli
 ) -> None:
     api = run_api(ns)
     set_plan(api, "scale")
@@ -112,6 +117,12 @@ def test_webhook_lifecycle(
         assert got["description"] == "CRM sync" and got["secret"] is None
         assert secret not in http.get(webhooks(api)).text
         assert http.get(f"{webhooks(api, 'org_other')}/{hook['id']}").status_code == 404
+        # One code path with the CLI: it reads what the API wrote, and the reverse.
+        shown = cli(ns, "subscriptions", "get", hook["id"], "--json").json()
+        assert shown["description"] == "CRM sync" and shown["secret"] == "set"
+        changed = cli(ns, "subscriptions", "put", "--id", hook["id"], "--description", "by CLI")
+        assert changed.code == 0, changed.err
+        wait_until(lambda: http.get(one).json()["description"] == "by CLI", 10, "the CLI's change")
 
         patched = http.patch(one, json={"url": receiver.url("/hook2"), "description": ""})
         assert patched.status_code == 200
@@ -188,3 +199,35 @@ def test_idempotency_key_creates_one_webhook(
         fresh = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-2"})
         assert fresh.status_code == 201
         assert len(http.get(webhooks(api2)).json()["data"]) == 2
+
+
+def test_waits_for_its_topics_alive_and_not_ready(
+    broker: str, run_api: Callable[..., ApiProcess], tmp_path: Path
+) -> None:
+    values = namespace_settings()
+
+    class Unensured:
+        """A namespace whose topics do not exist yet."""
+
+        def env(self, **extra: object) -> dict[str, str]:
+            base = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+            base.update(to_env({**values, **extra}))
+            return base
+
+    api = run_api(Unensured(), wait_ready=False)
+
+    def not_ready() -> str | None:
+        status, why = api.readyz()
+        return why if status == 503 else None
+
+    why = wait_until(not_ready, 30, "a 503 from /readyz")
+    assert "does not exist" in why and "topics ensure" in why
+    assert httpx.get(api.url + "/healthz", timeout=5).status_code == 200
+    ns = Namespace(**values)  # ensures the topics
+    try:
+        api.wait_ready()
+        with api.viewer() as http:
+            assert http.get(webhooks(api)).json() == {"data": []}
+    finally:
+        api.stop()
+        ns.drop_topics()

@@ -7,6 +7,7 @@ no key (they hold no data); everything under ``/v1`` does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,9 +27,12 @@ from dispatcher.api.history import HistoryIndex, HistoryReader
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody
 from dispatcher.api.store import Store
+from dispatcher.errors import KafkaSetupError
 from dispatcher.health import Health
 from dispatcher.metrics import REGISTRY
 from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
 
 API_REQUESTS = Counter(
     "dispatcher_api_requests_total",
@@ -113,15 +117,14 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         beat = asyncio.create_task(_heartbeat(health))
         sweep = asyncio.create_task(_forget_deleted(ctx))
+        starting = asyncio.create_task(_start_readers(ctx)) if start_readers else None
         try:
-            if start_readers:
-                await asyncio.to_thread(ctx.store.start)
-                await asyncio.to_thread(ctx.history.start)
             yield
         finally:
             beat.cancel()
             sweep.cancel()
-            if start_readers:
+            if starting is not None:
+                starting.cancel()
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
 
@@ -190,3 +193,22 @@ async def _forget_deleted(ctx: ApiContext, every_s: float = 300.0) -> None:
         await asyncio.sleep(every_s)
         if ctx.ready()[0]:
             ctx.index.forget_missing(set(list(ctx.store.subs)))
+
+
+async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
+    """Start the readers, waiting (alive, not ready, saying why) for missing topics.
+
+    Like the dispatcher, a pod started before ``dispatcher topics ensure`` ran, or
+    while Kafka is unreachable, waits instead of crash-looping.
+    """
+    for part in (ctx.store, ctx.history):
+        while True:
+            try:
+                await asyncio.to_thread(part.start)
+                break
+            except KafkaSetupError as exc:
+                if ctx.waiting_for != str(exc):
+                    log.warning("API waiting: %s", exc)
+                ctx.waiting_for = str(exc)
+                await asyncio.sleep(every_s)
+    ctx.waiting_for = None

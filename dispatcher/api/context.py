@@ -24,8 +24,12 @@ class ApiContext:
     keys: KeyRing
     catalog: list[EventType]
     idempotency: IdempotencyCache
+    #: Why the readers have not started (a missing topic, no broker), or None.
+    waiting_for: str | None = "starting"
 
     def ready(self) -> tuple[bool, str]:
+        if self.waiting_for is not None:
+            return False, self.waiting_for
         for part, name in ((self.store, "webhooks"), (self.history, "delivery history")):
             if part.failure is not None:
                 return False, f"{name} reader stopped: {part.failure}"
