@@ -129,3 +129,31 @@ def test_histories_of_deleted_webhooks_are_forgotten() -> None:
     assert index.forget_missing({"wh_1"}) == 0
     assert index.forget_missing({"wh_other"}) == 1
     assert index.deliveries("wh_1") == ([], False)
+
+
+def test_event_catalog_is_configuration(tmp_path: Path) -> None:
+    from dispatcher.api.catalog import load_catalog
+
+    default = load_catalog(Settings())
+    assert [e.name for e in default] == ["visitor.identified"]
+    assert "session_id" in default[0].schema_["required"]
+    (tmp_path / "order.schema.json").write_text('{"type": "object"}')
+    (tmp_path / "catalog.json").write_text(
+        json.dumps(
+            [
+                {
+                    "name": "order.created",
+                    "description": "An order was placed.",
+                    "schema_file": "order.schema.json",
+                    "input_topic": "orders",
+                }
+            ]
+        )
+    )
+    loaded = load_catalog(Settings(event_catalog_file=str(tmp_path / "catalog.json")))
+    assert [(e.name, e.input_topic, e.schema_) for e in loaded] == [
+        ("order.created", "orders", {"type": "object"})
+    ]
+    (tmp_path / "catalog.json").write_text('[{"name": "Bad Name"}]')
+    with pytest.raises(ConfigError, match="DISPATCHER_EVENT_CATALOG_FILE"):
+        load_catalog(Settings(event_catalog_file=str(tmp_path / "catalog.json")))
