@@ -7,6 +7,7 @@ event loop never blocks, and each report is handed back to the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -14,6 +15,8 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from dispatcher.kafka import flush_or_fail, make_producer
 from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class AsyncProducer:
@@ -45,6 +48,24 @@ class AsyncProducer:
                 return future
             except BufferError:
                 # Local queue full: let librdkafka send some, then try again.
+                self._producer.poll(0.05)
+
+    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None:
+        """Queue a record nobody waits for; a failure is only logged (on the polling thread).
+
+        No future and no hop back to the event loop per record: for records that
+        describe work rather than carry it (the attempts topic).
+        """
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.warning("%s record not written: %s", what, err.str())
+
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=report)
+                return
+            except BufferError:
                 self._producer.poll(0.05)
 
     async def send(
