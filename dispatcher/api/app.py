@@ -60,7 +60,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "Conflicts with the current state (plan, webhook state)",
         413: "Body too large",
         422: "Invalid input, with field paths",
-        503: "Not ready yet",
+        503: "Not ready yet, or Kafka did not confirm a change (retry)",
     }.items()
 }
 

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dispatcher.errors import KafkaSetupError
+
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
@@ -131,6 +133,17 @@ def install(app: FastAPI) -> None:
         )
         return respond(problem, request.url.path)
 
+    async def on_kafka(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("API request not completed: %s", exc)
+        problem = Problem(
+            503,
+            "unavailable",
+            "Kafka unavailable",
+            "the change could not be confirmed; retry it (with the same Idempotency-Key)",
+            headers={"Retry-After": "5"},
+        )
+        return respond(problem, request.url.path)
+
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("API request failed: %s %s", request.method, request.url.path)
         problem = Problem(500, "internal-error", "Internal error", "the request was not completed")
@@ -139,4 +152,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(KafkaSetupError, on_kafka)
     app.add_exception_handler(Exception, on_crash)
