@@ -212,7 +212,10 @@ class Subscription(BaseModel):
         return found
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(exclude_none=False).encode()
+        # Without a description the record is what earlier versions wrote, so they
+        # still read it during a rolling upgrade (they forbid unknown fields).
+        unset = {"description"} if self.description is None else None
+        return self.model_dump_json(exclude_none=False, exclude=unset).encode()
 
 
 def decode_subscription(key: bytes | None, value: bytes) -> Subscription:

@@ -157,3 +157,21 @@ def test_event_catalog_is_configuration(tmp_path: Path) -> None:
     (tmp_path / "catalog.json").write_text('[{"name": "Bad Name"}]')
     with pytest.raises(ConfigError, match="DISPATCHER_EVENT_CATALOG_FILE"):
         load_catalog(Settings(event_catalog_file=str(tmp_path / "catalog.json")))
+
+
+def test_a_record_without_description_is_what_earlier_versions_wrote() -> None:
+    from dispatcher.models import Subscription
+
+    sub = Subscription(
+        webhook_id="wh_1",
+        organization_id="org_1",
+        url="https://hooks.example.com/x",
+        events=("visitor.identified",),
+        plan="scale",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    assert "description" not in json.loads(sub.to_json())
+    described = sub.model_copy(update={"description": "CRM"})
+    assert json.loads(described.to_json())["description"] == "CRM"
+    assert Subscription.model_validate_json(described.to_json()) == described
