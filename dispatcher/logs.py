@@ -14,7 +14,17 @@ from typing import Any
 
 #: Attributes of ``extra={...}`` copied into the JSON line; anything else is dropped,
 #: so a careless ``extra`` can never leak a subscription (and its secret) into a log.
-_FIELDS = ("delivery_id", "webhook_id", "attempt", "stage", "subscriptions", "reason")
+_FIELDS = (
+    "delivery_id",
+    "webhook_id",
+    "attempt",
+    "stage",
+    "subscriptions",
+    "reason",
+    "api_key",
+    "action",
+    "organization_id",
+)
 
 
 class JsonFormatter(logging.Formatter):

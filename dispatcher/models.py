@@ -270,6 +270,7 @@ class Subscription(BaseModel):
     secret: str | None = Field(None, min_length=8, max_length=256)
     previous_secrets: tuple[PreviousSecret, ...] = ()
     enabled: bool = True
+    description: str | None = Field(None, max_length=500)
     plan: str = Field(min_length=1, max_length=64)
     created_at: datetime
     updated_at: datetime
@@ -298,7 +299,10 @@ class Subscription(BaseModel):
         return found
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(exclude_none=False).encode()
+        # Without a description the record is what earlier versions wrote, so they
+        # still read it during a rolling upgrade (they forbid unknown fields).
+        unset = {"description"} if self.description is None else None
+        return self.model_dump_json(exclude_none=False, exclude=unset).encode()
 
 
 def decode_subscription(key: bytes | None, value: bytes) -> Subscription:

@@ -235,6 +235,48 @@ class Settings(BaseSettings):
         20.0, gt=0, description="On SIGTERM or revoke, time allowed to finish in-flight work."
     )
 
+    # --- Management API and delivery history --------------------------------
+    attempts_topic: str = Field(
+        "webhooks.attempts", description="Topic of every attempt's outcome (delivery history)."
+    )
+    attempts_retention_ms: int = Field(
+        14 * 86_400_000, ge=-1, description="`retention.ms` of the attempts topic."
+    )
+    organizations_topic: str = Field(
+        "webhooks.organizations", description="Compacted topic of organizations' plans."
+    )
+    known_plans: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["free", "starter", "growth", "scale", "enterprise"],
+        description="Plans an organization may be set to through the API (case-insensitive).",
+    )
+    event_catalog_file: str | None = Field(
+        None,
+        description="JSON file listing the event types (name, description, schema_file, "
+        "input_topic); unset = `visitor.identified` only.",
+    )
+    api_host: str = Field("0.0.0.0", description="Address of `dispatcher api`.")
+    api_port: int = Field(8090, ge=1, le=65535, description="Port of `dispatcher api`.")
+    api_keys: Annotated[list[dict[str, str]], NoDecode] = Field(
+        default_factory=list,
+        description='API keys as JSON: `[{"name", "sha256", "access": "read"|'
+        '"read-write"}]` (hashes, never keys).',
+    )
+    api_keys_file: str | None = Field(
+        None, description="File holding more API keys in the same JSON form (a mounted Secret)."
+    )
+    api_max_body_bytes: int = Field(
+        65_536, ge=1024, le=10_485_760, description="Largest API request body, in bytes."
+    )
+    api_write_timeout_s: float = Field(
+        15.0, gt=0, le=300, description="How long an API write waits to be read back."
+    )
+    api_idempotency_ttl_s: int = Field(
+        86_400, ge=60, description="How long an `Idempotency-Key` answer is replayed."
+    )
+    api_history_per_webhook: int = Field(
+        100, ge=1, le=10_000, description="Deliveries per webhook kept in the API's history index."
+    )
+
     # --- Operations -------------------------------------------------------
     http_host: str = Field("0.0.0.0", description="Address of the metrics and health server.")
     http_port: int = Field(
@@ -242,7 +284,9 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
 
-    @field_validator("retry_delays_s", "allowed_networks", "entitled_plans", mode="before")
+    @field_validator(
+        "retry_delays_s", "allowed_networks", "entitled_plans", "known_plans", mode="before"
+    )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -252,6 +296,13 @@ class Settings(BaseSettings):
     def _extra(cls, value: Any) -> Any:
         if isinstance(value, str):
             return _json(value, "object") if value.strip() else {}
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
         return value
 
     @field_validator("retry_delays_s")
@@ -272,7 +323,7 @@ class Settings(BaseSettings):
             ipaddress.ip_network(net, strict=False)
         return value
 
-    @field_validator("entitled_plans")
+    @field_validator("entitled_plans", "known_plans")
     @classmethod
     def _plans(cls, value: list[str]) -> list[str]:
         return [plan.strip().lower() for plan in value]

@@ -94,3 +94,20 @@ def shared_ns(broker: str) -> Iterator[Namespace]:
     ns = Namespace()
     yield ns
     ns.drop_topics()
+
+
+@pytest.fixture
+def run_api(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start ``dispatcher api`` processes for a test; stopped at its end."""
+    from tests.api_support import ApiProcess
+
+    started: list[ApiProcess] = []
+
+    def start(ns: Namespace, wait_ready: bool = True, **extra: object) -> ApiProcess:
+        api = ApiProcess(ns, tmp_path / f"api-{len(started)}.log", **extra)
+        started.append(api)
+        return api.start(wait_ready)
+
+    yield start
+    for api in started:
+        api.stop()

@@ -128,6 +128,7 @@ class FakeProducer:
     """Acknowledges every record at once and keeps it."""
 
     sent: list[Sent] = field(default_factory=list)
+    unconfirmed: list[Sent] = field(default_factory=list)
     failure: str | None = None
     closed: bool = False
 
@@ -140,6 +141,10 @@ class FakeProducer:
     ) -> None:
         await asyncio.sleep(0)
         self.sent.append(Sent(topic, value, key, list(headers)))
+
+    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None:
+        # Records nobody waits for (the attempts topic), apart from the hand-overs.
+        self.unconfirmed.append(Sent(topic, value, key, []))
 
     def close(self, timeout_s: float = 30.0) -> None:
         self.closed = True

@@ -70,6 +70,8 @@ def namespace_settings(**overrides: Any) -> dict[str, Any]:
         "retry_topic_prefix": f"{ns}.webhooks.retry.",
         "dead_letter_topic": f"{ns}.webhooks.dead-letter",
         "invalid_topic": f"{ns}.webhooks.invalid",
+        "attempts_topic": f"{ns}.webhooks.attempts",
+        "organizations_topic": f"{ns}.webhooks.organizations",
         "topic_partitions": 3,
         "retry_delays_s": [2, 4, 6],
         "retry_retention_ms": 3_600_000,

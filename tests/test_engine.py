@@ -80,6 +80,11 @@ def test_every_event_delivered_committed_and_nothing_left_in_flight() -> None:
             assert idle(h)
             assert len(seen) == 100
             assert h.producer.sent == []
+            # Every attempt is recorded once in the attempts topic, as a success.
+            records = [r.json() for r in h.producer.unconfirmed]
+            assert len(records) == 100
+            assert all(r["ok"] and r["attempt"] == 1 for r in records)
+            assert {r["webhook_id"] for r in records} == {"wh_a", "wh_b"}
 
     asyncio.run(main())
 

@@ -168,3 +168,79 @@ def test_delivery_record_model_output_matches_schema() -> None:
     assert not validator.is_valid(bad)
     with pytest.raises(ValueError):
         DeliveryRecord.model_validate(bad)
+
+
+def test_attempt_record_model_output_matches_schema() -> None:
+    from dispatcher.attempts import AttemptRecord
+
+    record = AttemptRecord(
+        delivery_id="msg_1",
+        webhook_id="wh_1",
+        organization_id="org_abc123",
+        event="visitor.identified",
+        session_id="sess_1",
+        event_timestamp=datetime.now(UTC),
+        source={"topic": "visitor.identified", "partition": 0, "offset": 5},  # type: ignore[arg-type]
+        attempt=1,
+        stage="input",
+        at=datetime.now(UTC),
+        duration_ms=12.5,
+        status_code=500,
+        error_class="http",
+        response_snippet="oops",
+        next_retry_at=datetime.now(UTC),
+        request_headers={"X-Bullseye-Signature": "ab12"},
+        body=json.dumps(SEED_EVENT),
+    )
+    validator = jsonschema.Draft202012Validator(
+        schema("attempt-record.schema.json"), format_checker=jsonschema.FormatChecker()
+    )
+    validator.validate(json.loads(record.to_json()))
+    bad = json.loads(record.to_json())
+    bad["secret"] = "whsec_x"
+    assert not validator.is_valid(bad)
+    with pytest.raises(ValueError):
+        AttemptRecord.model_validate(bad)
+
+
+def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> None:
+    from types import SimpleNamespace
+
+    from dispatcher.attempts import attempt_record, session_of
+    from dispatcher.core.routing import NextHop
+    from dispatcher.models import parse_event
+    from dispatcher.outbound.delivery import AttemptResult, build_headers
+    from dispatcher.records import Source
+    from dispatcher.stages import RetryStage
+
+    body = parse_event(json.dumps(SEED_EVENT).encode(), 1 << 20).body
+    assert session_of(body) == SEED_EVENT["session_id"]
+    assert session_of(b'{"event":"x","session_id":"a\\"b"}') == 'a"b'
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    delivery = SimpleNamespace(
+        delivery_id="msg_1",
+        sub=SimpleNamespace(webhook_id="wh_1", organization_id="org_abc123"),
+        event="visitor.identified",
+        body=body,
+        event_time=datetime.now(UTC),
+        source=Source(topic="visitor.identified", partition=0, offset=5),
+        stage="1m",
+    )
+    validator = jsonschema.Draft202012Validator(
+        schema("attempt-record.schema.json"), format_checker=jsonschema.FormatChecker()
+    )
+    failed = AttemptResult(ok=False, duration_s=0.5, error_class="timeout", error="timed out")
+    for attempt, result, hop in (
+        (1, AttemptResult(ok=True, duration_s=0.01, status_code=200), None),
+        (2, failed, NextHop(RetryStage(1, "5m", "t", 300), 1_790_000_000_000)),
+        (4, failed, NextHop(None, 0)),
+    ):
+        headers = build_headers("msg_1", attempt, body, [secret])
+        out = attempt_record(delivery, attempt, headers, result, hop).to_json()  # type: ignore[arg-type]
+        doc = json.loads(out)
+        validator.validate(doc)
+        assert secret.encode() not in out and secret[6:].encode() not in out
+        assert doc["request_headers"]["X-Bullseye-Attempt"] == str(attempt)
+        assert ("body" in doc) == (attempt == 1)
+        assert doc["dead_lettered"] == (attempt == 4)
+        assert ("next_retry_at" in doc) == (attempt == 2)

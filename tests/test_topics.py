@@ -36,7 +36,8 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     first = ensure(env)
     assert first.returncode == 0, first.stderr
     created = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("created")]
-    assert len(created) == 7  # input, subscriptions, 3 retry stages, dead letter, invalid
+    # input, subscriptions, 3 retry stages, dead letter, invalid, attempts, organizations
+    assert len(created) == 9
     second = ensure(env)
     assert second.returncode == 0, second.stderr
     assert "created" not in second.stdout
@@ -51,6 +52,13 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     resource = ConfigResource(ConfigResource.Type.TOPIC, retry)
     configs = admin.describe_configs([resource])[resource].result()
     assert configs["retention.ms"].value == str(values["retry_retention_ms"])
+    resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["attempts_topic"]))
+    configs = admin.describe_configs([resource])[resource].result()
+    assert configs["cleanup.policy"].value == "delete"
+    assert configs["retention.ms"].value == str(14 * 86_400_000)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["organizations_topic"]))
+    configs = admin.describe_configs([resource])[resource].result()
+    assert configs["cleanup.policy"].value == "compact"
 
 
 def test_ensure_reports_a_non_compacted_subscriptions_topic(broker: str) -> None:

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_manage.add_commands(sub)
     cli_deadletter.add_commands(sub)
     cli_group.add_commands(sub)
+    from dispatcher.api import server
+
+    server.add_commands(sub)
     return parser
 
 

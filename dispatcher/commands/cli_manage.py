@@ -53,6 +53,7 @@ def add_commands(sub: Any) -> None:
         help="event to send (repeatable; default visitor.identified)",
     )
     put.add_argument("--plan", help="the organization's plan (e.g. scale, enterprise)")
+    put.add_argument("--description", help='a note shown with the subscription ("" clears it)')
     secret = put.add_mutually_exclusive_group()
     add_secret_options(
         secret, "the signing secret", "default for a new one: generated and shown once"
@@ -157,6 +158,7 @@ def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
         secret=read_secret(args),
         no_secret=args.no_secret,
         enabled=enabled,
+        description=args.description,
     )
     subs.write(settings, webhook_id, change.sub)
     _show(change, args.json)

@@ -16,7 +16,7 @@ import re
 import socket
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -220,6 +220,8 @@ def build(
     secret: str | None,
     no_secret: bool = False,
     enabled: bool | None = None,
+    description: str | None = None,
+    known_events: Collection[str] = KNOWN_EVENTS,
 ) -> Change:
     """A new subscription, or ``existing`` with the given fields replaced.
 
@@ -247,6 +249,8 @@ def build(
         "enabled": enabled,
     }
     base.update({k: v for k, v in fields.items() if v is not None})
+    if description is not None:
+        base["description"] = description or None
     base.setdefault("events", DEFAULT_EVENTS)
     base["updated_at"] = now
     missing = [k for k in ("organization_id", "url", "plan") if not base.get(k)]
@@ -254,9 +258,9 @@ def build(
         flags = ", ".join("--" + m.replace("_id", "").replace("_", "-") for m in missing)
         raise SubscriptionError(f"a new subscription needs {flags}")
     sub = _validated(base)
-    unknown = sorted(set(events or ()) - KNOWN_EVENTS)
+    unknown = sorted(set(events or ()) - set(known_events))
     if unknown:
-        known = ", ".join(sorted(KNOWN_EVENTS))
+        known = ", ".join(sorted(known_events))
         raise SubscriptionError(f"unknown event(s) {', '.join(unknown)}; known events: {known}")
     if secret is not None:
         check_secret(secret)

@@ -63,6 +63,18 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(
             settings.invalid_topic, "invalid events", n, deleting(settings.invalid_retention_ms)
         ),
+        TopicSpec(
+            settings.attempts_topic,
+            "delivery attempts",
+            n,
+            deleting(settings.attempts_retention_ms),
+        ),
+        TopicSpec(
+            settings.organizations_topic,
+            "organizations' plans",
+            n,
+            {"cleanup.policy": "compact"},
+        ),
     ]
     return specs
 

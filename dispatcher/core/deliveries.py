@@ -27,10 +27,11 @@ from typing import Any
 import httpx
 
 from dispatcher import metrics
+from dispatcher.attempts import emit_attempt
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
 from dispatcher.core.producer import RecordSink
-from dispatcher.core.routing import after_failure, for_deferral
+from dispatcher.core.routing import NextHop, after_failure, for_deferral
 from dispatcher.core.work import Ticket, Work
 from dispatcher.models import Subscription
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
@@ -150,10 +151,11 @@ class DeliveryRunner:
     async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
         result: AttemptResult | None = None
         try:
-            result = await self._post(d)
+            result, headers = await self._post(d)
             outcome = "success" if result.ok else "failure"
             metrics.DELIVERY_ATTEMPTS.labels(d.stage, outcome, result.status_label).inc()
             metrics.ATTEMPT_DURATION.labels(d.stage).observe(result.duration_s)
+            hop: NextHop | None = None
             if result.ok:
                 latency = (datetime.now(UTC) - d.event_time).total_seconds()
                 metrics.END_TO_END_LATENCY.observe(max(latency, 0.0))
@@ -163,17 +165,28 @@ class DeliveryRunner:
                 )
                 self._finish(d)
             else:
-                await self._after_failure(d, result)
+                hop = await self._after_failure(d, result)
+            emit_attempt(
+                self.producer,
+                self.settings.attempts_topic,
+                d,
+                d.attempts_made + 1,
+                headers,
+                result,
+                hop,
+            )
         finally:
             self._release(ep, d, None if result is None else result.ok)
 
-    async def _post(self, d: Delivery) -> AttemptResult:
-        """One attempt; an exception nobody foresaw is a failed attempt of class ``internal``."""
+    async def _post(self, d: Delivery) -> tuple[AttemptResult, dict[str, str]]:
+        """One attempt and the headers it sent; an exception nobody foresaw is a failed
+        attempt of class ``internal``."""
         started = time.perf_counter()
+        headers: dict[str, str] = {}
         try:
             secrets = d.sub.active_secrets(datetime.now(UTC))
             headers = build_headers(d.delivery_id, d.attempts_made + 1, d.body, secrets)
-            return await post(
+            result = await post(
                 self.client,
                 d.sub.url,
                 d.body,
@@ -181,6 +194,7 @@ class DeliveryRunner:
                 self.settings.http_timeout_s,
                 self.settings.response_snippet_bytes,
             )
+            return result, headers
         except Exception as exc:
             metrics.INTERNAL_ERRORS.labels("attempt").inc()
             log.exception(
@@ -188,12 +202,13 @@ class DeliveryRunner:
                 type(exc).__name__,
                 extra={"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id},
             )
-            return AttemptResult(
+            failed = AttemptResult(
                 ok=False,
                 duration_s=time.perf_counter() - started,
                 error_class="internal",
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
+            return failed, headers
 
     def _release(self, ep: Endpoint[Delivery], d: Delivery, ok: bool | None) -> None:
         key = d.sub.webhook_id
@@ -219,7 +234,7 @@ class DeliveryRunner:
             if not ps.blocked:
                 self._unblocked(ps)
 
-    async def _after_failure(self, d: Delivery, result: AttemptResult) -> None:
+    async def _after_failure(self, d: Delivery, result: AttemptResult) -> NextHop:
         now = datetime.now(UTC)
         record = d.record or self._new_record(d)
         record.attempts_made = d.attempts_made + 1
@@ -247,7 +262,7 @@ class DeliveryRunner:
         if hop.stage is None:
             reason = f"all {record.attempts_made} attempts failed"
             await self._dead_letter(d, record, reason, now)
-            return
+            return hop
         metrics.RETRIES_SCHEDULED.labels(hop.stage.name).inc()
         log.info(
             "attempt %d failed (%s); retry in stage %s",
@@ -257,6 +272,7 @@ class DeliveryRunner:
             extra=extra,
         )
         await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
+        return hop
 
     async def _dead_letter(
         self, d: Delivery, record: DeliveryRecord, reason: str, now: datetime

@@ -35,6 +35,8 @@ class RecordSink(Protocol):
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> None: ...
 
+    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None: ...
+
     def close(self, timeout_s: float = 30.0) -> None: ...
 
 
@@ -68,6 +70,24 @@ class AsyncProducer:
                 return future
             except BufferError:
                 # Local queue full: let librdkafka send some, then try again.
+                self._producer.poll(0.05)
+
+    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None:
+        """Queue a record nobody waits for; a failure is only logged (on the polling thread).
+
+        No future and no hop back to the event loop per record: for records that
+        describe work rather than carry it (the attempts topic).
+        """
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.warning("%s record not written: %s", what, err.str())
+
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=report)
+                return
+            except BufferError:
                 self._producer.poll(0.05)
 
     async def send(

@@ -1,0 +1,1 @@
+"""The webhooks management API (``dispatcher api``): FastAPI over the Kafka topics."""

@@ -1,0 +1,214 @@
+"""The API application: routes, errors, limits, metrics and the Kafka-backed state.
+
+``/healthz``, ``/readyz``, ``/openapi.json`` and the docs page (``/docs``) need
+no key (they hold no data); everything under ``/v1`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dispatcher import __version__
+from dispatcher.api import deliveries, problems, webhooks
+from dispatcher.api.auth import KeyRing, load_keys
+from dispatcher.api.catalog import load_catalog
+from dispatcher.api.context import ApiContext
+from dispatcher.api.history import HistoryIndex, HistoryReader
+from dispatcher.api.idempotency import IdempotencyCache
+from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody
+from dispatcher.api.store import Store
+from dispatcher.core.health import Health
+from dispatcher.errors import KafkaSetupError
+from dispatcher.metrics import REGISTRY
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_REQUESTS = Counter(
+    "dispatcher_api_requests_total",
+    "API requests by route template, method and status code.",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
+API_LATENCY = Histogram(
+    "dispatcher_api_request_duration_seconds",
+    "API request duration by route template.",
+    ["route"],
+    registry=REGISTRY,
+)
+
+_PROBLEM = {
+    "model": ProblemBody,
+    "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
+}
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {**_PROBLEM, "description": text}
+    for code, text in {
+        401: "No valid API key",
+        403: "The key may only read",
+        404: "Not found (another organization's webhook too)",
+        409: "Conflicts with the current state (plan, webhook state)",
+        413: "Body too large",
+        422: "Invalid input, with field paths",
+        503: "Not ready yet, or Kafka did not confirm a change (retry)",
+    }.items()
+}
+
+
+class BodyLimit:
+    """Refuse a body over the limit with 413, before any of it reaches a route.
+
+    A declared length is checked at once; a chunked body is read here (up to the
+    limit) and handed on whole, since a route's own read would turn the refusal
+    into a parse error.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        seen = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = Problem(413, "too-large", "Body too large", f"limit is {self.max_bytes} bytes")
+        await problems.respond(problem, scope.get("path"))(scope, receive, send)
+
+
+def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
+    """The application over ``ctx``; its Kafka readers start with the server."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        beat = asyncio.create_task(_heartbeat(health))
+        sweep = asyncio.create_task(_forget_deleted(ctx))
+        starting = asyncio.create_task(_start_readers(ctx)) if start_readers else None
+        try:
+            yield
+        finally:
+            beat.cancel()
+            sweep.cancel()
+            if starting is not None:
+                starting.cancel()
+                await asyncio.to_thread(ctx.history.stop)
+                await asyncio.to_thread(ctx.store.stop)
+
+    app = FastAPI(
+        title="Bullseye webhooks API",
+        version=__version__,
+        description="Manage an organization's webhooks and see every delivery's history. "
+        "Authenticate with `Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+        responses=PROBLEM_RESPONSES,
+    )
+    health = Health(ctx.ready)
+    app.state.health = health
+    app.state.ctx = ctx
+    app.state.keys = ctx.keys
+    problems.install(app)
+    app.include_router(webhooks.router)
+    app.include_router(deliveries.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> PlainTextResponse:
+        ok, why = health.alive()
+        return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> PlainTextResponse:
+        ok, why = health.ready()
+        return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        API_REQUESTS.labels(template, request.method, str(response.status_code)).inc()
+        API_LATENCY.labels(template).observe(time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimit, max_bytes=ctx.settings.api_max_body_bytes)
+    return app
+
+
+def build_context(settings: Settings) -> ApiContext:
+    index = HistoryIndex(settings.api_history_per_webhook)
+    return ApiContext(
+        settings=settings,
+        store=Store(settings),
+        index=index,
+        history=HistoryReader(settings, index),
+        keys=KeyRing(load_keys(settings)),
+        catalog=load_catalog(settings),
+        idempotency=IdempotencyCache(settings.api_idempotency_ttl_s),
+    )
+
+
+async def _heartbeat(health: Health) -> None:
+    while True:
+        health.beat()
+        await asyncio.sleep(1.0)
+
+
+async def _forget_deleted(ctx: ApiContext, every_s: float = 300.0) -> None:
+    """Keep the history index to live webhooks: deleted ones' histories are dropped."""
+    while True:
+        await asyncio.sleep(every_s)
+        if ctx.ready()[0]:
+            ctx.index.forget_missing(set(list(ctx.store.subs)))
+
+
+async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
+    """Start the readers, waiting (alive, not ready, saying why) for missing topics.
+
+    Like the dispatcher, a pod started before ``dispatcher topics ensure`` ran, or
+    while Kafka is unreachable, waits instead of crash-looping.
+    """
+    for part in (ctx.store, ctx.history):
+        while True:
+            try:
+                await asyncio.to_thread(part.start)
+                break
+            except KafkaSetupError as exc:
+                if ctx.waiting_for != str(exc):
+                    log.warning("API waiting: %s", exc)
+                ctx.waiting_for = str(exc)
+                await asyncio.sleep(every_s)
+    ctx.waiting_for = None

@@ -1,0 +1,157 @@
+"""Bearer API keys: named, read-only or read-write, kept only as SHA-256 hashes.
+
+Keys come from ``DISPATCHER_API_KEYS`` and/or the file ``DISPATCHER_API_KEYS_FILE``
+(a mounted Kubernetes Secret), both JSON lists of ``{"name", "sha256",
+"access"}``. A presented key is hashed and compared with every known hash in
+constant time, so neither the answer nor its timing says which part was wrong.
+Every change is logged as one JSON line naming the key, never the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dispatcher.api.problems import Problem
+from dispatcher.errors import ConfigError
+from dispatcher.settings import Settings
+
+audit_log = logging.getLogger("dispatcher.api.audit")
+
+KEY_PREFIX = "bsk_"
+Access = Literal["read", "read-write"]
+
+
+class KeyEntry(BaseModel):
+    """One configured key: its name, the hex SHA-256 of the key, and what it may do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    access: Access
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The key a request was made with."""
+
+    name: str
+    access: Access
+
+    @property
+    def can_write(self) -> bool:
+        return self.access == "read-write"
+
+
+def new_key() -> str:
+    """A fresh random key (shown once; only its hash is configured)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_keys(settings: Settings) -> list[KeyEntry]:
+    """The configured keys; a bad entry stops start-up with one line (no hash quoted)."""
+    raw: list[object] = list(settings.api_keys)
+    if settings.api_keys_file:
+        path = Path(settings.api_keys_file)
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"DISPATCHER_API_KEYS_FILE: cannot read {path}: {exc}") from None
+        if not isinstance(loaded, list):
+            raise ConfigError(f"DISPATCHER_API_KEYS_FILE: {path} must hold a JSON list")
+        raw.extend(loaded)
+    keys = []
+    for index, item in enumerate(raw):
+        try:
+            keys.append(KeyEntry.model_validate(item))
+        except ValidationError as exc:
+            fields = ", ".join(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
+            raise ConfigError(
+                f"API key #{index + 1}: invalid {fields or 'entry'} "
+                "(expected name, sha256 as 64 hex digits, access read or read-write)"
+            ) from None
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise ConfigError("API keys: every key needs a distinct name")
+    return keys
+
+
+_BEARER = re.compile(r"^Bearer ([\x21-\x7e]{1,256})$")
+
+
+class KeyRing:
+    """Answers who a request's bearer key belongs to."""
+
+    def __init__(self, keys: list[KeyEntry]) -> None:
+        self._keys = [(bytes.fromhex(k.sha256), Caller(k.name, k.access)) for k in keys]
+
+    @property
+    def count(self) -> int:
+        return len(self._keys)
+
+    def identify(self, authorization: str | None) -> Caller | None:
+        match = _BEARER.match(authorization or "")
+        if match is None:
+            return None
+        digest = hashlib.sha256(match.group(1).encode()).digest()
+        found = None
+        for known, caller in self._keys:  # no early exit: the time is the same for every key
+            if hmac.compare_digest(known, digest):
+                found = caller
+        return found
+
+
+def _unauthorized() -> Problem:
+    return Problem(
+        401,
+        "unauthorized",
+        "Unauthorized",
+        "a valid API key is required (Authorization: Bearer <key>)",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def reader(request: Request) -> Caller:
+    """Dependency: any valid key."""
+    ring: KeyRing = request.app.state.keys
+    caller = ring.identify(request.headers.get("authorization"))
+    if caller is None:
+        raise _unauthorized()
+    return caller
+
+
+def writer(request: Request) -> Caller:
+    """Dependency: a read-write key."""
+    caller = reader(request)
+    if not caller.can_write:
+        raise Problem(403, "forbidden", "Forbidden", "this API key may only read")
+    return caller
+
+
+def audit(caller: Caller, action: str, organization_id: str, webhook_id: str | None = None) -> None:
+    """One JSON line per change: who (the key's name), what, on what."""
+    audit_log.info(
+        "api change: %s",
+        action,
+        extra={
+            "api_key": caller.name,
+            "action": action,
+            "organization_id": organization_id,
+            "webhook_id": webhook_id,
+        },
+    )

@@ -1,0 +1,195 @@
+"""Request and response bodies of the API (the OpenAPI document is built from these)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dispatcher.models import EVENT_NAME, Subscription
+
+Status = Literal["succeeded", "failing", "dead_lettered", "pending"]
+ORG_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WebhookCreate(_In):
+    url: str = Field(min_length=1, max_length=2048, examples=["https://hooks.example.com/bullseye"])
+    events: list[str] = Field(
+        default_factory=lambda: ["visitor.identified"],
+        min_length=1,
+        max_length=50,
+        json_schema_extra={"items": {"type": "string", "pattern": EVENT_NAME.pattern}},
+    )
+    secret: str | None = Field(
+        None, min_length=8, max_length=256, description="Default: a generated whsec_ secret."
+    )
+    description: str | None = Field(None, max_length=500)
+    enabled: bool = True
+
+
+class WebhookPatch(_In):
+    url: str | None = Field(None, min_length=1, max_length=2048)
+    events: list[str] | None = Field(None, min_length=1, max_length=50)
+    description: str | None = Field(None, max_length=500, description='"" clears it.')
+    enabled: bool | None = None
+
+
+class RotateRequest(_In):
+    secret: str | None = Field(
+        None, min_length=8, max_length=256, description="Default: a generated whsec_ secret."
+    )
+
+
+class PlanRequest(_In):
+    plan: str = Field(min_length=1, max_length=64, examples=["scale"])
+
+
+class Webhook(BaseModel):
+    id: str
+    organization_id: str
+    url: str
+    events: list[str]
+    description: str | None
+    enabled: bool
+    plan: str
+    entitled: bool = Field(description="Whether the organization's plan includes webhooks.")
+    secret_set: bool
+    previous_secrets_until: list[datetime] = Field(
+        description="Rotated-out secrets that still sign until these times."
+    )
+    created_at: datetime
+    updated_at: datetime
+    secret: str | None = Field(
+        None, description="Only in the answer that generated it: store it, it is not shown again."
+    )
+
+    @classmethod
+    def of(cls, sub: Subscription, entitled: bool, secret: str | None = None) -> Webhook:
+        now = datetime.now(UTC)
+        return cls(
+            id=sub.webhook_id,
+            organization_id=sub.organization_id,
+            url=sub.url,
+            events=list(sub.events),
+            description=sub.description,
+            enabled=sub.enabled,
+            plan=sub.plan,
+            entitled=entitled,
+            secret_set=sub.secret is not None,
+            previous_secrets_until=[
+                p.expires_at for p in sub.previous_secrets if p.expires_at > now
+            ],
+            created_at=sub.created_at,
+            updated_at=sub.updated_at,
+            secret=secret,
+        )
+
+
+class WebhookList(BaseModel):
+    data: list[Webhook]
+
+
+class Plan(BaseModel):
+    organization_id: str
+    plan: str
+    entitled: bool
+    webhooks_updated: int
+
+
+class TestResult(BaseModel):
+    delivery_id: str
+    webhook_url: str
+    ok: bool
+    status_code: int | None
+    duration_ms: float
+    error_class: str | None
+    reason: str
+    response: str | None
+
+
+class EventTypeOut(BaseModel):
+    name: str
+    description: str
+    input_topic: str
+    schema_: dict[str, Any] = Field(alias="schema", serialization_alias="schema")
+
+
+class EventTypeList(BaseModel):
+    data: list[EventTypeOut]
+
+
+class AttemptOut(BaseModel):
+    kind: Literal["attempt", "resend"]
+    attempt: int
+    at: datetime
+    duration_ms: float
+    ok: bool
+    status_code: int | None
+    error_class: str
+    next_retry_at: datetime | None
+    dead_lettered: bool
+
+
+class DeliverySummary(BaseModel):
+    id: str
+    event: str
+    session_id: str | None
+    status: Status
+    created_at: datetime
+    last_attempt_at: datetime | None
+    attempts: int
+    last_status_code: int | None
+    last_error_class: str | None
+    next_retry_at: datetime | None
+
+
+class DeliveryPage(BaseModel):
+    data: list[DeliverySummary]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+class AttemptDetail(AttemptOut):
+    stage: str | None = None
+    error: str | None = None
+    response_snippet: str | None = None
+    request_headers: dict[str, str] | None = Field(
+        None, description="As sent, signatures included; never a secret."
+    )
+    requested_by: str | None = None
+
+
+class DeliveryDetail(DeliverySummary):
+    body: str | None = Field(description="The exact body sent (null once past retention).")
+    attempt_details: list[AttemptDetail]
+
+
+class Resent(BaseModel):
+    id: str
+    status: Status
+
+
+class LastErrorOut(BaseModel):
+    at: datetime
+    error_class: str
+    status_code: int | None
+    error: str | None
+
+
+class Latency(BaseModel):
+    p50: float | None
+    p90: float | None
+    p99: float | None
+
+
+class WebhookSummary(BaseModel):
+    webhook_id: str
+    successes_24h: int
+    failures_24h: int
+    latency_ms: Latency
+    last_error: LastErrorOut | None
+    failing_now: bool

@@ -1,0 +1,146 @@
+"""The attempts topic: one record per HTTP attempt, the source of the delivery history.
+
+Each record says what one attempt came to (time, duration, status code or error
+class, a bounded snippet of the answer), where the delivery goes next (a retry
+time or the dead-letter topic) and the request headers as sent: signatures are
+there, a secret never is (they are derived from it, one way). The body travels
+once per delivery, on its first attempt (and on the first attempt after a
+resend), so history costs one copy of each body. Key = delivery id, so the
+attempts of one delivery stay in order in one partition
+(``schemas/attempt-record.schema.json``).
+
+Writing is fire-and-forget on purpose: the history is an account of deliveries,
+not part of them, and an attempt must never wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dispatcher.records import Source
+
+if TYPE_CHECKING:
+    from dispatcher.core.deliveries import Delivery
+    from dispatcher.core.producer import RecordSink
+    from dispatcher.core.routing import NextHop
+    from dispatcher.outbound.delivery import AttemptResult
+
+log = logging.getLogger(__name__)
+
+#: Headers that could carry a credential are never recorded (none is sent today;
+#: this keeps it so if one is ever added).
+_NEVER_RECORDED = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+class AttemptRecord(BaseModel):
+    """One attempt (``kind="attempt"``) or a resend request (``kind="resend"``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["attempt", "resend"] = "attempt"
+    delivery_id: str
+    webhook_id: str
+    organization_id: str
+    event: str
+    session_id: str | None = None
+    event_timestamp: datetime
+    source: Source
+    attempt: int = Field(ge=0)
+    stage: str
+    at: datetime
+    duration_ms: float = Field(0.0, ge=0)
+    ok: bool = False
+    status_code: int | None = None
+    error_class: str = "none"
+    error: str | None = None
+    response_snippet: str | None = None
+    next_retry_at: datetime | None = None
+    dead_lettered: bool = False
+    request_headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = Field(None, description="The exact body, on a delivery's first attempt.")
+    requested_by: str | None = Field(None, description="API key name, on a resend.")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+#: The body's top-level ``session_id``. The dispatcher writes the body itself, with
+#: the top-level keys first and in a fixed order, and an unescaped ``"key":"`` cannot
+#: occur inside a JSON string, so the first match is the top-level one. A tenth of
+#: the cost of parsing the body, on every attempt.
+_SESSION = re.compile(rb'"session_id":("(?:[^"\\]|\\.)*")')
+
+
+def session_of(body: bytes) -> str | None:
+    """The event's session id, read back from the body every attempt sends."""
+    match = _SESSION.search(body)
+    if match is None:
+        return None
+    try:
+        value = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def attempt_record(
+    d: Delivery,
+    attempt: int,
+    headers: dict[str, str],
+    result: AttemptResult,
+    hop: NextHop | None,
+    now: datetime | None = None,
+) -> AttemptRecord:
+    """The record of one finished attempt; ``hop`` is None after a success."""
+    next_retry = None
+    if hop is not None and hop.stage is not None:
+        next_retry = datetime.fromtimestamp(hop.due_ms / 1000, UTC)
+    # Built without validation: every value comes typed from the delivery in hand,
+    # and this runs on every attempt (the schema test checks the output).
+    return AttemptRecord.model_construct(
+        kind="attempt",
+        delivery_id=d.delivery_id,
+        webhook_id=d.sub.webhook_id,
+        organization_id=d.sub.organization_id,
+        event=d.event,
+        session_id=session_of(d.body),
+        event_timestamp=d.event_time,
+        source=d.source,
+        attempt=attempt,
+        stage=d.stage,
+        at=now or datetime.now(UTC),
+        duration_ms=round(result.duration_s * 1000, 3),
+        ok=result.ok,
+        status_code=result.status_code,
+        error_class=result.error_class,
+        error=result.error,
+        response_snippet=result.snippet,
+        next_retry_at=next_retry,
+        dead_lettered=hop is not None and hop.stage is None,
+        request_headers={k: v for k, v in headers.items() if k.lower() not in _NEVER_RECORDED},
+        body=d.body.decode("utf-8") if attempt == 1 else None,
+        requested_by=None,
+    )
+
+
+def emit_attempt(
+    producer: RecordSink,
+    topic: str,
+    d: Delivery,
+    attempt: int,
+    headers: dict[str, str],
+    result: AttemptResult,
+    hop: NextHop | None,
+) -> None:
+    """Queue the attempt's record; a failure to write it is logged, never raised."""
+    try:
+        record = attempt_record(d, attempt, headers, result, hop)
+        producer.produce_nowait(topic, record.to_json(), d.delivery_id.encode(), "attempt")
+    except Exception:
+        log.exception("attempt record not written", extra={"delivery_id": d.delivery_id})

@@ -1,0 +1,234 @@
+"""``dispatcher api`` over HTTP against the real broker: keys, errors, webhooks, plans."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from dispatcher.outbound.signing import SECRET_PREFIX
+from tests.api_support import ORG, ApiProcess
+from tests.cli_support import Cli
+from tests.receiver import HttpsReceiver, Reply
+from tests.support import Namespace, namespace_settings, to_env, wait_until
+
+PROBLEM = "application/problem+json"
+
+
+def webhooks(api: ApiProcess, org: str = ORG) -> str:
+    return f"/v1/organizations/{org}/webhooks"
+
+
+def set_plan(api: ApiProcess, plan: str, org: str = ORG) -> None:
+    with api.admin() as http:
+        r = http.put(f"/v1/organizations/{org}/plan", json={"plan": plan})
+        assert r.status_code == 200, r.text
+
+
+def test_keys_health_and_problems(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    api = run_api(ns)
+    with api.client() as anon:
+        assert anon.get("/healthz").status_code == 200
+        doc = anon.get("/openapi.json").json()
+        assert "/v1/organizations/{org}/webhooks" in doc["paths"]
+        assert anon.get("/docs").status_code == 200
+        r = anon.get(webhooks(api))
+        assert r.status_code == 401
+        assert r.headers["content-type"] == PROBLEM
+        assert r.headers["www-authenticate"] == "Bearer"
+    with api.client("bsk_wrong") as wrong:
+        r2 = wrong.get(webhooks(api))
+        assert r2.status_code == 401
+        assert r2.json()["detail"] == r.json()["detail"]  # nothing says what was wrong
+    with api.viewer() as viewer:
+        assert viewer.get(webhooks(api)).json() == {"data": []}
+        refused = viewer.post(webhooks(api), json={"url": receiver.url("/hook")})
+        assert refused.status_code == 403
+        assert refused.headers["content-type"] == PROBLEM
+
+    with api.admin() as http:
+        unset = http.post(webhooks(api), json={"url": receiver.url("/hook")})
+        assert unset.status_code == 409 and unset.json()["type"].endswith("/plan-unset")
+        bad_plan = http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "platinum"})
+        assert bad_plan.status_code == 422
+        assert bad_plan.json()["errors"][0]["path"] == "body.plan"
+        set_plan(api, "scale")
+
+        cases = {
+            "body.url": {"url": "https://10.1.2.3/hook"},
+            "body.events": {"url": receiver.url("/hook"), "events": ["order.created"]},
+            "body.secret": {"url": receiver.url("/hook"), "secret": "whsec_not base64!"},
+            "body.extra": {"url": receiver.url("/hook"), "extra": 1},
+        }
+        for path, payload in cases.items():
+            bad = http.post(webhooks(api), json=payload)
+            assert bad.status_code == 422, (path, bad.text)
+            assert bad.headers["content-type"] == PROBLEM
+            assert path in [e["path"] for e in bad.json()["errors"]], bad.text
+        ftp = http.post(webhooks(api), json={"url": "ftp://example.com/x"})
+        assert ftp.status_code == 422 and ftp.json()["errors"][0]["path"] == "body.url"
+        malformed = http.post(
+            webhooks(api), content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert malformed.status_code == 422 and malformed.headers["content-type"] == PROBLEM
+        huge = http.post(webhooks(api), json={"url": receiver.url("/hook"), "x": "a" * 70_000})
+        assert huge.status_code == 413 and huge.headers["content-type"] == PROBLEM
+        chunked = http.post(
+            webhooks(api),
+            content=iter([b'{"url": "', b"a" * 40_000, b"b" * 40_000, b'"}']),
+            headers={"content-type": "application/json"},
+        )
+        assert chunked.status_code == 413, chunked.text
+        small_chunks = http.post(
+            webhooks(api),
+            content=iter([b'{"url": "ftp://x', b'.example.com"}']),
+            headers={"content-type": "application/json"},
+        )
+        assert small_chunks.status_code == 422  # read whole, then validated as usual
+        assert http.get(webhooks(api)).json() == {"data": []}  # nothing was written
+
+    log_lines = [json.loads(line) for line in api.logs().splitlines() if line.startswith("{")]
+    audit = [line for line in log_lines if line.get("logger") == "dispatcher.api.audit"]
+    assert [(a["api_key"], a["action"]) for a in audit] == [("admin", "organization.plan=scale")]
+
+
+def test_webhook_lifecycle(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver, cli: Cli
+) -> None:
+    api = run_api(ns)
+    set_plan(api, "scale")
+    with api.admin() as http:
+        made = http.post(
+            webhooks(api), json={"url": receiver.url("/hook"), "description": "CRM sync"}
+        )
+        assert made.status_code == 201, made.text
+        hook = made.json()
+        secret = hook["secret"]
+        assert secret.startswith(SECRET_PREFIX) and hook["secret_set"]
+        one = f"{webhooks(api)}/{hook['id']}"
+
+        # Read-your-writes: the next read already sees it, without the secret.
+        got = http.get(one).json()
+        assert got["description"] == "CRM sync" and got["secret"] is None
+        assert secret not in http.get(webhooks(api)).text
+        assert http.get(f"{webhooks(api, 'org_other')}/{hook['id']}").status_code == 404
+        # One code path with the CLI: it reads what the API wrote, and the reverse.
+        shown = cli(ns, "subscriptions", "get", hook["id"], "--json").json()
+        assert shown["description"] == "CRM sync" and shown["secret"] == "set"
+        changed = cli(ns, "subscriptions", "put", "--id", hook["id"], "--description", "by CLI")
+        assert changed.code == 0, changed.err
+        wait_until(lambda: http.get(one).json()["description"] == "by CLI", 10, "the CLI's change")
+
+        patched = http.patch(one, json={"url": receiver.url("/hook2"), "description": ""})
+        assert patched.status_code == 200
+        assert patched.json()["url"] == receiver.url("/hook2")
+        assert patched.json()["description"] is None
+        assert http.post(f"{one}/disable").json()["enabled"] is False
+        assert http.get(one).json()["enabled"] is False
+        assert http.post(f"{one}/enable").json()["enabled"] is True
+
+        rotated = http.post(f"{one}/rotate-secret")
+        assert rotated.status_code == 200
+        new_secret = rotated.json()["secret"]
+        assert new_secret.startswith(SECRET_PREFIX) and new_secret != secret
+        assert len(rotated.json()["previous_secrets_until"]) == 1
+
+        receiver.respond("/hook2", Reply(200, body=b"thanks"))
+        tested = http.post(f"{one}/test")
+        assert tested.status_code == 200, tested.text
+        result = tested.json()
+        assert result["ok"] and result["status_code"] == 200 and result["response"] == "thanks"
+        sent = receiver.wait_for_requests(1, path="/hook2")[0]
+        assert sent.header("x-bullseye-test") == "true"
+        assert len(sent.header("webhook-signature").split()) == 2  # old and new secret
+
+        # Downgrade: the webhook is kept but no longer entitled; upgrade resumes it.
+        with api.client(api.admin_key) as same:
+            down = same.put(f"/v1/organizations/{ORG}/plan", json={"plan": "growth"})
+        assert down.json() == {
+            "organization_id": ORG,
+            "plan": "growth",
+            "entitled": False,
+            "webhooks_updated": 1,
+        }
+        assert http.get(one).json()["entitled"] is False
+        assert http.post(f"{one}/enable").status_code == 409
+        set_plan(api, "enterprise")
+        assert http.get(one).json()["plan"] == "enterprise"
+
+        assert http.delete(one).status_code == 204
+        assert http.get(one).status_code == 404
+        assert http.get(webhooks(api)).json() == {"data": []}
+
+    # The dispatcher's own table reads what the API wrote: one code path, one topic.
+    records = ns.read_all(ns.settings.subscriptions_topic)
+    assert records[-1].key().decode() == hook["id"] and records[-1].value() is None
+
+
+def test_idempotency_key_creates_one_webhook(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    api = run_api(ns)
+    set_plan(api, "scale")
+    body = {"url": receiver.url("/hook")}
+    with api.admin() as http:
+        first = http.post(webhooks(api), json=body, headers={"Idempotency-Key": "k-1"})
+        again = http.post(webhooks(api), json=body, headers={"Idempotency-Key": "k-1"})
+        assert first.status_code == again.status_code == 201
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()  # the generated secret too
+        other = http.post(
+            webhooks(api), json={"url": receiver.url("/x")}, headers={"Idempotency-Key": "k-1"}
+        )
+        assert other.status_code == 422
+        assert len(http.get(webhooks(api)).json()["data"]) == 1
+    # Another process (a restart, another replica) finds the webhook the key made.
+    api.stop()
+    api2 = run_api(ns)
+    with api2.client(api.admin_key) as http:
+        assert http.get(webhooks(api2)).status_code == 401  # its own keys only
+    with api2.admin() as http:  # a key with the same name, "admin"
+        replay = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-1"})
+        assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
+        assert replay.json()["id"] == first.json()["id"] and replay.json()["secret"] is None
+        fresh = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-2"})
+        assert fresh.status_code == 201
+        assert len(http.get(webhooks(api2)).json()["data"]) == 2
+
+
+def test_waits_for_its_topics_alive_and_not_ready(
+    broker: str, run_api: Callable[..., ApiProcess], tmp_path: Path
+) -> None:
+    values = namespace_settings()
+
+    class Unensured:
+        """A namespace whose topics do not exist yet."""
+
+        def env(self, **extra: object) -> dict[str, str]:
+            base = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+            base.update(to_env({**values, **extra}))
+            return base
+
+    api = run_api(Unensured(), wait_ready=False)
+
+    def not_ready_saying_why() -> str | None:
+        status, why = api.readyz()
+        assert status in (0, 503), (status, why)  # never ready without its topics
+        return why if "does not exist" in why else None
+
+    why = wait_until(not_ready_saying_why, 30, "/readyz to name the missing topic")
+    assert "topics ensure" in why
+    assert httpx.get(api.url + "/healthz", timeout=5).status_code == 200
+    ns = Namespace(**values)  # ensures the topics
+    try:
+        api.wait_ready()
+        with api.viewer() as http:
+            assert http.get(webhooks(api)).json() == {"data": []}
+    finally:
+        api.stop()
+        ns.drop_topics()

@@ -1,0 +1,177 @@
+"""Pure parts of the API: keys, the history index, idempotency."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
+from dispatcher.api.history import HistoryIndex, to_ms
+from dispatcher.api.idempotency import IdempotencyCache, webhook_id_for
+from dispatcher.attempts import AttemptRecord
+from dispatcher.errors import ConfigError
+from dispatcher.settings import Settings
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def test_keys_are_matched_by_hash_and_named() -> None:
+    admin, viewer = new_key(), new_key()
+    ring = KeyRing(
+        [
+            KeyEntry(name="admin", sha256=hash_key(admin), access="read-write"),
+            KeyEntry(name="viewer", sha256=hash_key(viewer), access="read"),
+        ]
+    )
+    assert ring.identify(f"Bearer {admin}").name == "admin"  # type: ignore[union-attr]
+    assert ring.identify(f"Bearer {viewer}").can_write is False  # type: ignore[union-attr]
+    for bad in (None, "", admin, f"Basic {admin}", f"Bearer {admin}x", "Bearer  " + admin):
+        assert ring.identify(bad) is None
+
+
+@given(st.text(max_size=300))
+def test_any_authorization_header_is_refused_or_known(header: str) -> None:
+    ring = KeyRing([KeyEntry(name="k", sha256=hash_key("secret-key"), access="read")])
+    assert ring.identify(header) is None or header == "Bearer secret-key"
+
+
+def test_keys_from_a_file_and_bad_entries(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps([{"name": "a", "sha256": "0" * 64, "access": "read"}]))
+    settings = Settings(
+        api_keys=[{"name": "b", "sha256": "1" * 64, "access": "read-write"}],
+        api_keys_file=str(path),
+    )
+    assert [k.name for k in load_keys(settings)] == ["b", "a"]
+    with pytest.raises(ConfigError, match="sha256"):
+        load_keys(Settings(api_keys=[{"name": "b", "sha256": "short", "access": "read"}]))
+    with pytest.raises(ConfigError, match="distinct"):
+        load_keys(
+            Settings(
+                api_keys_file=str(path),
+                api_keys=[{"name": "a", "sha256": "2" * 64, "access": "read"}],
+            )
+        )
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="DISPATCHER_API_KEYS_FILE"):
+        load_keys(Settings(api_keys_file=str(path)))
+
+
+def record(delivery: str, attempt: int, ok: bool, at: datetime, **extra: object) -> AttemptRecord:
+    return AttemptRecord.model_validate(
+        {
+            "delivery_id": delivery,
+            "webhook_id": "wh_1",
+            "organization_id": "org_1",
+            "event": "visitor.identified",
+            "session_id": f"sess_{delivery}",
+            "event_timestamp": at,
+            "source": {"topic": "in", "partition": 0, "offset": 1},
+            "attempt": attempt,
+            "stage": "input",
+            "at": at,
+            "duration_ms": 10.0 * attempt,
+            "ok": ok,
+            "status_code": 200 if ok else 500,
+            "error_class": "none" if ok else "http",
+            **extra,
+        }
+    )
+
+
+def test_history_is_bounded_per_webhook_and_tracks_status() -> None:
+    index = HistoryIndex(per_webhook=3)
+    for n in range(5):
+        index.apply(record(f"d{n}", 1, True, NOW), 0, n)
+    page, more = index.deliveries("wh_1", limit=10)
+    assert [e.delivery_id for e in page] == ["d4", "d3", "d2"] and not more
+    index.apply(record("d4", 2, False, NOW, next_retry_at=NOW + timedelta(minutes=1)), 0, 9)
+    assert index.delivery("wh_1", "d4").status == "failing"  # type: ignore[union-attr]
+    index.apply(record("d4", 3, False, NOW, dead_lettered=True), 0, 10)
+    assert [e.delivery_id for e in index.deliveries("wh_1", status="dead_lettered")[0]] == ["d4"]
+    index.apply(record("d4", 0, False, NOW, kind="resend"), 0, 11)
+    assert index.delivery("wh_1", "d4").status == "pending"  # type: ignore[union-attr]
+    page, more = index.deliveries("wh_1", limit=1)
+    assert (
+        more and index.deliveries("wh_1", before_seq=page[0].seq, limit=5)[0][0].delivery_id == "d3"
+    )
+
+
+def test_summary_counts_the_last_24_hours() -> None:
+    index = HistoryIndex(per_webhook=100)
+    index.apply(record("old", 1, False, NOW - timedelta(hours=30)), 0, 0)
+    for n in range(4):
+        index.apply(record(f"d{n}", 1, n != 3, NOW - timedelta(minutes=n)), 0, n + 1)
+    summary = index.summary("wh_1", to_ms(NOW))
+    assert summary["successes_24h"] == 3 and summary["failures_24h"] == 1
+    assert summary["failing_now"] is True
+    assert summary["latency_ms"] == {"p50": 10.0, "p90": 10.0, "p99": 10.0}
+
+
+def test_idempotency_ids_and_cache() -> None:
+    assert webhook_id_for("o", "k", "1") == webhook_id_for("o", "k", "1")
+    assert webhook_id_for("o", "k", "1") != webhook_id_for("o", "k2", "1")
+    cache = IdempotencyCache(ttl_s=60, max_entries=1)
+    cache.put(("o", "k", "1"), "fp", 201, {"id": "x"})
+    cache.put(("o", "k", "2"), "fp", 201, {"id": "y"})  # full: not kept, never evicts live ones
+    assert cache.get(("o", "k", "1")).body == {"id": "x"}  # type: ignore[union-attr]
+    assert cache.get(("o", "k", "2")) is None
+
+
+def test_histories_of_deleted_webhooks_are_forgotten() -> None:
+    index = HistoryIndex(per_webhook=10)
+    index.apply(record("d1", 1, True, NOW), 0, 1)
+    assert index.forget_missing({"wh_1"}) == 0
+    assert index.forget_missing({"wh_other"}) == 1
+    assert index.deliveries("wh_1") == ([], False)
+
+
+def test_event_catalog_is_configuration(tmp_path: Path) -> None:
+    from dispatcher.api.catalog import load_catalog
+
+    default = load_catalog(Settings())
+    assert [e.name for e in default] == ["visitor.identified"]
+    assert "session_id" in default[0].schema_["required"]
+    (tmp_path / "order.schema.json").write_text('{"type": "object"}')
+    (tmp_path / "catalog.json").write_text(
+        json.dumps(
+            [
+                {
+                    "name": "order.created",
+                    "description": "An order was placed.",
+                    "schema_file": "order.schema.json",
+                    "input_topic": "orders",
+                }
+            ]
+        )
+    )
+    loaded = load_catalog(Settings(event_catalog_file=str(tmp_path / "catalog.json")))
+    assert [(e.name, e.input_topic, e.schema_) for e in loaded] == [
+        ("order.created", "orders", {"type": "object"})
+    ]
+    (tmp_path / "catalog.json").write_text('[{"name": "Bad Name"}]')
+    with pytest.raises(ConfigError, match="DISPATCHER_EVENT_CATALOG_FILE"):
+        load_catalog(Settings(event_catalog_file=str(tmp_path / "catalog.json")))
+
+
+def test_a_record_without_description_is_what_earlier_versions_wrote() -> None:
+    from dispatcher.models import Subscription
+
+    sub = Subscription(
+        webhook_id="wh_1",
+        organization_id="org_1",
+        url="https://hooks.example.com/x",
+        events=("visitor.identified",),
+        plan="scale",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    assert "description" not in json.loads(sub.to_json())
+    described = sub.model_copy(update={"description": "CRM"})
+    assert json.loads(described.to_json())["description"] == "CRM"
+    assert Subscription.model_validate_json(described.to_json()) == described

@@ -1,0 +1,66 @@
+"""The chart's API objects (api.enabled): Deployment, Service, Ingress, NetworkPolicy,
+ServiceMonitor; rendered by the pinned Helm that scripts/check-chart.sh provides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher.settings import load_settings
+from tests.test_chart import CHART, REQUIRED, env_of, render, render_ci, render_result
+
+API_VALUES = CHART / "ci" / "api-values.yaml"
+
+
+def api_objects() -> dict[str, dict[str, Any]]:
+    return {
+        doc["kind"]: doc
+        for doc in render_ci(API_VALUES)
+        if doc["metadata"]["labels"].get("app.kubernetes.io/component") == "api"
+        or doc["metadata"]["name"].endswith("-api")
+    }
+
+
+def test_api_objects_render_with_keys_from_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = api_objects()
+    assert set(objects) == {"Deployment", "Service", "Ingress", "NetworkPolicy", "ServiceMonitor"}
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["api"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "api": 8090,
+        "http": 8080,
+    }
+    keys = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert keys["secret"]["secretName"] == "webhooks-api-keys"
+    env = env_of(container)
+    assert env["DISPATCHER_API_KEYS_FILE"]["value"] == "/etc/dispatcher/api-keys/keys.json"
+    assert "DISPATCHER_API_KEYS" not in env  # never inline
+    for name in list(os.environ):
+        if name.startswith("DISPATCHER_"):
+            monkeypatch.delenv(name)
+    for name, entry in env.items():
+        monkeypatch.setenv(name, entry["value"])
+    settings = load_settings()
+    assert settings.api_port == 8090
+    assert settings.event_catalog_file == "/etc/dispatcher/event-catalog/catalog.json"
+    selector = objects["Service"]["spec"]["selector"]
+    assert selector["app.kubernetes.io/component"] == "api"
+    assert objects["Deployment"]["spec"]["selector"]["matchLabels"] == selector
+    paths = objects["Ingress"]["spec"]["rules"][0]["http"]["paths"]
+    assert {p["backend"]["service"]["port"]["name"] for p in paths} == {"api"}
+    assert "/metrics" not in {p["path"] for p in paths}
+    assert objects["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "http"
+
+
+def test_api_needs_a_keys_secret(tmp_path: Path) -> None:
+    result = render_result(REQUIRED, {"api": {"enabled": True}}, tmp=tmp_path)
+    assert result.returncode != 0 and "api.keys.existingSecret is required" in result.stderr
+
+
+def test_api_is_off_by_default(tmp_path: Path) -> None:
+    docs = render(REQUIRED, tmp=tmp_path)
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-api")]
