@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
-from dispatcher.core.engine import H_INVALID_REASON
+from dispatcher.core.invalid import H_INVALID_REASON
 from dispatcher.records import DeliveryRecord, Source
 from tests.engine_fakes import (
     FakeTable,
