@@ -402,3 +402,36 @@ def test_a_partition_that_does_not_move_is_reported_stuck_then_clears() -> None:
             assert sample("dispatcher_stuck_partitions") == 0
 
     asyncio.run(main())
+
+
+def test_a_second_copy_of_a_hop_is_skipped_and_a_fresh_chain_is_not() -> None:
+    """A crash can leave one hop written twice; only the first copy goes on."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return reply(503)
+
+    async def main() -> None:
+        s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event("opens-the-circuit")])
+            await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+            before = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            copy = _retry_message(datetime.now(UTC) - timedelta(hours=1))
+            replayed = DeliveryRecord.model_validate_json(copy)
+            replayed.deferrals = 0
+            replayed.first_deferred_at = None
+            due = [("dispatcher-due-ms", b"0")]
+            # The copy twice, then a replayed record (a fresh chain) twice.
+            stage.feed([copy, copy, replayed.to_json(), replayed.to_json()], headers=due)
+            await until(lambda: stage.stored.get(0) == 4, what="all four handled")
+            deferred = [
+                DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(STAGE_1)
+            ][1:]
+            assert sorted(r.deferrals for r in deferred) == [1, 1, 41]
+            skipped = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
+            assert skipped - before == 1
+
+    asyncio.run(main())

@@ -2,8 +2,10 @@
 
 An input event becomes one delivery per subscription of its organization that
 lists its event and may be called now; a retry record becomes its one delivery
-again, if its subscription still may be called. What is skipped on purpose is
-counted and logged; nothing is started or written here (the engine does that).
+again, if its subscription still may be called and it is not a second copy of a
+hop already read in its partition (the one thing remembered here). What is
+skipped on purpose is counted and logged; nothing is started or written here
+(the engine does that).
 """
 
 from __future__ import annotations
@@ -122,6 +124,17 @@ class Fanout:
             record = DeliveryRecord.model_validate_json(msg.value() or b"")
         except ValidationError as exc:
             raise Unusable("invalid_record", short_errors(exc)) from None
+        hop = record.hop()
+        if hop is not None and slot.part.seen_before(hop):
+            # A second copy of one hop (a crash came between writing it and
+            # committing its source): going on would double the delivery's chain,
+            # and every later crash double it again.
+            metrics.SKIPPED.labels("duplicate_copy").inc()
+            log.debug(
+                "retry skipped: copy of a hop already read",
+                extra={"delivery_id": record.delivery_id},
+            )
+            return []
         sub = self.table.get(record.webhook_id)
         if sub is None:
             metrics.SKIPPED.labels("deleted").inc()
