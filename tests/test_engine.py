@@ -9,7 +9,9 @@ receivers is covered by test_isolation.py, test_crash.py and test_retries.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -334,6 +336,21 @@ def test_a_stalled_webhook_is_deferred_and_its_neighbour_on_the_same_host_is_ser
     asyncio.run(main())
 
 
+def dead_webhook(_request: httpx.Request) -> httpx.Response:
+    return reply(503)
+
+
+@contextlib.asynccontextmanager
+async def dead_webhook_with_open_circuit() -> AsyncIterator[Harness]:
+    """An engine whose one webhook answers 503 and whose circuit one failure opened."""
+    s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
+    async with running(s, FakeTable(subscription("wh_a", A)), dead_webhook) as h:
+        h.input.assign(0)
+        h.input.feed([event("opens-the-circuit")])
+        await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+        yield h
+
+
 def _retry_message(first_deferred: datetime) -> bytes:
     record = DeliveryRecord(
         delivery_id="msg_old",
@@ -352,15 +369,8 @@ def _retry_message(first_deferred: datetime) -> bytes:
 
 @pytest.mark.parametrize("age_h", [71, 73])
 def test_a_delivery_deferred_past_the_age_limit_is_dead_lettered(age_h: int) -> None:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return reply(503)
-
     async def main() -> None:
-        s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
-        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
-            h.input.assign(0)
-            h.input.feed([event("opens-the-circuit")])
-            await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+        async with dead_webhook_with_open_circuit() as h:
             stage = h.consumers["1m"]
             stage.assign(0)
             first = datetime.now(UTC) - timedelta(hours=age_h)
@@ -407,15 +417,8 @@ def test_a_partition_that_does_not_move_is_reported_stuck_then_clears() -> None:
 def test_a_second_copy_of_a_hop_is_skipped_and_a_fresh_chain_is_not() -> None:
     """A crash can leave one hop written twice; only the first copy goes on."""
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return reply(503)
-
     async def main() -> None:
-        s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
-        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
-            h.input.assign(0)
-            h.input.feed([event("opens-the-circuit")])
-            await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+        async with dead_webhook_with_open_circuit() as h:
             before = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
             stage = h.consumers["1m"]
             stage.assign(0)
