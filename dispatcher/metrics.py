@@ -100,6 +100,13 @@ INTERNAL_ERRORS = Counter(
     ["where"],
     registry=REGISTRY,
 )
+PRODUCE_REFUSED = Counter(
+    "dispatcher_produce_refused",
+    "Records the broker or the client refused for good (too large, not authorized, invalid), "
+    "by topic and Kafka error name.",
+    ["topic", "error"],
+    registry=REGISTRY,
+)
 STUCK_PARTITIONS = Gauge(
     "dispatcher_stuck_partitions",
     "Assigned partitions whose committable offset has not moved for longer than "

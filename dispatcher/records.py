@@ -96,6 +96,28 @@ class DeliveryRecord(BaseModel):
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
 
+    def hop(self) -> int | None:
+        """The same for every copy of one hop of one delivery, else (nearly surely) not.
+
+        Along a delivery's chain every hop adds an attempt or a deferral, and a
+        chain started again (by an input message read twice, or a replay) gets new
+        first-failure or first-deferral times: two records with the same values
+        here are copies of one hop, as a crash between writing a hop and
+        committing the record it came from leaves. None for a record that starts
+        a chain (a replay: no attempt, no deferral).
+        """
+        if self.attempts_made == 0 and self.deferrals == 0:
+            return None
+        return hash(
+            (
+                self.delivery_id,
+                self.attempts_made,
+                self.deferrals,
+                self.first_failure_at,
+                self.first_deferred_at,
+            )
+        )
+
 
 def record_headers(
     record: DeliveryRecord, due_ms: int, extra: Sequence[tuple[str, bytes]] = ()

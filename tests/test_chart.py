@@ -73,6 +73,8 @@ KNOWN_METRICS = {
     "dispatcher_ready",
     "dispatcher_stuck_partitions",
     "dispatcher_internal_errors_total",
+    "dispatcher_invalid_subscriptions_total",
+    "dispatcher_produce_refused_total",
 }
 
 OPTIONAL_TEMPLATES = {
@@ -514,9 +516,10 @@ def test_alerts_use_known_metrics_and_cover_the_failure_modes() -> None:
         assert item["labels"]["severity"]
         assert 'job="ci-webhook-dispatcher"' in item["expr"]
     alerts = {r["alert"] for r in rules}
-    # The ci file turns notReady off; the defaults have all five.
+    # The ci file turns notReady off; the defaults have all six.
     assert alerts == {
         "WebhookDispatcherDeadLetters",
+        "WebhookDispatcherInvalidSubscriptions",
         "WebhookDispatcherConsumerLagHigh",
         "WebhookDispatcherFailureRatioHigh",
         "WebhookDispatcherPartitionStuck",
@@ -528,6 +531,7 @@ def test_all_alerts_by_default(tmp_path: Path) -> None:
     rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     assert {r["alert"] for r in rules} == {
         "WebhookDispatcherDeadLetters",
+        "WebhookDispatcherInvalidSubscriptions",
         "WebhookDispatcherConsumerLagHigh",
         "WebhookDispatcherFailureRatioHigh",
         "WebhookDispatcherPartitionStuck",
@@ -535,6 +539,11 @@ def test_all_alerts_by_default(tmp_path: Path) -> None:
     }
     lag = next(r for r in rules if r["alert"] == "WebhookDispatcherConsumerLagHigh")
     assert 'topic="visitor.identified"' in lag["expr"]  # retry topics lag on purpose
+    invalid = next(r for r in rules if r["alert"] == "WebhookDispatcherInvalidSubscriptions")
+    # Every pod counts the same records: the max over pods, not the sum.
+    assert invalid["expr"].startswith("max by (namespace, job, reason) (")
+    assert "increase(dispatcher_invalid_subscriptions_total{" in invalid["expr"]
+    assert invalid["expr"].endswith("[15m])\n) > 0")
 
 
 def test_dashboard_is_json_using_known_metrics() -> None:

@@ -206,6 +206,31 @@ def test_replay_writes_fresh_records_and_markers(cli: Cli, ns: Namespace) -> Non
     assert len(ns.read_all(stage.topic)) == 1
 
 
+def test_replay_skips_what_the_dispatcher_would_not_call(cli: Cli, ns: Namespace) -> None:
+    """Replay applies fan-out's policy: a plain http:// URL is skipped like a disabled one."""
+    ns.subscribe("https://127.0.0.1:9/ok", webhook_id="wh_ok", organization_id="org_p")
+    ns.subscribe("http://127.0.0.1:9/plain", webhook_id="wh_plain", organization_id="org_p")
+    ns.subscribe(
+        "https://127.0.0.1:9/f", webhook_id="wh_free", organization_id="org_p", plan="free"
+    )
+    ok = dead_letter(ns, "wh_ok", "org_p", DAY1)
+    plain = dead_letter(ns, "wh_plain", "org_p", DAY1)
+    free = dead_letter(ns, "wh_free", "org_p", DAY1)
+
+    done = cli(ns, "dead-letter", "replay", "--organization", "org_p", "--json").json()
+    assert done["replayed"] == [ok.delivery_id]
+    assert done["skipped"] == {
+        "URL is not https:// and DISPATCHER_ALLOW_HTTP is off": [plain.delivery_id],
+        "plan not entitled": [free.delivery_id],
+    }
+    [msg] = ns.read_all(retry_stages(ns.settings)[0].topic)
+    assert msg.key() == ok.delivery_id.encode()
+
+    # The same dead letter is replayed once plain http is allowed (it was left unmarked).
+    again = cli(ns, "dead-letter", "replay", "--webhook", "wh_plain", "--json", allow_http=True)
+    assert again.json()["replayed"] == [plain.delivery_id]
+
+
 def all_retries_processed(ns: Namespace) -> bool:
     """Every retry stage's group has committed up to the end of its topic."""
     for stage in retry_stages(ns.settings):

@@ -9,10 +9,13 @@ what is in flight within ``drain_timeout_s`` and exits 0.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
 
+from dispatcher.records import DeliveryRecord
+from dispatcher.stages import retry_stages
 from tests.receiver import HttpsReceiver, Reply
 from tests.streams import (
     Tally,
@@ -143,3 +146,69 @@ def test_sigterm_with_deliveries_in_flight_exits_0_in_time_and_loses_nothing(
     wait_until(
         lambda: gauge(restarted, "dispatcher_in_flight_deliveries") == 0, 30, "in-flight at 0"
     )
+
+
+DEAD_EVENTS = 300
+KILLS = 3
+
+
+def test_kill_9_does_not_multiply_deferral_copies(
+    ns_factory: Any,
+    receiver: HttpsReceiver,
+    run_dispatcher: Any,
+    record_property: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Deliveries to a dead webhook cycle as deferrals; kills leave each one copy.
+
+    A kill -9 after a deferral's copy was written but before the record it came
+    from was committed makes a second copy of the same hop. Each such copy must
+    stay a dead end (it is skipped when read), not become a lineage of its own
+    deferred again every cycle (which, before copies were skipped, left 99 of the
+    300 deliveries cycling as two or more copies after three kills).
+    """
+    ns: Namespace = ns_factory(
+        max_in_flight=MAX_IN_FLIGHT,
+        circuit_failure_threshold=1,
+        circuit_cooldown_s=3600,  # no probes: the deliveries only cycle as deferrals
+    )
+    receiver.respond("/dead", Reply(503))
+    ns.subscribe(receiver.url("/dead"))
+    publish_spread(ns, stream("dead", 0, DEAD_EVENTS))
+    stage_topic = retry_stages(ns.settings)[0].topic
+
+    proc = run_dispatcher(ns)
+    for _ in range(KILLS):
+        # Two cycles of every delivery through the first retry stage, then kill.
+        wait_until(
+            lambda proc=proc: gauge(proc, "dispatcher_deferrals_total") >= 2 * DEAD_EVENTS,
+            120,
+            "two cycles of deferrals",
+        )
+        proc.kill()
+        proc = run_dispatcher(ns)
+    wait_until(
+        lambda: gauge(proc, "dispatcher_deferrals_total") >= 4 * DEAD_EVENTS,
+        120,
+        "four cycles after the last restart",
+    )
+    records = [DeliveryRecord.model_validate_json(m.value()) for m in ns.read_all(stage_topic)]
+    levels: dict[str, Counter[tuple[int, int]]] = {}
+    for r in records:
+        levels.setdefault(r.delivery_id, Counter())[(r.attempts_made, r.deferrals)] += 1
+    assert len(levels) == DEAD_EVENTS
+    # Copies of one hop the kills left behind (the same delivery at the same level).
+    repeated = sum(n - 1 for per in levels.values() for n in per.values())
+    # Copies still cycling: more than one record at a delivery's newest level.
+    cycling = sum(per[max(per)] - 1 for per in levels.values())
+    skipped = gauge(proc, "dispatcher_skipped_deliveries_total", reason="duplicate_copy")
+    record_property("kill9_deferral_copies_repeated", repeated)
+    record_property("kill9_deferral_copies_cycling", cycling)
+    with capsys.disabled():
+        print(
+            f"\n[kill -9 x{KILLS}, dead webhook] deliveries={DEAD_EVENTS} records={len(records)} "
+            f"repeated hop copies={repeated} still cycling={cycling} "
+            f"skipped as duplicate copies (last instance)={skipped:.0f}"
+        )
+    # The copies the kills left are dead ends: each delivery goes on as one copy.
+    assert cycling == 0

@@ -9,14 +9,16 @@ receivers is covered by test_isolation.py, test_crash.py and test_retries.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
-from dispatcher.core.engine import H_INVALID_REASON
+from dispatcher.core.invalid import H_INVALID_REASON
 from dispatcher.records import DeliveryRecord, Source
 from tests.engine_fakes import (
     FakeTable,
@@ -339,6 +341,21 @@ def test_a_stalled_webhook_is_deferred_and_its_neighbour_on_the_same_host_is_ser
     asyncio.run(main())
 
 
+def dead_webhook(_request: httpx.Request) -> httpx.Response:
+    return reply(503)
+
+
+@contextlib.asynccontextmanager
+async def dead_webhook_with_open_circuit() -> AsyncIterator[Harness]:
+    """An engine whose one webhook answers 503 and whose circuit one failure opened."""
+    s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
+    async with running(s, FakeTable(subscription("wh_a", A)), dead_webhook) as h:
+        h.input.assign(0)
+        h.input.feed([event("opens-the-circuit")])
+        await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+        yield h
+
+
 def _retry_message(first_deferred: datetime) -> bytes:
     record = DeliveryRecord(
         delivery_id="msg_old",
@@ -357,15 +374,8 @@ def _retry_message(first_deferred: datetime) -> bytes:
 
 @pytest.mark.parametrize("age_h", [71, 73])
 def test_a_delivery_deferred_past_the_age_limit_is_dead_lettered(age_h: int) -> None:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return reply(503)
-
     async def main() -> None:
-        s = settings(circuit_failure_threshold=1, circuit_cooldown_s=600)
-        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
-            h.input.assign(0)
-            h.input.feed([event("opens-the-circuit")])
-            await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the failed attempt")
+        async with dead_webhook_with_open_circuit() as h:
             stage = h.consumers["1m"]
             stage.assign(0)
             first = datetime.now(UTC) - timedelta(hours=age_h)
@@ -405,5 +415,31 @@ def test_a_partition_that_does_not_move_is_reported_stuck_then_clears() -> None:
             gate.set()
             await until(lambda: not h.engine.stuck, what="the report to clear")
             assert sample("dispatcher_stuck_partitions") == 0
+
+    asyncio.run(main())
+
+
+def test_a_second_copy_of_a_hop_is_skipped_and_a_fresh_chain_is_not() -> None:
+    """A crash can leave one hop written twice; only the first copy goes on."""
+
+    async def main() -> None:
+        async with dead_webhook_with_open_circuit() as h:
+            before = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            copy = _retry_message(datetime.now(UTC) - timedelta(hours=1))
+            replayed = DeliveryRecord.model_validate_json(copy)
+            replayed.deferrals = 0
+            replayed.first_deferred_at = None
+            due = [("dispatcher-due-ms", b"0")]
+            # The copy twice, then a replayed record (a fresh chain) twice.
+            stage.feed([copy, copy, replayed.to_json(), replayed.to_json()], headers=due)
+            await until(lambda: stage.stored.get(0) == 4, what="all four handled")
+            deferred = [
+                DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(STAGE_1)
+            ][1:]
+            assert sorted(r.deferrals for r in deferred) == [1, 1, 41]
+            skipped = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
+            assert skipped - before == 1
 
     asyncio.run(main())

@@ -140,3 +140,25 @@ def test_send_test_to_a_disabled_subscription_warns_and_sends(
     assert result.code == 0, result.err
     assert "dispatcher: warning:" in result.err and "disabled" in result.err
     assert len(receiver.requests_to("/off")) == 1
+
+
+def test_send_test_names_why_real_events_are_not_sent(
+    cli: Cli, ns: Namespace, receiver: HttpsReceiver
+) -> None:
+    """send-test reports fan-out's policy: here, a plan without webhooks."""
+    sub = ns.subscribe(receiver.url("/free"), plan="free")
+    result = cli(ns, "send-test", sub.webhook_id, "--json")
+    assert result.code == 0, result.err
+    assert "plan not entitled: real events are not sent to it" in result.err
+    assert json.loads(result.out)["real_events_skipped"] == "plan not entitled"
+    assert len(receiver.requests_to("/free")) == 1
+
+
+def test_send_test_to_a_plain_http_url_is_refused(cli: Cli, ns: Namespace) -> None:
+    sub = ns.subscribe(f"http://127.0.0.1:{free_port()}/plain")
+    result = cli(ns, "send-test", sub.webhook_id, "--json")
+    assert result.code == 1
+    assert "URL is not https://" in result.err and "real events are not sent" in result.err
+    report = json.loads(result.out)
+    assert report["error_class"] == "blocked" and report["ok"] is False
+    assert report["real_events_skipped"] == "URL is not https:// and DISPATCHER_ALLOW_HTTP is off"

@@ -1,13 +1,15 @@
 """Supervision: a polling thread that dies is noticed, named, and fails the engine.
 
 The real :class:`StageConsumer` and :class:`AsyncProducer` run their real threads
-here; only the librdkafka client under them is swapped for one that breaks, as no
-broker can be made to break a client on purpose.
+here; only the librdkafka client under them is swapped for one that breaks. End
+to end, the one fault the broker can be made to deal a client from outside is
+fencing (a second member with the same ``group.instance.id``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -16,6 +18,9 @@ from confluent_kafka import TopicPartition
 from dispatcher.core.consumer import StageConsumer
 from dispatcher.core.producer import AsyncProducer
 from tests.engine_fakes import sample, settings
+from tests.receiver import HttpsReceiver
+from tests.streams import make_event
+from tests.support import free_port
 
 
 class BreakingClient:
@@ -101,3 +106,31 @@ def test_a_dying_producer_poll_thread_is_reported() -> None:
         real.flush(1)
 
     asyncio.run(main())
+
+
+def test_dispatcher_run_exits_1_naming_the_stage_whose_consumer_is_fenced(
+    ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any
+) -> None:
+    """A fault from outside: a second instance with the same group.instance.id.
+
+    The broker fences the first instance's consumers; librdkafka reports that as
+    a fatal error, after which a consumer would poll on and consume nothing. The
+    first ``dispatcher run`` must say which polling thread died and exit 1.
+    """
+    ns = ns_factory(
+        group_instance_id="twin-0", session_timeout_s=10, kafka_consumer_extra_config={}
+    )
+    ns.subscribe(receiver.url("/twin"))
+    first = run_dispatcher(ns)
+    second = run_dispatcher(ns, wait_ready=False, http_port=free_port())
+    assert first.proc is not None
+    rc = first.proc.wait(90)
+    logs = first.logs()
+    assert rc == 1, logs[-3000:]
+    died = re.findall(r"the consumer thread of stage (\S+) died", logs)
+    assert died and set(died) <= {"input", "2s", "4s", "6s"}, logs[-3000:]
+    assert "fenced" in logs
+    # The instance that fenced it goes on, and delivers.
+    second.wait_ready(60)
+    ns.publish(make_event("after-the-twin"))
+    receiver.wait_for_requests(1, path="/twin", timeout_s=60)

@@ -224,11 +224,9 @@ def cmd_send_test(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.commands.sendtest import send_test
 
     sub = subs.get(settings, args.webhook_id)
-    if not sub.enabled:
-        warn(f"{sub.webhook_id} is disabled: real events are not sent to it")
-    if sub.plan not in settings.entitled_plans:
-        warn(f"{sub.webhook_id}'s plan {sub.plan!r} does not include webhooks")
     report = send_test(settings, sub)
+    if report.not_called is not None:
+        warn(f"{sub.webhook_id}: {report.not_called}: real events are not sent to it")
     result = report.result
     if args.json:
         print_json(report.as_dict())

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from confluent_kafka import Producer
 
 from dispatcher.commands.deadletter import DeadLetter, Filters, read
+from dispatcher.core.fanout import SKIP_REASONS, CallPolicy
 from dispatcher.core.partitions import now_ms
 from dispatcher.errors import KafkaSetupError
 from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed
@@ -62,20 +63,22 @@ def replay(
     """Send the matching, not yet replayed dead letters back through attempt 1.
 
     ``table`` looks a subscription up by webhook id: a dead letter whose
-    subscription is deleted, disabled or not entitled is skipped (and not marked),
-    since the dispatcher would not call it anyway.
+    subscription the dispatcher would not call (deleted, disabled, not entitled,
+    an insecure URL: :class:`CallPolicy`) is skipped and not marked, so it can be
+    replayed once the subscription is fixed.
     """
     scan = read(settings, filters, keep_body=True)
     report = ReplayReport(topic=retry_stages(settings)[0].topic)
+    policy = CallPolicy.of(settings)
     newest: dict[str, DeadLetter] = {}
     older: dict[str, list[DeadLetter]] = {}
     for letter in scan.letters:
         if letter.replayed is not None:
             report.already_replayed += 1
             continue
-        reason = _skip_reason(settings, table(letter.record.webhook_id))
+        reason = policy.refusal(table(letter.record.webhook_id))
         if reason is not None:
-            report.skipped.setdefault(reason, []).append(letter)
+            report.skipped.setdefault(SKIP_REASONS[reason], []).append(letter)
             continue
         # At-least-once writing can leave one delivery dead-lettered twice: send it once.
         key = letter.record.delivery_id
@@ -97,16 +100,6 @@ def replay(
         if progress is not None:
             progress(start + len(batch), len(chosen))
     return report
-
-
-def _skip_reason(settings: Settings, sub: Subscription | None) -> str | None:
-    if sub is None:
-        return "subscription deleted"
-    if not sub.enabled:
-        return "subscription disabled"
-    if sub.plan not in settings.entitled_plans:
-        return "plan not entitled"
-    return None
 
 
 def fresh_record(record: DeliveryRecord) -> DeliveryRecord:

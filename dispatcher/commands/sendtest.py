@@ -4,7 +4,10 @@ The sample is the customer documentation's example event with the
 subscription's organization and the current time, serialized and signed exactly
 like a real delivery (both signature schemes, every active secret), marked
 ``X-Bullseye-Test: true``, and sent through the same guarded HTTP client, so a
-success here means real deliveries will get through too.
+success here means real deliveries will get through too. The sample is sent even
+to a subscription the dispatcher would not call (disabled, say, to test it before
+enabling it); the report then says why real events are not sent, by the same
+policy fan-out applies.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from dispatcher.core.fanout import SKIP_REASONS, CallPolicy
 from dispatcher.models import Subscription, format_timestamp, parse_event
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
 from dispatcher.outbound.egress import build_http_client
@@ -70,6 +74,8 @@ class SendTestReport:
     delivery_id: str
     url: str
     result: AttemptResult
+    #: Why the dispatcher does not send real events to this subscription, if it does not.
+    not_called: str | None = None
 
     @property
     def response(self) -> str | None:
@@ -101,6 +107,7 @@ class SendTestReport:
             "error_class": None if self.result.ok else self.result.error_class,
             "reason": self.reason,
             "response": self.result.snippet,
+            "real_events_skipped": self.not_called,
         }
 
 
@@ -119,7 +126,9 @@ def send_test(settings: Settings, sub: Subscription, now: datetime | None = None
     delivery_id = f"test_{uuid.uuid4().hex}"
     headers = build_headers(delivery_id, 1, body, sub.active_secrets(now), test=True)
     result = asyncio.run(_send(settings, sub.url, body, headers))
-    return SendTestReport(delivery_id, sub.url, result)
+    refusal = CallPolicy.of(settings).refusal(sub)
+    not_called = None if refusal is None else SKIP_REASONS[refusal]
+    return SendTestReport(delivery_id, sub.url, result, not_called)
 
 
 async def _send(

@@ -177,6 +177,10 @@ class StageConsumer:
             err = msg.error()
             if err is None:
                 good.append(msg)
+            elif err.fatal() or err.code() == KafkaError._FATAL:
+                # The client is done for (fenced by another member with the same
+                # group.instance.id, say): it would poll on, consuming nothing.
+                raise KafkaException(err)
             elif err.code() != KafkaError._PARTITION_EOF:
                 log.warning("stage %s: consumer error: %s", self.stage, err)
         if not good:

@@ -30,7 +30,7 @@ from dispatcher import metrics
 from dispatcher.attempts import emit_attempt
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
-from dispatcher.core.producer import RecordSink
+from dispatcher.core.producer import ProduceRefused, RecordSink
 from dispatcher.core.routing import NextHop, after_failure, for_deferral
 from dispatcher.core.work import Ticket, Work
 from dispatcher.models import Subscription
@@ -292,10 +292,26 @@ class DeliveryRunner:
     async def _hand_over(
         self, d: Delivery, record: DeliveryRecord, topic: str, due_ms: int
     ) -> None:
-        """Write the record to its next topic; the delivery is finished once acknowledged."""
-        await self.producer.send(
-            topic, record.to_json(), d.delivery_id.encode(), record_headers(record, due_ms)
-        )
+        """Write the record to its next topic; the delivery is finished once acknowledged.
+
+        A write refused for good (a topic that takes smaller records, a missing ACL)
+        is not retried: the delivery stays unfinished, so its message is read again
+        after a restart, and the service turns not ready (``Work.refuse``)
+        until an operator has fixed the topic and restarted it.
+        """
+        try:
+            await self.producer.send(
+                topic, record.to_json(), d.delivery_id.encode(), record_headers(record, due_ms)
+            )
+        except ProduceRefused as exc:
+            log.error(
+                "hand-over refused for good, the delivery stays unfinished: %s",
+                exc,
+                extra={"delivery_id": d.delivery_id, "webhook_id": d.sub.webhook_id},
+            )
+            if d.ticket is not None:
+                self.work.refuse(d.ticket, f"a write to {topic} was refused: {exc.name}")
+            return
         self._finish(d)
 
     async def _defer(self, d: Delivery, reason: str) -> None:

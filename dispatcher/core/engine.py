@@ -35,18 +35,17 @@ from dispatcher import metrics
 from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
 from dispatcher.core.deliveries import DeliveryRunner
 from dispatcher.core.fanout import Fanout, Subscriptions, Unusable
+from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
 from dispatcher.core.partitions import PartitionState, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.watchdog import stuck_partitions
 from dispatcher.core.work import Ticket, Work
-from dispatcher.records import H_SOURCE, due_ms_of
+from dispatcher.records import due_ms_of
 from dispatcher.settings import Settings
 from dispatcher.stages import INPUT_STAGE, retry_stages
 
 log = logging.getLogger(__name__)
 
-H_INVALID_REASON = "dispatcher-invalid-reason"
-H_INVALID_DETAIL = "dispatcher-invalid-detail"
 #: A retry partition paused until its head is due resumes this much earlier: a
 #: resumed partition takes a fetch round trip (hundreds of ms) to deliver the
 #: records behind the head, which are often due right after it.
@@ -108,6 +107,11 @@ class Engine:
     @property
     def ready(self) -> bool:
         return bool(self.consumers) and all(c.ready for c in self.consumers)
+
+    @property
+    def refused(self) -> str | None:
+        """A hand-over or invalid-event write refused for good (its message stays unfinished)."""
+        return self.work.refused
 
     @property
     def failure(self) -> str | None:
@@ -333,23 +337,20 @@ class Engine:
             reason,
             detail,
         )
-        headers = [
-            (H_INVALID_REASON, reason.encode("utf-8", "replace")),
-            (H_INVALID_DETAIL, detail.encode("utf-8", "replace")[:1000]),
-            (H_SOURCE, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()),
-        ]
-        ticket = self.work.open(slot, f"the invalid-event write of {msg.topic()}@{msg.offset()}")
+        headers = invalid_headers(msg, reason, detail)
+        label = f"the invalid-event write of {msg.topic()}@{msg.offset()}"
+        ticket = self.work.open(slot, label)
         self._spawn(ticket, self._write_invalid(ticket, msg.value(), msg.key(), headers))
 
     async def _write_invalid(
-        self,
-        ticket: Ticket,
-        value: bytes | None,
-        key: bytes | None,
-        headers: list[tuple[str, bytes]],
+        self, ticket: Ticket, value: bytes | None, key: bytes | None, headers: Headers
     ) -> None:
-        await self.producer.send(self.settings.invalid_topic, value, key, headers)
-        self.work.finish(ticket)
+        topic = self.settings.invalid_topic
+        refused = await write_invalid(self.producer, topic, ticket.label, value, key, headers)
+        if refused is None:
+            self.work.finish(ticket)
+        else:
+            self.work.refuse(ticket, refused)
 
     # --- tasks -----------------------------------------------------------------
     def _spawn(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:

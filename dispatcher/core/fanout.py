@@ -2,14 +2,17 @@
 
 An input event becomes one delivery per subscription of its organization that
 lists its event and may be called now; a retry record becomes its one delivery
-again, if its subscription still may be called. What is skipped on purpose is
-counted and logged; nothing is started or written here (the engine does that).
+again, if its subscription still may be called and it is not a second copy of a
+hop already read in its partition (the one thing remembered here). What is
+skipped on purpose is counted and logged; nothing is started or written here
+(the engine does that).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Final, Protocol
 
 from confluent_kafka import Message
 from pydantic import ValidationError
@@ -33,6 +36,46 @@ class Subscriptions(Protocol):
     def for_organization(self, organization_id: str) -> tuple[Subscription, ...]: ...
 
 
+#: Why a subscription must not be called, by reason (the label of
+#: ``dispatcher_skipped_deliveries_total``), in words for operators.
+SKIP_REASONS: Final = {
+    "deleted": "subscription deleted",
+    "disabled": "subscription disabled",
+    "not_entitled": "plan not entitled",
+    "insecure_url": "URL is not https:// and DISPATCHER_ALLOW_HTTP is off",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    """The one answer to "may this subscription be called now?".
+
+    Used by fan-out for every input event and retry record, and by dead-letter
+    replay and send-test, so that no command calls (or replays to) a webhook the
+    service itself would skip.
+    """
+
+    entitled: frozenset[str]
+    allow_http: bool
+
+    @classmethod
+    def of(cls, settings: Settings) -> CallPolicy:
+        return cls(frozenset(settings.entitled_plans), settings.allow_http)
+
+    def refusal(self, sub: Subscription | None) -> str | None:
+        """None if ``sub`` may be called, else the reason (a key of :data:`SKIP_REASONS`)."""
+        if sub is None:
+            return "deleted"
+        if not sub.enabled:
+            return "disabled"
+        if sub.plan not in self.entitled:
+            return "not_entitled"
+        # Stored URLs have their scheme in lower case (see outbound.urls).
+        if not sub.url.startswith("https://") and not self.allow_http:
+            return "insecure_url"
+        return None
+
+
 class Unusable(Exception):
     """A message that cannot be dispatched: it goes to the invalid-events topic."""
 
@@ -48,7 +91,7 @@ class Fanout:
     def __init__(self, settings: Settings, table: Subscriptions) -> None:
         self.settings = settings
         self.table = table
-        self._entitled = frozenset(settings.entitled_plans)
+        self.policy = CallPolicy.of(settings)
 
     def of_event(self, slot: Slot, msg: Message) -> list[Delivery]:
         try:
@@ -81,6 +124,17 @@ class Fanout:
             record = DeliveryRecord.model_validate_json(msg.value() or b"")
         except ValidationError as exc:
             raise Unusable("invalid_record", short_errors(exc)) from None
+        hop = record.hop()
+        if hop is not None and slot.part.seen_before(hop):
+            # A second copy of one hop (a crash came between writing it and
+            # committing its source): going on would double the delivery's chain,
+            # and every later crash double it again.
+            metrics.SKIPPED.labels("duplicate_copy").inc()
+            log.debug(
+                "retry skipped: copy of a hop already read",
+                extra={"delivery_id": record.delivery_id},
+            )
+            return []
         sub = self.table.get(record.webhook_id)
         if sub is None:
             metrics.SKIPPED.labels("deleted").inc()
@@ -111,13 +165,8 @@ class Fanout:
 
     def skip(self, sub: Subscription, delivery_id: str | None) -> bool:
         """Count and log a subscription that must not be called now."""
-        if not sub.enabled:
-            reason = "disabled"
-        elif sub.plan not in self._entitled:
-            reason = "not_entitled"
-        elif not sub.url.startswith("https://") and not self.settings.allow_http:
-            reason = "insecure_url"
-        else:
+        reason = self.policy.refusal(sub)
+        if reason is None:
             return False
         self._skip_log(reason, delivery_id, sub)
         return True

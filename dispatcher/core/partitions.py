@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Final
 
 from confluent_kafka import Message, TopicPartition
 
 from dispatcher.core.consumer import StageFeed
 from dispatcher.core.offsets import OffsetTracker
 from dispatcher.stages import RetryStage
+
+#: Hops remembered per retry partition to skip copies of; a copy is written
+#: within a restart of the original, so it follows it closely in the partition.
+HOPS_REMEMBERED: Final = 50_000
 
 
 def now_ms() -> int:
@@ -26,6 +31,7 @@ class PartitionState:
         "blocked",
         "buffer",
         "consumer",
+        "hops",
         "paused",
         "progress_at",
         "queued",
@@ -51,8 +57,19 @@ class PartitionState:
         self.timer: asyncio.TimerHandle | None = None
         #: Endpoints (webhook ids) whose full queue this partition waits for.
         self.blocked: set[str] = set()
+        #: Hops of retry records read here, newest last (see :meth:`seen_before`).
+        self.hops: OrderedDict[int, None] = OrderedDict()
         #: When the committable offset last moved, or work became pending (monotonic s).
         self.progress_at = time.monotonic()
+
+    def seen_before(self, hop: int) -> bool:
+        """Whether a record of this hop was read here already; remembers it if not."""
+        if hop in self.hops:
+            return True
+        self.hops[hop] = None
+        if len(self.hops) > HOPS_REMEMBERED:
+            self.hops.popitem(last=False)
+        return False
 
 
 @dataclass(slots=True, eq=False)

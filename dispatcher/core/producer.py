@@ -2,6 +2,13 @@
 
 librdkafka delivers reports from ``poll()``; a small thread keeps polling so the
 event loop never blocks, and each report is handed back to the loop.
+
+A send is retried while the error can pass (timeouts, leader changes, an
+unreachable broker); an error no retry can fix (a record larger than the topic
+takes, a topic the client may not write, a record the broker calls invalid)
+fails the send with :class:`ProduceRefused`, counted in
+``dispatcher_produce_refused_total``, and the caller decides where the record
+ends instead.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message
 
@@ -19,6 +26,37 @@ from dispatcher.kafka import flush_or_fail, make_producer
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Errors that no retry can fix: the record itself, or the client's rights, are wrong.
+PERMANENT: Final = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_REQUIRED_ACKS,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError._INVALID_ARG,
+    }
+)
+_TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+
+
+class ProduceRefused(Exception):
+    """A record the broker (or the client) refused for good; retrying cannot help."""
+
+    def __init__(self, topic: str, code: int, name: str, detail: str) -> None:
+        super().__init__(f"{topic}: {name}: {detail}")
+        self.topic = topic
+        self.code = code
+        self.name = name
+
+    @property
+    def too_large(self) -> bool:
+        return self.code in _TOO_LARGE
 
 
 class RecordSink(Protocol):
@@ -97,13 +135,22 @@ class AsyncProducer:
         key: bytes | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Produce and wait for the acknowledgement, retrying until it is durable."""
+        """Produce and wait for the acknowledgement, retrying until it is durable.
+
+        Raises :class:`ProduceRefused` for an error no retry can fix.
+        """
         delay = 0.2
         while True:
             try:
                 await self.produce(topic, value, key, headers)
                 return
-            except KafkaException:
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and (err.fatal() or err.code() in PERMANENT):
+                    metrics.PRODUCE_REFUSED.labels(topic, err.name()).inc()
+                    if err.fatal():
+                        self._failure = f"the producer failed for good: {err.str()}"
+                    raise ProduceRefused(topic, err.code(), err.name(), err.str()) from None
                 # Idempotence already retried inside librdkafka; a failure here means
                 # message.timeout.ms passed. The offset stays uncommitted meanwhile.
                 await asyncio.sleep(delay)

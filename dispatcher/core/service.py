@@ -53,6 +53,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return False, engine.failure
         if stop.is_set():
             return False, "shutting down"
+        if engine.refused is not None:
+            return False, f"{engine.refused}; fix the topic or its ACLs, then restart"
         if engine.stuck:
             return False, "partitions not moving while work is pending: " + ", ".join(engine.stuck)
         return True, "ok"

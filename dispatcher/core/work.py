@@ -8,6 +8,10 @@ so the message may be committed past it) or *released* (it was cancelled,
 abandoned or crashed: the in-flight place is given back, the message stays
 unfinished and is delivered again by whoever reads the partition next).
 
+A ticket whose write the broker refuses for good (:meth:`Work.refuse`) is
+released, and :attr:`Work.refused` says so until a restart: the service is then
+not ready, since that message will not move on by itself.
+
 Nothing else changes these counts. Every ticket's coroutine runs as a task
 started by :meth:`Work.start`, whose completion (normal, failed, or cancelled
 before it even began) releases a ticket that did not finish, so no exception
@@ -44,6 +48,8 @@ class Work:
 
     def __init__(self, on_finished: Callable[[Slot], None], on_freed: Callable[[], None]) -> None:
         self.in_flight = 0
+        #: The last write refused for good, whose message now waits for a restart.
+        self.refused: str | None = None
         self._on_finished = on_finished
         self._on_freed = on_freed
 
@@ -77,6 +83,11 @@ class Work:
         ticket.ended = True
         self._add(-1)
         self._on_freed()
+
+    def refuse(self, ticket: Ticket, why: str) -> None:
+        """A write no retry can fix: release the ticket and turn the service not ready."""
+        self.refused = why
+        self.release(ticket)
 
     def start(
         self, ticket: Ticket, coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]
