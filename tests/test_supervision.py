@@ -63,7 +63,7 @@ def test_a_dying_stage_consumer_thread_reports_which_stage() -> None:
     async def main() -> None:
         before = sample("dispatcher_internal_errors_total", where="thread")
         loop = asyncio.get_running_loop()
-        consumer = StageConsumer(settings(), "5m", "webhooks.retry.5m", "g.5m", Owner(), loop)
+        consumer = StageConsumer(settings(), "5m", ("webhooks.retry.5m",), "g.5m", Owner(), loop)
         client = BreakingClient()
         consumer._consumer = client  # type: ignore[assignment]
         assert consumer.failure is None
@@ -81,7 +81,7 @@ def test_a_dying_stage_consumer_thread_reports_which_stage() -> None:
 def test_a_stopped_consumer_is_no_failure() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        consumer = StageConsumer(settings(), "input", "visitor.identified", "g", Owner(), loop)
+        consumer = StageConsumer(settings(), "input", ("visitor.identified",), "g", Owner(), loop)
         consumer.start()
         await asyncio.to_thread(consumer.close, 10)
         assert consumer.failure is None
