@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
 from dispatcher.catalog import Catalog, load_catalog
@@ -20,6 +22,7 @@ from dispatcher.errors import ConfigError
 from dispatcher.models import InvalidEvent
 from dispatcher.records import header_value
 from dispatcher.settings import Settings
+from tests.hostile import MAX_EVENT_BYTES, json_values, poison_events
 from tests.receiver import HttpsReceiver
 from tests.streams import make_event
 from tests.support import BOOTSTRAP, Namespace, wait_until
@@ -102,6 +105,45 @@ def test_events_are_checked_by_the_type_they_name(tmp_path: Path) -> None:
     for doc, why in refused:
         with pytest.raises(InvalidEvent, match=why):
             catalog.parse(json.dumps(doc).encode(), "p.visitor.returned", 0)
+
+
+def _returned_events(extras: dict[str, Any], visits: Any, stamp: Any) -> bytes:
+    doc = {"event": "visitor.returned", "organization_id": "o", "visits": visits, **extras}
+    if stamp is not None:
+        doc["timestamp"] = stamp
+    return json.dumps(doc).encode()
+
+
+hostile_returned = st.builds(
+    _returned_events,
+    st.dictionaries(st.text(max_size=6).map(lambda k: "x_" + k), json_values, max_size=4),
+    st.one_of(st.integers(), json_values),
+    st.one_of(st.none(), st.text(max_size=30), json_values),
+)
+
+
+@pytest.fixture(scope="module")
+def returned_catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    path = write_catalog(tmp_path_factory.mktemp("catalog"), "p")
+    return Catalog.load(Settings(event_catalog_file=str(path), max_event_bytes=MAX_EVENT_BYTES))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.binary(max_size=300), poison_events, hostile_returned))
+def test_any_bytes_on_a_schema_topic_give_a_json_body_or_invalid_event(
+    returned_catalog: Catalog, value: bytes
+) -> None:
+    catalog = returned_catalog
+    try:
+        event = catalog.parse(value, "p.visitor.returned", 0)
+    except InvalidEvent as exc:
+        assert exc.reason in ("too_large", "not_json", "invalid_event")
+        assert exc.detail and "\n" not in exc.detail
+        exc.detail.encode("utf-8")  # goes into a Kafka header and a log line
+        return
+    body = json.loads(event.body.decode("utf-8"))  # strict JSON, UTF-8
+    assert body["event"] in ("visitor.returned", "visitor.identified")
+    assert isinstance(body["organization_id"], str) and body["organization_id"]
 
 
 def test_a_second_event_type_is_delivered_by_configuration(
