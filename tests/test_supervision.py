@@ -71,7 +71,8 @@ def test_a_dying_stage_consumer_thread_reports_which_stage() -> None:
         failure = await asyncio.to_thread(wait_for, lambda: consumer.failure)
         assert "consumer thread of stage 5m died" in failure
         assert "librdkafka handed back garbage" in failure
-        assert client.closed
+        # The thread records its failure before it closes the client: wait for both.
+        assert await asyncio.to_thread(wait_for, lambda: client.closed)
         assert sample("dispatcher_internal_errors_total", where="thread") == before + 1
         consumer.close()
 
