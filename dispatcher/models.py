@@ -122,17 +122,21 @@ class ParsedEvent:
 
     __slots__ = ("body", "event", "occurred_at", "organization_id")
 
-    def __init__(self, raw: Mapping[str, Any], event: Event) -> None:
-        self.event = event.event
-        self.organization_id = event.organization_id
-        self.occurred_at = event.occurred_at
-        # Built from the raw JSON, not the model, so unknown inner fields reach the
-        # customer untouched; only the documented top-level keys are sent.
-        # allow_nan=False: the body must be JSON, and NaN/Infinity are not.
-        doc = {key: raw[key] for key in BODY_KEYS}
-        doc["timestamp"] = format_timestamp(self.occurred_at)
-        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        self.body: bytes = text.encode()
+    def __init__(self, event: str, organization_id: str, occurred_at: datetime, body: bytes):
+        self.event = event
+        self.organization_id = organization_id
+        self.occurred_at = occurred_at
+        self.body = body
+
+
+def _body_of(raw: Mapping[str, Any], occurred_at: datetime) -> bytes:
+    # Built from the raw JSON, not the model, so unknown inner fields reach the
+    # customer untouched; only the documented top-level keys are sent.
+    # allow_nan=False: the body must be JSON, and NaN/Infinity are not.
+    doc = {key: raw[key] for key in BODY_KEYS}
+    doc["timestamp"] = format_timestamp(occurred_at)
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode()
 
 
 InvalidReason = Literal["too_large", "not_json", "invalid_event"]
@@ -162,7 +166,7 @@ def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
     event it can deliver or a reason to set the message aside.
     """
     try:
-        return _parse_event(value, max_bytes)
+        return event_of_model(decode_event(value, max_bytes))
     except InvalidEvent:
         raise
     except Exception as exc:  # unforeseen: still set aside, never stop the partition
@@ -171,7 +175,8 @@ def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
         ) from None
 
 
-def _parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
+def decode_event(value: bytes | None, max_bytes: int) -> dict[str, Any]:
+    """The JSON object of an input message, within the size and nesting limits."""
     if value is None:
         raise InvalidEvent("invalid_event", "message has no value (a tombstone)")
     if len(value) > max_bytes:
@@ -196,12 +201,20 @@ def _parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
     openers = value.count(b"{") + value.count(b"[")
     if openers > MAX_EVENT_DEPTH and _depth(raw) > MAX_EVENT_DEPTH:
         raise InvalidEvent("invalid_event", f"nested deeper than {MAX_EVENT_DEPTH} levels")
+    return raw
+
+
+def event_of_model(raw: dict[str, Any]) -> ParsedEvent:
+    """A ``visitor.identified`` event checked by its model (the shipped type)."""
     try:
         event = Event.model_validate(raw)
     except ValidationError as exc:
         raise InvalidEvent("invalid_event", short_errors(exc)) from None
     try:
-        return ParsedEvent(raw, event)
+        occurred_at = event.occurred_at
+        return ParsedEvent(
+            event.event, event.organization_id, occurred_at, _body_of(raw, occurred_at)
+        )
     except UnicodeEncodeError:
         raise InvalidEvent(
             "invalid_event", "text holds a lone surrogate (\\ud800-\\udfff)"

@@ -106,7 +106,11 @@ class Settings(BaseSettings):
     )
 
     # --- Topics -----------------------------------------------------------
-    input_topic: str = Field("visitor.identified", description="Topic of incoming events.")
+    input_topic: str = Field(
+        "visitor.identified",
+        description="Topic of incoming `visitor.identified` events when no event catalog "
+        "file is set (the catalog names each type's input topic).",
+    )
     subscriptions_topic: str = Field(
         "webhooks.subscriptions", description="Compacted topic holding the subscriptions."
     )
@@ -252,7 +256,8 @@ class Settings(BaseSettings):
     event_catalog_file: str | None = Field(
         None,
         description="JSON file listing the event types (name, description, schema_file, "
-        "input_topic); unset = `visitor.identified` only.",
+        "input_topic); the dispatcher reads every input topic it names. "
+        "Unset = `visitor.identified` only, on DISPATCHER_INPUT_TOPIC.",
     )
     api_host: str = Field("0.0.0.0", description="Address of `dispatcher api`.")
     api_port: int = Field(8090, ge=1, le=65535, description="Port of `dispatcher api`.")

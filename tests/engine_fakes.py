@@ -37,13 +37,14 @@ class FakeConsumer:
         self,
         settings: Settings,
         stage: str,
-        topic: str,
+        topics: tuple[str, ...],
         group_id: str,
         owner: PartitionOwner,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.stage = stage
-        self.topic = topic
+        self.topics = topics
+        self.topic = topics[0]
         self.owner = owner
         self.started = False
         self.closed = False

@@ -132,7 +132,7 @@ def test_histories_of_deleted_webhooks_are_forgotten() -> None:
 
 
 def test_event_catalog_is_configuration(tmp_path: Path) -> None:
-    from dispatcher.api.catalog import load_catalog
+    from dispatcher.catalog import load_catalog
 
     default = load_catalog(Settings())
     assert [e.name for e in default] == ["visitor.identified"]

@@ -64,3 +64,21 @@ def test_api_needs_a_keys_secret(tmp_path: Path) -> None:
 def test_api_is_off_by_default(tmp_path: Path) -> None:
     docs = render(REQUIRED, tmp=tmp_path)
     assert not [d for d in docs if d["metadata"]["name"].endswith("-api")]
+
+
+def test_dispatcher_and_topics_job_read_the_api_event_catalog(tmp_path: Path) -> None:
+    # The dispatcher consumes every catalog input topic and the Job creates them.
+    docs = render(API_VALUES, {"topicsJob": {"enabled": True}}, tmp=tmp_path)
+    pods = [
+        (doc["metadata"]["name"], doc["spec"]["template"]["spec"])
+        for doc in docs
+        if doc["kind"] in ("Deployment", "Job")
+    ]
+    assert len(pods) == 3, [name for name, _pod in pods]
+    for name, pod in pods:
+        container = pod["containers"][0]
+        file = env_of(container)["DISPATCHER_EVENT_CATALOG_FILE"]["value"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert file == f"{mounts['event-catalog']}/catalog.json", name
+        volume = next(v for v in pod["volumes"] if v["name"] == "event-catalog")
+        assert volume["configMap"]["name"] == "webhooks-event-catalog", name

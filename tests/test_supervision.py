@@ -68,7 +68,7 @@ def test_a_dying_stage_consumer_thread_reports_which_stage() -> None:
     async def main() -> None:
         before = sample("dispatcher_internal_errors_total", where="thread")
         loop = asyncio.get_running_loop()
-        consumer = StageConsumer(settings(), "5m", "webhooks.retry.5m", "g.5m", Owner(), loop)
+        consumer = StageConsumer(settings(), "5m", ("webhooks.retry.5m",), "g.5m", Owner(), loop)
         client = BreakingClient()
         consumer._consumer = client  # type: ignore[assignment]
         assert consumer.failure is None
@@ -76,7 +76,8 @@ def test_a_dying_stage_consumer_thread_reports_which_stage() -> None:
         failure = await asyncio.to_thread(wait_for, lambda: consumer.failure)
         assert "consumer thread of stage 5m died" in failure
         assert "librdkafka handed back garbage" in failure
-        assert client.closed
+        # The thread records its failure before it closes the client: wait for both.
+        assert await asyncio.to_thread(wait_for, lambda: client.closed)
         assert sample("dispatcher_internal_errors_total", where="thread") == before + 1
         consumer.close()
 
@@ -86,7 +87,7 @@ def test_a_dying_stage_consumer_thread_reports_which_stage() -> None:
 def test_a_stopped_consumer_is_no_failure() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        consumer = StageConsumer(settings(), "input", "visitor.identified", "g", Owner(), loop)
+        consumer = StageConsumer(settings(), "input", ("visitor.identified",), "g", Owner(), loop)
         consumer.start()
         await asyncio.to_thread(consumer.close, 10)
         assert consumer.failure is None

@@ -21,12 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dispatcher import __version__
 from dispatcher.api import deliveries, problems, webhooks
 from dispatcher.api.auth import KeyRing, load_keys
-from dispatcher.api.catalog import load_catalog
 from dispatcher.api.context import ApiContext
 from dispatcher.api.history import HistoryIndex, HistoryReader
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody
 from dispatcher.api.store import Store
+from dispatcher.catalog import load_catalog
 from dispatcher.core.health import Health
 from dispatcher.errors import KafkaSetupError
 from dispatcher.metrics import REGISTRY

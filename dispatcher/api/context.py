@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from dispatcher.api.auth import KeyRing
-from dispatcher.api.catalog import EventType
 from dispatcher.api.history import HistoryIndex, HistoryReader
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import Problem
 from dispatcher.api.store import Store
+from dispatcher.catalog import EventType
 from dispatcher.settings import Settings
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from dispatcher.catalog import Catalog
 from dispatcher.commands.cli_common import (
     OneLineParser,
     missing_action,
@@ -66,7 +67,7 @@ def add_commands(sub: Any) -> None:
 
 def cmd_start_at_end(args: argparse.Namespace, settings: Settings) -> int:
     # The groups of the input stage and of each retry stage, as the engine names them.
-    consumers = [(settings.group_id, settings.input_topic)]
+    consumers = [(settings.group_id, topic) for topic in Catalog.load(settings).input_topics]
     consumers += [(f"{settings.group_id}.{s.name}", s.topic) for s in retry_stages(settings)]
     plan = [_plan(settings, group, topic) for group, topic in consumers]
     if args.yes:

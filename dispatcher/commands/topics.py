@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from dispatcher.catalog import load_catalog
 from dispatcher.errors import ConfigError, KafkaSetupError
 from dispatcher.kafka import client_error, common_config
 from dispatcher.settings import Settings
@@ -38,8 +39,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     def deleting(retention_ms: int) -> dict[str, str]:
         return {"cleanup.policy": "delete", "retention.ms": str(retention_ms)}
 
+    inputs = dict.fromkeys(t.input_topic for t in load_catalog(settings))
     specs = [
-        TopicSpec(settings.input_topic, "input events", n, deleting(settings.input_retention_ms)),
+        TopicSpec(topic, "input events", n, deleting(settings.input_retention_ms))
+        for topic in inputs
+    ]
+    specs += [
         TopicSpec(
             settings.subscriptions_topic,
             "subscriptions table",
@@ -76,6 +81,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"cleanup.policy": "compact"},
         ),
     ]
+    names = [spec.name for spec in specs]
+    clash = sorted({name for name in names if names.count(name) > 1})
+    if clash:
+        raise ConfigError(f"a catalog input topic is also another dispatcher topic: {clash[0]}")
     return specs
 
 

@@ -38,7 +38,7 @@ class StageFeed(Protocol):
     """What the loop asks of a stage consumer (a fake one in the engine's unit tests)."""
 
     stage: str
-    topic: str
+    topics: tuple[str, ...]
 
     @property
     def ready(self) -> bool: ...
@@ -73,26 +73,26 @@ class PartitionOwner(Protocol):
     def lost(self, consumer: StageFeed, partitions: list[TopicPartition]) -> None: ...
 
 
-#: Makes the consumer of one stage: (settings, stage, topic, group id, owner, loop).
+#: Makes the consumer of one stage: (settings, stage, topics, group id, owner, loop).
 ConsumerFactory = Callable[
-    [Settings, str, str, str, PartitionOwner, asyncio.AbstractEventLoop], StageFeed
+    [Settings, str, tuple[str, ...], str, PartitionOwner, asyncio.AbstractEventLoop], StageFeed
 ]
 
 
 class StageConsumer:
-    """Polls one topic for one stage and feeds an event loop."""
+    """Polls the topics of one stage (one group) and feeds an event loop."""
 
     def __init__(
         self,
         settings: Settings,
         stage: str,
-        topic: str,
+        topics: tuple[str, ...],
         group_id: str,
         owner: PartitionOwner,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.stage = stage
-        self.topic = topic
+        self.topics = topics
         self.joined = threading.Event()
         self._settings = settings
         self._group_id = group_id
@@ -110,7 +110,7 @@ class StageConsumer:
     # --- called from the loop -------------------------------------------------
     def start(self) -> None:
         self._consumer.subscribe(
-            [self.topic],
+            list(self.topics),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,

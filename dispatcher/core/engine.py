@@ -32,6 +32,7 @@ import httpx
 from confluent_kafka import Message, TopicPartition
 
 from dispatcher import metrics
+from dispatcher.catalog import Catalog
 from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
 from dispatcher.core.deliveries import DeliveryRunner
 from dispatcher.core.fanout import Fanout, Subscriptions, Unusable
@@ -64,6 +65,7 @@ class Engine:
         client: httpx.AsyncClient,
         producer: RecordSink,
         consumer_factory: ConsumerFactory = StageConsumer,
+        catalog: Catalog | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -84,7 +86,9 @@ class Engine:
         self._flush_pending = False
         self._pump_pending = False
         self._stopping = False
-        self.fanout = Fanout(settings, table)
+        #: The event types: the input stage reads every one's input topic.
+        self.catalog = catalog or Catalog.load(settings)
+        self.fanout = Fanout(settings, table, self.catalog)
         self._ticker: asyncio.Task[None] | None = None
         self._failure: str | None = None
         #: Partitions reported stuck by the watchdog ("topic/partition for N s").
@@ -94,8 +98,9 @@ class Engine:
     def start(self) -> None:
         """Join the consumer groups of the input stage and of every retry stage."""
         group = self.settings.group_id
-        feeds = [(INPUT_STAGE, self.settings.input_topic, group)]
-        feeds += [(s.name, s.topic, f"{group}.{s.name}") for s in self.stages]
+        # One group for the input stage, whatever number of topics the catalog names.
+        feeds = [(INPUT_STAGE, self.catalog.input_topics, group)]
+        feeds += [(s.name, (s.topic,), f"{group}.{s.name}") for s in self.stages]
         self.consumers = [
             self._consumer_factory(self.settings, name, topic, group_id, self, self._loop)
             for name, topic, group_id in feeds
@@ -150,8 +155,8 @@ class Engine:
 
     # --- PartitionOwner (called on the loop by the consumer threads) ----------
     def assigned(self, consumer: StageFeed, partitions: list[TopicPartition]) -> None:
-        stage = self._stage_of_topic.get(consumer.topic)
         for tp in partitions:
+            stage = self._stage_of_topic.get(tp.topic)
             old = self.partitions.get((tp.topic, tp.partition))
             if old is not None:
                 self._deactivate(old)

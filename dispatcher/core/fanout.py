@@ -18,9 +18,10 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from dispatcher import metrics
+from dispatcher.catalog import Catalog
 from dispatcher.core.deliveries import Delivery
 from dispatcher.core.partitions import Slot
-from dispatcher.models import InvalidEvent, Subscription, parse_event, short_errors
+from dispatcher.models import InvalidEvent, Subscription, short_errors
 from dispatcher.records import DeliveryRecord, Source, delivery_id_for
 from dispatcher.settings import Settings
 from dispatcher.stages import INPUT_STAGE, RetryStage
@@ -88,17 +89,20 @@ class Unusable(Exception):
 class Fanout:
     """Deliveries of a message, by the one policy of who may be called."""
 
-    def __init__(self, settings: Settings, table: Subscriptions) -> None:
+    def __init__(
+        self, settings: Settings, table: Subscriptions, catalog: Catalog | None = None
+    ) -> None:
         self.settings = settings
         self.table = table
         self.policy = CallPolicy.of(settings)
+        self.catalog = catalog or Catalog.load(settings)
 
     def of_event(self, slot: Slot, msg: Message) -> list[Delivery]:
+        topic, partition = slot.part.tp.topic, slot.part.tp.partition
         try:
-            event = parse_event(msg.value(), self.settings.max_event_bytes)
+            event = self.catalog.parse(msg.value(), topic, msg.timestamp()[1])
         except InvalidEvent as exc:
             raise Unusable(exc.reason, exc.detail) from None
-        topic, partition = slot.part.tp.topic, slot.part.tp.partition
         source = Source(topic=topic, partition=partition, offset=slot.offset)
         out = []
         for sub in self.table.for_organization(event.organization_id):

@@ -8,6 +8,7 @@ import logging
 import signal
 
 from dispatcher import kafka, metrics
+from dispatcher.catalog import Catalog
 from dispatcher.core.engine import Engine
 from dispatcher.core.health import Health, HealthServer
 from dispatcher.core.producer import AsyncProducer
@@ -30,6 +31,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    catalog = Catalog.load(settings)  # a bad catalog stops start-up with one line
     kafka.send_client_logs_to(logging.getLogger(KAFKA_CLIENT_LOGGER))
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Not possible off the main thread (an embedding caller then sets ``stop``).
@@ -80,7 +82,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     producer = AsyncProducer(settings, loop)
     try:
         if not stop.is_set():
-            engine = Engine(settings, table, client, producer)
+            engine = Engine(settings, table, client, producer, catalog=catalog)
             engine.start()
             log.info("dispatching", extra={"subscriptions": len(table)})
             while not stop.is_set():

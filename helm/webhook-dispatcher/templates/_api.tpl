@@ -2,9 +2,8 @@
 Pieces of the API's objects (api.enabled): its pods' selector and its checks.
 */}}
 
-{{/* Where the API keys and the event catalog are mounted. */}}
+{{/* Where the API keys are mounted. */}}
 {{- define "webhook-dispatcher.apiKeysDir" -}}/etc/dispatcher/api-keys{{- end }}
-{{- define "webhook-dispatcher.eventCatalogDir" -}}/etc/dispatcher/event-catalog{{- end }}
 
 {{/* Selector of the API pods only. */}}
 {{- define "webhook-dispatcher.apiSelectorLabels" -}}

@@ -6,6 +6,7 @@ Kafka with the same settings and run with the same hardening.
 {{/* Where the Kafka TLS files and the endpoint CA bundle are mounted. */}}
 {{- define "webhook-dispatcher.kafkaTlsDir" -}}/etc/dispatcher/kafka-tls{{- end }}
 {{- define "webhook-dispatcher.endpointCADir" -}}/etc/dispatcher/endpoint-ca{{- end }}
+{{- define "webhook-dispatcher.eventCatalogDir" -}}/etc/dispatcher/event-catalog{{- end }}
 
 {{/*
 A value as plain text, for environment variables and PromQL. Helm reads every
@@ -105,6 +106,12 @@ then every entry of .Values.config as DISPATCHER_<KEY>.
 - name: DISPATCHER_HTTP_CA_FILE
   value: {{ printf "%s/ca.crt" (include "webhook-dispatcher.endpointCADir" .) | quote }}
 {{- end }}
+{{- if .Values.api.eventCatalog.existingConfigMap }}
+# The API lists the catalog, the dispatcher reads its input topics, the topics
+# Job creates them: all three see the same file.
+- name: DISPATCHER_EVENT_CATALOG_FILE
+  value: {{ printf "%s/catalog.json" (include "webhook-dispatcher.eventCatalogDir" .) | quote }}
+{{- end }}
 - name: DISPATCHER_HTTP_PORT
   value: {{ .Values.httpPort | int | quote }}
 {{- range $key, $value := .Values.config }}
@@ -148,6 +155,11 @@ then every entry of .Values.config as DISPATCHER_<KEY>.
         path: ca.crt
 {{- end }}
 {{- end }}
+{{- with .Values.api.eventCatalog.existingConfigMap }}
+- name: event-catalog
+  configMap:
+    name: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{- define "webhook-dispatcher.volumeMounts" -}}
@@ -161,6 +173,11 @@ then every entry of .Values.config as DISPATCHER_<KEY>.
 {{- if .Values.endpointCA.existingConfigMap }}
 - name: endpoint-ca
   mountPath: {{ include "webhook-dispatcher.endpointCADir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.api.eventCatalog.existingConfigMap }}
+- name: event-catalog
+  mountPath: {{ include "webhook-dispatcher.eventCatalogDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
