@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from dispatcher.delivery import AttemptResult, build_headers, post
-from dispatcher.egress import build_http_client
 from dispatcher.models import Subscription, format_timestamp, parse_event
 from dispatcher.settings import Settings
+from dispatcher.transport import build_http_client
 
 #: How much of the endpoint's answer is shown to the operator.
 RESPONSE_SHOWN_BYTES: Final = 200

@@ -8,7 +8,6 @@ import logging
 import signal
 
 from dispatcher import kafka, metrics
-from dispatcher.egress import build_http_client
 from dispatcher.engine import Engine
 from dispatcher.errors import KafkaSetupError
 from dispatcher.health import Health, HealthServer
@@ -16,6 +15,7 @@ from dispatcher.logs import KAFKA_CLIENT_LOGGER
 from dispatcher.producer import AsyncProducer
 from dispatcher.settings import Settings
 from dispatcher.table import SubscriptionTable
+from dispatcher.transport import build_http_client
 
 log = logging.getLogger(__name__)
 

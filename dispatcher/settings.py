@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     )
 
     # --- Engine -----------------------------------------------------------
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="Event loop of `dispatcher run`: uvloop (faster) or Python's own asyncio.",
+    )
     max_in_flight: int = Field(
         512, ge=1, description="Deliveries running or queued at once, across all endpoints."
     )
