@@ -118,18 +118,10 @@ async def _send(
 ) -> httpx.Response:
     """POST, returning the response with its body unread."""
     if isinstance(client, DeliveryClient):
-        # Straight to the transport: the client's per-request work (merging
-        # defaults, cookies, auth, redirect handling, hooks) is not needed here and
-        # cost as much CPU as the HTTP exchange itself.
-        transport = client.transport
-        request = httpx.Request(
-            "POST",
-            transport.url(url),
-            content=body,
-            headers=headers,
-            extensions={"timeout": client.timeout_extension},
-        )
-        return await transport.handle_async_request(request)
+        # Straight to the transport: the client's per-request work (building and
+        # merging a request, cookies, auth, redirect handling, hooks) is not
+        # needed here and cost as much CPU as the HTTP exchange itself.
+        return await client.transport.send("POST", url, headers, body, client.timeout_extension)
     request = client.build_request("POST", url, content=body, headers=headers)
     return await client.send(request, stream=True)
 

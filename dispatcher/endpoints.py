@@ -14,6 +14,7 @@ burst sent to an endpoint that turned out to be stalled does not stay queued.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,7 @@ T = TypeVar("T")
 RATE_WINDOW_S = 1.0
 
 
+@functools.lru_cache(maxsize=4096)  # called for every delivery; URLs repeat
 def endpoint_key(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -7,7 +7,6 @@ the same valid and invalid documents). The retry/dead-letter record lives in
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dispatcher import jsonio
 from dispatcher.errors import SubscriptionError
 
 #: The top-level keys of a delivered body, in the order they are sent.
@@ -114,7 +114,7 @@ class ParsedEvent:
         # customer untouched; only the documented top-level keys are sent.
         doc = {key: raw[key] for key in BODY_KEYS}
         doc["timestamp"] = format_timestamp(self.occurred_at)
-        self.body: bytes = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        self.body: bytes = jsonio.dumps(doc)
 
 
 class InvalidEvent(ValueError):
@@ -133,8 +133,8 @@ def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
     if len(value) > max_bytes:
         raise InvalidEvent("too_large", f"message is {len(value)} bytes, limit is {max_bytes}")
     try:
-        raw = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = jsonio.loads(value)
+    except jsonio.JSONError as exc:
         raise InvalidEvent("not_json", f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidEvent("invalid_event", "the JSON value is not an object")
@@ -142,7 +142,10 @@ def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
         event = Event.model_validate(raw)
     except ValidationError as exc:
         raise InvalidEvent("invalid_event", short_errors(exc)) from None
-    return ParsedEvent(raw, event)
+    try:
+        return ParsedEvent(raw, event)
+    except jsonio.JSONError as exc:
+        raise InvalidEvent("not_json", f"not JSON: {exc}") from None
 
 
 def short_errors(exc: ValidationError) -> str:

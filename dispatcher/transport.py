@@ -25,8 +25,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -73,17 +72,16 @@ _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
 )
 
 
-@contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except httpx.HTTPError:
-        raise  # EgressBlocked, from the resolver or the socket factory
-    except (TimeoutError, aiohttp.ClientError) as exc:
+def _translated(exc: Exception) -> Exception:
+    """The httpx error an aiohttp error becomes, or ``exc`` itself.
+
+    (EgressBlocked, from the resolver or the socket factory, is httpx's already.)
+    """
+    if isinstance(exc, aiohttp.ClientError | TimeoutError):
         for kind, mapped in _ERRORS:
             if isinstance(exc, kind):
-                raise mapped(str(exc) or type(exc).__name__) from exc
-        raise
+                return mapped(str(exc) or type(exc).__name__)
+    return exc
 
 
 class _Body(httpx.AsyncByteStream):
@@ -95,9 +93,14 @@ class _Body(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _translated():
+        try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
+        except Exception as exc:
+            error = _translated(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     async def aclose(self) -> None:
         response = self._response
@@ -134,27 +137,17 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         self._keepalive_s = keepalive_expiry_s
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
-        self._urls: dict[str, httpx.URL] = {}
-        self._targets: dict[str, yarl.URL] = {}
+        self._targets: dict[tuple[str, bool], yarl.URL] = {}
         self._closed = False
 
-    def url(self, text: str) -> httpx.URL:
-        """``httpx.URL(text)``, parsed once per URL (subscription URLs repeat)."""
-        url = self._urls.get(text)
-        if url is None:
-            if len(self._urls) >= _URL_CACHE_SIZE:
-                self._urls.clear()
-            url = self._urls[text] = httpx.URL(text)
-        return url
-
-    def _target(self, url: httpx.URL) -> yarl.URL:
-        text = str(url)
-        target = self._targets.get(text)
+    def _target(self, text: str, encoded: bool) -> yarl.URL:
+        """The URL parsed once (subscription URLs repeat), percent-encoded if not yet."""
+        key = (text, encoded)
+        target = self._targets.get(key)
         if target is None:
             if len(self._targets) >= _URL_CACHE_SIZE:
                 self._targets.clear()
-            # httpx has already percent-encoded it.
-            target = self._targets[text] = yarl.URL(text, encoded=True)
+            target = self._targets[key] = yarl.URL(text, encoded=encoded)
         return target
 
     @property
@@ -203,11 +196,6 @@ class GuardedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` on a pooled or new connection of its origin."""
-        url = request.url
-        if url.scheme == "http" and not self._allow_http:
-            raise EgressBlocked("plain_http", url.host)
-        if url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
         data: Any
         try:
             data = request.content or None
@@ -215,15 +203,52 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:  # a streamed body: aiohttp sends it chunked
             data = request.stream
             headers = [(k, v) for k, v in request.headers.multi_items() if k != "transfer-encoding"]
-        with _translated():
+        # httpx has already percent-encoded the URL.
+        target = self._target(str(request.url), encoded=True)
+        timeout = request.extensions.get("timeout", {})
+        return await self._send(request.method, target, headers, data, timeout)
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: dict[str, float | None],
+    ) -> httpx.Response:
+        """What :meth:`handle_async_request` does, from a URL, headers and body as given.
+
+        Nothing is added to ``headers`` but ``Host`` and ``Content-Length``; the
+        ``timeout`` phases are httpx's (``connect``, ``read``, ``pool``).
+        """
+        return await self._send(method, self._target(url, encoded=False), headers, body, timeout)
+
+    async def _send(
+        self,
+        method: str,
+        target: yarl.URL,
+        headers: Any,
+        data: Any,
+        timeout: dict[str, float | None],
+    ) -> httpx.Response:
+        if target.scheme == "http" and not self._allow_http:
+            raise EgressBlocked("plain_http", target.host or "")
+        if target.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {target.scheme!r}")
+        try:
             response = await self.session.request(
-                request.method,
-                self._target(url),
+                method,
+                target,
                 headers=headers,
                 data=data,
                 allow_redirects=False,
-                timeout=self._timeout(request.extensions.get("timeout", {})),
+                timeout=self._timeout(timeout),
             )
+        except Exception as exc:
+            error = _translated(exc)
+            if error is exc:
+                raise
+            raise error from exc
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
@@ -243,9 +268,9 @@ class DeliveryClient(httpx.AsyncClient):
     """The delivery ``httpx.AsyncClient``, with its transport at hand.
 
     ``client.post`` and friends work as on any client. Deliveries, which need
-    none of the client's per-request work (cookies, auth, redirects, hooks),
-    send their prebuilt requests through :attr:`transport` directly
-    (:func:`dispatcher.delivery.post`).
+    none of the client's per-request work (building a request, merging defaults,
+    cookies, auth, redirects, hooks), send through :meth:`GuardedTransport.send`
+    directly and get an ``httpx.Response`` back (:func:`dispatcher.delivery.post`).
     """
 
     def __init__(self, *, transport: GuardedTransport, **kwargs: Any) -> None:
