@@ -178,6 +178,15 @@ class Receiver:
             int(data["count"]), int(data["used"]), float(data["seconds"]), float(data["rate"])
         )
 
+    def connections(self) -> tuple[int, int]:
+        """TLS connections opened since the last reset, and those open now."""
+        data = self._call("GET", "/count")
+        return int(data["conns_opened"]), int(data["conns_open"])
+
+    def latency(self) -> dict[str, float]:
+        """Produce-to-receipt latencies of the deliveries under ``/lat/`` (ms)."""
+        return {k: float(v) for k, v in self._call("GET", "/latency").items()}
+
     def reset(self) -> None:
         self._call("POST", "/reset")
 
@@ -261,6 +270,65 @@ class Namespace:
             updated_at=stamp,
         )
         write(self.settings, webhook_id, sub)
+
+    def subscribe_many(self, subs: list[tuple[str, str, str]]) -> None:
+        """Subscriptions ``(url, organization, webhook id)``, written by one producer."""
+        stamp = datetime.now(UTC)
+        template = Subscription(
+            webhook_id="WEBHOOK",
+            organization_id="ORGANIZATION",
+            url="https://URL.example/",
+            events=("visitor.identified",),
+            secret=generate_secret(),
+            plan="scale",
+            created_at=stamp,
+            updated_at=stamp,
+        ).to_json()
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20})
+        for url, org, webhook_id in subs:
+            value = (
+                template.replace(b"https://URL.example/", url.encode())
+                .replace(b"ORGANIZATION", org.encode())
+                .replace(b"WEBHOOK", webhook_id.encode())
+            )
+            self._produce(producer, self.settings.subscriptions_topic, value, webhook_id.encode())
+        if producer.flush(120) != 0:
+            raise BenchError("the subscriptions were not acknowledged by Kafka")
+
+    @staticmethod
+    def _produce(producer: Producer, topic: str, value: bytes, key: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+
+    def publish_paced(self, rate: float, seconds: float, orgs: list[str]) -> int:
+        """Events at ``rate`` a second for ``seconds``, each stamped with its produce time.
+
+        The session id is ``lat_<unix ns>_<n>``, read by the receiver under ``/lat/``.
+        Returns how many were produced.
+        """
+        producer = Producer(
+            {"bootstrap.servers": BOOTSTRAP, "linger.ms": 1, "compression.type": "lz4"}
+        )
+        template = json.dumps(event("SESSION", "ORG"))
+        start = time.monotonic()
+        sent = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate)
+            while sent < due:
+                session = f"lat_{time.time_ns()}_{sent}"
+                value = template.replace("SESSION", session).replace("ORG", orgs[sent % len(orgs)])
+                self._produce(producer, self.settings.input_topic, value.encode(), session.encode())
+                sent += 1
+            producer.poll(0)
+            time.sleep(0.002)
+        if producer.flush(60) != 0:
+            raise BenchError("the paced events were not acknowledged by Kafka")
+        return sent
 
     def publish(self, count: int, orgs: list[str]) -> None:
         """``count`` events, organizations taken in turn, keyed by session."""
@@ -360,6 +428,10 @@ class Dispatcher:
     def cpu_s(self) -> float:
         """CPU time (user + system, every thread) the process has used so far."""
         return process_cpu_s(self.proc.pid)
+
+    def open_files(self) -> int:
+        """File descriptors the process holds (sockets among them)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def memory_mb(self) -> dict[str, float]:
         """Peak (VmHWM) and current (VmRSS) resident memory, in MB."""

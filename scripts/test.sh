@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every check in one command: lint, types, the chart, and the tests against a real
-# local Kafka broker (started here if it is not running, and stopped again after).
+# Every check in one command: lint, types, the chart, the tests against a real
+# local Kafka broker (started here if it is not running, and stopped again after),
+# and, when no pytest arguments are given, the benchmark at its smoke size.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -22,3 +23,8 @@ if [[ -f scripts/check-chart.sh ]]; then
 fi
 echo "== pytest"
 .venv/bin/pytest "$@"
+if [[ $# -eq 0 ]]; then
+    # Every benchmark phase at a tiny size: it must run, its figures mean nothing.
+    echo "== benchmark (smoke size)"
+    bash scripts/bench.sh --smoke --out "$repo/bench/.build/smoke-results.json"
+fi

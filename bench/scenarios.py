@@ -1,0 +1,203 @@
+"""Scenarios 2 to 5: traffic less kind than ten hot endpoints.
+
+2. Many origins: ``--origins`` webhooks (2,000), each on a receiver port of its
+   own, events spread evenly over them: most deliveries need a TLS handshake. CPU
+   per delivery against the hot-endpoint figure gives the cost of a handshake;
+   afterwards the receiver's open connections show the idle pools being closed.
+3. Slow endpoints: ``--slow-webhooks`` webhooks (500) on as many ports, each
+   answering after ``--slow-ms`` (200 ms); once with the default in-flight limit
+   and once raised to ``--slow-in-flight``. The rate is compared with what the
+   limit allows, min(ceiling, in-flight / delay), the ceiling being the
+   dispatcher's own rate to ten hot endpoints in this run.
+4. Latency: events produced at half that ceiling for ``--latency-seconds`` to ten
+   hot endpoints; percentiles of produce-to-receipt from the receiver's clock.
+5. Large table: ``--table-size`` subscriptions (100,000) in the compacted topic;
+   the time from start until the dispatcher is ready and its RSS then.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.harness import BenchError, Receiver
+
+#: Seconds waited for the receiver to see every idle connection closed.
+IDLE_CLOSE_DEADLINE_S = 30.0
+
+
+class Scenarios:
+    """Mixed into :class:`bench.run.Bench`, which provides the receivers and processes."""
+
+    args: Any
+    wide: Receiver
+
+    # The helpers Bench provides.
+    def namespace(self, **overrides: Any) -> Any: ...
+    def dispatcher(self, ns: Any) -> Any: ...
+    def drain(self, proc: Any, receiver: Receiver, prefix: str, n: int) -> dict[str, Any]: ...
+    def wide_receiver(self) -> Receiver: ...
+    def say(self, text: str) -> None: ...
+
+    # --- 2. many origins ----------------------------------------------------------
+    def many_origins(self, hot_cpu_ms: float | None) -> dict[str, Any]:
+        origins, n = self.args.origins, self.args.origins_events
+        rx = self.wide_receiver()
+        rx.reset()
+        self.say(f"many origins: {n} events over {origins} webhooks on {origins} origins")
+        ns = self.namespace()
+        try:
+            subs = [(rx.url(i, f"/ok/m{i}"), f"org_m{i}", f"wh_m{i}") for i in range(origins)]
+            ns.subscribe_many(subs)
+            ns.publish(n, [org for _, org, _ in subs])
+            with self.dispatcher(ns) as proc:
+                proc.wait_ready()
+                files_ready = proc.open_files()
+                out = self.drain(proc, rx, "/ok/m", n)
+                opened, open_now = rx.connections()
+                out["files_after_drain"] = proc.open_files()
+                t0 = time.monotonic()
+                while rx.connections()[1] > 0:
+                    if time.monotonic() - t0 > IDLE_CLOSE_DEADLINE_S:
+                        break
+                    time.sleep(0.25)
+                idle_closed_s = time.monotonic() - t0
+                _, still_open = rx.connections()
+                out["files_when_idle"] = proc.open_files()
+                out["files_when_ready"] = files_ready
+        finally:
+            ns.delete()
+        delivered = out["arrived"] or 1
+        out.update(
+            {
+                "topology": f"{origins} organizations x 1 subscription, {origins} origins",
+                "connections_opened": opened,
+                "connections_per_delivery": round(opened / delivered, 3),
+                "open_after_drain": open_now,
+                "open_after_idle": still_open,
+                "seconds_until_idle_closed": round(idle_closed_s, 1),
+            }
+        )
+        if hot_cpu_ms is not None and out["connections_per_delivery"] > 0:
+            extra = out["cpu_ms_per_delivery"] - hot_cpu_ms
+            out["handshake_cpu_ms"] = round(extra / out["connections_per_delivery"], 3)
+        return out
+
+    # --- 3. slow endpoints ------------------------------------------------------
+    def slow(self, ceiling: float | None) -> dict[str, Any]:
+        webhooks, n, delay_ms = self.args.slow_webhooks, self.args.slow_events, self.args.slow_ms
+        runs = {}
+        for label, limit in (
+            ("default", None),
+            ("raised", self.args.slow_in_flight),
+        ):
+            rx = self.wide_receiver()
+            rx.reset()
+            overrides = {} if limit is None else {"max_in_flight": limit}
+            ns = self.namespace(**overrides)
+            in_flight = int(ns.settings.max_in_flight)
+            self.say(
+                f"slow endpoints ({label}): {n} events over {webhooks} webhooks answering "
+                f"after {delay_ms} ms, max_in_flight {in_flight}"
+            )
+            try:
+                subs = [
+                    (rx.url(i, f"/delay/{delay_ms}/s{i}"), f"org_s{i}", f"wh_s{i}")
+                    for i in range(webhooks)
+                ]
+                ns.subscribe_many(subs)
+                ns.publish(n, [org for _, org, _ in subs])
+                with self.dispatcher(ns) as proc:
+                    proc.wait_ready()
+                    idle_rss = proc.memory_mb()["VmRSS"]
+                    out = self.drain(proc, rx, "/delay/", n)
+                    peak = proc.memory_mb()["VmHWM"]
+            finally:
+                ns.delete()
+            allowed = in_flight / (delay_ms / 1000)
+            bound = min(ceiling, allowed) if ceiling else allowed
+            # Little's law: what was in flight on average while the rate held.
+            held = max(out["per_s"] * delay_ms / 1000, 1.0)
+            out.update(
+                {
+                    "max_in_flight": in_flight,
+                    "in_flight_allows_per_s": round(allowed, 1),
+                    "bound_per_s": round(bound, 1),
+                    "ratio": round(out["per_s"] / bound, 3) if bound else None,
+                    "rss_ready_mb": idle_rss,
+                    "in_flight_mean": round(held),
+                    "peak_rss_mb": peak,
+                    "kb_per_in_flight": round(1024 * (peak - idle_rss) / held, 1),
+                }
+            )
+            runs[label] = out
+        return {
+            "topology": f"{webhooks} organizations x 1 subscription, {webhooks} origins, "
+            f"{delay_ms} ms answers",
+            "ceiling_per_s": ceiling,
+            **runs,
+        }
+
+    # --- 4. latency -------------------------------------------------------------
+    def latency(self, receiver: Receiver, endpoints: int, rate: float) -> dict[str, Any]:
+        seconds = self.args.latency_seconds
+        receiver.reset()
+        self.say(f"latency: {rate:.0f} events/s for {seconds:g} s to {endpoints} endpoints")
+        ns = self.namespace()
+        try:
+            names = [f"org_l{i}" for i in range(endpoints)]
+            ns.subscribe_many(
+                [(receiver.url(i, f"/lat/l{i}"), names[i], f"wh_l{i}") for i in range(endpoints)]
+            )
+            with self.dispatcher(ns) as proc:
+                proc.wait_ready()
+                cpu0 = proc.cpu_s()
+                sent = ns.publish_paced(rate, seconds, names)
+                deadline = time.monotonic() + 60
+                while receiver.count("/lat/") < sent and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                cpu = proc.cpu_s() - cpu0
+        finally:
+            ns.delete()
+        stats = receiver.latency()
+        if stats.get("count", 0) < sent:
+            raise BenchError(f"latency: {stats.get('count', 0)} of {sent} deliveries arrived")
+        return {
+            "topology": f"{endpoints} organizations x 1 subscription, {endpoints} endpoints",
+            "rate_per_s": round(rate, 1),
+            "events": sent,
+            "cpu_ms_per_delivery": round(1000 * cpu / sent, 3),
+            **{k: round(v, 2) for k, v in stats.items()},
+        }
+
+    # --- 5. large table ------------------------------------------------------------
+    def large_table(self, receiver: Receiver) -> dict[str, Any]:
+        size = self.args.table_size
+        self.say(f"large table: {size} subscriptions in the compacted topic")
+        ns = self.namespace()
+        try:
+            t0 = time.monotonic()
+            ns.subscribe_many(
+                [
+                    (receiver.url(i % 10, f"/ok/t{i}"), f"org_t{i // 4}", f"wh_t{i}")
+                    for i in range(size)
+                ]
+            )
+            written_s = time.monotonic() - t0
+            with self.dispatcher(ns) as proc:
+                t0 = time.monotonic()
+                proc.wait_ready(timeout_s=300)
+                ready_s = time.monotonic() - t0
+                loaded = proc.metric("dispatcher_subscriptions_loaded")
+                memory = proc.memory_mb()
+        finally:
+            ns.delete()
+        if loaded < size:
+            raise BenchError(f"large table: {loaded:.0f} of {size} subscriptions loaded")
+        return {
+            "subscriptions": size,
+            "write_seconds": round(written_s, 1),
+            "ready_seconds": round(ready_s, 2),
+            "rss_mb": memory["VmRSS"],
+            "peak_rss_mb": memory["VmHWM"],
+        }
