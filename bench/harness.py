@@ -305,11 +305,14 @@ class Namespace:
                 producer.poll(0.05)
         producer.poll(0)
 
-    def publish_paced(self, rate: float, seconds: float, orgs: list[str]) -> int:
-        """Events at ``rate`` a second for ``seconds``, each stamped with its produce time.
+    def publish_paced(
+        self, rate: float, seconds: float, orgs: list[str], warmup_s: float = 0.0
+    ) -> int:
+        """Events at ``rate`` a second for ``warmup_s + seconds``, stamped with their produce time.
 
-        The session id is ``lat_<unix ns>_<n>``, read by the receiver under ``/lat/``.
-        Returns how many were produced.
+        The session id is ``lat_<unix ns>_<n>``, read by the receiver under ``/lat/``
+        (``warm_...`` during the warm-up, which it does not count). Returns how many
+        were produced.
         """
         producer = Producer(
             {"bootstrap.servers": BOOTSTRAP, "linger.ms": 1, "compression.type": "lz4"}
@@ -317,10 +320,11 @@ class Namespace:
         template = json.dumps(event("SESSION", "ORG"))
         start = time.monotonic()
         sent = 0
-        while (elapsed := time.monotonic() - start) < seconds:
+        while (elapsed := time.monotonic() - start) < warmup_s + seconds:
             due = int(elapsed * rate)
+            kind = "lat" if elapsed >= warmup_s else "warm"
             while sent < due:
-                session = f"lat_{time.time_ns()}_{sent}"
+                session = f"{kind}_{time.time_ns()}_{sent}"
                 value = template.replace("SESSION", session).replace("ORG", orgs[sent % len(orgs)])
                 self._produce(producer, self.settings.input_topic, value.encode(), session.encode())
                 sent += 1
@@ -371,6 +375,19 @@ class Namespace:
 # --- the dispatcher --------------------------------------------------------------
 
 
+def metric_in(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (with these labels) in a /metrics page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 class Dispatcher:
     """``dispatcher run`` as a child process, as it runs in production."""
 
@@ -415,15 +432,7 @@ class Dispatcher:
             return str(r.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith("#"):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric, _, label_text = head.partition("{")
-            if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
+        return metric_in(self.metrics(), name, **labels)
 
     def cpu_s(self) -> float:
         """CPU time (user + system, every thread) the process has used so far."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BenchError, Dispatcher, Receiver, Window
+from bench.harness import BenchError, Dispatcher, Receiver, Window, metric_in
 from bench.profile import Profiler
 
 #: Shares of the deliveries left out of a rate: start-up, and the uneven drain at the end.
@@ -88,7 +88,16 @@ def drain(
     """
     profiler = Profiler(proc.proc.pid, profile) if profile is not None else None
     t0, cpu0 = time.monotonic(), proc.cpu_s()
-    deferred = Sampled(lambda: proc.metric("dispatcher_deferrals_total"), 2.0)
+    peak_in_flight = 0.0
+
+    def deferred_now() -> float:
+        nonlocal peak_in_flight
+        text = proc.metrics()
+        in_flight = metric_in(text, "dispatcher_in_flight_deliveries")
+        peak_in_flight = max(peak_in_flight, in_flight)
+        return metric_in(text, "dispatcher_deferrals_total")
+
+    deferred = Sampled(deferred_now, 1.0)
 
     def done() -> float:
         # A deferred delivery comes back only after the first retry delay.
@@ -103,5 +112,6 @@ def drain(
         "wall_seconds": round(wall, 3),
         "cpu_ms_per_delivery": round(1000 * cpu / n, 3),
         **deferrals(proc),
+        "peak_in_flight_sampled": peak_in_flight,
         "rss_mb": proc.memory_mb(),
     }

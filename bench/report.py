@@ -81,7 +81,10 @@ def _slow(s: dict[str, Any]) -> list[Row]:
                 f"3 slow: max_in_flight {r['max_in_flight']}",
                 f"{r['per_s']:.0f} /s",
                 f"ratio {r['ratio']:.3f} to {r['bound_per_s']:.0f}/s (target >= 0.8); "
-                f"{r['kb_per_in_flight']:.0f} KB per in-flight delivery",
+                f"{r['cpu_ms_per_delivery']:.2f} CPU ms and "
+                f"{r['connections_per_delivery']:.2f} new connections each; "
+                f"{r['kb_per_in_flight']:.0f} KB per in-flight delivery "
+                f"(peak {r['peak_in_flight_sampled']:.0f})",
             )
         )
     return rows

@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--origins", type=int, default=2_000, help="webhooks on distinct origins")
     p.add_argument("--origins-events", type=int, default=6_000, help="events over them")
     p.add_argument("--slow-webhooks", type=int, default=500, help="slow webhooks (origins)")
-    p.add_argument("--slow-events", type=int, default=10_000, help="events over them")
+    p.add_argument("--slow-events", type=int, default=20_000, help="events over them")
     p.add_argument("--slow-ms", type=int, default=200, help="their answers' delay (ms)")
     p.add_argument("--slow-in-flight", type=int, default=2_048, help="the raised max_in_flight")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="paced production time")
