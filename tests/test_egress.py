@@ -21,6 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import __version__
+from dispatcher.delivery import AttemptResult
+from dispatcher.delivery import post as delivery_post
 from dispatcher.egress import (
     REASONS,
     EgressBlocked,
@@ -589,3 +591,48 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# --- the delivery path, which sends through the transport directly -------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "error_class", "reason"),
+    [
+        ("https://internal.example/hook", "blocked", "private"),
+        ("https://127.0.0.1:9/hook", "blocked", "loopback"),
+        ("http://webhooks.example/hook", "blocked", "plain http://"),
+        ("https://nowhere.example/hook", "connection", "cannot connect"),
+    ],
+)
+def test_a_delivery_attempt_goes_through_the_guard_too(
+    url: str, error_class: str, reason: str, endpoint: HttpsReceiver, sockets: Sockets
+) -> None:
+    async def attempt() -> AttemptResult:
+        async with build_http_client(settings(endpoint), DNS, sockets=sockets) as client:
+            return await delivery_post(client, url, b"{}", {}, 5.0, 64)
+
+    result = asyncio.run(attempt())
+    assert (result.ok, result.error_class) == (False, error_class)
+    assert reason in (result.error or "").lower()
+    assert sockets.connects == []
+
+
+def test_a_delivery_attempt_sends_the_bytes_and_headers_as_given(
+    endpoint: HttpsReceiver, sockets: Sockets
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    headers = {"Content-Type": "application/json", "X-Test": "1"}
+
+    async def attempt() -> AttemptResult:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
+            url = endpoint.url("/direct?q=a%20b", hostname="webhooks.example")
+            return await delivery_post(client, url, b'{"a":1}', headers, 5.0, 64)
+
+    assert asyncio.run(attempt()).status_code == 200
+    [seen] = endpoint.requests_to("/direct")
+    assert (seen.path, seen.body, seen.sni) == ("/direct?q=a%20b", b'{"a":1}', "webhooks.example")
+    assert seen.header("x-test") == "1"
+    assert seen.header("content-length") == "7"
+    assert seen.header("host") == f"webhooks.example:{endpoint.port}"
+    assert seen.header("cookie") is None
