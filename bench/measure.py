@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BenchError, Dispatcher, Receiver, Window, metric_in
+from bench.harness import BenchError, Receiver, Window
+from bench.process import Dispatcher, metric_in
 from bench.profile import Profiler
 
 #: Shares of the deliveries left out of a rate: start-up, and the uneven drain at the end.

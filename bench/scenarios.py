@@ -1,4 +1,4 @@
-"""Scenarios 2 to 5: traffic less kind than ten hot endpoints.
+"""Scenarios 2 to 5 and 7: traffic less kind than ten hot endpoints, and memory.
 
 2. Many origins: ``--origins`` webhooks (2,000), each on a receiver port of its
    own, events spread evenly over them: most deliveries need a TLS handshake. CPU
@@ -13,14 +13,20 @@
    hot endpoints; percentiles of produce-to-receipt from the receiver's clock.
 5. Large table: ``--table-size`` subscriptions (100,000) in the compacted topic;
    the time from start until the dispatcher is ready and its RSS then.
+7. Memory: a backlog behind a stalled endpoint (see :meth:`Scenarios.memory`).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
 from bench.harness import BenchError, Receiver
+from bench.measure import deferrals, wait_progress
+from dispatcher.settings import Settings
+
+DEFAULTS = Settings()
 
 #: Events produced before the measured ones: connections opened, caches warm.
 LATENCY_WARMUP_S = 3.0
@@ -32,7 +38,7 @@ class Scenarios:
     """Mixed into :class:`bench.run.Bench`, which provides the receivers and processes."""
 
     args: Any
-    wide: Receiver
+    receiver: Receiver
 
     # The helpers Bench provides.
     def namespace(self, **overrides: Any) -> Any: ...
@@ -202,4 +208,62 @@ class Scenarios:
             "ready_seconds": round(ready_s, 2),
             "rss_mb": memory["VmRSS"],
             "peak_rss_mb": memory["VmHWM"],
+        }
+
+    # --- 7. memory --------------------------------------------------------------
+    def memory(self) -> dict[str, Any]:
+        n = self.args.memory_events
+        delay = self.args.memory_retry_delay
+        self.say(
+            f"memory: {n}-event backlog, its one endpoint stalled, first retry after {delay} s"
+        )
+        self.receiver.reset()
+        # The first retry stage reads the deferred deliveries back after its delay
+        # and defers them again, for as long as the endpoint stalls: the phase lasts
+        # until it has done so once, while the input backlog may still be draining.
+        delays = [delay, *(d for d in DEFAULTS.retry_delays_s[1:] if d > delay)]
+        ns = self.namespace(retry_delays_s=delays)
+        try:
+            ns.subscribe(self.receiver.url(0, "/stall/m0"), "org_mem", "wh_m0")
+            ns.publish(n, ["org_mem"])
+            first_stage = f"{ns.settings.retry_topic_prefix}{ns.stage_names[0]}"
+            # Deliveries the stalled endpoint holds (started or queued), never deferred.
+            held = DEFAULTS.max_in_flight_per_endpoint + DEFAULTS.endpoint_queue_size
+            with self.dispatcher(ns) as proc:
+                proc.wait_ready()
+                t0 = time.monotonic()
+                samples: list[float] = []
+                deferred_once = 0.0
+
+                def handled() -> float:
+                    nonlocal deferred_once
+                    samples.append(proc.memory_mb()["VmRSS"])
+                    written = ns.records(first_stage)
+                    if not deferred_once and written + held >= n:
+                        deferred_once = time.monotonic() - t0
+                    return written
+
+                wait_progress(handled, 2 * (n - held), 900, "the backlog to be deferred twice")
+                wall = time.monotonic() - t0
+                extra = deferrals(proc)
+                memory = proc.memory_mb()
+                stalled_requests = self.receiver.count("/stall/")
+                self.receiver.release()
+        finally:
+            ns.delete()
+        return {
+            "topology": "1 organization x 1 subscription, its endpoint stalled",
+            "events": n,
+            "retry_delays_s": delays,
+            "input_deferred_after_s": round(deferred_once, 3),
+            "wall_seconds": round(wall, 3),
+            "stalled_requests": stalled_requests,
+            **extra,
+            "peak_rss_mb": memory["VmHWM"],
+            "final_rss_mb": memory["VmRSS"],
+            "rss_samples_mb": {
+                "min": min(samples, default=0.0),
+                "median": statistics.median(samples) if samples else 0.0,
+                "max": max(samples, default=0.0),
+            },
         }
