@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import trustme
@@ -178,6 +177,15 @@ class Receiver:
             int(data["count"]), int(data["used"]), float(data["seconds"]), float(data["rate"])
         )
 
+    def connections(self) -> tuple[int, int]:
+        """TLS connections opened since the last reset, and those open now."""
+        data = self._call("GET", "/count")
+        return int(data["conns_opened"]), int(data["conns_open"])
+
+    def latency(self) -> dict[str, float]:
+        """Produce-to-receipt latencies of the deliveries under ``/lat/`` (ms)."""
+        return {k: float(v) for k, v in self._call("GET", "/latency").items()}
+
     def reset(self) -> None:
         self._call("POST", "/reset")
 
@@ -262,6 +270,69 @@ class Namespace:
         )
         write(self.settings, webhook_id, sub)
 
+    def subscribe_many(self, subs: list[tuple[str, str, str]]) -> None:
+        """Subscriptions ``(url, organization, webhook id)``, written by one producer."""
+        stamp = datetime.now(UTC)
+        template = Subscription(
+            webhook_id="WEBHOOK",
+            organization_id="ORGANIZATION",
+            url="https://URL.example/",
+            events=("visitor.identified",),
+            secret=generate_secret(),
+            plan="scale",
+            created_at=stamp,
+            updated_at=stamp,
+        ).to_json()
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 20})
+        for url, org, webhook_id in subs:
+            value = (
+                template.replace(b"https://URL.example/", url.encode())
+                .replace(b"ORGANIZATION", org.encode())
+                .replace(b"WEBHOOK", webhook_id.encode())
+            )
+            self._produce(producer, self.settings.subscriptions_topic, value, webhook_id.encode())
+        if producer.flush(120) != 0:
+            raise BenchError("the subscriptions were not acknowledged by Kafka")
+
+    @staticmethod
+    def _produce(producer: Producer, topic: str, value: bytes, key: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+
+    def publish_paced(
+        self, rate: float, seconds: float, orgs: list[str], warmup_s: float = 0.0
+    ) -> int:
+        """Events at ``rate`` a second for ``warmup_s + seconds``, stamped with their produce time.
+
+        The session id is ``lat_<unix ns>_<n>``, read by the receiver under ``/lat/``
+        (``warm_...`` during the warm-up, which it does not count). Returns how many
+        were produced.
+        """
+        producer = Producer(
+            {"bootstrap.servers": BOOTSTRAP, "linger.ms": 1, "compression.type": "lz4"}
+        )
+        template = json.dumps(event("SESSION", "ORG"))
+        start = time.monotonic()
+        sent = 0
+        while (elapsed := time.monotonic() - start) < warmup_s + seconds:
+            due = int(elapsed * rate)
+            kind = "lat" if elapsed >= warmup_s else "warm"
+            while sent < due:
+                session = f"{kind}_{time.time_ns()}_{sent}"
+                value = template.replace("SESSION", session).replace("ORG", orgs[sent % len(orgs)])
+                self._produce(producer, self.settings.input_topic, value.encode(), session.encode())
+                sent += 1
+            producer.poll(0)
+            time.sleep(0.002)
+        if producer.flush(60) != 0:
+            raise BenchError("the paced events were not acknowledged by Kafka")
+        return sent
+
     def publish(self, count: int, orgs: list[str]) -> None:
         """``count`` events, organizations taken in turn, keyed by session."""
         producer = Producer(
@@ -298,84 +369,3 @@ class Namespace:
                 future.result(30)
             except Exception as exc:  # a leftover topic is untidy, not a failed benchmark
                 print(f"bench: could not delete a topic: {exc}", file=sys.stderr)
-
-
-# --- the dispatcher --------------------------------------------------------------
-
-
-class Dispatcher:
-    """``dispatcher run`` as a child process, as it runs in production."""
-
-    def __init__(self, ns: Namespace, log_path: Path) -> None:
-        self.port = int(ns.values["http_port"])
-        self._log = log_path
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher.commands.cli", "run"],
-                env=ns.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
-    def __enter__(self) -> Dispatcher:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self._log.read_text(errors="replace")[-3000:]
-            raise BenchError(f"the dispatcher exited ({self.proc.returncode}):\n{tail}")
-
-    def wait_ready(self, timeout_s: float = 90) -> None:
-        def ready() -> bool:
-            self.alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        wait_for(ready, timeout_s, "the dispatcher to be ready", every_s=0.1)
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            return str(r.read().decode())
-
-    def metric(self, name: str, **labels: str) -> float:
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith("#"):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric, _, label_text = head.partition("{")
-            if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
-
-    def cpu_s(self) -> float:
-        """CPU time (user + system, every thread) the process has used so far."""
-        return process_cpu_s(self.proc.pid)
-
-    def memory_mb(self) -> dict[str, float]:
-        """Peak (VmHWM) and current (VmRSS) resident memory, in MB."""
-        out: dict[str, float] = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    out[key] = round(int(rest.split()[0]) / 1024, 1)
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)

@@ -62,17 +62,17 @@ def _name(frame: str) -> str:
 
 #: Where a sample's innermost frame lies, by path fragment, checked in order.
 _COMPONENTS = (
-    (
-        ("httpx/", "httpcore/", "h11/", "anyio/", "ssl.py"),
-        "HTTP stack (httpx, httpcore, h11, anyio)",
-    ),
+    (("aiohttp/", "multidict/", "yarl/", "aiohappyeyeballs/"), "aiohttp (engine)"),
+    (("httpx/",), "httpx (requests and responses)"),
+    (("ssl.py", "sslproto.py"), "TLS"),
+    (("httpcore/", "h11/", "anyio/"), "httpcore"),
     (("pydantic",), "pydantic"),
-    (("json/",), "json"),
+    (("json/", "orjson"), "json"),
     (("hmac.py", "hashlib"), "HMAC and hashing"),
     (("prometheus_client",), "prometheus_client"),
     (("logging/",), "logging"),
     (("confluent_kafka",), "confluent_kafka"),
-    (("asyncio/", "selectors.py"), "asyncio event loop"),
+    (("asyncio/", "selectors.py", "uvloop"), "event loop (asyncio, uvloop)"),
 )
 
 

@@ -1,73 +1,111 @@
-"""The benchmark: throughput against plain httpx, isolation from a stalled endpoint, memory.
+"""The benchmark: every scenario of the README's performance table, each with its baseline.
 
 Run with ``bash scripts/bench.sh [flags]`` (which builds the receiver and makes
-sure the broker is up). Every phase gets topics and consumer groups of its own
-on the local broker, pre-filled with a backlog before the dispatcher starts, and
-deletes them afterwards. Rates come from the receiver's clock: arrivals between
-the end of a warm-up share and the start of a tail share of the deliveries.
+sure the broker is up); ``--smoke`` runs every phase at a tiny size, for CI.
+Every phase gets topics and consumer groups of its own on the local broker,
+pre-filled before the dispatcher starts, and deletes them afterwards. Rates come
+from the receiver's clock (arrivals between the end of a warm-up share and the
+start of a tail share of the deliveries); CPU time from the processes' own.
 
-1. Throughput: ``--orgs`` organizations with one subscription each, every one on
-   a receiver port of its own (a distinct endpoint), events spread evenly over
-   them. The dispatcher drains the backlog; the baseline is a plain httpx loop
-   with the same concurrency (endpoints x per-endpoint limit), TLS, body size
-   and receiver. Ratio = dispatcher rate / baseline rate.
-2. Isolation: one organization, ten subscriptions on ten ports; run once with all
-   ten answering, once with the tenth stalled (it never answers). Ratio = the
-   nine healthy endpoints' rate stalled / their rate unstalled. Then the same
-   with the ten webhooks on one port (one origin), told apart by path.
-3. Memory: a ``--memory-events`` backlog for one organization whose one endpoint
+0. Engines: bare POST loops over each HTTP engine (``bench/engines.py``).
+1. Throughput: ``--orgs`` organizations with one subscription each, each on a
+   receiver port of its own, events spread evenly over them, drained by the
+   dispatcher; baselines: a bare loop over the same engine and client with the
+   same concurrency (endpoints x per-endpoint limit), bare aiohttp (the ceiling),
+   stock httpx.
+2.-5. Many origins, slow endpoints, latency, a large table (``bench/scenarios.py``).
+6. Isolation: one organization, ten subscriptions on ten ports; once all ten
+   answering, once with the tenth stalled: the nine healthy endpoints' rate with
+   the stall over their rate without. The same-host variant puts all ten
+   webhooks on one origin (one host and port), paths apart.
+7. Memory: a ``--memory-events`` backlog for one organization whose one endpoint
    is stalled, so that every event is consumed and deferred to the first retry
-   stage as fast as the dispatcher can, and read back and deferred again once the
-   stage's delay (shortened to ``--memory-retry-delay``) has passed; its peak RSS
-   (VmHWM) once all of them have been deferred twice.
+   stage, and read back and deferred again once the stage's delay (shortened to
+   ``--memory-retry-delay``) has passed; its peak RSS (VmHWM) once all of them
+   have been deferred twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import engines
 from bench.harness import (
     REPO,
     BenchError,
     Certificates,
-    Dispatcher,
     Namespace,
     Receiver,
-    Window,
     event,
     load_average,
     machine,
 )
-from bench.profile import Profiler, summarize
+from bench.measure import TAIL, WARMUP, deferrals, drain, rate_window, say, wait_progress
+from bench.process import Dispatcher
+from bench.profile import summarize
+from bench.report import print_report
+from bench.scenarios import Scenarios
 from dispatcher.models import parse_event
 from dispatcher.settings import Settings
 
 DEFAULTS = Settings()
 ENDPOINTS = 10
-#: Shares of the deliveries left out of a rate: start-up, and the uneven drain at the end.
-WARMUP = 0.10
-TAIL = 0.05
-#: Give up waiting when no delivery arrived for this long.
-NO_PROGRESS_S = 20.0
-
-Progress = Callable[[], float]
+PHASES = (
+    "engines",
+    "throughput",
+    "origins",
+    "slow",
+    "latency",
+    "table",
+    "isolation",
+    "memory",
+)
+#: Every size at once for CI: each phase runs, none measures anything worth reading.
+SMOKE = {
+    "events": 400,
+    "engine_requests": 400,
+    "origins": 20,
+    "origins_events": 60,
+    "slow_webhooks": 10,
+    "slow_events": 60,
+    "slow_in_flight": 64,
+    "latency_seconds": 2.0,
+    "table_size": 500,
+    "isolation_events": 40,
+    "memory_events": 1000,
+    "memory_retry_delay": 5,
+    "partitions": 3,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--receiver", type=Path, required=True, help="the built Go receiver")
+    p.add_argument("--smoke", action="store_true", help="every phase at a tiny size (CI)")
+    p.add_argument("--only", choices=PHASES, action="append", help="run only these phases")
+    p.add_argument("--engine-requests", type=int, default=10_000, help="POSTs per bare loop")
+    p.add_argument(
+        "--legacy-tree",
+        type=Path,
+        help="a source tree with an earlier dispatcher package whose engine is measured too",
+    )
     p.add_argument("--events", type=int, default=20_000, help="throughput backlog (events)")
     p.add_argument("--orgs", type=int, default=ENDPOINTS, help="organizations (= endpoints)")
+    p.add_argument("--origins", type=int, default=2_000, help="webhooks on distinct origins")
+    p.add_argument("--origins-events", type=int, default=6_000, help="events over them")
+    p.add_argument("--slow-webhooks", type=int, default=500, help="slow webhooks (origins)")
+    p.add_argument("--slow-events", type=int, default=20_000, help="events over them")
+    p.add_argument("--slow-ms", type=int, default=200, help="their answers' delay (ms)")
+    p.add_argument("--slow-in-flight", type=int, default=2_048, help="the raised max_in_flight")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="paced production time")
+    p.add_argument("--latency-rate", type=float, help="events/s (default: half the ceiling)")
+    p.add_argument("--table-size", type=int, default=100_000, help="subscriptions")
     p.add_argument(
         "--isolation-events",
         type=int,
@@ -83,15 +121,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--partitions", type=int, default=12, help="partitions of every topic")
     p.add_argument(
-        "--repeat", type=int, default=1, help="measure throughput and isolation this many times"
-    )
-    p.add_argument(
-        "--only",
-        choices=["throughput", "isolation", "memory"],
-        action="append",
-        help="run only these phases (repeatable)",
-    )
-    p.add_argument(
         "--profile",
         type=Path,
         help="record the dispatcher with py-spy in the throughput phase, into DIR",
@@ -105,6 +134,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = p.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
     overrides: dict[str, Any] = {}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -117,71 +149,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def say(text: str) -> None:
-    print(f"bench: {text}", flush=True)
+def command(argv: list[str]) -> str:
+    """The bench.sh command line that ran these flags (the receiver's path left out)."""
+    shown = [a for i, a in enumerate(argv) if "--receiver" not in (a, argv[i - 1] if i else "")]
+    return " ".join(["bash scripts/bench.sh", *shown])
 
 
-def wait_progress(done: Progress, target: float, deadline_s: float, what: str) -> float:
-    """Wait until ``done()`` reaches ``target``, or stops moving; returns the last value."""
-    start = last_move = time.monotonic()
-    last = done()
-    while last < target:
-        now = time.monotonic()
-        if now - start > deadline_s:
-            raise BenchError(f"{what}: only {last:g} of {target:g} after {deadline_s:g} s")
-        if now - last_move > NO_PROGRESS_S:
-            say(f"{what}: stopped at {last:g} of {target:g} (no progress for {NO_PROGRESS_S:g} s)")
-            return last
-        time.sleep(0.25)
-        value = done()
-        if value != last:
-            last, last_move = value, time.monotonic()
-    return last
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
 
 
-class Sampled:
-    """A figure read at most every ``every_s`` (scraping /metrics costs the dispatcher CPU)."""
-
-    def __init__(self, read: Progress, every_s: float) -> None:
-        self._read = read
-        self._every_s = every_s
-        self._at = -every_s
-        self._value = 0.0
-
-    def __call__(self) -> float:
-        now = time.monotonic()
-        if now - self._at >= self._every_s:
-            self._value, self._at = self._read(), now
-        return self._value
-
-
-def rate_window(receiver: Receiver, prefix: str, expected: int) -> Window:
-    return receiver.window(prefix, int(expected * WARMUP), int(expected * TAIL))
-
-
-def window_dict(w: Window) -> dict[str, Any]:
-    return {
-        "arrived": w.count,
-        "measured": w.used,
-        "seconds": round(w.seconds, 3),
-        "per_s": round(w.rate, 1),
-    }
-
-
-class Bench:
+class Bench(Scenarios):
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
         self.certs = Certificates(tmp)
         self.receiver = Receiver(args.receiver, self.certs, ENDPOINTS)
+        self._wide: Receiver | None = None
         self.runs = 0
         # Kept after the run (and replaced by the next one) for a look at failures.
         self.logs = REPO / "bench" / ".build" / "logs"
-        shutil.rmtree(self.logs, ignore_errors=True)
-        self.logs.mkdir(parents=True)
+        for old in self.logs.glob("dispatcher-*.log"):
+            old.unlink()
+        self.logs.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
         self.receiver.close()
+        if self._wide is not None:
+            self._wide.close()
+
+    def say(self, text: str) -> None:
+        say(text)
+
+    def wide_receiver(self) -> Receiver:
+        """A receiver with a port per origin of the many-origins and slow phases."""
+        if self._wide is None:
+            ports = max(self.args.origins, self.args.slow_webhooks)
+            self._wide = Receiver(self.args.receiver, self.certs, ports)
+        return self._wide
 
     def namespace(self, **overrides: Any) -> Namespace:
         values = {**overrides, **self.args.set}
@@ -191,135 +196,103 @@ class Bench:
         self.runs += 1
         return Dispatcher(ns, self.logs / f"dispatcher-{self.runs}.log")
 
-    def deferrals(self, proc: Dispatcher) -> dict[str, float]:
-        return {
-            "deferred": proc.metric("dispatcher_deferrals_total"),
-            "attempts_failed": proc.metric("dispatcher_delivery_attempts_total", outcome="failure"),
-        }
+    def drain(self, proc: Dispatcher, receiver: Receiver, prefix: str, n: int) -> dict[str, Any]:
+        return drain(proc, receiver, prefix, n)
+
+    def body(self) -> bytes:
+        return parse_event(json.dumps(event("sess_00000000", "org_00")).encode(), 1 << 20).body
+
+    # --- 0. engines --------------------------------------------------------------
+    def engines(self) -> list[dict[str, Any]]:
+        return engines.compare(
+            self.receiver,
+            self.certs.ca_file,
+            self.body(),
+            ENDPOINTS,
+            DEFAULTS.max_in_flight_per_endpoint,
+            self.args.engine_requests,
+            self.args.legacy_tree,
+            say,
+        )
 
     # --- 1. throughput ----------------------------------------------------------
     def throughput(self) -> dict[str, Any]:
         n, orgs = self.args.events, self.args.orgs
         per_endpoint = DEFAULTS.max_in_flight_per_endpoint
-        concurrency = min(DEFAULTS.max_in_flight, orgs * per_endpoint)
-
-        body = parse_event(json.dumps(event("sess_00000000", "org_00")).encode(), 1 << 20).body
-        # One shared httpcore pool is so slow that a tenth of the requests tells its rate.
-        counts = {"pool_per_endpoint": n, "dispatcher": n, "one_pool": max(n // 10, 2000)}
-        baselines = {
-            kind: self.baseline(kind, body, orgs, per_endpoint, count)
-            for kind, count in counts.items()
+        loop = str(self.args.set.get("event_loop", DEFAULTS.event_loop))
+        body = self.body()
+        # The same engine and client as the dispatcher's, on the same event loop;
+        # bare aiohttp, the ceiling; and stock httpx.
+        kinds = {
+            "same_engine": ("dispatcher_direct", loop),
+            "ceiling": ("aiohttp", loop),
+            "httpx": ("httpx_pool_per_endpoint", "asyncio"),
         }
+        baselines = {}
+        for name, (kind, on) in kinds.items():
+            say(f"throughput: baseline {kind} on {on}, {n} POSTs, {orgs} x {per_endpoint}")
+            baselines[name] = engines.bare_loop(
+                self.receiver, self.certs.ca_file, kind, body, orgs, per_endpoint, n, loop=on
+            )
         self.receiver.reset()
-
         say(f"throughput: dispatcher, {n}-event backlog, {orgs} organizations")
+        profile = None
+        if self.args.profile is not None:
+            self.args.profile.mkdir(parents=True, exist_ok=True)
+            profile = self.args.profile / "throughput.txt"
         ns = self.namespace()
         try:
             names = [f"org_{i:02d}" for i in range(orgs)]
-            for i, org in enumerate(names):
-                ns.subscribe(self.receiver.url(i, f"/ok/t{i}"), org, f"wh_t{i}")
+            ns.subscribe_many(
+                [
+                    (self.receiver.url(i, f"/ok/t{i}"), org, f"wh_t{i}")
+                    for i, org in enumerate(names)
+                ]
+            )
             ns.publish(n, names)
             with self.dispatcher(ns) as proc:
                 proc.wait_ready()
-                profiler = None
-                if self.args.profile is not None:
-                    self.args.profile.mkdir(parents=True, exist_ok=True)
-                    raw = self.args.profile / f"throughput-{self.runs}.txt"
-                    profiler = Profiler(proc.proc.pid, raw)
-                t0, cpu0 = time.monotonic(), proc.cpu_s()
-
-                deferred = Sampled(lambda: proc.metric("dispatcher_deferrals_total"), 2.0)
-
-                def done() -> float:
-                    # A deferred delivery comes back only after the first retry delay.
-                    return self.receiver.count("/ok/t") + deferred()
-
-                wait_progress(done, n, 600, "throughput deliveries")
-                wall, cpu = time.monotonic() - t0, proc.cpu_s() - cpu0
-                if profiler is not None:
-                    profiler.stop()
-                extra = self.deferrals(proc)
-                memory = proc.memory_mb()
-            disp = rate_window(self.receiver, "/ok/t", n)
+                disp = drain(proc, self.receiver, "/ok/t", n, profile)
         finally:
             ns.delete()
         out: dict[str, Any] = {
             "topology": f"{orgs} organizations x 1 subscription, {orgs} endpoints",
-            "concurrency": concurrency,
+            "concurrency": min(DEFAULTS.max_in_flight, orgs * per_endpoint),
             "body_bytes": len(body),
             "baseline": baselines,
-            "dispatcher": {
-                **window_dict(disp),
-                "wall_seconds": round(wall, 3),
-                "cpu_ms_per_delivery": round(1000 * cpu / n, 3),
-                **extra,
-                "rss_mb": memory,
-            },
-            "ratio": _ratio(disp.rate, baselines["pool_per_endpoint"]["per_s"]),
-            "ratio_one_pool": _ratio(disp.rate, baselines["one_pool"]["per_s"]),
-            "ratio_same_transport": _ratio(disp.rate, baselines["dispatcher"]["per_s"]),
+            "dispatcher": disp,
+            "ratio_same_engine": _ratio(disp["per_s"], baselines["same_engine"]["per_s"]),
+            "ratio_ceiling": _ratio(disp["per_s"], baselines["ceiling"]["per_s"]),
+            "ratio_httpx": _ratio(disp["per_s"], baselines["httpx"]["per_s"]),
         }
-        if self.args.profile is not None:
-            out["profile"] = summarize(self.args.profile / f"throughput-{self.runs}.txt")
+        if profile is not None:
+            out["profile"] = summarize(profile)
         return out
 
-    def baseline(
-        self, kind: str, body: bytes, endpoints: int, per_endpoint: int, n: int
-    ) -> dict[str, Any]:
-        say(f"throughput: httpx baseline ({kind}), {n} POSTs, {endpoints} x {per_endpoint}")
-        self.receiver.reset()
-        spec = {
-            "urls": [self.receiver.url(i, f"/ok/b{i}") for i in range(endpoints)],
-            "body_hex": body.hex(),
-            "concurrency": per_endpoint,
-            "total": n,
-            "ca_file": str(self.certs.ca_file),
-            "kind": kind,
-        }
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.baseline", json.dumps(spec)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=900,
-        )
-        loop = json.loads(done.stdout)
-        if loop["failures"]:
-            raise BenchError(f"baseline: {loop['failures']} requests failed")
-        w = rate_window(self.receiver, "/ok/b", n)
-        return {
-            **window_dict(w),
-            "loop_seconds": round(loop["seconds"], 3),
-            "cpu_ms_per_request": round(1000 * loop["cpu_seconds"] / n, 3),
-        }
-
-    # --- 2. isolation -----------------------------------------------------------
-    def isolation_run(self, stalled: bool, same_host: bool = False) -> dict[str, Any]:
+    # --- 6. isolation -----------------------------------------------------------
+    def isolation_run(self, stalled: bool, same_host: bool) -> dict[str, Any]:
         n = self.args.isolation_events
         healthy = ENDPOINTS - 1
         self.receiver.reset()
+
+        def url(i: int, path: str) -> str:
+            return self.receiver.url(0 if same_host else i, path)
+
         ns = self.namespace()
         try:
-            # Same host: ten webhooks on one origin (one port), told apart by path.
-            for i in range(healthy):
-                port = 0 if same_host else i
-                ns.subscribe(self.receiver.url(port, f"/ok/h{i}"), "org_iso", f"wh_h{i}")
+            subs = [(url(i, f"/ok/h{i}"), "org_iso", f"wh_h{i}") for i in range(healthy)]
             last = "/stall/x" if stalled else "/ok/x"
-            port = 0 if same_host else healthy
-            ns.subscribe(self.receiver.url(port, f"{last}{healthy}"), "org_iso", "wh_x")
+            subs.append((url(healthy, f"{last}{healthy}"), "org_iso", "wh_x"))
+            ns.subscribe_many(subs)
             ns.publish(n, ["org_iso"])
             with self.dispatcher(ns) as proc:
                 proc.wait_ready()
                 t0 = time.monotonic()
                 got = wait_progress(
-                    lambda: self.receiver.count("/ok/h"),
-                    n * healthy,
-                    600,
-                    "healthy deliveries",
+                    lambda: self.receiver.count("/ok/h"), n * healthy, 600, "healthy deliveries"
                 )
                 wall = time.monotonic() - t0
-                extra = self.deferrals(proc)
+                extra = deferrals(proc)
                 stalled_requests = self.receiver.count("/stall/")
                 memory = proc.memory_mb()
                 # Answered, so that the dispatcher's shutdown need not wait them out.
@@ -328,7 +301,8 @@ class Bench:
         finally:
             ns.delete()
         return {
-            **window_dict(w),
+            "arrived": w.count,
+            "per_s": round(w.rate, 1),
             "expected": n * healthy,
             "complete": got >= n * healthy,
             "wall_seconds": round(wall, 3),
@@ -338,173 +312,38 @@ class Bench:
         }
 
     def isolation(self) -> dict[str, Any]:
-        say(f"isolation: {self.args.isolation_events} events x 10 endpoints, none stalled")
-        free = self.isolation_run(stalled=False)
-        say(f"isolation: {self.args.isolation_events} events x 10 endpoints, one stalled")
-        stuck = self.isolation_run(stalled=True)
+        out: dict[str, Any] = {}
         n = self.args.isolation_events
-        say(f"isolation: {n} events x 10 webhooks on one host, none stalled")
-        host_free = self.isolation_run(stalled=False, same_host=True)
-        say(f"isolation: {n} events x 10 webhooks on one host, one stalled")
-        host_stuck = self.isolation_run(stalled=True, same_host=True)
-        return {
-            "topology": "1 organization x 10 subscriptions, 10 endpoints; 9 measured",
-            "unstalled": free,
-            "stalled": stuck,
-            "ratio": _ratio(stuck["per_s"], free["per_s"]),
-            "same_host": {
-                "unstalled": host_free,
-                "stalled": host_stuck,
-                "ratio": _ratio(host_stuck["per_s"], host_free["per_s"]),
-            },
-        }
-
-    # --- 3. memory --------------------------------------------------------------
-    def memory(self) -> dict[str, Any]:
-        n = self.args.memory_events
-        delay = self.args.memory_retry_delay
-        say(f"memory: {n}-event backlog, its one endpoint stalled, first retry after {delay} s")
-        self.receiver.reset()
-        # The first retry stage reads the deferred deliveries back after its delay
-        # and defers them again, for as long as the endpoint stalls: the phase lasts
-        # until it has done so once, while the input backlog may still be draining.
-        delays = [delay, *(d for d in DEFAULTS.retry_delays_s[1:] if d > delay)]
-        ns = self.namespace(retry_delays_s=delays)
-        try:
-            ns.subscribe(self.receiver.url(0, "/stall/m0"), "org_mem", "wh_m0")
-            ns.publish(n, ["org_mem"])
-            first_stage = f"{ns.settings.retry_topic_prefix}{ns.stage_names[0]}"
-            # Deliveries the stalled endpoint holds (started or queued), never deferred.
-            held = DEFAULTS.max_in_flight_per_endpoint + DEFAULTS.endpoint_queue_size
-            with self.dispatcher(ns) as proc:
-                proc.wait_ready()
-                t0 = time.monotonic()
-                samples: list[float] = []
-                deferred_once = 0.0
-
-                def handled() -> float:
-                    nonlocal deferred_once
-                    samples.append(proc.memory_mb()["VmRSS"])
-                    written = ns.records(first_stage)
-                    if not deferred_once and written + held >= n:
-                        deferred_once = time.monotonic() - t0
-                    return written
-
-                wait_progress(handled, 2 * (n - held), 900, "the backlog to be deferred twice")
-                wall = time.monotonic() - t0
-                extra = self.deferrals(proc)
-                memory = proc.memory_mb()
-                stalled_requests = self.receiver.count("/stall/")
-                self.receiver.release()
-        finally:
-            ns.delete()
-        return {
-            "topology": "1 organization x 1 subscription, its endpoint stalled",
-            "events": n,
-            "retry_delays_s": delays,
-            "input_deferred_after_s": round(deferred_once, 3),
-            "wall_seconds": round(wall, 3),
-            "stalled_requests": stalled_requests,
-            **extra,
-            "peak_rss_mb": memory["VmHWM"],
-            "final_rss_mb": memory["VmRSS"],
-            "rss_samples_mb": {
-                "min": min(samples, default=0.0),
-                "median": statistics.median(samples) if samples else 0.0,
-                "max": max(samples, default=0.0),
-            },
-        }
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
-
-
-def table(results: dict[str, Any]) -> str:
-    rows: list[tuple[str, str, str]] = []
-    for i, t in enumerate(results.get("throughput", []), 1):
-        rows += [
-            (
-                f"throughput #{i}: httpx, a pool per endpoint",
-                f"{t['baseline']['pool_per_endpoint']['per_s']:.0f} req/s",
-                f"{t['baseline']['pool_per_endpoint']['cpu_ms_per_request']:.2f} CPU ms each",
-            ),
-            (
-                f"throughput #{i}: httpx, one pool",
-                f"{t['baseline']['one_pool']['per_s']:.0f} req/s",
-                f"{t['baseline']['one_pool']['cpu_ms_per_request']:.2f} CPU ms each",
-            ),
-            (
-                f"throughput #{i}: httpx, dispatcher's transport",
-                f"{t['baseline']['dispatcher']['per_s']:.0f} req/s",
-                f"{t['baseline']['dispatcher']['cpu_ms_per_request']:.2f} CPU ms each",
-            ),
-            (
-                f"throughput #{i}: dispatcher",
-                f"{t['dispatcher']['per_s']:.0f} /s",
-                f"{t['dispatcher']['cpu_ms_per_delivery']:.2f} CPU ms each, "
-                f"{t['dispatcher']['deferred']:.0f} deferred",
-            ),
-            (
-                f"throughput #{i}: ratio to plain httpx",
-                f"{t['ratio']:.3f}",
-                f"target >= 0.85 (to one pool: {t['ratio_one_pool']:.3f})",
-            ),
-            (
-                f"throughput #{i}: ratio to the same transport",
-                f"{t['ratio_same_transport']:.3f}",
-                "the dispatcher's own overhead",
-            ),
-        ]
-    for i, s in enumerate(results.get("isolation", []), 1):
-        rows += [
-            (f"isolation #{i}: 9 healthy, none stalled", f"{s['unstalled']['per_s']:.0f} /s", ""),
-            (
-                f"isolation #{i}: 9 healthy, 1 stalled",
-                f"{s['stalled']['per_s']:.0f} /s",
-                f"deferred {s['stalled']['deferred']:.0f}",
-            ),
-            (f"isolation #{i}: ratio", f"{s['ratio']:.3f}", "target >= 0.9"),
-            (
-                f"isolation #{i}: same host, 9 healthy, 1 stalled",
-                f"{s['same_host']['stalled']['per_s']:.0f} /s",
-                f"deferred {s['same_host']['stalled']['deferred']:.0f}",
-            ),
-            (
-                f"isolation #{i}: same host, ratio",
-                f"{s['same_host']['ratio']:.3f}",
-                "target >= 0.9",
-            ),
-        ]
-    if "memory" in results:
-        m = results["memory"]
-        rows.append(
-            (
-                f"memory: peak RSS, {m['events']} backlog + stall, {m['wall_seconds']:.0f} s",
-                f"{m['peak_rss_mb']:.0f} MB",
-                "target <= 250 MB",
-            )
-        )
-    width = max(len(r[0]) for r in rows) if rows else 0
-    value_w = max(len(r[1]) for r in rows) if rows else 0
-    return "\n".join(f"  {a:<{width}}  {b:>{value_w}}  {c}" for a, b, c in rows)
+        for variant, same_host in (("endpoints", False), ("same_host", True)):
+            where = "one origin" if same_host else "10 endpoints"
+            say(f"isolation ({variant}): {n} events x 10 webhooks on {where}, none stalled")
+            free = self.isolation_run(stalled=False, same_host=same_host)
+            say(f"isolation ({variant}): {n} events x 10 webhooks on {where}, one stalled")
+            stuck = self.isolation_run(stalled=True, same_host=same_host)
+            out[variant] = {
+                "topology": f"1 organization x 10 subscriptions on {where}; 9 measured",
+                "unstalled": free,
+                "stalled": stuck,
+                "ratio": _ratio(stuck["per_s"], free["per_s"]),
+            }
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    phases = args.only or ["throughput", "isolation", "memory"]
+    phases = args.only or list(PHASES)
     results: dict[str, Any] = {
+        "command": " ".join(
+            ["bash scripts/bench.sh", *(argv if argv is not None else sys.argv[3:])]
+        ),
         "machine": machine(),
         "load_average_before": load_average(),
         "settings": {
-            "events": args.events,
-            "orgs": args.orgs,
-            "isolation_events": args.isolation_events,
-            "memory_events": args.memory_events,
-            "partitions": args.partitions,
+            **{k: v for k, v in vars(args).items() if k not in ("receiver", "out", "set")},
+            "set": args.set,
             "max_in_flight": DEFAULTS.max_in_flight,
             "max_in_flight_per_endpoint": DEFAULTS.max_in_flight_per_endpoint,
-            "endpoint_queue_size": DEFAULTS.endpoint_queue_size,
+            "event_loop": DEFAULTS.event_loop,
             "warmup_share": WARMUP,
             "tail_share": TAIL,
         },
@@ -518,11 +357,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dispatcher-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
-            for _ in range(args.repeat):
-                if "throughput" in phases:
-                    results.setdefault("throughput", []).append(bench.throughput())
-                if "isolation" in phases:
-                    results.setdefault("isolation", []).append(bench.isolation())
+            if "engines" in phases:
+                results["engines"] = bench.engines()
+            if "throughput" in phases:
+                results["throughput"] = bench.throughput()
+            hot = results.get("throughput", {}).get("dispatcher", {})
+            ceiling = hot.get("per_s")
+            if "origins" in phases:
+                results["origins"] = bench.many_origins(hot.get("cpu_ms_per_delivery"))
+            if "slow" in phases:
+                results["slow"] = bench.slow(ceiling)
+            if "latency" in phases:
+                rate = args.latency_rate or (ceiling / 2 if ceiling else 500.0)
+                results["latency"] = bench.latency(bench.receiver, ENDPOINTS, rate)
+            if "table" in phases:
+                results["table"] = bench.large_table(bench.receiver)
+            if "isolation" in phases:
+                results["isolation"] = bench.isolation()
             if "memory" in phases:
                 results["memory"] = bench.memory()
         except BenchError as exc:
@@ -532,19 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
     results["load_average_after"] = load_average()
     results["seconds"] = round(time.monotonic() - started, 1)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(
-        f"Machine: {m['cpus']} CPUs, {m['cpu_model']}, {m['ram_gib']} GiB RAM; "
-        f"load average {results['load_average_before']} before, "
-        f"{results['load_average_after']} after"
-    )
-    print(table(results))
-    for t in results.get("throughput", []):
-        if "profile" in t:
-            print("\nWhere the dispatcher's time went (py-spy, samples holding the GIL):")
-            for name, pct in t["profile"]["components"][:15]:
-                print(f"  {pct:5.1f}%  {name}")
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print_report(results)
     print(f"\n{results['seconds']:.0f} s; results in {args.out}")
     return 0
 

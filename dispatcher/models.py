@@ -7,8 +7,6 @@ the same valid and invalid documents). The retry/dead-letter record lives in
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -17,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dispatcher import jsonio
 from dispatcher.errors import SubscriptionError
 from dispatcher.outbound.urls import normalize_url
 
@@ -132,11 +131,10 @@ class ParsedEvent:
 def _body_of(raw: Mapping[str, Any], occurred_at: datetime) -> bytes:
     # Built from the raw JSON, not the model, so unknown inner fields reach the
     # customer untouched; only the documented top-level keys are sent.
-    # allow_nan=False: the body must be JSON, and NaN/Infinity are not.
+    # jsonio writes JSON only: NaN and Infinity were refused on the way in.
     doc = {key: raw[key] for key in BODY_KEYS}
     doc["timestamp"] = format_timestamp(occurred_at)
-    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode()
+    return jsonio.dumps(doc)
 
 
 InvalidReason = Literal["too_large", "not_json", "invalid_event"]
@@ -182,17 +180,16 @@ def decode_event(value: bytes | None, max_bytes: int) -> dict[str, Any]:
     if len(value) > max_bytes:
         raise InvalidEvent("too_large", f"message is {len(value)} bytes, limit is {max_bytes}")
     try:
-        # Strictly UTF-8 (RFC 8259): json.loads would also guess UTF-16 and UTF-32.
-        raw = json.loads(
-            value.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = jsonio.loads(value)
+    except jsonio.NumberError as exc:
+        raise InvalidEvent("invalid_event", f"unusable number: {exc}") from None
+    except jsonio.JSONError as exc:
         raise InvalidEvent("not_json", f"not JSON: {exc}") from None
     except RecursionError:
         raise InvalidEvent(
             "invalid_event", f"nested deeper than {MAX_EVENT_DEPTH} levels"
         ) from None
-    except ValueError as exc:  # a number Python will not convert (NaN, 1e999, 5,000 digits)
+    except ValueError as exc:  # an integer of more digits than Python converts
         raise InvalidEvent("invalid_event", f"unusable number: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidEvent("invalid_event", "the JSON value is not an object")
@@ -215,21 +212,8 @@ def event_of_model(raw: dict[str, Any]) -> ParsedEvent:
         return ParsedEvent(
             event.event, event.organization_id, occurred_at, _body_of(raw, occurred_at)
         )
-    except UnicodeEncodeError:
-        raise InvalidEvent(
-            "invalid_event", "text holds a lone surrogate (\\ud800-\\udfff)"
-        ) from None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text[:40]} is out of the range of a double")
-    return number
+    except jsonio.JSONError as exc:  # a lone surrogate escape in a text, say
+        raise InvalidEvent("invalid_event", f"cannot be written as JSON: {exc}") from None
 
 
 def _depth(value: Any) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     )
 
     # --- Engine -----------------------------------------------------------
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="Event loop of `dispatcher run`: uvloop (faster) or Python's own asyncio.",
+    )
     max_in_flight: int = Field(
         512, ge=1, description="Deliveries running or queued at once, across all endpoints."
     )

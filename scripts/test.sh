@@ -2,7 +2,8 @@
 # Every check in one command: lint, types, the chart, the tests against a real
 # local Kafka broker (started here if it is not running, and stopped again after)
 # and, when no pytest arguments are given, the container image built and run
-# (scripts/image-check.sh; SKIP_IMAGE_CHECK=1 leaves it out).
+# (scripts/image-check.sh; SKIP_IMAGE_CHECK=1 leaves it out) and the benchmark at
+# its smoke size.
 #
 # Sets up what the tests need: .venv (scripts/bootstrap.sh), the broker, and the
 # Prometheus server the observability tests scrape the dispatcher with (the
@@ -34,4 +35,9 @@ echo "== pytest"
 if [[ $# == 0 && ${SKIP_IMAGE_CHECK:-0} != 1 ]]; then
     echo "== image"
     bash scripts/image-check.sh
+fi
+if [[ $# == 0 ]]; then
+    # Every benchmark phase at a tiny size: it must run, its figures mean nothing.
+    echo "== benchmark (smoke size)"
+    bash scripts/bench.sh --smoke --out "$repo/bench/.build/smoke-results.json"
 fi

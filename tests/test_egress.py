@@ -1,8 +1,8 @@
-"""The egress guard: address decisions, the guarded backend, and the client end to end.
+"""The egress guard: address decisions, the resolver and socket factory, the client end to end.
 
 No test opens a connection to anything but 127.0.0.1: blocked ranges are tested
 as decisions, or through an injected resolver whose answer is refused before any
-connection, and :class:`LoopbackOnly` fails a test that tries anything else.
+connection, and :class:`Sockets` fails a test that tries anything else.
 """
 
 from __future__ import annotations
@@ -11,27 +11,31 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import httpcore
+import aiohttp
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import __version__
+from dispatcher.outbound.delivery import AttemptResult
+from dispatcher.outbound.delivery import post as delivery_post
 from dispatcher.outbound.egress import (
     REASONS,
     EgressBlocked,
-    GuardedBackend,
+    GuardedResolver,
+    GuardedSockets,
     IPAddress,
     blocked_reason,
-    build_http_client,
     system_resolver,
 )
+from dispatcher.outbound.transport import build_http_client
 from dispatcher.settings import Settings, load_settings
 from tests.receiver import HttpsReceiver, Reply
+from tests.sockets import Sockets, eventually
 
 ip = ipaddress.ip_address
 LOOPBACK_NET = [ipaddress.ip_network("127.0.0.0/8")]
@@ -166,31 +170,7 @@ def test_every_decision_is_a_known_reason(address: IPAddress) -> None:
     assert blocked_reason(address, []) in REASONS | {None}
 
 
-# --- the backend, with a fake socket layer -------------------------------------
-
-
-class RecordingInner(httpcore.AsyncNetworkBackend):
-    """Records connection attempts; never touches the network."""
-
-    def __init__(self, refuse: Iterable[str] = ()) -> None:
-        self.connects: list[tuple[str, int]] = []
-        self._refuse = set(refuse)
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        self.connects.append((host, port))
-        if host in self._refuse:
-            raise httpcore.ConnectError(f"refused by {host}")
-        return httpcore.AsyncMockStream([])
-
-    async def sleep(self, seconds: float) -> None:
-        raise AssertionError("no sleeping in the egress path")
+# --- the resolver and the socket factory, without the network -------------------
 
 
 class FakeDNS:
@@ -207,8 +187,8 @@ class FakeDNS:
         return [ip(a) for a in self.table[host]]
 
 
-def connect(backend: GuardedBackend, host: str, port: int = 443, timeout: float = 5.0) -> Any:
-    return asyncio.run(backend.connect_tcp(host, port, timeout=timeout))
+def resolve(resolver: GuardedResolver, host: str, port: int = 443) -> list[str]:
+    return [r["host"] for r in asyncio.run(resolver.resolve(host, port))]
 
 
 @pytest.mark.parametrize(
@@ -220,78 +200,51 @@ def connect(backend: GuardedBackend, host: str, port: int = 443, timeout: float 
         (["::ffff:169.254.169.254"], "metadata"),
     ],
 )
-def test_backend_refuses_before_connecting(answer: list[str], reason: str) -> None:
-    inner = RecordingInner()
+def test_resolver_refuses_a_name_with_only_blocked_addresses(
+    answer: list[str], reason: str
+) -> None:
     dns = FakeDNS({"evil.example": answer})
-    backend = GuardedBackend(resolver=dns, inner=inner)
     with pytest.raises(EgressBlocked) as info:
-        connect(backend, "evil.example")
+        resolve(GuardedResolver(resolver=dns), "evil.example")
     assert info.value.reason == reason
     assert info.value.address == ip(answer[0])
     assert info.value.host == "evil.example"
     assert dns.lookups == ["evil.example"]
-    assert inner.connects == []
 
 
-def test_backend_skips_blocked_addresses_and_connects_by_ip() -> None:
-    inner = RecordingInner()
-    dns = FakeDNS({"mixed.example": ["10.0.0.5", "169.254.169.254", "127.0.0.1"]})
-    backend = GuardedBackend(LOOPBACK_NET, resolver=dns, inner=inner)
-    connect(backend, "mixed.example", 8443)
-    assert inner.connects == [("127.0.0.1", 8443)]
+def test_resolver_keeps_only_the_allowed_addresses_in_order() -> None:
+    dns = FakeDNS({"mixed.example": ["10.0.0.5", "127.0.0.3", "169.254.169.254", "127.0.0.1"]})
+    assert resolve(GuardedResolver(LOOPBACK_NET, dns), "mixed.example") == [
+        "127.0.0.3",
+        "127.0.0.1",
+    ]
 
 
-def test_backend_falls_back_to_the_next_allowed_address() -> None:
-    inner = RecordingInner(refuse={"127.0.0.2"})
-    dns = FakeDNS({"two.example": ["127.0.0.2", "10.0.0.1", "127.0.0.3"]})
-    backend = GuardedBackend(LOOPBACK_NET, resolver=dns, inner=inner)
-    connect(backend, "two.example")
-    assert inner.connects == [("127.0.0.2", 443), ("127.0.0.3", 443)]
-
-
-def test_backend_reports_the_last_connect_error_when_all_allowed_fail() -> None:
-    inner = RecordingInner(refuse={"127.0.0.2", "127.0.0.3"})
-    dns = FakeDNS({"two.example": ["127.0.0.2", "127.0.0.3"]})
-    backend = GuardedBackend(LOOPBACK_NET, resolver=dns, inner=inner)
-    with pytest.raises(httpcore.ConnectError, match=r"127\.0\.0\.3") as info:
-        connect(backend, "two.example")
+def test_resolver_name_without_address_is_a_failed_lookup() -> None:
+    with pytest.raises(OSError, match="no address") as info:
+        resolve(GuardedResolver(resolver=FakeDNS({"empty.example": []})), "empty.example")
     assert not isinstance(info.value, EgressBlocked)
 
 
+def _addr_info(host: str, port: int = 443) -> Any:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
+
+
 @pytest.mark.parametrize("host", ["10.0.0.5", "169.254.169.254", "::1", "fd00:ec2::254"])
-def test_backend_checks_literal_ips_without_resolving(host: str) -> None:
-    inner = RecordingInner()
-    dns = FakeDNS({})
-    backend = GuardedBackend(resolver=dns, inner=inner)
+def test_socket_factory_refuses_a_blocked_address_before_making_a_socket(host: str) -> None:
+    made = Sockets()
     with pytest.raises(EgressBlocked) as info:
-        connect(backend, host)
+        GuardedSockets(LOOPBACK_NET, made)(_addr_info(host))
     assert info.value.address == ip(host)
-    assert dns.lookups == []
-    assert inner.connects == []
+    assert made.connects == []
 
 
-def test_backend_unknown_name_is_a_connect_error() -> None:
-    backend = GuardedBackend(resolver=FakeDNS({}), inner=RecordingInner())
-    with pytest.raises(httpcore.ConnectError, match=r"cannot resolve nowhere\.example"):
-        connect(backend, "nowhere.example")
-
-
-def test_backend_name_without_address_is_a_connect_error() -> None:
-    backend = GuardedBackend(resolver=FakeDNS({"empty.example": []}), inner=RecordingInner())
-    with pytest.raises(httpcore.ConnectError, match="no address"):
-        connect(backend, "empty.example")
-
-
-def test_backend_resolution_is_bounded_by_the_connect_timeout() -> None:
-    async def stalled(host: str, port: int) -> Sequence[IPAddress]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    inner = RecordingInner()
-    backend = GuardedBackend(resolver=stalled, inner=inner)
-    with pytest.raises(httpcore.ConnectTimeout):
-        connect(backend, "slow.example", timeout=0.05)
-    assert inner.connects == []
+def test_socket_factory_makes_sockets_for_allowed_addresses() -> None:
+    made = Sockets()
+    sock = GuardedSockets(LOOPBACK_NET, made)(_addr_info("127.0.0.9", 8443))
+    sock.close()
+    assert made.connects == [("127.0.0.9", 8443)]
 
 
 def test_system_resolver_answers_literals_and_localhost() -> None:
@@ -303,30 +256,6 @@ def test_system_resolver_answers_literals_and_localhost() -> None:
 
 
 # --- the client, against a real HTTPS receiver on 127.0.0.1 ----------------------
-
-
-class LoopbackOnly(httpcore.AsyncNetworkBackend):
-    """The real socket layer, refusing (and failing the test) off 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.connects: list[tuple[str, int]] = []
-        self._real = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        self.connects.append((host, port))
-        if host != "127.0.0.1":
-            raise AssertionError(f"test tried to connect to {host}")
-        return await self._real.connect_tcp(host, port, timeout=timeout)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._real.sleep(seconds)
 
 
 @pytest.fixture(scope="module")
@@ -341,8 +270,8 @@ def _clean(endpoint: HttpsReceiver) -> None:
 
 
 @pytest.fixture
-def sockets() -> LoopbackOnly:
-    return LoopbackOnly()
+def sockets() -> Sockets:
+    return Sockets()
 
 
 DNS = FakeDNS(
@@ -363,15 +292,13 @@ def settings(endpoint: HttpsReceiver, **overrides: Any) -> Settings:
 
 
 async def post(
-    config: Settings, url: str, sockets: LoopbackOnly, body: bytes = b'{"ok":true}'
+    config: Settings, url: str, sockets: Sockets, body: bytes = b'{"ok":true}'
 ) -> httpx.Response:
-    async with build_http_client(config, DNS, network_backend=sockets) as client:
+    async with build_http_client(config, DNS, sockets=sockets) as client:
         return await client.post(url, content=body, headers={"Content-Type": "application/json"})
 
 
-def test_post_succeeds_with_loopback_allowlisted(
-    endpoint: HttpsReceiver, sockets: LoopbackOnly
-) -> None:
+def test_post_succeeds_with_loopback_allowlisted(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
     response = asyncio.run(post(config, endpoint.url("/hook?x=1"), sockets, b'{"n":1}'))
     assert response.status_code == 200
@@ -383,9 +310,7 @@ def test_post_succeeds_with_loopback_allowlisted(
     assert sockets.connects == [("127.0.0.1", endpoint.port)]
 
 
-def test_post_to_loopback_blocked_by_default(
-    endpoint: HttpsReceiver, sockets: LoopbackOnly
-) -> None:
+def test_post_to_loopback_blocked_by_default(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     with pytest.raises(EgressBlocked) as info:
         asyncio.run(post(settings(endpoint), endpoint.url("/hook"), sockets))
     assert info.value.reason == "loopback"
@@ -400,7 +325,7 @@ def test_post_to_loopback_blocked_by_default(
     ("host", "reason"), [("internal.example", "private"), ("metadata.example", "metadata")]
 )
 def test_post_to_name_resolving_inside_is_blocked(
-    host: str, reason: str, endpoint: HttpsReceiver, sockets: LoopbackOnly
+    host: str, reason: str, endpoint: HttpsReceiver, sockets: Sockets
 ) -> None:
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
     with pytest.raises(EgressBlocked) as info:
@@ -409,7 +334,7 @@ def test_post_to_name_resolving_inside_is_blocked(
     assert sockets.connects == []
 
 
-def test_literal_ip_url_is_checked(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+def test_literal_ip_url_is_checked(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     url = endpoint.url("/ip", hostname="127.0.0.1")
     with pytest.raises(EgressBlocked):
         asyncio.run(post(settings(endpoint), url, sockets))
@@ -420,7 +345,7 @@ def test_literal_ip_url_is_checked(endpoint: HttpsReceiver, sockets: LoopbackOnl
 
 
 def test_hostname_is_verified_and_sent_as_sni_while_connecting_by_ip(
-    endpoint: HttpsReceiver, sockets: LoopbackOnly
+    endpoint: HttpsReceiver, sockets: Sockets
 ) -> None:
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
     url = endpoint.url("/named", hostname="webhooks.example")
@@ -431,9 +356,7 @@ def test_hostname_is_verified_and_sent_as_sni_while_connecting_by_ip(
     assert sockets.connects == [("127.0.0.1", endpoint.port)]
 
 
-def test_certificate_for_another_name_is_refused(
-    endpoint: HttpsReceiver, sockets: LoopbackOnly
-) -> None:
+def test_certificate_for_another_name_is_refused(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     # The certificate also names 127.0.0.1: were the connected address verified
     # instead of the URL's host, this would pass.
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
@@ -445,9 +368,7 @@ def test_certificate_for_another_name_is_refused(
     assert endpoint.requests == []
 
 
-def test_tls_is_verified_without_the_extra_ca(
-    endpoint: HttpsReceiver, sockets: LoopbackOnly
-) -> None:
+def test_tls_is_verified_without_the_extra_ca(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"], http_ca_file=None)
     with pytest.raises(httpx.ConnectError) as info:
         asyncio.run(post(config, endpoint.url("/untrusted"), sockets))
@@ -455,7 +376,7 @@ def test_tls_is_verified_without_the_extra_ca(
     assert endpoint.requests == []
 
 
-def test_redirect_is_not_followed(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+def test_redirect_is_not_followed(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     target = endpoint.url("/elsewhere")
     endpoint.respond("/moved", Reply(302, headers={"Location": target}))
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
@@ -465,7 +386,7 @@ def test_redirect_is_not_followed(endpoint: HttpsReceiver, sockets: LoopbackOnly
     assert [r.path for r in endpoint.requests] == ["/moved"]
 
 
-def test_plain_http_refused_unless_allowed(sockets: LoopbackOnly) -> None:
+def test_plain_http_refused_unless_allowed(sockets: Sockets) -> None:
     with HttpsReceiver(tls=False) as plain:
         url = plain.url("/plain", hostname="127.0.0.1")
         config = load_settings(allowed_networks=["127.0.0.0/8"])
@@ -486,7 +407,7 @@ def test_plain_http_refused_unless_allowed(sockets: LoopbackOnly) -> None:
         assert info.value.reason == "loopback"
 
 
-def test_connection_refused_is_a_plain_connect_error(sockets: LoopbackOnly) -> None:
+def test_connection_refused_is_a_plain_connect_error(sockets: Sockets) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -494,17 +415,64 @@ def test_connection_refused_is_a_plain_connect_error(sockets: LoopbackOnly) -> N
     with pytest.raises(httpx.ConnectError) as info:
         asyncio.run(post(config, f"https://127.0.0.1:{port}/", sockets))
     assert not isinstance(info.value, EgressBlocked)
-    assert isinstance(info.value.__cause__, httpcore.ConnectError)
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
 
 
-def test_connect_timeout_covers_name_resolution(sockets: LoopbackOnly) -> None:
+def test_the_next_allowed_address_is_tried_when_one_refuses(
+    endpoint: HttpsReceiver, sockets: Sockets
+) -> None:
+    # Nothing listens on 127.0.0.2; the private address between is never tried.
+    dns = FakeDNS({"webhooks.example": ["127.0.0.2", "10.0.0.1", "127.0.0.1"]})
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+
+    async def send() -> int:
+        async with build_http_client(config, dns, sockets=sockets) as client:
+            url = endpoint.url("/fallback", hostname="webhooks.example")
+            return (await client.post(url, content=b"{}")).status_code
+
+    assert asyncio.run(send()) == 200
+    assert sockets.connects == [("127.0.0.2", endpoint.port), ("127.0.0.1", endpoint.port)]
+
+
+def test_every_allowed_address_refusing_is_a_connect_error(sockets: Sockets) -> None:
+    dns = FakeDNS({"two.example": ["127.0.0.2", "127.0.0.3"]})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_settings(allowed_networks=["127.0.0.0/8"])
+
+    async def send() -> None:
+        async with build_http_client(config, dns, sockets=sockets) as client:
+            await client.post(f"https://two.example:{port}/", content=b"{}")
+
+    with pytest.raises(httpx.ConnectError) as info:
+        asyncio.run(send())
+    assert not isinstance(info.value, EgressBlocked)
+    # Both tried, in order (aiohttp may try the last one twice), and nothing else.
+    assert sockets.connects[:2] == [("127.0.0.2", port), ("127.0.0.3", port)]
+    assert set(sockets.connects) == {("127.0.0.2", port), ("127.0.0.3", port)}
+
+
+def test_an_unknown_name_is_a_connect_error(sockets: Sockets) -> None:
+    async def send() -> None:
+        config = load_settings(allowed_networks=["127.0.0.0/8"])
+        async with build_http_client(config, DNS, sockets=sockets) as client:
+            await client.post("https://nowhere.example/", content=b"{}")
+
+    with pytest.raises(httpx.ConnectError, match=r"nowhere\.example") as info:
+        asyncio.run(send())
+    assert not isinstance(info.value, EgressBlocked)
+    assert sockets.connects == []
+
+
+def test_connect_timeout_covers_name_resolution(sockets: Sockets) -> None:
     async def stalled(host: str, port: int) -> Sequence[IPAddress]:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
     async def send() -> None:
         config = load_settings(http_timeout_s=0.1)
-        async with build_http_client(config, stalled, network_backend=sockets) as client:
+        async with build_http_client(config, stalled, sockets=sockets) as client:
             await client.post("https://slow-dns.example/", content=b"{}")
 
     with pytest.raises(httpx.ConnectTimeout):
@@ -512,21 +480,34 @@ def test_connect_timeout_covers_name_resolution(sockets: LoopbackOnly) -> None:
     assert sockets.connects == []
 
 
-def test_read_timeout_is_translated(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
-    endpoint.respond("/slow", Reply(200, delay_s=10.0))
+def test_read_timeout_is_translated_and_drops_the_connection(
+    endpoint: HttpsReceiver, sockets: Sockets
+) -> None:
+    endpoint.respond("/slow", Reply(200, delay_s=1.0))
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"], http_timeout_s=0.2)
-    with pytest.raises(httpx.ReadTimeout):
-        asyncio.run(post(config, endpoint.url("/slow"), sockets))
+
+    async def send() -> type[BaseException]:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
+            try:
+                await client.post(endpoint.url("/slow"), content=b"{}")
+            except httpx.HTTPError as exc:
+                # Closed, never given back to the pool (its answer may still come).
+                await eventually(lambda: all(sockets.closed), 10, "the socket to close")
+                return type(exc)
+        raise AssertionError("the slow answer was awaited past the read timeout")
+
+    assert asyncio.run(send()) is httpx.ReadTimeout
     assert len(endpoint.wait_for_requests(1, path="/slow")) == 1
+    assert sockets.closed == [True]
 
 
 def test_connections_are_reused_and_checked_once_each(
-    endpoint: HttpsReceiver, sockets: LoopbackOnly
+    endpoint: HttpsReceiver, sockets: Sockets
 ) -> None:
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
 
     async def three_posts() -> list[int]:
-        async with build_http_client(config, DNS, network_backend=sockets) as client:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
             codes = []
             for host in ("localhost", "localhost", "webhooks.example"):
                 response = await client.post(endpoint.url("/reuse", hostname=host), content=b"{}")
@@ -551,12 +532,12 @@ def test_client_configuration(endpoint: HttpsReceiver) -> None:
     asyncio.run(inspect())
 
 
-def test_pool_is_capped_per_origin(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+def test_pool_is_capped_per_origin(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     endpoint.respond("/held", Reply(200, delay_s=0.2))
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"], max_in_flight_per_origin=2)
 
     async def burst() -> None:
-        async with build_http_client(config, DNS, network_backend=sockets) as client:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
             url = endpoint.url("/held")
             await asyncio.gather(*(client.post(url, content=b"{}") for _ in range(4)))
 
@@ -568,12 +549,12 @@ def test_pool_is_capped_per_origin(endpoint: HttpsReceiver, sockets: LoopbackOnl
 # --- the test receiver itself ----------------------------------------------------
 
 
-def test_receiver_scripts_replies_in_order(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+def test_receiver_scripts_replies_in_order(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     endpoint.respond("/flaky", Reply(503, retry_after="7", body=b"busy"), Reply(204))
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
 
     async def three() -> list[httpx.Response]:
-        async with build_http_client(config, DNS, network_backend=sockets) as client:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
             return [await client.post(endpoint.url("/flaky"), content=b"{}") for _ in range(3)]
 
     first, second, third = asyncio.run(three())
@@ -581,7 +562,7 @@ def test_receiver_scripts_replies_in_order(endpoint: HttpsReceiver, sockets: Loo
     assert second.status_code == third.status_code == 204
 
 
-def test_receiver_reads_chunked_bodies(endpoint: HttpsReceiver, sockets: LoopbackOnly) -> None:
+def test_receiver_reads_chunked_bodies(endpoint: HttpsReceiver, sockets: Sockets) -> None:
     config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
 
     async def chunks() -> Any:
@@ -589,7 +570,7 @@ def test_receiver_reads_chunked_bodies(endpoint: HttpsReceiver, sockets: Loopbac
         yield b"1}"
 
     async def send() -> None:
-        async with build_http_client(config, DNS, network_backend=sockets) as client:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
             await client.post(endpoint.url("/chunked"), content=chunks())
 
     asyncio.run(send())
@@ -610,3 +591,48 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# --- the delivery path, which sends through the transport directly -------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "error_class", "reason"),
+    [
+        ("https://internal.example/hook", "blocked", "private"),
+        ("https://127.0.0.1:9/hook", "blocked", "loopback"),
+        ("http://webhooks.example/hook", "blocked", "plain http://"),
+        ("https://nowhere.example/hook", "connection", "cannot connect"),
+    ],
+)
+def test_a_delivery_attempt_goes_through_the_guard_too(
+    url: str, error_class: str, reason: str, endpoint: HttpsReceiver, sockets: Sockets
+) -> None:
+    async def attempt() -> AttemptResult:
+        async with build_http_client(settings(endpoint), DNS, sockets=sockets) as client:
+            return await delivery_post(client, url, b"{}", {}, 5.0, 64)
+
+    result = asyncio.run(attempt())
+    assert (result.ok, result.error_class) == (False, error_class)
+    assert reason in (result.error or "").lower()
+    assert sockets.connects == []
+
+
+def test_a_delivery_attempt_sends_the_bytes_and_headers_as_given(
+    endpoint: HttpsReceiver, sockets: Sockets
+) -> None:
+    config = settings(endpoint, allowed_networks=["127.0.0.0/8"])
+    headers = {"Content-Type": "application/json", "X-Test": "1"}
+
+    async def attempt() -> AttemptResult:
+        async with build_http_client(config, DNS, sockets=sockets) as client:
+            url = endpoint.url("/direct?q=a%20b", hostname="webhooks.example")
+            return await delivery_post(client, url, b'{"a":1}', headers, 5.0, 64)
+
+    assert asyncio.run(attempt()).status_code == 200
+    [seen] = endpoint.requests_to("/direct")
+    assert (seen.path, seen.body, seen.sni) == ("/direct?q=a%20b", b'{"a":1}', "webhooks.example")
+    assert seen.header("x-test") == "1"
+    assert seen.header("content-length") == "7"
+    assert seen.header("host") == f"webhooks.example:{endpoint.port}"
+    assert seen.header("cookie") is None

@@ -1,10 +1,16 @@
 // Command receiver is the benchmark's webhook endpoint: an HTTPS server on
 // several loopback ports (each port is a distinct endpoint to the dispatcher)
 // that answers every POST at once with 204, except under /stall/, where it
-// answers only when released or shut down. It records the arrival time of every
-// POST per path, and a plain-HTTP control port reports counts and rates:
+// answers only when released or shut down, and under /delay/MS/, where it
+// answers after MS milliseconds. It records the arrival time of every POST per
+// path; under /lat/ it also records the latency from the moment encoded in the
+// body's session_id ("lat_<unix ns>_...") to the arrival. A plain-HTTP control
+// port reports counts, rates, latencies and connections:
 //
-//	GET  /count                          {"total": n, "paths": {"/ok/0": n, ...}}
+//	GET  /count                          {"total": n, "paths": {"/ok/0": n, ...},
+//	                                      "conns_opened": n, "conns_open": n}
+//	GET  /latency                        {"count": n, "p50_ms": ..., "p95_ms": ...,
+//	                                      "p99_ms": ..., "max_ms": ...}
 //	GET  /window?prefix=/ok/&skip=W&tail=T
 //	     arrivals under the prefix, sorted, the first W and last T dropped:
 //	     {"count": all, "used": k, "seconds": t, "rate": (k-1)/t}
@@ -34,14 +40,48 @@ import (
 )
 
 type recorder struct {
-	mu      sync.Mutex
-	start   time.Time
-	times   map[string][]int64
-	release chan struct{}
+	mu          sync.Mutex
+	start       time.Time
+	times       map[string][]int64
+	latencies   []int64
+	release     chan struct{}
+	connsOpened int
+	connsOpen   int
 }
 
 func newRecorder() *recorder {
 	return &recorder{start: time.Now(), times: map[string][]int64{}, release: make(chan struct{})}
+}
+
+// connState counts connections as they open and close (idle ones included).
+func (r *recorder) connState(_ net.Conn, state http.ConnState) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch state {
+	case http.StateNew:
+		r.connsOpened++
+		r.connsOpen++
+	case http.StateClosed, http.StateHijacked:
+		r.connsOpen--
+	}
+}
+
+// recordLatency takes the produce time from a body's session_id, "lat_<unix ns>_...".
+func (r *recorder) recordLatency(body []byte, arrived time.Time) {
+	var doc struct {
+		SessionID string `json:"session_id"`
+	}
+	if json.Unmarshal(body, &doc) != nil || !strings.HasPrefix(doc.SessionID, "lat_") {
+		return
+	}
+	stamp, _, _ := strings.Cut(strings.TrimPrefix(doc.SessionID, "lat_"), "_")
+	produced, err := strconv.ParseInt(stamp, 10, 64)
+	if err != nil {
+		return
+	}
+	r.mu.Lock()
+	r.latencies = append(r.latencies, arrived.UnixNano()-produced)
+	r.mu.Unlock()
 }
 
 func (r *recorder) record(path string) {
@@ -63,16 +103,31 @@ func (r *recorder) serveHook(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	// The whole body is read, as a real receiver verifying a signature would.
-	if _, err := io.Copy(io.Discard, req.Body); err != nil {
+	body, err := io.ReadAll(req.Body)
+	if err != nil {
 		return
 	}
+	arrived := time.Now()
 	r.record(req.URL.Path)
-	if strings.HasPrefix(req.URL.Path, "/stall/") {
+	path := req.URL.Path
+	switch {
+	case strings.HasPrefix(path, "/stall/"):
 		select {
 		case <-r.stalled():
 		case <-req.Context().Done():
 			return
 		}
+	case strings.HasPrefix(path, "/delay/"):
+		ms, _, _ := strings.Cut(strings.TrimPrefix(path, "/delay/"), "/")
+		if n, err := strconv.Atoi(ms); err == nil {
+			select {
+			case <-time.After(time.Duration(n) * time.Millisecond):
+			case <-req.Context().Done():
+				return
+			}
+		}
+	case strings.HasPrefix(path, "/lat/"):
+		r.recordLatency(body, arrived)
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
@@ -87,8 +142,24 @@ func (r *recorder) serveControl(w http.ResponseWriter, req *http.Request) {
 			paths[p] = len(ts)
 			total += len(ts)
 		}
+		opened, open := r.connsOpened, r.connsOpen
 		r.mu.Unlock()
-		writeJSON(w, map[string]any{"total": total, "paths": paths})
+		writeJSON(w, map[string]any{
+			"total": total, "paths": paths, "conns_opened": opened, "conns_open": open,
+		})
+	case req.URL.Path == "/latency" && req.Method == http.MethodGet:
+		r.mu.Lock()
+		all := append([]int64(nil), r.latencies...)
+		r.mu.Unlock()
+		sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+		out := map[string]any{"count": len(all)}
+		if len(all) > 0 {
+			at := func(q float64) float64 {
+				return float64(all[int(q*float64(len(all)-1))]) / 1e6
+			}
+			out["p50_ms"], out["p95_ms"], out["p99_ms"], out["max_ms"] = at(0.5), at(0.95), at(0.99), at(1)
+		}
+		writeJSON(w, out)
 	case req.URL.Path == "/window" && req.Method == http.MethodGet:
 		q := req.URL.Query()
 		prefix := q.Get("prefix")
@@ -117,6 +188,8 @@ func (r *recorder) serveControl(w http.ResponseWriter, req *http.Request) {
 	case req.URL.Path == "/reset" && req.Method == http.MethodPost:
 		r.mu.Lock()
 		r.times = map[string][]int64{}
+		r.latencies = nil
+		r.connsOpened = 0
 		r.mu.Unlock()
 		w.WriteHeader(http.StatusNoContent)
 	case req.URL.Path == "/release" && req.Method == http.MethodPost:
@@ -166,7 +239,8 @@ func main() {
 		ln := listen()
 		hookPorts = append(hookPorts, ln.Addr().(*net.TCPAddr).Port)
 		srv := &http.Server{
-			Handler: hooks,
+			Handler:   hooks,
+			ConnState: rec.connState,
 			// HTTP/1.1 only, like the dispatcher's client: an empty map turns off h2.
 			TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 			TLSConfig:    &tls.Config{Certificates: []tls.Certificate{cert}},

@@ -12,7 +12,8 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from dispatcher import __version__
 from dispatcher.errors import DispatcherError
@@ -116,9 +117,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.logs import configure_logging
 
     configure_logging(settings.log_level)
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
     try:
         check_client_config(settings)
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except DispatcherError as exc:
         # Once logging is JSON, the reason for exiting is a JSON line too.
         logging.getLogger("dispatcher").error("exiting: %s", exc)

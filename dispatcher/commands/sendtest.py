@@ -23,7 +23,7 @@ from typing import Any, Final
 from dispatcher.core.fanout import SKIP_REASONS, CallPolicy
 from dispatcher.models import Subscription, format_timestamp, parse_event
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
-from dispatcher.outbound.egress import build_http_client
+from dispatcher.outbound.transport import build_http_client
 from dispatcher.settings import Settings
 
 #: How much of the endpoint's answer is shown to the operator.

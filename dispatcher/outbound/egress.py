@@ -1,66 +1,46 @@
-"""The outbound HTTP client, guarded against server-side request forgery.
+"""The egress guard: which addresses a delivery may connect to, checked on connect.
 
 A subscription's URL is chosen by a customer, so a delivery must never reach the
 dispatcher's own network: loopback, private ranges, link-local, cloud metadata.
 Checking the URL when it is saved is not enough (DNS can change, or answer
-differently next time), so the check is made here, on the very address each new
-connection is opened to:
+differently next time), so the check is made where connections are opened
+(:mod:`dispatcher.outbound.transport` plugs both parts into aiohttp's connector):
 
-* :class:`GuardedBackend`, an ``httpcore`` network backend, resolves the host
-  itself, judges every address with :func:`blocked_reason`, and connects by IP to
-  an allowed one. TLS still verifies, and sends SNI for, the URL's hostname:
-  ``httpcore`` passes the origin host to ``start_tls``, not the connected address.
-* :class:`GuardedTransport`, an ``httpx`` transport over per-origin connection
-  pools that use that backend, refuses plain ``http://`` unless allowed. ``httpx``'s
-  own ``AsyncHTTPTransport`` takes no network backend, so this one is built on the
-  public ``httpcore`` API instead of swapping a private attribute.
+* :class:`GuardedResolver` resolves a name itself and hands the connector only
+  the allowed addresses, in order; a name with none left is refused with
+  :class:`EgressBlocked` before any socket exists.
+* :class:`GuardedSockets` is the connector's socket factory: it judges the very
+  address each socket is about to connect to, so a literal IP in a URL (which
+  skips the resolver) or anything else that bypasses it is refused as well.
 
-Refusals raise :class:`EgressBlocked`, a subclass of ``httpx.ConnectError`` that
-reaches the caller of ``client.post`` as is, with ``.reason``.
+TLS still verifies, and sends SNI for, the URL's hostname: the connector passes
+the URL's host as ``server_hostname``, never the connected address. Refusals
+raise :class:`EgressBlocked`, a subclass of ``httpx.ConnectError`` that reaches
+the caller of ``client.post`` as is, with ``.reason``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
-import ssl
-import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Sequence,
-)
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from collections.abc import Awaitable, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-import certifi
-import httpcore
 import httpx
-
-from dispatcher import __version__
-from dispatcher.errors import ConfigError
-from dispatcher.outbound.pool import ConnectionPools
-from dispatcher.settings import Settings
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 __all__ = [
     "REASONS",
     "BlockReason",
     "EgressBlocked",
-    "GuardedBackend",
-    "GuardedTransport",
+    "GuardedResolver",
+    "GuardedSockets",
     "IPAddress",
     "IPNetwork",
     "Resolver",
     "blocked_reason",
-    "build_http_client",
-    "build_ssl_context",
     "system_resolver",
 ]
 
@@ -81,11 +61,6 @@ BlockReason = Literal[
     "plain_http",  # an http:// URL while DISPATCHER_ALLOW_HTTP is off
 ]
 REASONS: frozenset[str] = frozenset(get_args(BlockReason))
-
-USER_AGENT = f"webhook-dispatcher/{__version__}"
-# Below the 5 s idle timeout of Node.js, a common receiver, so that a pooled
-# connection is seldom reused just as the server closes it.
-KEEPALIVE_EXPIRY_S = 4.0
 
 _METADATA: frozenset[IPAddress] = frozenset(
     ipaddress.ip_address(text)
@@ -201,242 +176,81 @@ async def system_resolver(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise httpcore.ConnectTimeout("connect timed out")
-    return left
+class GuardedResolver(AbstractResolver):
+    """An aiohttp resolver that answers with the allowed addresses of a name only.
 
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """An ``httpcore`` network backend that only connects to allowed addresses.
-
-    ``connect_tcp`` resolves the host with ``resolver`` (a literal IP is taken as
-    is), refuses with :class:`EgressBlocked` when every address is blocked, and
-    otherwise asks ``inner`` to connect to the allowed addresses by IP, in order,
-    until one answers, all within the connect timeout.
+    ``resolver`` (default :func:`system_resolver`) does the lookup; the addresses
+    it returns are judged with :func:`blocked_reason` and the allowed ones kept in
+    its order. When none is left, :class:`EgressBlocked` names the first refused
+    one. Literal IPs never reach a resolver (aiohttp takes them as they are):
+    :class:`GuardedSockets` judges those.
     """
 
     def __init__(
-        self,
-        allowed_networks: Sequence[IPNetwork] = (),
-        resolver: Resolver | None = None,
-        inner: httpcore.AsyncNetworkBackend | None = None,
+        self, allowed_networks: Sequence[IPNetwork] = (), resolver: Resolver | None = None
     ) -> None:
         self.allowed_networks = tuple(allowed_networks)
         self._resolve = resolver or system_resolver
-        self._inner = inner or httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        candidates = await self._addresses(host, port, timeout)
-        allowed: list[IPAddress] = []
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        allowed: list[ResolveResult] = []
         refused: tuple[IPAddress, BlockReason] | None = None
-        for address in candidates:
+        for address in await self._resolve(host, port):
             reason = blocked_reason(address, self.allowed_networks)
             if reason is None:
-                allowed.append(address)
+                allowed.append(
+                    {
+                        "hostname": host,
+                        "host": str(address),
+                        "port": port,
+                        "family": socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                        "proto": socket.IPPROTO_TCP,
+                        "flags": socket.AI_NUMERICHOST,
+                    }
+                )
             elif refused is None:
                 refused = (address, reason)
-        if not allowed:
-            if refused is None:
-                raise httpcore.ConnectError(f"{host} resolved to no address")
-            raise EgressBlocked(refused[1], host, refused[0])
+        if allowed:
+            return allowed
+        if refused is None:
+            # An OSError, so that aiohttp reports it as a failed lookup.
+            raise OSError(f"{host} resolved to no address")
+        raise EgressBlocked(refused[1], host, refused[0])
 
-        error: httpcore.ConnectError | None = None
-        for address in allowed:
-            try:
-                return await self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=_remaining(deadline),
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except httpcore.ConnectError as exc:  # timeouts propagate: the deadline is shared
-                error = exc
-        assert error is not None
-        raise error
-
-    async def _addresses(self, host: str, port: int, timeout: float | None) -> list[IPAddress]:
-        try:
-            return [ipaddress.ip_address(host)]
-        except ValueError:
-            pass
-        try:
-            async with asyncio.timeout(timeout):
-                return list(await self._resolve(host, port))
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+    async def close(self) -> None:
+        """Nothing to release: lookups go through the event loop."""
 
 
-# httpcore's exceptions become httpx's of the same name; the most specific class
-# in the raised exception's MRO wins (ConnectTimeout before TimeoutException).
-_TRANSLATED: dict[type[Exception], type[httpx.TransportError]] = {
-    getattr(httpcore, name): getattr(httpx, name)
-    for name in (
-        *("TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout"),
-        *("NetworkError", "ConnectError", "ReadError", "WriteError", "ProxyError"),
-        *("UnsupportedProtocol", "ProtocolError", "LocalProtocolError", "RemoteProtocolError"),
-    )
-}
+#: ``(family, type, proto, canonname, sockaddr)``, as ``getaddrinfo`` returns them.
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+SocketFactory = Callable[[AddrInfo], socket.socket]
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        for cls in type(exc).__mro__:
-            if cls in _TRANSLATED:
-                raise _TRANSLATED[cls](str(exc)) from exc
-        raise
+def plain_socket(addr_info: AddrInfo) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    return socket.socket(family=family, type=type_, proto=proto)
 
 
-class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
-        self._stream = stream
+class GuardedSockets:
+    """A socket factory for aiohttp's connector that refuses blocked addresses.
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _translated():
-            async for chunk in self._stream:
-                yield chunk
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            with _translated():
-                await aclose()
-
-
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """An HTTP/1.1 ``httpx`` transport whose connections go through :class:`GuardedBackend`.
-
-    Plain ``http://`` requests raise :class:`EgressBlocked` (``plain_http``) unless
-    ``allow_http``. There is no proxy support: a proxy would resolve the name
-    itself, out of reach of the address check. Connections are pooled per origin
-    (:class:`~dispatcher.outbound.pool.ConnectionPools`), up to ``max_connections`` in use
-    for each; the caller's in-flight limits bound the sum.
+    Called with the exact address each new connection is about to be opened to,
+    after any resolution, so it is the last word: a blocked address raises
+    :class:`EgressBlocked` and no socket is created. ``inner`` makes the sockets
+    of allowed addresses (tests record them through it).
     """
 
     def __init__(
-        self,
-        *,
-        ssl_context: ssl.SSLContext,
-        backend: GuardedBackend,
-        allow_http: bool = False,
-        max_connections: int = 100,
-        keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
+        self, allowed_networks: Sequence[IPNetwork] = (), inner: SocketFactory | None = None
     ) -> None:
-        self.backend = backend
-        self._allow_http = allow_http
-        self._pools = ConnectionPools(
-            ssl_context=ssl_context,
-            network_backend=backend,
-            max_connections=max_connections,
-            keepalive_expiry_s=keepalive_expiry_s,
-        )
+        self.allowed_networks = tuple(allowed_networks)
+        self._inner = inner or plain_socket
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` through the guarded pool, translating httpcore's errors."""
-        if request.url.scheme == "http" and not self._allow_http:
-            raise EgressBlocked("plain_http", request.url.host)
-        if not isinstance(request.stream, httpx.AsyncByteStream):
-            raise TypeError("GuardedTransport needs an async request body")
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        with _translated():
-            response = await self._pools.handle_async_request(core_request)
-        if not isinstance(response.stream, AsyncIterable):
-            raise TypeError("httpcore returned a synchronous response stream")
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        """Close every pooled connection."""
-        with _translated():
-            await self._pools.aclose()
-
-
-def build_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
-    """A verifying TLS client context: system CAs, certifi's, and ``ca_file`` if given."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    # Slim container images often ship without a system CA bundle.
-    context.load_verify_locations(cafile=certifi.where())
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except OSError as exc:  # missing, unreadable, or not PEM (ssl.SSLError)
-            reason = getattr(exc, "reason", None) or exc.strerror or exc
-            raise ConfigError(f"DISPATCHER_HTTP_CA_FILE: cannot load {ca_file}: {reason}") from None
-    return context
-
-
-def build_http_client(
-    settings: Settings,
-    resolver: Resolver | None = None,
-    *,
-    network_backend: httpcore.AsyncNetworkBackend | None = None,
-) -> httpx.AsyncClient:
-    """The one pooled client that delivers webhooks.
-
-    Redirects are not followed, TLS is always verified, plain HTTP only with
-    ``settings.allow_http``, and every new connection goes through the address
-    check with ``settings.allowed_networks``. ``resolver`` and ``network_backend``
-    (what opens the sockets) replace the system's, for tests.
-
-    ``settings.http_timeout_s`` bounds each phase (connect, write, read, pool
-    wait); a deadline for a whole attempt is the caller's to set.
-    """
-    backend = GuardedBackend(
-        allowed_networks=[ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks],
-        resolver=resolver,
-        inner=network_backend,
-    )
-    transport = GuardedTransport(
-        ssl_context=build_ssl_context(settings.http_ca_file),
-        backend=backend,
-        allow_http=settings.allow_http,
-        # Per origin: every webhook on one host shares this cap and its connections.
-        max_connections=settings.max_in_flight_per_origin,
-    )
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=httpx.Timeout(settings.http_timeout_s),
-        follow_redirects=False,
-        headers={"User-Agent": USER_AGENT},
-        # No proxies from the environment (they would resolve names past the
-        # check) and no credentials from ~/.netrc.
-        trust_env=False,
-        # Cookies an endpoint sets are neither kept nor sent back: the jar would
-        # grow with every endpoint that sets one, for the life of the process.
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-    )
+    def __call__(self, addr_info: AddrInfo) -> socket.socket:
+        address = ipaddress.ip_address(addr_info[4][0])
+        reason = blocked_reason(address, self.allowed_networks)
+        if reason is not None:
+            raise EgressBlocked(reason, str(address), address)
+        return self._inner(addr_info)
