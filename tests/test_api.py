@@ -36,7 +36,11 @@ def test_keys_health_and_problems(
         assert anon.get("/healthz").status_code == 200
         doc = anon.get("/openapi.json").json()
         assert "/v1/organizations/{org}/webhooks" in doc["paths"]
-        assert anon.get("/docs").status_code == 200
+        docs = anon.get("/docs")
+        assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+        assert "/v1/organizations/{org}/webhooks</h3>" in docs.text
+        assert "<script" not in docs.text  # self-contained: no Swagger UI from a CDN
+        assert anon.get("/redoc").status_code == 404
         r = anon.get(webhooks(api))
         assert r.status_code == 401
         assert r.headers["content-type"] == PROBLEM

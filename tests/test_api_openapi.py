@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,30 @@ def test_document_is_valid_openapi_and_served_as_built(live_api: ApiProcess) -> 
     for path, ops in served["paths"].items():
         for method, op in ops.items():
             assert "application/problem+json" in op["responses"]["422"]["content"], (path, method)
+
+
+def test_docs_page_is_self_contained_and_lists_every_route(live_api: ApiProcess) -> None:
+    served = httpx.get(live_api.url + "/openapi.json", timeout=10).json()
+    page = httpx.get(live_api.url + "/docs", timeout=10)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    html = page.text
+    # Nothing is fetched from elsewhere: no script, stylesheet or image, and no
+    # absolute URL anywhere (an offline cluster could not load it).
+    assert not re.search(r"<(script|link|img|iframe)\b", html, re.IGNORECASE)
+    assert not re.search(r"(https?:)?//[\w.-]+\.\w", html), "an external URL"
+    assert not re.search(r"@import|url\(", html)
+    for target in re.findall(r'(?:href|src)="([^"]*)"', html):
+        assert target.startswith("#") or target == "openapi.json", target
+    headings = set(re.findall(r'<span class="method">(\w+)</span> ([^<]+)</h3>', html))
+    every = {(method.upper(), path) for path, ops in served["paths"].items() for method in ops}
+    assert every and headings == every
+    for path, ops in served["paths"].items():
+        for op in ops.values():
+            assert f"<strong>{op['summary']}</strong>" in html, path
+    for name in served["components"]["schemas"]:
+        assert f'id="schema-{name}"' in html, name
+    assert "Authorization: Bearer &lt;API key&gt;" in html
 
 
 @schema.parametrize()

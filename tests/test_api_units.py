@@ -1,15 +1,17 @@
-"""Pure parts of the API: keys, the history index, idempotency."""
+"""Pure parts of the API: keys, the history index, idempotency, the docs page."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from html import escape
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dispatcher.api import docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
 from dispatcher.api.history import HistoryIndex, to_ms
 from dispatcher.api.idempotency import IdempotencyCache, webhook_id_for
@@ -175,3 +177,46 @@ def test_a_record_without_description_is_what_earlier_versions_wrote() -> None:
     described = sub.model_copy(update={"description": "CRM"})
     assert json.loads(described.to_json())["description"] == "CRM"
     assert Subscription.model_validate_json(described.to_json()) == described
+
+
+@given(st.text(max_size=80), st.text(max_size=80))
+def test_docs_page_escapes_whatever_the_document_says(summary: str, field: str) -> None:
+    # Text in the document never becomes markup of the page.
+    document = {
+        "info": {"title": "<b>API</b>", "version": "1", "description": summary},
+        "paths": {
+            "/v1/things/{id}": {
+                "get": {
+                    "summary": summary,
+                    "parameters": [{"name": field, "in": "path", "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {
+                            "description": summary,
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Thing"}
+                                }
+                            },
+                        }
+                    },
+                }
+            }
+        },
+        "components": {"schemas": {"Thing": {"properties": {field: {"type": "integer"}}}}},
+    }
+    html = docs_page.render(document)
+    assert "<b>API</b>" not in html and "&lt;b&gt;API&lt;/b&gt;" in html
+    assert f"<strong>{escape(summary)}</strong>" in html
+    assert f"<code>{escape(field)}</code>" in html
+    assert html.count("<h3") == 2  # the route and the schema, nothing injected
+    assert '<a href="#schema-Thing">Thing</a>' in html
+
+
+def test_docs_page_names_schemas_as_the_document_does() -> None:
+    name = docs_page.schema_name
+    assert name({"$ref": "#/components/schemas/Webhook"}) == "Webhook"
+    assert name({"type": "array", "items": {"$ref": "#/x/Webhook"}}) == "list of Webhook"
+    assert name({"anyOf": [{"type": "string"}, {"type": "null"}]}) == "string | null"
+    assert name({"type": "string", "format": "date-time"}) == "string (date-time)"
+    assert name({"enum": ["read", "read-write"]}) == "'read' | 'read-write'"
+    assert name(None) == "any"

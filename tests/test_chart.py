@@ -7,6 +7,7 @@ When they are missing these tests fail, naming the script: they never skip.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -587,7 +588,13 @@ def test_compose_services_are_wired_in_order() -> None:
     )
     assert services["receiver"]["entrypoint"] == ["python", "-m", "dispatcher.sample_receiver"]
     options = services["receiver"]["command"][::2]
-    assert options == ["--host", "--port", "--cert", "--key", "--secret"]
+    assert options == ["--host", "--port", "--cert", "--key", "--secret-file"]
+    # The secret is a file written by the one-shot `certs`, never an argument.
+    secret_file = services["receiver"]["command"][-1]
+    assert secret_file.startswith("/receiver-secret/")
+    assert "/receiver-secret" in services["certs"]["command"][0]
+    assert "receiver-secret:/receiver-secret:ro" in services["receiver"]["volumes"]
+    assert "whsec_" not in json.dumps(services["receiver"])
     env = services["dispatcher"]["environment"]
     assert env["DISPATCHER_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert (
@@ -595,6 +602,24 @@ def test_compose_services_are_wired_in_order() -> None:
     )
     grace = int(services["dispatcher"]["stop_grace_period"].removesuffix("s"))
     assert grace > Settings.model_fields["drain_timeout_s"].get_default()
+
+
+def test_compose_runs_the_api_with_a_hashed_key() -> None:
+    api = compose()["services"]["api"]
+    assert api["command"] == ["api"]
+    assert api["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    port = Settings.model_fields["api_port"].get_default()
+    assert api["ports"] == [f"127.0.0.1:{port}:{port}"]
+    env = api["environment"]
+    assert env["DISPATCHER_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    (entry,) = json.loads(env["DISPATCHER_API_KEYS"])
+    assert entry["access"] == "read-write"
+    # Only the hash is configured; it is the hash of the demo key the README names.
+    demo_key = re.search(r"Bearer (bsk_[\w-]+)", COMPOSE_FILE.read_text())
+    assert demo_key is not None
+    assert entry["sha256"] == hashlib.sha256(demo_key.group(1).encode()).hexdigest()
+    assert demo_key.group(1) not in json.dumps(api)
+    assert demo_key.group(1) in (ROOT / "README.md").read_text()
 
 
 def test_compose_keeps_traffic_inside_its_network() -> None:

@@ -1,7 +1,8 @@
 """The API application: routes, errors, limits, metrics and the Kafka-backed state.
 
-``/healthz``, ``/readyz``, ``/openapi.json`` and the docs page (``/docs``) need
-no key (they hold no data); everything under ``/v1`` does.
+``/healthz``, ``/readyz``, ``/openapi.json`` and the docs page (``/docs``, rendered
+here from the OpenAPI document, with no external asset) need no key (they hold
+no data); everything under ``/v1`` does.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dispatcher import __version__
-from dispatcher.api import deliveries, problems, webhooks
+from dispatcher.api import deliveries, docs_page, problems, webhooks
 from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
 from dispatcher.api.history import HistoryIndex, HistoryReader
@@ -135,11 +136,16 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         "Authenticate with `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
         responses=PROBLEM_RESPONSES,
+        # Swagger UI and ReDoc load their assets from a CDN, out of reach of an
+        # offline cluster: /docs is a self-contained page instead.
+        docs_url=None,
+        redoc_url=None,
     )
     health = Health(ctx.ready)
     app.state.health = health
     app.state.ctx = ctx
     app.state.keys = ctx.keys
+    app.state.docs_page = None
     problems.install(app)
     app.include_router(webhooks.router)
     app.include_router(deliveries.router)
@@ -153,6 +159,12 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     def readyz() -> PlainTextResponse:
         ok, why = health.ready()
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if app.state.docs_page is None:  # rendered once: the document never changes
+            app.state.docs_page = docs_page.render(app.openapi())
+        return HTMLResponse(app.state.docs_page)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Response:
