@@ -158,6 +158,6 @@ def emit_attempt(
     """Queue the attempt's record; a failure to write it is logged, never raised."""
     try:
         value = attempt_json(attempt_doc(d, attempt, headers, result, hop))
-        producer.produce_nowait(topic, value, d.delivery_id.encode(), "attempt")
+        producer.produce_nowait(topic, value, d.delivery_id.encode())
     except Exception:
         log.exception("attempt record not written", extra={"delivery_id": d.delivery_id})
