@@ -124,7 +124,11 @@ def table_consumer_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_producer(settings: Settings) -> Producer:
-    conf = producer_config(settings)
+    return make_producer_from(producer_config(settings))
+
+
+def make_producer_from(conf: dict[str, Any]) -> Producer:
+    """A producer from a configuration; one line for one librdkafka refused."""
     try:
         return Producer(conf)
     except KafkaException as exc:

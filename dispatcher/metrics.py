@@ -123,3 +123,28 @@ READY = Gauge(
 def status_class(status_code: int) -> str:
     """``2xx`` .. ``5xx``; anything outside 100-599 is ``other``."""
     return f"{status_code // 100}xx" if 100 <= status_code <= 599 else "other"
+
+
+#: Labelled children of the per-attempt metrics, bound once per label set:
+#: ``labels()`` validates and joins its arguments on every call, which showed in
+#: profiles of the hot path. The label sets are small and closed (stages, outcomes,
+#: status classes), so the caches stay small.
+_ATTEMPT_CHILDREN: dict[tuple[str, str, str], Counter] = {}
+_DURATION_CHILDREN: dict[str, Histogram] = {}
+
+
+def attempt_counted(stage: str, outcome: str, status: str) -> None:
+    """Count one delivery attempt (``dispatcher_delivery_attempts``)."""
+    key = (stage, outcome, status)
+    child = _ATTEMPT_CHILDREN.get(key)
+    if child is None:
+        child = _ATTEMPT_CHILDREN[key] = DELIVERY_ATTEMPTS.labels(stage, outcome, status)
+    child.inc()
+
+
+def attempt_duration(stage: str, seconds: float) -> None:
+    """Observe one attempt's duration (``dispatcher_attempt_duration_seconds``)."""
+    child = _DURATION_CHILDREN.get(stage)
+    if child is None:
+        child = _DURATION_CHILDREN[stage] = ATTEMPT_DURATION.labels(stage)
+    child.observe(seconds)

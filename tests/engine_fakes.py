@@ -143,7 +143,7 @@ class FakeProducer:
         await asyncio.sleep(0)
         self.sent.append(Sent(topic, value, key, list(headers)))
 
-    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None:
+    def produce_nowait(self, topic: str, value: bytes, key: bytes) -> None:
         # Records nobody waits for (the attempts topic), apart from the hand-overs.
         self.unconfirmed.append(Sent(topic, value, key, []))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
@@ -55,6 +56,34 @@ def test_a_record_too_large_for_its_topic_fails_the_send(ns: Namespace) -> None:
 
     error = asyncio.run(scenario())
     assert error.too_large and error.name == "MSG_SIZE_TOO_LARGE" and error.topic == topic
+    assert [m.value() for m in ns.read_all(topic)] == [b"small"]
+
+
+def test_a_record_nobody_waits_for_is_logged_when_refused(
+    ns: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Attempt records go through a producer that reports failures only: a refused
+    # one is logged, and the producer goes on.
+    topic = ns.settings.attempts_topic
+    limit_record_size(topic)
+    caplog.set_level(logging.WARNING, logger="dispatcher.core.producer")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+
+    async def scenario() -> None:
+        producer = AsyncProducer(ns.settings, asyncio.get_running_loop())
+        try:
+            producer.produce_nowait(topic, os.urandom(5000), b"k")
+            await asyncio.to_thread(wait_until, refusals, 30, "the refusal logged")
+            # Written on its own: a batch with the refused record would fail with it.
+            producer.produce_nowait(topic, b"small", b"k")
+        finally:
+            await asyncio.to_thread(producer.close)
+
+    asyncio.run(scenario())
+    [line] = refusals()
+    assert line.startswith(f"record for {topic} not written:") and "too large" in line.lower()
     assert [m.value() for m in ns.read_all(topic)] == [b"small"]
 
 

@@ -206,7 +206,7 @@ def test_attempt_record_model_output_matches_schema() -> None:
 def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> None:
     from types import SimpleNamespace
 
-    from dispatcher.attempts import attempt_record, session_of
+    from dispatcher.attempts import AttemptRecord, attempt_doc, attempt_json, session_of
     from dispatcher.core.routing import NextHop
     from dispatcher.models import parse_event
     from dispatcher.outbound.delivery import AttemptResult, build_headers
@@ -230,17 +230,29 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
         schema("attempt-record.schema.json"), format_checker=jsonschema.FormatChecker()
     )
     failed = AttemptResult(ok=False, duration_s=0.5, error_class="timeout", error="timed out")
+    http_500 = AttemptResult(
+        ok=False,
+        duration_s=0.000012,
+        status_code=500,
+        error_class="http",
+        error="HTTP 500",
+        snippet='é \u2028 "quoted" \x00\x7f </tag> \\',
+    )
     for attempt, result, hop in (
-        (1, AttemptResult(ok=True, duration_s=0.01, status_code=200), None),
+        (1, AttemptResult(ok=True, duration_s=0.01, status_code=200, snippet=""), None),
         (2, failed, NextHop(RetryStage(1, "5m", "t", 300), 1_790_000_000_000)),
+        (3, http_500, NextHop(RetryStage(2, "30m", "t", 1800), 1_790_000_000_123)),
         (4, failed, NextHop(None, 0)),
     ):
         headers = build_headers("msg_1", attempt, body, [secret])
-        out = attempt_record(delivery, attempt, headers, result, hop).to_json()  # type: ignore[arg-type]
+        record = attempt_doc(delivery, attempt, headers, result, hop)  # type: ignore[arg-type]
+        out = attempt_json(record)
+        # The same bytes as the model writes for the validated record.
+        assert out == AttemptRecord.model_validate(record).to_json()
         doc = json.loads(out)
         validator.validate(doc)
         assert secret.encode() not in out and secret[6:].encode() not in out
         assert doc["request_headers"]["X-Bullseye-Attempt"] == str(attempt)
         assert ("body" in doc) == (attempt == 1)
         assert doc["dead_lettered"] == (attempt == 4)
-        assert ("next_retry_at" in doc) == (attempt == 2)
+        assert ("next_retry_at" in doc) == (attempt in (2, 3))

@@ -153,8 +153,8 @@ class DeliveryRunner:
         try:
             result, headers = await self._post(d)
             outcome = "success" if result.ok else "failure"
-            metrics.DELIVERY_ATTEMPTS.labels(d.stage, outcome, result.status_label).inc()
-            metrics.ATTEMPT_DURATION.labels(d.stage).observe(result.duration_s)
+            metrics.attempt_counted(d.stage, outcome, result.status_label)
+            metrics.attempt_duration(d.stage, result.duration_s)
             hop: NextHop | None = None
             if result.ok:
                 latency = (datetime.now(UTC) - d.event_time).total_seconds()

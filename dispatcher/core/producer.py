@@ -19,10 +19,10 @@ import threading
 from collections.abc import Sequence
 from typing import Final, Protocol
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dispatcher import metrics
-from dispatcher.kafka import flush_or_fail, make_producer
+from dispatcher.kafka import flush_or_fail, make_producer, make_producer_from, producer_config
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RecordSink(Protocol):
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> None: ...
 
-    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None: ...
+    def produce_nowait(self, topic: str, value: bytes, key: bytes) -> None: ...
 
     def close(self, timeout_s: float = 30.0) -> None: ...
 
@@ -82,7 +82,10 @@ class AsyncProducer:
     """``await produce(...)`` returns once the broker acknowledged the record (acks=all)."""
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self._settings = settings
         self._producer = make_producer(settings)
+        #: The producer of records nobody waits for, made on first use.
+        self._quiet: Producer | None = None
         self._loop = loop
         self._stop = threading.Event()
         self._failure: str | None = None
@@ -110,23 +113,26 @@ class AsyncProducer:
                 # Local queue full: let librdkafka send some, then try again.
                 self._producer.poll(0.05)
 
-    def produce_nowait(self, topic: str, value: bytes, key: bytes, what: str) -> None:
+    def produce_nowait(self, topic: str, value: bytes, key: bytes) -> None:
         """Queue a record nobody waits for; a failure is only logged (on the polling thread).
 
-        No future and no hop back to the event loop per record: for records that
-        describe work rather than carry it (the attempts topic).
+        For records that describe work rather than carry it (the attempts topic).
+        They go through a producer of their own that reports failed records only:
+        no future, no hop back to the event loop and no Python call per record
+        written, which cost the event loop's thread time on every attempt.
         """
-
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                log.warning("%s record not written: %s", what, err.str())
-
+        quiet = self._quiet
+        if quiet is None:
+            conf = producer_config(self._settings)
+            conf["delivery.report.only.error"] = True
+            conf["on_delivery"] = _log_unwritten
+            quiet = self._quiet = make_producer_from(conf)
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=report)
+                quiet.produce(topic, value, key)
                 return
             except BufferError:
-                self._producer.poll(0.05)
+                quiet.poll(0.05)
 
     async def send(
         self,
@@ -167,6 +173,9 @@ class AsyncProducer:
         try:
             while not self._stop.is_set():
                 self._producer.poll(0.1)
+                quiet = self._quiet
+                if quiet is not None:
+                    quiet.poll(0)
         except Exception as exc:
             metrics.INTERNAL_ERRORS.labels("thread").inc()
             self._failure = f"the producer poll thread died: {exc!r}"
@@ -177,8 +186,20 @@ class AsyncProducer:
         try:
             flush_or_fail(self._producer, timeout_s, "retry, dead-letter or invalid-event")
         finally:
-            self._stop.set()
-            self._thread.join(5)
+            try:
+                # Records nobody waits for: what does not get out is logged, never raised.
+                left = self._quiet.flush(timeout_s) if self._quiet is not None else 0
+                if left:
+                    log.warning("%d attempt record(s) not written before closing", left)
+            finally:
+                self._stop.set()
+                self._thread.join(5)
+
+
+def _log_unwritten(err: KafkaError | None, msg: Message) -> None:
+    """The delivery report of a record nobody waits for: called for failures only."""
+    if err is not None:
+        log.warning("record for %s not written: %s", msg.topic(), err.str())
 
 
 def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
