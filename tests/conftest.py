@@ -9,6 +9,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from tests.brokers import PrivateBroker
 from tests.cli_support import Cli, make_inprocess
 from tests.receiver import HttpsReceiver
 from tests.support import BOOTSTRAP, DispatcherProcess, Namespace
@@ -32,6 +33,19 @@ def broker() -> str:
             f"no Kafka broker at {BOOTSTRAP} ({exc}); start it with `bash scripts/kafka.sh start`"
         )
     return BOOTSTRAP
+
+
+@pytest.fixture
+def private_broker(broker: str, tmp_path: Path) -> Iterator[PrivateBroker]:
+    """A broker of this test's own, started; stopped at the end of the test.
+
+    For tests that stop and restart the broker: never the shared one. Depends on
+    ``broker`` so that it carries the ``kafka`` marker and the jars are known to be there.
+    """
+    made = PrivateBroker(tmp_path / "kafka").start()
+    yield made
+    if made.running():
+        made.stop()
 
 
 @pytest.fixture

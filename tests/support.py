@@ -140,7 +140,8 @@ class Namespace:
         report = ensure_topics(self.settings)
         assert not report.problems, report.problems
         wait_for_leaders(self.settings)
-        self._producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+        self.bootstrap = self.settings.kafka_bootstrap_servers
+        self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
 
     def drop_topics(self) -> None:
         """Delete this namespace's topics (best effort, at the end of a test)."""
@@ -149,7 +150,7 @@ class Namespace:
     @staticmethod
     def drop(settings: Settings) -> None:
         """Delete the topics of ``settings`` (best effort)."""
-        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
         topics = [spec.name for spec in topic_specs(settings)]
         for future in admin.delete_topics(topics, operation_timeout=10).values():
             with contextlib.suppress(KafkaException):
