@@ -16,6 +16,12 @@ cd "$repo"
 source scripts/debian-package.sh
 need_debian_package prometheus prometheus || exit 1
 bash scripts/bootstrap.sh
+# openapi-typescript and tsc, for the test that compiles types generated from the API.
+if [[ ! -f tests/clients/node_modules/.installed || tests/clients/package-lock.json -nt tests/clients/node_modules/.installed ]]; then
+    command -v npm >/dev/null || { echo "test: npm (Node.js) is needed for the TypeScript client test: install nodejs and npm" >&2; exit 1; }
+    npm ci --prefix tests/clients --no-audit --no-fund --loglevel=error
+    touch tests/clients/node_modules/.installed
+fi
 
 source scripts/broker-lease.sh
 # The tests talk to the broker this script manages, on whatever port it uses.

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -136,6 +137,7 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         "Authenticate with `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
         responses=PROBLEM_RESPONSES,
+        generate_unique_id_function=operation_id,
         # Swagger UI and ReDoc load their assets from a CDN, out of reach of an
         # offline cluster: /docs is a self-contained page instead.
         docs_url=None,
@@ -178,6 +180,24 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.api_max_body_bytes)
     return app
+
+
+# Route functions whose names read poorly as client method names.
+_OPERATION_NAMES = {
+    "event_types": "listEventTypes",
+    "put_plan": "setPlan",
+    "webhook_summary": "getWebhookSummary",
+}
+
+
+def operation_id(route: APIRoute) -> str:
+    """The operationId of a route: its function's name in camelCase (``createWebhook``).
+
+    Client generators name their methods after it, so it must read well and never
+    change with the path (FastAPI's default joins the name, path and method).
+    """
+    head, *rest = _OPERATION_NAMES.get(route.name, route.name).split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
 def build_context(settings: Settings) -> ApiContext:

@@ -89,7 +89,18 @@ def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
     return WebhookList(data=[view(ctx, s) for s in ctx.store.for_organization(org)])
 
 
-@router.post(BASE + "/webhooks", status_code=201, response_model=Webhook, tags=["webhooks"])
+@router.post(
+    BASE + "/webhooks",
+    status_code=201,
+    response_model=Webhook,
+    tags=["webhooks"],
+    responses={
+        200: {
+            "model": Webhook,
+            "description": "A replay of an earlier create with the same Idempotency-Key (header Idempotent-Replayed: true)",
+        }
+    },
+)
 def create_webhook(
     org: Org,
     body: WebhookCreate,
