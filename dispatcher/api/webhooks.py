@@ -97,7 +97,10 @@ def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
     responses={
         200: {
             "model": Webhook,
-            "description": "A replay of an earlier create with the same Idempotency-Key (header Idempotent-Replayed: true)",
+            "description": (
+                "A replay of an earlier create with the same Idempotency-Key"
+                " (header Idempotent-Replayed: true)"
+            ),
         }
     },
 )
