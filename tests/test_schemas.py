@@ -206,7 +206,8 @@ def test_attempt_record_model_output_matches_schema() -> None:
 def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> None:
     from types import SimpleNamespace
 
-    from dispatcher.attempts import AttemptRecord, attempt_doc, attempt_json, session_of
+    from dispatcher.attempts import AttemptRecord, attempt_json, session_of
+    from dispatcher.core.attempt_log import attempt_doc
     from dispatcher.core.routing import NextHop
     from dispatcher.models import parse_event
     from dispatcher.outbound.delivery import AttemptResult, build_headers

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from dispatcher import metrics
-from dispatcher.attempts import emit_attempt
+from dispatcher.core.attempt_log import emit_attempt
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
 from dispatcher.core.producer import ProduceRefused, RecordSink
