@@ -1,9 +1,10 @@
 """Hostile input at the parsing boundaries, property-tested (no broker: fast).
 
-Whatever an input message holds, :func:`parse_event` returns an event whose body
-is JSON or raises :class:`InvalidEvent` (nothing else); whatever a subscription
-record holds, it is refused or usable by the hot path as it stands; a URL is
-accepted only when the HTTP client reads it the same way.
+Whatever an input message holds, :meth:`Catalog.parse` (what the engine calls)
+returns an event whose body is JSON or raises :class:`InvalidEvent` (nothing
+else); whatever a subscription record holds, it is refused or usable by the hot
+path as it stands; a URL is accepted only when the HTTP client reads it the same
+way.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher import metrics
+from dispatcher.catalog import Catalog
 from dispatcher.core.table import SubscriptionTable
 from dispatcher.errors import SubscriptionError
-from dispatcher.models import InvalidEvent, decode_subscription, parse_event
+from dispatcher.models import InvalidEvent, ParsedEvent, decode_subscription
 from dispatcher.outbound.urls import InvalidUrl, normalize_url
 from dispatcher.settings import Settings
 from tests.hostile import (
@@ -36,6 +38,15 @@ from tests.hostile import (
 )
 
 REASONS = {"too_large", "not_json", "invalid_event"}
+
+#: The built-in catalog, as the engine loads it without a catalog file.
+CATALOG = Catalog.load(Settings(max_event_bytes=MAX_EVENT_BYTES))
+TOPIC = CATALOG.input_topics[0]
+
+
+def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
+    assert max_bytes == CATALOG.max_bytes
+    return CATALOG.parse(value, TOPIC, 1_700_000_000_000)
 
 
 def _strict_json(body: bytes) -> Any:
