@@ -172,7 +172,10 @@ def test_every_rule_finds_its_series_in_a_real_scrape(
         tmp_path,
         {
             "prometheusRule": {"metricSelector": 'job="dispatcher"'},
-            "config": {"input_topic": ns.settings.input_topic},
+            "config": {
+                "input_topic": ns.settings.input_topic,
+                "retry_topic_prefix": ns.settings.retry_topic_prefix,
+            },
         },
     )
     assert {r["alert"] for r in rules} >= FIRED_BY_THE_SCENARIO
@@ -209,6 +212,13 @@ def test_every_rule_finds_its_series_in_a_real_scrape(
         with contextlib.suppress(AssertionError):
             wait_until(complete, 30, "every rule's series", interval_s=1)
         assert not missing, "\n".join(missing)
+        # The lag rule selects the input topic and leaves the retry topics out.
+        lag = next(r for r in rules if r["alert"] == "WebhookDispatcherConsumerLagHigh")
+        (lag_selector,) = selectors(lag["expr"])
+        lag_topics = {s["metric"]["topic"] for s in prometheus.query(lag_selector)}
+        assert lag_topics == {ns.settings.input_topic}, f"{lag_selector} selects {lag_topics}"
+        every_topic = {s["metric"]["topic"] for s in prometheus.query(lag_selector.split("{")[0])}
+        assert every_topic > lag_topics, f"no retry topic's lag was scraped: {every_topic}"
         first = {"WebhookDispatcherDeadLetters", "WebhookDispatcherInvalidSubscriptions"}
         wait_for_rules(prometheus, rules, first, "after the first of their kind")
 
