@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -118,6 +120,24 @@ READY = Gauge(
     "1 when the subscriptions table has caught up and partitions are assigned.",
     registry=REGISTRY,
 )
+
+
+#: Why a subscription record is skipped (``dispatcher_invalid_subscriptions``).
+INVALID_SUBSCRIPTION_REASONS = ("no_key", "invalid")
+
+
+def counters_from_zero(stages: Iterable[str]) -> None:
+    """Export the counters the chart's alerts take ``increase()`` of at 0 from the start.
+
+    Prometheus sees a counter grow only between samples it holds: a labelled child
+    made by its first event is first scraped at 1, its increase reads 0, and the
+    first dead letter of a stage (or the first invalid subscription record) after a
+    start would never fire an alert.
+    """
+    for stage in stages:
+        DEAD_LETTERS.labels(stage)
+    for reason in INVALID_SUBSCRIPTION_REASONS:
+        INVALID_SUBSCRIPTIONS.labels(reason)
 
 
 def status_class(status_code: int) -> str:

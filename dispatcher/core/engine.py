@@ -73,6 +73,7 @@ class Engine:
         self.producer = producer
         self.stages = retry_stages(settings)
         self._stage_of_topic = {s.topic: s for s in self.stages}
+        metrics.counters_from_zero([INPUT_STAGE, *(s.name for s in self.stages)])
         self._loop = asyncio.get_running_loop()
         self._consumer_factory = consumer_factory
         self.consumers: list[StageFeed] = []
