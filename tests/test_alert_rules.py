@@ -30,6 +30,9 @@ from tests.support import BOOTSTRAP, Namespace, wait_until
 from tests.test_chart import REQUIRED, one, render
 from tests.test_observability import PrometheusServer, event, prometheus_binary
 
+#: The rules come from ``helm template`` (helm in .tools/).
+pytestmark = pytest.mark.chart
+
 CASES = Path(__file__).resolve().parent / "alerts" / "cases.yaml"
 #: The rules file cases.yaml names; the test writes the chart's rules under this name.
 RULES_FILE = "rules.yaml"
