@@ -26,7 +26,8 @@ from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
 from dispatcher.api.history import HistoryIndex, HistoryReader
 from dispatcher.api.idempotency import IdempotencyCache
-from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody
+from dispatcher.api.problems import PROBLEM, Problem
+from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import load_catalog
 from dispatcher.core.health import Health
@@ -49,12 +50,8 @@ API_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
-_PROBLEM = {
-    "model": ProblemBody,
-    "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
-}
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {**_PROBLEM, "description": text}
+    code: {**PROBLEM, "description": text}
     for code, text in {
         401: "No valid API key",
         403: "The key may only read",
@@ -125,10 +122,12 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         finally:
             beat.cancel()
             sweep.cancel()
+            await ctx.sample_sends.close()
             if starting is not None:
                 starting.cancel()
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
+            ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="Bullseye webhooks API",
@@ -152,18 +151,20 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(deliveries.router)
 
+    # The probes answer from memory, on the event loop: no thread pool, no Kafka.
+    # Liveness is the loop's heartbeat; readiness, the readers' state as they left it.
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> PlainTextResponse:
+    async def healthz() -> PlainTextResponse:
         ok, why = health.alive()
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
 
     @app.get("/readyz", include_in_schema=False)
-    def readyz() -> PlainTextResponse:
+    async def readyz() -> PlainTextResponse:
         ok, why = health.ready()
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
+    async def docs() -> HTMLResponse:
         if app.state.docs_page is None:  # rendered once: the document never changes
             app.state.docs_page = docs_page.render(app.openapi())
         return HTMLResponse(app.state.docs_page)
@@ -210,6 +211,7 @@ def build_context(settings: Settings) -> ApiContext:
         keys=KeyRing(load_keys(settings)),
         catalog=load_catalog(settings),
         idempotency=IdempotencyCache(settings.api_idempotency_ttl_s),
+        sample_sends=SampleSends(settings),
     )
 
 

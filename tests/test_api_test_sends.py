@@ -1,0 +1,207 @@
+"""Test sends through ``dispatcher api`` to an endpoint that never answers, against the
+real broker: bounded per organization and in all, ended by their own timeout, and
+never in the way of another organization's reads or of the probes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import Queue
+from queue import Empty
+
+import httpx
+
+from tests.api_support import ApiProcess
+from tests.receiver import HttpsReceiver, Reply
+from tests.support import Namespace, wait_until
+
+PROBLEM = "application/problem+json"
+TIMEOUT_S = 5
+PER_ORGANIZATION = 4
+IN_ALL = 10
+SENDERS = ("org_send_a", "org_send_b", "org_send_c")
+SENDS_EACH = 20  # 60 in all
+QUIET = "org_quiet"
+#: The bound the API promises for a read and a probe, whatever test sends do.
+ANSWER_S = 0.100
+
+
+@dataclass(frozen=True)
+class Answer:
+    org: str
+    status: int
+    headers: dict[str, str]
+    body: dict[str, object]
+    elapsed_s: float
+
+
+def make_webhook(http: httpx.Client, org: str, url: str) -> str:
+    assert http.put(f"/v1/organizations/{org}/plan", json={"plan": "scale"}).status_code == 200
+    made = http.post(f"/v1/organizations/{org}/webhooks", json={"url": url})
+    assert made.status_code == 201, made.text
+    return str(made.json()["id"])
+
+
+def send_path(org: str, webhook_id: str) -> str:
+    return f"/v1/organizations/{org}/webhooks/{webhook_id}/test"
+
+
+def send_all(url: str, key: str, targets: list[tuple[str, str]], out: Queue[Answer]) -> None:
+    """Every test send at once, each on a connection of its own; answers put as they come.
+
+    Run in a process of its own: in the test's process, 60 clients would compete for
+    the interpreter with the calls being measured.
+    """
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=len(targets), max_keepalive_connections=0)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=60, limits=limits
+        ) as http:
+
+            async def one(org: str, webhook_id: str) -> None:
+                started = time.perf_counter()
+                r = await http.post(send_path(org, webhook_id))
+                took = time.perf_counter() - started
+                out.put(Answer(org, r.status_code, dict(r.headers), r.json(), took))
+
+            await asyncio.gather(*(one(org, wh) for org, wh in targets))
+
+    asyncio.run(main())
+
+
+def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = call()
+    return response, time.perf_counter() - started
+
+
+def test_hanging_test_sends_are_bounded_and_never_slow_others(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    # A real HTTPS endpoint that accepts every connection and never answers (until
+    # the receiver stops at the end of the test).
+    receiver.respond("/hang", Reply(200, delay_s=600))
+    api = run_api(
+        ns,
+        api_test_send_timeout_s=TIMEOUT_S,
+        api_test_sends_per_organization=PER_ORGANIZATION,
+        api_test_sends_max=IN_ALL,
+    )
+    admin = api.admin()
+    hooks = {org: make_webhook(admin, org, receiver.url("/hang")) for org in SENDERS}
+    quiet_hooks = [make_webhook(admin, QUIET, receiver.url(f"/quiet{i}")) for i in range(3)]
+    targets = [(org, hooks[org]) for _ in range(SENDS_EACH) for org in SENDERS]
+    assert len(targets) == 60
+
+    spawn = multiprocessing.get_context("spawn")
+    queue: Queue[Answer] = spawn.Queue()
+    answers: list[Answer] = []
+
+    def collect() -> list[Answer]:
+        while True:
+            try:
+                answers.append(queue.get_nowait())
+            except Empty:
+                return answers
+
+    quiet = api.viewer()  # another organization's dashboard, on a warm connection
+    probe = api.client()
+    listing = f"/v1/organizations/{QUIET}/webhooks"
+    assert len(quiet.get(listing).json()["data"]) == 3
+    assert probe.get("/healthz").status_code == 200
+    timings: list[tuple[str, float]] = []
+
+    def measure_round() -> None:
+        r, took = timed(lambda: quiet.get(listing))
+        assert r.status_code == 200 and len(r.json()["data"]) == 3, r.text
+        timings.append(("list", took))
+        h, took = timed(lambda: probe.get("/healthz"))
+        assert h.status_code == 200 and h.text == "ok\n"
+        timings.append(("healthz", took))
+
+    def settled() -> bool:
+        # Every send beyond the bounds answered, the admitted ones hanging at the endpoint.
+        return len(collect()) >= 60 - IN_ALL and len(receiver.requests_to("/hang")) >= IN_ALL
+
+    sends = spawn.Process(target=send_all, args=(api.url, api.admin_key, targets, queue))
+    sends.start()
+    wait_until(lambda: sends.pid is not None, 10, "the sending process")
+    deadline = time.monotonic() + TIMEOUT_S
+    # While the 60 arrive, then while the admitted ones hang.
+    while not settled() and time.monotonic() < deadline:
+        measure_round()
+    for _ in range(20):
+        measure_round()
+    early = list(collect())
+    assert len(early) == 60 - IN_ALL, "the sends were not all answered or hanging in time"
+    assert all(a.status == 429 for a in early), [(a.status, a.body) for a in early]
+    assert len(receiver.requests_to("/hang")) == IN_ALL
+
+    # Beyond the bounds, while those hang: an organization at its own bound is told
+    # so, and one with nothing in flight is refused by the bound in all.
+    in_flight = {org: SENDS_EACH - sum(a.org == org for a in early) for org in SENDERS}
+    assert sum(in_flight.values()) == IN_ALL and max(in_flight.values()) <= PER_ORGANIZATION
+    full = next(org for org, n in in_flight.items() if n == PER_ORGANIZATION)
+    with api.admin() as more:
+        own = more.post(send_path(full, hooks[full]))
+        assert own.status_code == 429, own.text
+        assert own.headers["retry-after"] == str(TIMEOUT_S)
+        assert f"already has {PER_ORGANIZATION} test sends in flight" in own.json()["detail"]
+        other = more.post(send_path(QUIET, quiet_hooks[0]))
+        assert other.status_code == 429, other.text
+        assert other.headers["content-type"] == PROBLEM
+        assert other.headers["retry-after"] == str(TIMEOUT_S)
+        assert other.json()["type"].endswith("/too-many-test-sends")
+        assert f"{IN_ALL} test sends are in flight" in other.json()["detail"]
+    assert len(collect()) == 60 - IN_ALL, "the admitted sends ended before the checks"
+    assert receiver.requests_to("/quiet0") == []
+
+    wait_until(lambda: len(collect()) == 60, TIMEOUT_S + 30, "every test send to be answered")
+    sends.join(10)
+    assert sends.exitcode == 0
+
+    # Reads and probes answered in < 100 ms each, all along.
+    assert len(timings) >= 40
+    slow = [(what, round(took * 1000, 1)) for what, took in timings if took >= ANSWER_S]
+    assert not slow, f"answers of 100 ms or more: {slow}"
+    for kind in ("list", "healthz"):
+        worst = max(took for what, took in timings if what == kind)
+        print(f"{kind}: {sum(w == kind for w, _ in timings)} calls, max {worst * 1000:.1f} ms")
+    print([(i, w, round(t * 1000, 1)) for i, (w, t) in enumerate(timings) if t > 0.02])
+
+    refused = [a for a in answers if a.status == 429]
+    admitted = [a for a in answers if a.status == 200]
+    assert len(refused) == 60 - IN_ALL and len(admitted) == IN_ALL
+    for a in refused:
+        assert a.headers["content-type"] == PROBLEM
+        assert a.headers["retry-after"] == str(TIMEOUT_S)
+        assert a.body["type"] == "https://docs.bullseye.example/problems/too-many-test-sends"
+        assert a.body["status"] == 429
+        assert a.elapsed_s < TIMEOUT_S  # refused at once, not queued for a slot
+
+    # Each admitted send ended at the timeout, with a clear result.
+    for a in admitted:
+        assert a.body["ok"] is False and a.body["status_code"] is None
+        assert a.body["error_class"] == "timeout"
+        assert a.body["reason"] == (
+            f"the endpoint did not answer in time: no answer within {TIMEOUT_S} s"
+        )
+        # The loop's clock and perf_counter differ by a fraction of a millisecond.
+        assert (
+            (TIMEOUT_S - 0.01) * 1000 <= float(str(a.body["duration_ms"])) < (TIMEOUT_S + 2) * 1000
+        )
+        assert a.elapsed_s >= TIMEOUT_S
+    for sent in receiver.requests_to("/hang"):
+        assert sent.header("x-bullseye-test") == "true"
+
+    # The slots are free again: the next test send goes out and is answered.
+    with api.admin() as http:
+        ok = http.post(send_path(QUIET, quiet_hooks[1]))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["ok"] is True and ok.json()["status_code"] == 200
+    assert len(receiver.requests_to("/quiet1")) == 1
