@@ -4,12 +4,15 @@ never in the way of another organization's reads or of the probes."""
 
 from __future__ import annotations
 
-import asyncio
+import http.client
+import json
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import Queue
+from multiprocessing.synchronize import Event as EventType
 from queue import Empty
 
 import httpx
@@ -49,29 +52,38 @@ def send_path(org: str, webhook_id: str) -> str:
     return f"/v1/organizations/{org}/webhooks/{webhook_id}/test"
 
 
-def send_all(url: str, key: str, targets: list[tuple[str, str]], out: Queue[Answer]) -> None:
+def send_all(
+    port: int, key: str, targets: list[tuple[str, str]], out: Queue[Answer | None], go: EventType
+) -> None:
     """Every test send at once, each on a connection of its own; answers put as they come.
 
-    Run in a process of its own: in the test's process, 60 clients would compete for
-    the interpreter with the calls being measured.
+    Run in a process of its own, connected beforehand, with a thread per send that
+    only writes a request and reads its answer: the senders' own work must not
+    compete with the calls being measured. Puts ``None`` once connected, and sends
+    when ``go`` is set.
     """
 
-    async def main() -> None:
-        limits = httpx.Limits(max_connections=len(targets), max_keepalive_connections=0)
-        headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=60, limits=limits
-        ) as http:
+    def one(conn: http.client.HTTPConnection, org: str, webhook_id: str) -> None:
+        go.wait(60)
+        started = time.perf_counter()
+        conn.request("POST", send_path(org, webhook_id), headers={"Authorization": key})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        took = time.perf_counter() - started
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        out.put(Answer(org, response.status, headers, body, took))
+        conn.close()
 
-            async def one(org: str, webhook_id: str) -> None:
-                started = time.perf_counter()
-                r = await http.post(send_path(org, webhook_id))
-                took = time.perf_counter() - started
-                out.put(Answer(org, r.status_code, dict(r.headers), r.json(), took))
-
-            await asyncio.gather(*(one(org, wh) for org, wh in targets))
-
-    asyncio.run(main())
+    threads = []
+    for org, webhook_id in targets:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.connect()
+        threads.append(threading.Thread(target=one, args=(conn, org, webhook_id)))
+    for thread in threads:
+        thread.start()
+    out.put(None)
+    for thread in threads:
+        thread.join()
 
 
 def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
@@ -99,15 +111,18 @@ def test_hanging_test_sends_are_bounded_and_never_slow_others(
     assert len(targets) == 60
 
     spawn = multiprocessing.get_context("spawn")
-    queue: Queue[Answer] = spawn.Queue()
+    queue: Queue[Answer | None] = spawn.Queue()
+    go = spawn.Event()
     answers: list[Answer] = []
 
     def collect() -> list[Answer]:
         while True:
             try:
-                answers.append(queue.get_nowait())
+                answer = queue.get_nowait()
             except Empty:
                 return answers
+            if answer is not None:
+                answers.append(answer)
 
     quiet = api.viewer()  # another organization's dashboard, on a warm connection
     probe = api.client()
@@ -128,9 +143,11 @@ def test_hanging_test_sends_are_bounded_and_never_slow_others(
         # Every send beyond the bounds answered, the admitted ones hanging at the endpoint.
         return len(collect()) >= 60 - IN_ALL and len(receiver.requests_to("/hang")) >= IN_ALL
 
-    sends = spawn.Process(target=send_all, args=(api.url, api.admin_key, targets, queue))
+    bearer = f"Bearer {api.admin_key}"
+    sends = spawn.Process(target=send_all, args=(api.port, bearer, targets, queue, go))
     sends.start()
-    wait_until(lambda: sends.pid is not None, 10, "the sending process")
+    assert queue.get(timeout=60) is None  # connected: its start-up is not in the measures
+    go.set()
     deadline = time.monotonic() + TIMEOUT_S
     # While the 60 arrive, then while the admitted ones hang.
     while not settled() and time.monotonic() < deadline:
