@@ -146,50 +146,55 @@ def test_hanging_test_sends_are_bounded_and_never_slow_others(
     bearer = f"Bearer {api.admin_key}"
     sends = spawn.Process(target=send_all, args=(api.port, bearer, targets, queue, go))
     sends.start()
-    assert queue.get(timeout=60) is None  # connected: its start-up is not in the measures
-    go.set()
-    deadline = time.monotonic() + TIMEOUT_S
-    # While the 60 arrive, then while the admitted ones hang.
-    while not settled() and time.monotonic() < deadline:
-        measure_round()
-    for _ in range(20):
-        measure_round()
-    early = list(collect())
-    assert len(early) == 60 - IN_ALL, "the sends were not all answered or hanging in time"
-    assert all(a.status == 429 for a in early), [(a.status, a.body) for a in early]
-    assert len(receiver.requests_to("/hang")) == IN_ALL
+    try:
+        assert queue.get(timeout=60) is None  # connected: its start-up is not in the measures
+        go.set()
+        deadline = time.monotonic() + TIMEOUT_S
+        # While the 60 arrive, then while the admitted ones hang.
+        while not settled() and time.monotonic() < deadline:
+            measure_round()
+        during_burst = len(timings)
+        for _ in range(20):
+            measure_round()
+        early = list(collect())
+        assert len(early) == 60 - IN_ALL, "the sends were not all answered or hanging in time"
+        assert all(a.status == 429 for a in early), [(a.status, a.body) for a in early]
+        assert len(receiver.requests_to("/hang")) == IN_ALL
 
-    # Beyond the bounds, while those hang: an organization at its own bound is told
-    # so, and one with nothing in flight is refused by the bound in all.
-    in_flight = {org: SENDS_EACH - sum(a.org == org for a in early) for org in SENDERS}
-    assert sum(in_flight.values()) == IN_ALL and max(in_flight.values()) <= PER_ORGANIZATION
-    full = next(org for org, n in in_flight.items() if n == PER_ORGANIZATION)
-    with api.admin() as more:
-        own = more.post(send_path(full, hooks[full]))
-        assert own.status_code == 429, own.text
-        assert own.headers["retry-after"] == str(TIMEOUT_S)
-        assert f"already has {PER_ORGANIZATION} test sends in flight" in own.json()["detail"]
-        other = more.post(send_path(QUIET, quiet_hooks[0]))
-        assert other.status_code == 429, other.text
-        assert other.headers["content-type"] == PROBLEM
-        assert other.headers["retry-after"] == str(TIMEOUT_S)
-        assert other.json()["type"].endswith("/too-many-test-sends")
-        assert f"{IN_ALL} test sends are in flight" in other.json()["detail"]
-    assert len(collect()) == 60 - IN_ALL, "the admitted sends ended before the checks"
-    assert receiver.requests_to("/quiet0") == []
+        # Beyond the bounds, while those hang: an organization at its own bound is told
+        # so, and one with nothing in flight is refused by the bound in all.
+        in_flight = {org: SENDS_EACH - sum(a.org == org for a in early) for org in SENDERS}
+        assert sum(in_flight.values()) == IN_ALL and max(in_flight.values()) <= PER_ORGANIZATION
+        full = next(org for org, n in in_flight.items() if n == PER_ORGANIZATION)
+        with api.admin() as more:
+            own = more.post(send_path(full, hooks[full]))
+            assert own.status_code == 429, own.text
+            assert own.headers["retry-after"] == str(TIMEOUT_S)
+            assert f"already has {PER_ORGANIZATION} test sends in flight" in own.json()["detail"]
+            other = more.post(send_path(QUIET, quiet_hooks[0]))
+            assert other.status_code == 429, other.text
+            assert other.headers["content-type"] == PROBLEM
+            assert other.headers["retry-after"] == str(TIMEOUT_S)
+            assert other.json()["type"].endswith("/too-many-test-sends")
+            assert f"{IN_ALL} test sends are in flight" in other.json()["detail"]
+        assert len(collect()) == 60 - IN_ALL, "the admitted sends ended before the checks"
+        assert receiver.requests_to("/quiet0") == []
 
-    wait_until(lambda: len(collect()) == 60, TIMEOUT_S + 30, "every test send to be answered")
-    sends.join(10)
-    assert sends.exitcode == 0
+        wait_until(lambda: len(collect()) == 60, TIMEOUT_S + 30, "every test send to be answered")
+        sends.join(10)
+        assert sends.exitcode == 0
+    finally:
+        if sends.is_alive():  # a failed check: its sends would wait up to a minute
+            sends.terminate()
 
     # Reads and probes answered in < 100 ms each, all along.
     assert len(timings) >= 40
-    slow = [(what, round(took * 1000, 1)) for what, took in timings if took >= ANSWER_S]
-    assert not slow, f"answers of 100 ms or more: {slow}"
+    slow = [(i, what, round(took * 1000, 1)) for i, (what, took) in enumerate(timings)]
+    slow = [call for call in slow if call[2] >= ANSWER_S * 1000]
+    assert not slow, f"answers of 100 ms or more (#, what, ms): {slow}; {during_burst} in the burst"
     for kind in ("list", "healthz"):
         worst = max(took for what, took in timings if what == kind)
         print(f"{kind}: {sum(w == kind for w, _ in timings)} calls, max {worst * 1000:.1f} ms")
-    print([(i, w, round(t * 1000, 1)) for i, (w, t) in enumerate(timings) if t > 0.02])
 
     refused = [a for a in answers if a.status == 429]
     admitted = [a for a in answers if a.status == 200]
