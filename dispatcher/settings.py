@@ -279,6 +279,25 @@ class Settings(BaseSettings):
     api_write_timeout_s: float = Field(
         15.0, gt=0, le=300, description="How long an API write waits to be read back."
     )
+    api_test_send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Timeout of an API test send (`POST .../webhooks/{id}/test`), in seconds.",
+    )
+    api_test_sends_per_organization: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="API test sends one organization may have in flight; more are a 429.",
+    )
+    api_test_sends_max: int = Field(
+        50,
+        ge=1,
+        le=10_000,
+        description="API test sends in flight in one API process, all organizations; "
+        "more are a 429.",
+    )
     api_idempotency_ttl_s: int = Field(
         86_400, ge=60, description="How long an `Idempotency-Key` answer is replayed."
     )

@@ -8,13 +8,14 @@ no data); everything under ``/v1`` does.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
@@ -26,7 +27,8 @@ from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
 from dispatcher.api.history import HistoryIndex, HistoryReader
 from dispatcher.api.idempotency import IdempotencyCache
-from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody
+from dispatcher.api.problems import PROBLEM, Problem
+from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import load_catalog
 from dispatcher.core.health import Health
@@ -49,12 +51,8 @@ API_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
-_PROBLEM = {
-    "model": ProblemBody,
-    "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
-}
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {**_PROBLEM, "description": text}
+    code: {**PROBLEM, "description": text}
     for code, text in {
         401: "No valid API key",
         403: "The key may only read",
@@ -112,11 +110,48 @@ class BodyLimit:
         await problems.respond(problem, scope.get("path"))(scope, receive, send)
 
 
+class Measure:
+    """Count and time every request by route template, status code and method.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs each request
+    through a task group and memory streams, several trips through the event loop
+    per request, and each trip puts a request behind every other one in a burst.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless an answer starts: what the server sends for an escaped error
+
+        async def noting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting)
+        finally:
+            # The router writes the matched route into this same scope.
+            template = getattr(scope.get("route"), "path", "unmatched")
+            API_REQUESTS.labels(template, scope["method"], str(status)).inc()
+            API_LATENCY.labels(template).observe(time.perf_counter() - started)
+
+
 def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     """The application over ``ctx``; its Kafka readers start with the server."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # What start-up made (modules, models, the app) lives as long as the process:
+        # kept out of the collector's full passes, which would otherwise walk all of it
+        # on the event loop, in the middle of someone's request.
+        gc.freeze()
         beat = asyncio.create_task(_heartbeat(health))
         sweep = asyncio.create_task(_forget_deleted(ctx))
         starting = asyncio.create_task(_start_readers(ctx)) if start_readers else None
@@ -125,10 +160,12 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         finally:
             beat.cancel()
             sweep.cancel()
+            await ctx.sample_sends.close()
             if starting is not None:
                 starting.cancel()
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
+            ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="Bullseye webhooks API",
@@ -147,38 +184,32 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     app.state.health = health
     app.state.ctx = ctx
     app.state.keys = ctx.keys
-    app.state.docs_page = None
     problems.install(app)
     app.include_router(webhooks.router)
     app.include_router(deliveries.router)
 
+    # The probes answer from memory, on the event loop: no thread pool, no Kafka.
+    # Liveness is the loop's heartbeat; readiness, the readers' state as they left it.
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> PlainTextResponse:
+    async def healthz() -> PlainTextResponse:
         ok, why = health.alive()
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
 
     @app.get("/readyz", include_in_schema=False)
-    def readyz() -> PlainTextResponse:
+    async def readyz() -> PlainTextResponse:
         ok, why = health.ready()
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        if app.state.docs_page is None:  # rendered once: the document never changes
-            app.state.docs_page = docs_page.render(app.openapi())
+    async def docs() -> HTMLResponse:
         return HTMLResponse(app.state.docs_page)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        API_REQUESTS.labels(template, request.method, str(response.status_code)).inc()
-        API_LATENCY.labels(template).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(Measure)
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.api_max_body_bytes)
+    # The document (FastAPI keeps it once built) and the page, built now: the first
+    # /openapi.json or /docs would otherwise spend most of a second of CPU on the
+    # event loop, in front of every other request. They never change.
+    app.state.docs_page = docs_page.render(app.openapi())
     return app
 
 
@@ -210,6 +241,7 @@ def build_context(settings: Settings) -> ApiContext:
         keys=KeyRing(load_keys(settings)),
         catalog=load_catalog(settings),
         idempotency=IdempotencyCache(settings.api_idempotency_ttl_s),
+        sample_sends=SampleSends(settings),
     )
 
 

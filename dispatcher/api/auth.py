@@ -126,8 +126,7 @@ def _unauthorized() -> Problem:
     )
 
 
-def reader(request: Request) -> Caller:
-    """Dependency: any valid key."""
+def _caller(request: Request) -> Caller:
     ring: KeyRing = request.app.state.keys
     caller = ring.identify(request.headers.get("authorization"))
     if caller is None:
@@ -135,9 +134,16 @@ def reader(request: Request) -> Caller:
     return caller
 
 
-def writer(request: Request) -> Caller:
+# The dependencies are ``async`` (they only hash and compare in memory): FastAPI
+# would run plain functions on its thread pool.
+async def reader(request: Request) -> Caller:
+    """Dependency: any valid key."""
+    return _caller(request)
+
+
+async def writer(request: Request) -> Caller:
     """Dependency: a read-write key."""
-    caller = reader(request)
+    caller = _caller(request)
     if not caller.can_write:
         raise Problem(403, "forbidden", "Forbidden", "this API key may only read")
     return caller

@@ -1,8 +1,21 @@
-"""What every route needs: settings, the Kafka-backed state, keys, the catalog."""
+"""What every route needs: settings, the Kafka-backed state, keys, the catalog.
+
+Routes are ``async``: reads answer from memory on the event loop, and so do
+``/healthz`` and ``/readyz``. What blocks (a write produced and read back, a
+history record fetched by position, the DNS lookups of the address guard) runs
+through :meth:`ApiContext.blocking`, on threads of the API's own, so it never
+holds the event loop nor queues in front of a read or a probe.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from fastapi import Request
 
@@ -10,9 +23,22 @@ from dispatcher.api.auth import KeyRing
 from dispatcher.api.history import HistoryIndex, HistoryReader
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import Problem
+from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import EventType
 from dispatcher.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Threads for blocking work. Writes wait for Kafka (up to DISPATCHER_API_WRITE_TIMEOUT_S
+#: each when it is slow), so a handful of threads is enough for a dashboard's writes;
+#: more requests wait their turn here, never in front of a read.
+BLOCKING_THREADS = 16
+
+
+def _blocking_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="api-blocking")
 
 
 @dataclass(slots=True)
@@ -24,6 +50,9 @@ class ApiContext:
     keys: KeyRing
     catalog: list[EventType]
     idempotency: IdempotencyCache
+    sample_sends: SampleSends
+    #: Where blocking work runs (see :meth:`blocking`).
+    pool: ThreadPoolExecutor = field(default_factory=_blocking_pool)
     #: Why the readers have not started (a missing topic, no broker), or None.
     waiting_for: str | None = "starting"
 
@@ -37,8 +66,13 @@ class ApiContext:
                 return False, f"{name} not caught up yet"
         return True, "ok"
 
+    async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` on the API's blocking threads; the loop stays free."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
 
-def context(request: Request) -> ApiContext:
+
+async def context(request: Request) -> ApiContext:
     """Dependency: the context, once the state has caught up (503 before)."""
     ctx: ApiContext = request.app.state.ctx
     ok, why = ctx.ready()

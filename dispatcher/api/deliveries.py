@@ -1,9 +1,10 @@
 """Routes: a webhook's deliveries, one delivery with its attempts, resend, and a summary.
 
-Lists come from the in-memory history index; one delivery's attempt details
-(headers as sent, snippets) and its body are read back from the attempts topic
-by position. Resend puts the same delivery (id and body) on the first retry
-stage, due now, with a fresh attempt budget, and records who asked.
+Lists come from the in-memory history index, on the event loop; one delivery's
+attempt details (headers as sent, snippets) and its body are read back from the
+attempts topic by position, on the API's blocking threads. Resend puts the same
+delivery (id and body) on the first retry stage, due now, with a fresh attempt
+budget, and records who asked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from dispatcher.api.auth import audit
+from dispatcher.api.auth import Caller, audit
+from dispatcher.api.context import ApiContext
 from dispatcher.api.history import DeliveryEntry, from_ms, to_ms
 from dispatcher.api.models import (
     AttemptDetail,
@@ -73,7 +75,7 @@ def _seq(cursor: str) -> int:
 
 
 @router.get(BASE + "/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage)
-def list_deliveries(
+async def list_deliveries(
     org: Org,
     webhook_id: WebhookId,
     ctx: Ctx,
@@ -110,10 +112,15 @@ def _ms(value: datetime, path: str) -> int:
 
 
 @router.get(BASE + "/webhooks/{webhook_id}/deliveries/{delivery_id}", response_model=DeliveryDetail)
-def get_delivery(
+async def get_delivery(
     org: Org, webhook_id: WebhookId, delivery_id: DeliveryId, ctx: Ctx, _: Reader
 ) -> DeliveryDetail:
     """One delivery: every attempt with the request headers as sent, and the body."""
+    # Its records are fetched from Kafka by position: blocking work.
+    return await ctx.blocking(_get_delivery, org, webhook_id, delivery_id, ctx)
+
+
+def _get_delivery(org: str, webhook_id: str, delivery_id: str, ctx: ApiContext) -> DeliveryDetail:
     owned(ctx, org, webhook_id)
     entry = ctx.index.delivery(webhook_id, delivery_id)
     if entry is None:
@@ -155,10 +162,16 @@ def get_delivery(
     status_code=202,
     response_model=Resent,
 )
-def resend_delivery(
+async def resend_delivery(
     org: Org, webhook_id: WebhookId, delivery_id: DeliveryId, ctx: Ctx, caller: Writer
 ) -> Resent:
     """Send this delivery again now: same id and body, a fresh attempt budget."""
+    return await ctx.blocking(_resend_delivery, org, webhook_id, delivery_id, ctx, caller)
+
+
+def _resend_delivery(
+    org: str, webhook_id: str, delivery_id: str, ctx: ApiContext, caller: Caller
+) -> Resent:
     sub = owned(ctx, org, webhook_id)
     if not sub.enabled or sub.plan not in ctx.settings.entitled_plans:
         why = "disabled" if not sub.enabled else "on a plan without webhooks"
@@ -215,7 +228,7 @@ def resend_delivery(
 
 
 @router.get(BASE + "/webhooks/{webhook_id}/summary", response_model=WebhookSummary)
-def webhook_summary(org: Org, webhook_id: WebhookId, ctx: Ctx, _: Reader) -> WebhookSummary:
+async def webhook_summary(org: Org, webhook_id: WebhookId, ctx: Ctx, _: Reader) -> WebhookSummary:
     """Successes and failures in the last 24 h, latency percentiles, the last error."""
     owned(ctx, org, webhook_id)
     data = ctx.index.summary(webhook_id, int(datetime.now(UTC).timestamp() * 1000))

@@ -42,6 +42,13 @@ class ProblemBody(BaseModel):
     errors: list[FieldError] | None = None
 
 
+#: An OpenAPI answer whose body is a problem document (add its ``description``).
+PROBLEM: dict[str, Any] = {
+    "model": ProblemBody,
+    "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
+}
+
+
 class Problem(Exception):
     """An error answer; ``kind`` is the last part of its ``type`` URI."""
 

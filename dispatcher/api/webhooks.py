@@ -3,8 +3,10 @@
 Every write is validated by the same functions as ``dispatcher subscriptions``
 (:mod:`dispatcher.commands.subscriptions`: model, HTTPS, SSRF guard, secret, plan), then
 written to the compacted topic and read back before the answer (read-your-writes).
-Handlers are plain ``def``: they block on Kafka and DNS, so FastAPI runs them in
-its thread pool.
+Handlers are ``async``: reads and test sends run on the event loop (reads answer
+from memory), and the writes, which block on Kafka and DNS, run on the API's
+blocking threads (:meth:`ApiContext.blocking`), never on the loop nor on a pool
+shared with the reads and the probes.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ from dispatcher.api.models import (
     WebhookList,
     WebhookPatch,
 )
-from dispatcher.api.problems import Problem, field_problem, not_found
+from dispatcher.api.problems import PROBLEM, Problem, field_problem, not_found
 from dispatcher.api.store import OrganizationRecord
 from dispatcher.commands import subscriptions as subs
-from dispatcher.commands.sendtest import send_test
 from dispatcher.errors import SubscriptionError
 from dispatcher.models import IDENTIFIER, Subscription
 
@@ -84,7 +85,7 @@ def _build(ctx: ApiContext, secret: str | None = None, **fields: Any) -> subs.Ch
 
 
 @router.get(BASE + "/webhooks", response_model=WebhookList, tags=["webhooks"])
-def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
+async def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
     """The organization's webhooks, oldest first (secrets never shown)."""
     return WebhookList(data=[view(ctx, s) for s in ctx.store.for_organization(org)])
 
@@ -104,7 +105,7 @@ def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
         }
     },
 )
-def create_webhook(
+async def create_webhook(
     org: Org,
     body: WebhookCreate,
     response: Response,
@@ -117,6 +118,17 @@ def create_webhook(
     With an ``Idempotency-Key``, a retried request returns the first answer and
     creates nothing more.
     """
+    return await ctx.blocking(_create_webhook, org, body, response, ctx, caller, idempotency_key)
+
+
+def _create_webhook(
+    org: str,
+    body: WebhookCreate,
+    response: Response,
+    ctx: ApiContext,
+    caller: Caller,
+    idempotency_key: str | None,
+) -> Webhook | dict[str, Any]:
     plan = ctx.store.plan_of(org)
     if plan is None:
         raise Problem(
@@ -174,15 +186,21 @@ def _create(
 
 
 @router.get(BASE + "/webhooks/{webhook_id}", response_model=Webhook, tags=["webhooks"])
-def get_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, _: Reader) -> Webhook:
+async def get_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, _: Reader) -> Webhook:
     return view(ctx, owned(ctx, org, webhook_id))
 
 
 @router.patch(BASE + "/webhooks/{webhook_id}", response_model=Webhook, tags=["webhooks"])
-def update_webhook(
+async def update_webhook(
     org: Org, webhook_id: WebhookId, body: WebhookPatch, ctx: Ctx, caller: Writer
 ) -> Webhook:
     """Change some fields; a new URL or events are validated as on create."""
+    return await ctx.blocking(_update_webhook, org, webhook_id, body, ctx, caller)
+
+
+def _update_webhook(
+    org: str, webhook_id: str, body: WebhookPatch, ctx: ApiContext, caller: Caller
+) -> Webhook:
     sub = owned(ctx, org, webhook_id)
     change = _build(
         ctx,
@@ -201,9 +219,9 @@ def update_webhook(
 
 
 @router.delete(BASE + "/webhooks/{webhook_id}", status_code=204, tags=["webhooks"])
-def delete_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Response:
+async def delete_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Response:
     owned(ctx, org, webhook_id)
-    ctx.store.delete_subscription(webhook_id)
+    await ctx.blocking(ctx.store.delete_subscription, webhook_id)
     audit(caller, "webhook.delete", org, webhook_id)
     return Response(status_code=204)
 
@@ -220,19 +238,19 @@ def _set_enabled(ctx: ApiContext, org: str, webhook_id: str, caller: Caller, on:
 
 
 @router.post(BASE + "/webhooks/{webhook_id}/enable", response_model=Webhook, tags=["webhooks"])
-def enable_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Webhook:
-    return _set_enabled(ctx, org, webhook_id, caller, True)
+async def enable_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Webhook:
+    return await ctx.blocking(_set_enabled, ctx, org, webhook_id, caller, True)
 
 
 @router.post(BASE + "/webhooks/{webhook_id}/disable", response_model=Webhook, tags=["webhooks"])
-def disable_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Webhook:
-    return _set_enabled(ctx, org, webhook_id, caller, False)
+async def disable_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Webhook:
+    return await ctx.blocking(_set_enabled, ctx, org, webhook_id, caller, False)
 
 
 @router.post(
     BASE + "/webhooks/{webhook_id}/rotate-secret", response_model=Webhook, tags=["webhooks"]
 )
-def rotate_secret(
+async def rotate_secret(
     org: Org,
     webhook_id: WebhookId,
     ctx: Ctx,
@@ -241,6 +259,12 @@ def rotate_secret(
 ) -> Webhook:
     """A new secret; the old one keeps signing for the grace period. A generated one is shown
     in this answer only."""
+    return await ctx.blocking(_rotate_secret, org, webhook_id, ctx, caller, body)
+
+
+def _rotate_secret(
+    org: str, webhook_id: str, ctx: ApiContext, caller: Caller, body: RotateRequest | None
+) -> Webhook:
     sub = owned(ctx, org, webhook_id)
     try:
         change = subs.rotate(ctx.settings, sub, body.secret if body else None)
@@ -251,19 +275,47 @@ def rotate_secret(
     return view(ctx, change.sub, change.new_secret)
 
 
-@router.post(BASE + "/webhooks/{webhook_id}/test", response_model=TestResult, tags=["webhooks"])
-def test_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> TestResult:
-    """POST a sample event (marked ``X-Bullseye-Test: true``) now; the endpoint's answer."""
+@router.post(
+    BASE + "/webhooks/{webhook_id}/test",
+    response_model=TestResult,
+    tags=["webhooks"],
+    responses={
+        429: {
+            **PROBLEM,
+            "description": "Too many test sends in flight, for the organization or in all"
+            " (header Retry-After: seconds)",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds after which a slot is free at the latest",
+                    "schema": {"type": "integer"},
+                }
+            },
+        }
+    },
+)
+async def test_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> TestResult:
+    """POST a sample event (marked ``X-Bullseye-Test: true``) now; the endpoint's answer.
+
+    The send ends within the test-send timeout: an endpoint that does not answer by
+    then is reported as a timeout (``ok: false``, ``error_class: timeout``). An
+    organization has a bounded number of test sends in flight, and so has the API.
+    """
     sub = owned(ctx, org, webhook_id)
-    audit(caller, "webhook.test", org, webhook_id)
-    return TestResult.model_validate(send_test(ctx.settings, sub).as_dict())
+    report = await ctx.sample_sends.send(
+        sub, started=lambda: audit(caller, "webhook.test", org, webhook_id)
+    )
+    return TestResult.model_validate(report.as_dict())
 
 
 @router.put(BASE + "/plan", response_model=Plan, tags=["organizations"])
-def put_plan(org: Org, body: PlanRequest, ctx: Ctx, caller: Writer) -> Plan:
+async def put_plan(org: Org, body: PlanRequest, ctx: Ctx, caller: Writer) -> Plan:
     """Set the organization's plan; below an entitled plan (Scale) deliveries stop at once,
     an upgrade resumes them. The plan is written into each of its webhooks, where the
     dispatcher checks it."""
+    return await ctx.blocking(_put_plan, org, body, ctx, caller)
+
+
+def _put_plan(org: str, body: PlanRequest, ctx: ApiContext, caller: Caller) -> Plan:
     plan = body.plan.strip().lower()
     if plan not in ctx.settings.known_plans:
         raise field_problem(
@@ -288,7 +340,7 @@ def put_plan(org: Org, body: PlanRequest, ctx: Ctx, caller: Writer) -> Plan:
 
 
 @router.get("/v1/event-types", response_model=EventTypeList, tags=["event types"])
-def event_types(ctx: Ctx, _: Reader) -> EventTypeList:
+async def event_types(ctx: Ctx, _: Reader) -> EventTypeList:
     """The events a webhook can subscribe to, each with its JSON Schema."""
     return EventTypeList(
         data=[EventTypeOut.model_validate(e.model_dump(by_alias=True)) for e in ctx.catalog]

@@ -23,7 +23,7 @@ from typing import Any, Final
 from dispatcher.core.fanout import SKIP_REASONS, CallPolicy
 from dispatcher.models import Subscription, format_timestamp, parse_event
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
-from dispatcher.outbound.transport import build_http_client
+from dispatcher.outbound.transport import DeliveryClient, build_http_client
 from dispatcher.settings import Settings
 
 #: How much of the endpoint's answer is shown to the operator.
@@ -120,19 +120,32 @@ def sample_body(organization_id: str, now: datetime) -> bytes:
 
 
 def send_test(settings: Settings, sub: Subscription, now: datetime | None = None) -> SendTestReport:
-    """POST the sample to ``sub``'s endpoint once; never raises for what the endpoint does."""
+    """POST the sample to ``sub``'s endpoint once; never raises for what the endpoint does.
+
+    For the command line: a client of its own, for this one send. The API sends
+    through :func:`send_test_with` on its event loop, with a shared client.
+    """
+    return asyncio.run(_send_once(settings, sub, now))
+
+
+async def send_test_with(
+    client: DeliveryClient,
+    settings: Settings,
+    sub: Subscription,
+    timeout_s: float,
+    now: datetime | None = None,
+) -> SendTestReport:
+    """POST the sample through ``client``, the whole exchange bounded by ``timeout_s``."""
     now = now or datetime.now(UTC)
     body = sample_body(sub.organization_id, now)
     delivery_id = f"test_{uuid.uuid4().hex}"
     headers = build_headers(delivery_id, 1, body, sub.active_secrets(now), test=True)
-    result = asyncio.run(_send(settings, sub.url, body, headers))
+    result = await post(client, sub.url, body, headers, timeout_s, RESPONSE_SHOWN_BYTES)
     refusal = CallPolicy.of(settings).refusal(sub)
     not_called = None if refusal is None else SKIP_REASONS[refusal]
     return SendTestReport(delivery_id, sub.url, result, not_called)
 
 
-async def _send(
-    settings: Settings, url: str, body: bytes, headers: dict[str, str]
-) -> AttemptResult:
+async def _send_once(settings: Settings, sub: Subscription, now: datetime | None) -> SendTestReport:
     async with build_http_client(settings) as client:
-        return await post(client, url, body, headers, settings.http_timeout_s, RESPONSE_SHOWN_BYTES)
+        return await send_test_with(client, settings, sub, settings.http_timeout_s, now)
