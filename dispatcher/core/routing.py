@@ -59,3 +59,24 @@ def for_deferral(attempts_made: int, stages: Sequence[RetryStage], now_ms: int) 
     """
     stage = stages[min(max(attempts_made - 1, 0), len(stages) - 1)]
     return NextHop(stage, now_ms + stage.delay_s * 1000)
+
+
+def paced_deferral(
+    attempts_made: int, stages: Sequence[RetryStage], now_ms: int, not_before_ms: float
+) -> NextHop:
+    """The hop of a deferral that must not come due before ``not_before_ms``.
+
+    It waits at least as long as :func:`for_deferral` would have it wait, in the
+    first stage from that one on whose delay covers the wait, so that it never
+    comes due after the records written to that stage after it (which would hold
+    them back). Past the longest delay it waits the longest delay.
+    """
+    usual = for_deferral(attempts_made, stages, now_ms)
+    assert usual.stage is not None
+    due = max(usual.due_ms, int(not_before_ms))
+    index = stages.index(usual.stage)
+    for stage in stages[index:]:
+        if now_ms + stage.delay_s * 1000 >= due:
+            return NextHop(stage, due)
+    last = stages[-1]
+    return NextHop(last, now_ms + last.delay_s * 1000)
