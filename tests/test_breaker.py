@@ -74,6 +74,43 @@ def test_random_half_failures_stay_closed() -> None:
     assert b.state is State.CLOSED
 
 
+def test_first_attempts_failing_while_retries_succeed_never_open_it() -> None:
+    """A backlog of first attempts drains after a close: its retries carry the verdict."""
+    clock = Clock()
+    b = opened(clock)
+    clock.now += 31
+    for _ in range(5):
+        answer(b, False, retry=False)
+    for _ in range(5):
+        answer(b, True, retry=True)
+    assert b.state is State.CLOSED
+    # Two hundred first attempts fail before any of their retries is due.
+    for _ in range(200):
+        clock.now += 0.01
+        assert answer(b, False, retry=False) is Permit.GO
+    assert b.state is State.CLOSED
+    for _ in range(200):
+        clock.now += 0.01
+        answer(b, False, retry=False)
+        answer(b, True, retry=True)
+    assert b.state is State.CLOSED
+
+
+def test_failing_retries_open_it() -> None:
+    clock = Clock()
+    b = Breaker(POLICY, clock)
+    for _ in range(3):
+        answer(b, True, retry=True)
+    for _ in range(10):
+        answer(b, False, retry=False)
+    assert b.state is State.CLOSED  # its retries still succeed
+    for _ in range(6):
+        answer(b, False, retry=True)
+    assert b.state is State.CLOSED  # 6 of 9 retries failed: 67 %
+    answer(b, False, retry=True)
+    assert b.state is State.OPEN  # 7 of 10
+
+
 def test_the_ratio_opens_it_once_the_threshold_is_met() -> None:
     clock = Clock()
     b = Breaker(POLICY, clock)
@@ -135,7 +172,7 @@ def test_an_endpoint_refusing_first_attempts_closes_on_its_retries() -> None:
     answer(b, True, retry=True)
     assert b.state is State.CLOSED
     assert answer(b, False) is Permit.GO
-    assert b.window() == (1, 1)  # a fresh window
+    assert b.window() == (11, 6)  # the probes' answers started the window
 
 
 def test_probes_that_can_no_longer_reach_the_close_ratio_reopen_it() -> None:

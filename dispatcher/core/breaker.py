@@ -2,21 +2,25 @@
 
 Closed, the breaker counts answers in a sliding window of ``window_s`` (ten
 buckets). It opens when the window holds at least ``failure_threshold`` failures
-*and* they are at least ``failure_ratio`` of the answers in it. The threshold is
-the minimum sample: a ratio over three answers says little, and a ratio over
-``threshold / ratio`` answers or more is what it takes to open. An endpoint that
-fails one request in two (a flaky one, or one that refuses each delivery's first
-attempt and accepts its retry) stays closed under the default ratio of 0.7; one
-that fails nearly everything opens.
+*and* they are at least ``failure_ratio`` of the answers in it, *and*, if the
+window holds answers to retries (deliveries that failed before), those retries
+failed at that ratio too. The threshold is the minimum sample: a ratio over
+three answers says little. The condition on retries is what keeps a flaky
+endpoint from starving: one that refuses each delivery's first attempt and
+accepts its retry fails half of its requests, and all of them while a backlog of
+first attempts drains, yet it accepts every delivery it has seen before; a dead
+endpoint fails its retries as well, and opens. An endpoint failing one request
+in two at random stays closed under the default ratio of 0.7.
 
 Open, it lets nothing through for ``cooldown_s``. Then it is half-open: up to
-``probes`` requests go through and their answers decide. Retries (deliveries
-that have failed before) are preferred: first attempts may take at most half
-of the probes, so an endpoint that only refuses first attempts is judged on the
-retries it accepts too. It closes once ``close_ratio`` of the probes have
-succeeded, and opens again for another cool-down as soon as that can no longer
-be reached. A half-open circuit whose probes have not all answered after
-another cool-down is judged on the answers it has.
+``probes`` requests go through and their answers decide. Retries are preferred:
+first attempts may take at most half of the probes, so an endpoint that only
+refuses first attempts is judged on the retries it accepts too. It closes once
+``close_ratio`` of the probes have succeeded, and opens again for another
+cool-down as soon as that can no longer be reached. A half-open circuit whose
+probes have not all answered after another cool-down is judged on the answers
+it has. The probes' answers start the closed circuit's window, so what they
+showed is not forgotten the moment it closes.
 
 Answers to requests started before the circuit opened, or while it was open,
 say nothing about the present and are not counted.
@@ -77,6 +81,8 @@ class Breaker:
         "_buckets",
         "_clock",
         "_failures",
+        "_retries",
+        "_retry_failures",
         "_total",
         "first_probes",
         "half_open_since",
@@ -86,42 +92,57 @@ class Breaker:
         "probe_successes",
         "probes_started",
         "state",
+        "verdict",
     )
 
     def __init__(self, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self._clock = clock
         self.state = State.CLOSED
-        #: (bucket start, answers, failures), oldest first.
+        #: (bucket start, answers, failures, retries, failed retries), oldest first.
         self._buckets: deque[list[float]] = deque()
-        self._total = 0
-        self._failures = 0
+        self._total = self._failures = self._retries = self._retry_failures = 0
         self.open_until = 0.0
         self.half_open_since = 0.0
         self.probes_started = 0
         self.first_probes = 0
         self.probe_successes = 0
         self.probe_failures = 0
+        #: Why the state last changed, for the log line an operator reads.
+        self.verdict = ""
 
     # --- the window -------------------------------------------------------
     def _slide(self, now: float) -> None:
         horizon = now - self.policy.window_s
         while self._buckets and self._buckets[0][0] <= horizon:
-            _start, total, failures = self._buckets.popleft()
+            _start, total, failures, retries, retry_failures = self._buckets.popleft()
             self._total -= int(total)
             self._failures -= int(failures)
+            self._retries -= int(retries)
+            self._retry_failures -= int(retry_failures)
 
-    def _count(self, ok: bool, now: float) -> None:
+    def _count(self, ok: bool, retry: bool, now: float) -> None:
         self._slide(now)
         width = self.policy.window_s / BUCKETS
         if not self._buckets or now - self._buckets[-1][0] >= width:
-            self._buckets.append([now, 0, 0])
+            self._buckets.append([now, 0, 0, 0, 0])
         bucket = self._buckets[-1]
+        failed = 0 if ok else 1
         bucket[1] += 1
+        bucket[2] += failed
         self._total += 1
-        if not ok:
-            bucket[2] += 1
-            self._failures += 1
+        self._failures += failed
+        if retry:
+            bucket[3] += 1
+            bucket[4] += failed
+            self._retries += 1
+            self._retry_failures += failed
+
+    def _failing(self) -> bool:
+        p = self.policy
+        if self._failures < p.failure_threshold or self._failures < p.failure_ratio * self._total:
+            return False
+        return self._retry_failures >= p.failure_ratio * self._retries
 
     def window(self) -> tuple[int, int]:
         """(answers, failures) in the window now."""
@@ -130,8 +151,12 @@ class Breaker:
 
     @property
     def clean(self) -> bool:
-        """Closed with no failure in the window: nothing worth remembering."""
-        return self.state is State.CLOSED and self.window()[1] == 0
+        """Closed with an empty window: nothing worth remembering.
+
+        Successes are worth it too: the retries a closed circuit has seen succeed
+        are what keep it closed while first attempts fail.
+        """
+        return self.state is State.CLOSED and self.window()[0] == 0
 
     # --- decisions --------------------------------------------------------
     def permit(self, retry: bool) -> Permit:
@@ -161,13 +186,8 @@ class Breaker:
             self._probe_answered(ok, retry)
         elif permit is Permit.GO and self.state is State.CLOSED and ok is not None:
             now = self._clock()
-            self._count(ok, now)
-            p = self.policy
-            if (
-                not ok
-                and self._failures >= p.failure_threshold
-                and self._failures >= p.failure_ratio * self._total
-            ):
+            self._count(ok, retry, now)
+            if not ok and self._failing():
                 self._open(now)
 
     def _probe_answered(self, ok: bool | None, retry: bool) -> None:
@@ -181,6 +201,7 @@ class Breaker:
             self.probe_successes += 1
         else:
             self.probe_failures += 1
+        self._count(ok, retry, self._clock())
         p = self.policy
         if self.probe_successes >= p.successes_to_close:
             self._close()
@@ -200,12 +221,20 @@ class Breaker:
 
     # --- transitions ------------------------------------------------------
     def _open(self, now: float) -> None:
+        if self.state is State.HALF_OPEN:
+            answered = self.probe_successes + self.probe_failures
+            self.verdict = f"{self.probe_failures} of {answered} probes failed"
+        else:
+            self.verdict = (
+                f"{self._failures} of {self._total} requests in the window failed, "
+                f"{self._retry_failures} of {self._retries} retries"
+            )
         if self.state is State.CLOSED:
             metrics.CIRCUIT_OPEN.inc()
         self.state = State.OPEN
         self.open_until = now + self.policy.cooldown_s
         self._buckets.clear()
-        self._total = self._failures = 0
+        self._total = self._failures = self._retries = self._retry_failures = 0
         metrics.CIRCUIT_TRANSITIONS.labels("open").inc()
 
     def _half_open(self, now: float) -> None:
@@ -216,6 +245,10 @@ class Breaker:
         metrics.CIRCUIT_TRANSITIONS.labels("half_open").inc()
 
     def _close(self) -> None:
+        self.verdict = (
+            f"{self.probe_successes} of {self.probe_successes + self.probe_failures} "
+            "probes succeeded"
+        )
         self.state = State.CLOSED
         metrics.CIRCUIT_OPEN.dec()
         metrics.CIRCUIT_TRANSITIONS.labels("closed").inc()

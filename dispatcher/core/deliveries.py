@@ -12,11 +12,15 @@ An endpoint whose queue is full makes the partitions that feed it wait
 and a delivery deferred for longer than ``deferral_max_age_s`` is dead-lettered
 with reason ``endpoint_unavailable``.
 
-Deferrals of an open circuit are paced: each comes due at least
+A delivery deferred *again* by an open (not half-open) circuit is paced: it comes due at least
 ``1 / circuit_deferrals_per_s`` after the one before it for the same webhook, so
 a dead webhook's backlog is read back at that rate however large it is (up to
 the longest retry delay, past which each record waits that long), instead of
-all of it once per retry delay.
+all of it once per retry delay. A first deferral waits the usual delay: by then
+the circuit has usually been half-open and judged the endpoint, and a flaky one
+gets its backlog at its own pace rather than the pacing's. Nor is a deferral by
+a half-open circuit paced: that state lasts as long as its probes take to
+answer, and what it turns away would otherwise wait behind the whole backlog.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import httpx
 
 from dispatcher import metrics
 from dispatcher.attempts import emit_attempt
-from dispatcher.core.breaker import BreakerPolicy
+from dispatcher.core.breaker import BreakerPolicy, State
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
 from dispatcher.core.producer import ProduceRefused, RecordSink
@@ -163,7 +167,9 @@ class DeliveryRunner:
                 stall_s=s.endpoint_stall_s,
             )
             self.endpoints[key] = ep
+        before = ep.breaker.state
         admission = ep.admit(d, d.retry)
+        self._note_circuit(key, before, ep)
         if admission is Admission.START or admission is Admission.PROBE:
             d.probe = admission is Admission.PROBE
             self._spawn(ticket, self._attempt(ep, d))
@@ -238,7 +244,9 @@ class DeliveryRunner:
 
     def _release(self, ep: Endpoint[Delivery], d: Delivery, ok: bool | None) -> None:
         key = d.sub.webhook_id
+        before = ep.breaker.state
         nxt = ep.release(ok, d.probe, d.retry)
+        self._note_circuit(key, before, ep)
         if nxt is not None and nxt.ticket is not None:
             self._spawn(nxt.ticket, self._attempt(ep, nxt))
         if not ep.closed and ep.queue and not self.stopping:
@@ -246,6 +254,15 @@ class DeliveryRunner:
         self._unblock_if_room(key, ep)
         if ep.idle and ep.breaker.clean:
             self.endpoints.pop(key, None)
+
+    def _note_circuit(self, key: str, before: State, ep: Endpoint[Delivery]) -> None:
+        """One line per change of a circuit's state: rare, and what an operator looks for."""
+        state = ep.breaker.state
+        if state is not before:
+            why = "" if state is State.HALF_OPEN else f": {ep.breaker.verdict}"
+            log.info(
+                "circuit %s (was %s)%s", state.value, before.value, why, extra={"webhook_id": key}
+            )
 
     def _defer_queue(self, ep: Endpoint[Delivery], reason: str) -> None:
         for waiting in ep.drain_queue():
@@ -349,15 +366,19 @@ class DeliveryRunner:
             await self._dead_letter(d, record, ENDPOINT_UNAVAILABLE, now)
             return
         record.deferrals += 1
-        hop = self._deferral_hop(d, reason, ep)
+        hop = self._deferral_hop(d, reason, ep if record.deferrals > 1 else None)
         assert hop.stage is not None
         self.deferrals.note(reason, d)
         await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
 
     def _deferral_hop(self, d: Delivery, reason: str, ep: Endpoint[Delivery] | None) -> NextHop:
-        """Where a deferral waits; an open circuit's come due one per spacing (see above)."""
+        """Where a deferral waits; ``ep`` given, an open circuit's come due one per spacing."""
         now = now_ms()
-        if ep is None or reason != Admission.CIRCUIT_OPEN.value:
+        if (
+            ep is None
+            or reason != Admission.CIRCUIT_OPEN.value
+            or ep.breaker.state is not State.OPEN
+        ):
             return for_deferral(d.attempts_made, self.stages, now)
         hop = paced_deferral(d.attempts_made, self.stages, now, ep.deferral_slot)
         # Past the longest delay the slot stops moving: records then wait that long.
@@ -400,6 +421,9 @@ class DeliveryRunner:
             if ep.stalled and ep.queue and not self.stopping:
                 self._defer_queue(ep, Admission.STALLED.value)
             self._unblock_if_room(key, ep)
+            if ep.idle and ep.breaker.clean:
+                # Its window has slid empty since its last answer.
+                self.endpoints.pop(key, None)
 
     def abandon_queued(self, states: set[PartitionState]) -> None:
         """Drop deliveries still waiting for an endpoint slot on these partitions.
