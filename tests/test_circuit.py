@@ -56,7 +56,7 @@ def metric(proc: DispatcherProcess, name: str, **labels: str) -> float:
     return metric_value(proc.metrics(), name, **labels)
 
 
-@pytest.mark.parametrize("kills", [0, 2])
+@pytest.mark.parametrize("kills", [0, 3])
 def test_an_endpoint_refusing_every_first_attempt_receives_every_delivery(
     ns_factory: Callable[..., Namespace],
     receiver: HttpsReceiver,
@@ -97,10 +97,6 @@ def test_an_endpoint_refusing_every_first_attempt_receives_every_delivery(
     record_property("deliveries", DELIVERIES)
     record_property("seconds_to_deliver_all", round(elapsed, 1))
     print(f"\n{DELIVERIES} deliveries, {kills} kill -9: all accepted in {elapsed:.1f} s")
-    import os
-
-    if os.environ.get("SHOWM"):
-        print([x for x in proc.metrics().splitlines() if "circuit" in x or "deferrals_total" in x])
 
     requests = receiver.requests_to("/first")
     assert len(accepted()) == DELIVERIES
@@ -158,6 +154,9 @@ def test_a_dead_endpoint_costs_a_bounded_number_of_deferrals_per_second(
 ) -> None:
     """An open circuit reads its webhook's backlog back at the stated rate, not all of it
     once per retry delay (before: 300 records a second here, the whole backlog each 1 s).
+
+    The bound is DISPATCHER_CIRCUIT_DEFERRALS_PER_S re-reads a second for a webhook's
+    deliveries already deferred twice; it is measured over 20 s once the backlog got there.
     """
     rate = 20.0
     backlog = 300
@@ -172,8 +171,14 @@ def test_a_dead_endpoint_costs_a_bounded_number_of_deferrals_per_second(
     def deferrals() -> float:
         return metric(proc, "dispatcher_webhook_deferrals_total", webhook_id=sub.webhook_id)
 
-    # Every delivery deferred once (from the input, all at once: that read is not churn).
-    wait_until(lambda: deferrals() >= backlog, SETTLE_S, "the backlog deferred", interval_s=0.5)
+    # Every delivery is deferred once from the input, and once more when it comes back
+    # after the usual delay (these two are not paced); less the few taken as probes.
+    wait_until(
+        lambda: deferrals() >= 2 * backlog - 50,
+        SETTLE_S,
+        "the backlog deferred twice",
+        interval_s=0.2,
+    )
     window_s = 20.0
     before, t0 = deferrals(), time.monotonic()
     wait_until(lambda: time.monotonic() - t0 >= window_s, window_s + 5, "the window")

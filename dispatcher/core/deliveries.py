@@ -12,15 +12,14 @@ An endpoint whose queue is full makes the partitions that feed it wait
 and a delivery deferred for longer than ``deferral_max_age_s`` is dead-lettered
 with reason ``endpoint_unavailable``.
 
-A delivery deferred *again* by an open (not half-open) circuit is paced: it comes due at least
-``1 / circuit_deferrals_per_s`` after the one before it for the same webhook, so
+A delivery deferred *again* by an open or half-open circuit is paced: it comes
+due at least ``1 / circuit_deferrals_per_s`` after the one before it for the
+same webhook, so
 a dead webhook's backlog is read back at that rate however large it is (up to
 the longest retry delay, past which each record waits that long), instead of
 all of it once per retry delay. A first deferral waits the usual delay: by then
 the circuit has usually been half-open and judged the endpoint, and a flaky one
-gets its backlog at its own pace rather than the pacing's. Nor is a deferral by
-a half-open circuit paced: that state lasts as long as its probes take to
-answer, and what it turns away would otherwise wait behind the whole backlog.
+gets its backlog at its own pace rather than the pacing's.
 """
 
 from __future__ import annotations
@@ -374,11 +373,7 @@ class DeliveryRunner:
     def _deferral_hop(self, d: Delivery, reason: str, ep: Endpoint[Delivery] | None) -> NextHop:
         """Where a deferral waits; ``ep`` given, an open circuit's come due one per spacing."""
         now = now_ms()
-        if (
-            ep is None
-            or reason != Admission.CIRCUIT_OPEN.value
-            or ep.breaker.state is not State.OPEN
-        ):
+        if ep is None or reason != Admission.CIRCUIT_OPEN.value:
             return for_deferral(d.attempts_made, self.stages, now)
         hop = paced_deferral(d.attempts_made, self.stages, now, ep.deferral_slot)
         # Past the longest delay the slot stops moving: records then wait that long.
