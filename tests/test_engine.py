@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -442,5 +443,45 @@ def test_a_second_copy_of_a_hop_is_skipped_and_a_fresh_chain_is_not() -> None:
             assert sorted(r.deferrals for r in deferred) == [1, 1, 41]
             skipped = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
             assert skipped - before == 1
+
+    asyncio.run(main())
+
+
+def test_an_open_circuit_paces_what_it_defers_again_and_counts_it_per_webhook() -> None:
+    """Deliveries deferred before come due 1 / DISPATCHER_CIRCUIT_DEFERRALS_PER_S apart."""
+
+    async def main() -> None:
+        async with dead_webhook_with_open_circuit() as h:
+            before = sample(
+                "dispatcher_webhook_deferrals_total", webhook_id="wh_a", reason="circuit_open"
+            )
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            now = datetime.now(UTC)
+            backlog = []
+            for i in range(20):
+                record = DeliveryRecord.model_validate_json(_retry_message(now))
+                record.delivery_id = f"msg_{i}"
+                record.deferrals = 1
+                backlog.append(record.to_json())
+            sent_at_ms = now.timestamp() * 1000
+            stage.feed(backlog, headers=[("dispatcher-due-ms", b"0")])
+            await until(lambda: stage.stored.get(0) == 20, what="the backlog handled")
+            ids = {f"msg_{i}".encode() for i in range(20)}
+            again = [s for s in h.producer.to(STAGE_1) + h.producer.to(STAGE_2) if s.key in ids]
+            assert len(again) == 20
+            dues = sorted(int(dict(s.headers)["dispatcher-due-ms"]) for s in again)
+            spacing = [b - a for a, b in itertools.pairwise(dues)]
+            assert min(spacing) >= 99  # 10 a second, the default
+            assert dues[0] >= sent_at_ms + 60_000  # never sooner than the usual delay
+            # Past the first stage's delay they wait in the next stage, never past its delay.
+            for s in again:
+                due = int(dict(s.headers)["dispatcher-due-ms"])
+                assert s.topic == (STAGE_1 if due <= dues[0] else STAGE_2)
+                assert due <= sent_at_ms + 300_000 + 5_000
+            after = sample(
+                "dispatcher_webhook_deferrals_total", webhook_id="wh_a", reason="circuit_open"
+            )
+            assert after - before == 20
 
     asyncio.run(main())
