@@ -240,20 +240,20 @@ STAGES = [
 
 
 @pytest.mark.parametrize(
-    ("attempts", "not_before_s", "stage", "wait_s"),
+    ("attempts", "not_before_s", "wait_s"),
     [
-        (0, 0, "1m", 60),  # no backlog: the usual stage and delay
-        (0, 45, "1m", 60),  # never sooner than the usual delay
-        (0, 200, "5m", 200),  # a longer wait moves to a stage whose delay covers it
-        (0, 301, "30m", 301),
-        (2, 100, "5m", 300),  # a retry's usual stage is later: never an earlier one
-        (0, 9000, "30m", 1800),  # past the longest delay: the longest delay
+        (0, 0, 60),  # no backlog: the usual delay
+        (0, 45, 60),  # never sooner than the usual delay
+        (0, 200, 200),  # the slot
+        (2, 100, 300),  # a retry's usual delay is longer
+        (0, 9000, 1800),  # past the longest delay: the longest delay
     ],
 )
-def test_a_paced_deferral_waits_for_its_slot_in_a_stage_long_enough(
-    attempts: int, not_before_s: int, stage: str, wait_s: int
+def test_a_paced_deferral_waits_for_its_slot_in_the_last_stage(
+    attempts: int, not_before_s: int, wait_s: int
 ) -> None:
     now = 1_000_000
     hop = paced_deferral(attempts, STAGES, now, now + not_before_s * 1000)
-    assert hop.stage is not None and hop.stage.name == stage
+    # One stage for every paced hop: two copies of one (a crash) meet in one partition.
+    assert hop.stage is STAGES[-1]
     assert hop.due_ms == now + wait_s * 1000

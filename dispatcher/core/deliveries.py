@@ -14,12 +14,13 @@ with reason ``endpoint_unavailable``.
 
 A delivery deferred *again* by an open or half-open circuit is paced: it comes
 due at least ``1 / circuit_deferrals_per_s`` after the one before it for the
-same webhook, so
-a dead webhook's backlog is read back at that rate however large it is (up to
-the longest retry delay, past which each record waits that long), instead of
-all of it once per retry delay. A first deferral waits the usual delay: by then
-the circuit has usually been half-open and judged the endpoint, and a flaky one
-gets its backlog at its own pace rather than the pacing's.
+same webhook, in the last retry stage (see
+:func:`~dispatcher.core.routing.paced_deferral`), so a dead webhook's backlog is
+read back at that rate however large it is (up to the longest retry delay, past
+which each record waits that long), instead of all of it once per retry delay.
+A first deferral waits the usual delay: by then the circuit has usually been
+half-open and judged the endpoint, and a flaky one gets its backlog at its own
+pace rather than the pacing's.
 """
 
 from __future__ import annotations

@@ -66,17 +66,12 @@ def paced_deferral(
 ) -> NextHop:
     """The hop of a deferral that must not come due before ``not_before_ms``.
 
-    It waits at least as long as :func:`for_deferral` would have it wait, in the
-    first stage from that one on whose delay covers the wait, so that it never
-    comes due after the records written to that stage after it (which would hold
-    them back). Past the longest delay it waits the longest delay.
+    It waits in the last stage, whatever the wait: at least as long as
+    :func:`for_deferral` would have it wait, at most that stage's delay, so that
+    it never comes due after the records written to that stage after it (it would
+    hold them back). Always the same stage, so that a second copy of the hop left
+    by a crash lands in the partition that knows the first and is skipped there.
     """
     usual = for_deferral(attempts_made, stages, now_ms)
-    assert usual.stage is not None
-    due = max(usual.due_ms, int(not_before_ms))
-    index = stages.index(usual.stage)
-    for stage in stages[index:]:
-        if now_ms + stage.delay_s * 1000 >= due:
-            return NextHop(stage, due)
     last = stages[-1]
-    return NextHop(last, now_ms + last.delay_s * 1000)
+    return NextHop(last, min(max(usual.due_ms, int(not_before_ms)), now_ms + last.delay_s * 1000))
