@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from dispatcher import metrics
 from dispatcher.core.breaker import Breaker, BreakerPolicy, Permit, State
 from dispatcher.core.routing import paced_deferral
 from dispatcher.stages import RetryStage
@@ -257,3 +258,31 @@ def test_a_paced_deferral_waits_for_its_slot_in_the_last_stage(
     # One stage for every paced hop: two copies of one (a crash) meet in one partition.
     assert hop.stage is STAGES[-1]
     assert hop.due_ms == now + wait_s * 1000
+
+
+def test_a_window_of_successes_is_kept_until_it_has_slid_empty() -> None:
+    clock = Clock()
+    b = Breaker(POLICY, clock)
+    answer(b, True, retry=True)
+    assert not b.clean  # the retries it accepted are what keep it closed later
+    clock.now += 61
+    assert b.clean
+
+
+# --- the per-webhook deferral counter ------------------------------------------------
+
+
+def test_deferrals_count_per_webhook_up_to_the_series_limit_then_as_other() -> None:
+    run = f"wh_{random.Random().getrandbits(32):08x}"
+    ids = [f"{run}_{i}" for i in range(3)]
+
+    def count(webhook_id: str) -> float:
+        labels = {"webhook_id": webhook_id, "reason": "circuit_open"}
+        return metrics.REGISTRY.get_sample_value("dispatcher_webhook_deferrals_total", labels) or 0
+
+    other_before = count(metrics.OTHER_WEBHOOKS)
+    limit = len(metrics._DEFERRED_WEBHOOKS) + 2  # room for two more in this process
+    for webhook_id in ids * 2:
+        metrics.webhook_deferred(webhook_id, "circuit_open", limit)
+    assert [count(w) for w in ids] == [2, 2, 0]
+    assert count(metrics.OTHER_WEBHOOKS) - other_before == 2
