@@ -240,8 +240,9 @@ class Settings(BaseSettings):
         0.7,
         gt=0,
         le=1,
-        description="Share of the requests in the window that failed at which the circuit "
-        "opens (an endpoint failing one request in two stays closed at 0.7).",
+        description="Share of the requests in the window, and of the retries among them if "
+        "any, that failed at which the circuit opens (an endpoint failing one request in two, "
+        "or only first attempts, stays closed).",
     )
     circuit_window_s: float = Field(
         60.0,
@@ -270,8 +271,8 @@ class Settings(BaseSettings):
     circuit_deferrals_per_s: float = Field(
         10.0,
         gt=0,
-        description="Deferrals of one webhook with an open circuit come due at most this "
-        "often per second and instance (while its backlog fits within the longest retry "
+        description="Repeated deferrals of one webhook with an open circuit come due at most "
+        "this often per second and instance (while its backlog fits within the longest retry "
         "delay): the bound on records re-read for it.",
     )
     metrics_webhook_series: int = Field(
