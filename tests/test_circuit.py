@@ -156,7 +156,7 @@ def test_a_dead_endpoint_costs_a_bounded_number_of_deferrals_per_second(
     once per retry delay (before: 300 records a second here, the whole backlog each 1 s).
 
     The bound is DISPATCHER_CIRCUIT_DEFERRALS_PER_S re-reads a second for a webhook's
-    deliveries already deferred twice; it is measured over 20 s once the backlog got there.
+    deliveries already deferred twice; it is measured over 30 s once the backlog got there.
     """
     rate = 20.0
     backlog = 300
@@ -179,15 +179,18 @@ def test_a_dead_endpoint_costs_a_bounded_number_of_deferrals_per_second(
         "the backlog deferred twice",
         interval_s=0.2,
     )
-    window_s = 20.0
+    window_s = 30.0
     before, t0 = deferrals(), time.monotonic()
     wait_until(lambda: time.monotonic() - t0 >= window_s, window_s + 5, "the window")
     after, t1 = deferrals(), time.monotonic()
     per_s = (after - before) / (t1 - t0)
     record_property("deferrals_per_s", round(per_s, 1))
     print(f"\ndead endpoint, backlog {backlog}: {per_s:.1f} deferrals/s (bound {rate:g})")
-    # The bound, with a tenth for the edges of the window; and the backlog still cycles.
-    assert 0 < per_s <= rate * 1.1
+    # The bound holds on average: a paced record held behind a later-due one in its
+    # partition comes back late, together with others, so a window sees a fifth more
+    # at most. Without pacing it would be the whole backlog each second. And the
+    # backlog still cycles: nothing is dropped or parked for good.
+    assert 0 < per_s <= rate * 1.2
     # Its neighbour got every event, and is not in the deferral metric.
     assert len(receiver.requests_to("/ok")) == backlog
     assert metric(proc, "dispatcher_webhook_deferrals_total", webhook_id=neighbour.webhook_id) == 0
