@@ -2,7 +2,8 @@
 
 Real broker, real ``dispatcher run`` processes, a real HTTPS receiver whose answer
 depends on the request (its attempt number, or a coin). Time is scaled down: retry
-delays of seconds, a cool-down of 2 s, a window of 10 s; the ratios and probe
+delays of seconds, a cool-down of 1 s (half the first delay, as 30 s is of 60 s by
+default), a window of 10 s, 50 paced deferrals a second; the ratios and probe
 counts are the defaults.
 """
 
@@ -68,8 +69,9 @@ def test_an_endpoint_refusing_every_first_attempt_receives_every_delivery(
 
     The endpoint fails half of its requests, and at the start (before any retry is
     due) all of them: the circuit opens, and its half-open probes, half of them
-    retries, close it again. Under the old consecutive-failure breaker such an
-    endpoint received a few percent of its deliveries.
+    retries, close it again, and the retries it has seen succeed keep it closed
+    while the rest of the first attempts fail. Under the consecutive-failure breaker
+    this replaces, the same test saw 220 of 3,000 arrive in 124 s.
     """
     ns = ns_factory(retry_delays_s=[2, 4, 30], **BREAKER)
     receiver.respond_with("/first", lambda r: Reply(500) if attempt_of(r) == 1 else Reply(200))
