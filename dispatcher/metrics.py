@@ -1,4 +1,8 @@
-"""Prometheus metrics. Labels come from small closed sets: never a URL or an id."""
+"""Prometheus metrics. Labels come from small closed sets: never a URL or a delivery id.
+
+One exception, bounded: ``dispatcher_webhook_deferrals_total`` names webhooks,
+at most ``metrics_webhook_series`` of them per process (see :func:`webhook_deferred`).
+"""
 
 from __future__ import annotations
 
@@ -50,9 +54,18 @@ DEFERRALS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+WEBHOOK_DEFERRALS = Counter(
+    "dispatcher_webhook_deferrals",
+    "Deferrals by webhook and reason, for at most DISPATCHER_METRICS_WEBHOOK_SERIES webhooks "
+    'per process (the first ones deferred); the others count under webhook_id="other".',
+    ["webhook_id", "reason"],
+    registry=REGISTRY,
+)
+#: The label of every webhook beyond the series limit.
+OTHER_WEBHOOKS = "other"
 CIRCUIT_OPEN = Gauge(
     "dispatcher_circuit_open_endpoints",
-    "Endpoints (webhooks) whose circuit breaker is open.",
+    "Endpoints (webhooks) whose circuit breaker is open or half-open.",
     registry=REGISTRY,
 )
 CIRCUIT_TRANSITIONS = Counter(
@@ -168,3 +181,24 @@ def attempt_duration(stage: str, seconds: float) -> None:
     if child is None:
         child = _DURATION_CHILDREN[stage] = ATTEMPT_DURATION.labels(stage)
     child.observe(seconds)
+
+
+#: Webhook ids with a series of their own in ``dispatcher_webhook_deferrals_total``.
+_DEFERRED_WEBHOOKS: set[str] = set()
+
+
+def webhook_deferred(webhook_id: str, reason: str, max_series: int) -> None:
+    """Count one deferral of ``webhook_id``; past ``max_series`` webhooks, under ``other``.
+
+    The first webhooks deferred keep their series for the life of the process: a
+    counter that came and went would reset under the feet of ``rate()``. Deferrals
+    are what a failing or stalled webhook causes, so the first ones are usually the
+    ones an operator is looking for, and the total stays exact.
+    """
+    label = webhook_id
+    if webhook_id not in _DEFERRED_WEBHOOKS:
+        if len(_DEFERRED_WEBHOOKS) < max_series:
+            _DEFERRED_WEBHOOKS.add(webhook_id)
+        else:
+            label = OTHER_WEBHOOKS
+    WEBHOOK_DEFERRALS.labels(label, reason).inc()

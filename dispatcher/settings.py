@@ -231,10 +231,55 @@ class Settings(BaseSettings):
         250, ge=0, description="Buffered messages of a paused partition at which it resumes."
     )
     circuit_failure_threshold: int = Field(
-        10, ge=1, description="Consecutive failures that open an endpoint's circuit."
+        10,
+        ge=1,
+        description="Failed requests an endpoint's circuit window must hold (with "
+        "DISPATCHER_CIRCUIT_FAILURE_RATIO) before the circuit opens: the minimum sample.",
+    )
+    circuit_failure_ratio: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Share of the requests in the window, and of the retries among them if "
+        "any, that failed at which the circuit opens (an endpoint failing one request in two, "
+        "or only first attempts, stays closed).",
+    )
+    circuit_window_s: float = Field(
+        60.0,
+        gt=0,
+        description="Length of the sliding window of answers the circuit is judged on.",
     )
     circuit_cooldown_s: float = Field(
-        30.0, gt=0, description="Seconds an open circuit defers deliveries before a probe."
+        30.0,
+        gt=0,
+        description="Seconds an open circuit defers every delivery before it turns "
+        "half-open and lets probes through.",
+    )
+    circuit_half_open_probes: int = Field(
+        10,
+        ge=1,
+        description="Requests a half-open circuit lets through to judge the endpoint; first "
+        "attempts may take at most half of them, retries the rest.",
+    )
+    circuit_close_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of a half-open circuit's probes that must succeed to close it; "
+        "once that cannot be reached it opens again.",
+    )
+    circuit_deferrals_per_s: float = Field(
+        10.0,
+        gt=0,
+        description="Repeated deferrals of one webhook with an open circuit come due at most "
+        "this often per second and instance (while its backlog fits within the longest retry "
+        "delay): the bound on records re-read for it.",
+    )
+    metrics_webhook_series: int = Field(
+        50,
+        ge=0,
+        description="Webhooks with a series of their own in `dispatcher_webhook_deferrals_total` "
+        '(the first ones deferred); the rest count under `webhook_id="other"`.',
     )
     max_event_bytes: int = Field(
         1_048_576, ge=1024, description="Largest input message accepted, in bytes."

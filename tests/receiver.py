@@ -26,7 +26,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -106,6 +106,7 @@ class HttpsReceiver:
         self._lock = threading.Condition()
         self._requests: list[ReceivedRequest] = []
         self._replies: dict[str, list[Reply]] = {}
+        self._deciders: dict[str, Callable[[ReceivedRequest], Reply]] = {}
         self._handshake_failures = 0
         self._connections: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
@@ -212,11 +213,21 @@ class HttpsReceiver:
         with self._lock:
             self._replies[path] = list(replies)
 
+    def respond_with(self, path: str, decide: Callable[[ReceivedRequest], Reply]) -> None:
+        """Answer each request to ``path`` with what ``decide`` says of it.
+
+        For replies that depend on the request (its attempt number, a coin): it
+        runs in the connection's thread, under the receiver's lock.
+        """
+        with self._lock:
+            self._deciders[path] = decide
+
     def reset(self) -> None:
         """Forget recorded requests, scripted replies and handshake failures."""
         with self._lock:
             self._requests.clear()
             self._replies.clear()
+            self._deciders.clear()
             self._handshake_failures = 0
 
     @property
@@ -288,8 +299,11 @@ class HttpsReceiver:
     def _record(self, request: ReceivedRequest) -> Reply:
         with self._lock:
             self._requests.append(request)
+            decide = self._deciders.get(_route(request.path))
             script = self._replies.get(_route(request.path))
-            if script:
+            if decide is not None:
+                reply = decide(request)
+            elif script:
                 reply = script.pop(0) if len(script) > 1 else script[0]
             else:
                 reply = self.default_reply

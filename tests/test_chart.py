@@ -70,6 +70,7 @@ KNOWN_METRICS = {
     "dispatcher_retries_scheduled_total",
     "dispatcher_dead_letters_total",
     "dispatcher_deferrals_total",
+    "dispatcher_webhook_deferrals_total",
     "dispatcher_circuit_open_endpoints",
     "dispatcher_in_flight_deliveries",
     "dispatcher_invalid_events_total",

@@ -171,15 +171,17 @@ def test_kill_9_does_not_multiply_deferral_copies(
         max_in_flight=MAX_IN_FLIGHT,
         circuit_failure_threshold=1,
         circuit_cooldown_s=3600,  # no probes: the deliveries only cycle as deferrals
+        # Paced (so in the last stage from the second deferral on), but fast.
+        circuit_deferrals_per_s=1000,
     )
     receiver.respond("/dead", Reply(503))
     ns.subscribe(receiver.url("/dead"))
     publish_spread(ns, stream("dead", 0, DEAD_EVENTS))
-    stage_topic = retry_stages(ns.settings)[0].topic
+    stage_topics = [stage.topic for stage in retry_stages(ns.settings)]
 
     proc = run_dispatcher(ns)
     for _ in range(KILLS):
-        # Two cycles of every delivery through the first retry stage, then kill.
+        # Two cycles of every delivery through the retry stages, then kill.
         wait_until(
             lambda proc=proc: gauge(proc, "dispatcher_deferrals_total") >= 2 * DEAD_EVENTS,
             120,
@@ -192,7 +194,11 @@ def test_kill_9_does_not_multiply_deferral_copies(
         120,
         "four cycles after the last restart",
     )
-    records = [DeliveryRecord.model_validate_json(m.value()) for m in ns.read_all(stage_topic)]
+    records = [
+        DeliveryRecord.model_validate_json(m.value())
+        for topic in stage_topics
+        for m in ns.read_all(topic)
+    ]
     levels: dict[str, Counter[tuple[int, int]]] = {}
     for r in records:
         levels.setdefault(r.delivery_id, Counter())[(r.attempts_made, r.deferrals)] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ from tests.engine_fakes import (
 A = "https://hooks.example.com/a"
 B = "https://hooks.example.com/b"  # the same origin as A: another webhook, same host
 STAGE_1 = "webhooks.retry.1m"
+STAGE_2 = "webhooks.retry.5m"
 
 
 def reply(status: int) -> httpx.Response:
@@ -389,9 +391,10 @@ def test_a_delivery_deferred_past_the_age_limit_is_dead_lettered(age_h: int) -> 
                 assert record.delivery_id == "msg_old"
             else:
                 assert dead == []
+                # Deferred once more by the open circuit: paced, in the last stage.
                 deferred = [
                     DeliveryRecord.model_validate_json(x.value or b"")
-                    for x in h.producer.to(STAGE_1)
+                    for x in h.producer.to(STAGE_2)
                 ]
                 assert deferred[-1].delivery_id == "msg_old"
                 assert deferred[-1].deferrals == 41
@@ -435,11 +438,49 @@ def test_a_second_copy_of_a_hop_is_skipped_and_a_fresh_chain_is_not() -> None:
             # The copy twice, then a replayed record (a fresh chain) twice.
             stage.feed([copy, copy, replayed.to_json(), replayed.to_json()], headers=due)
             await until(lambda: stage.stored.get(0) == 4, what="all four handled")
-            deferred = [
-                DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(STAGE_1)
-            ][1:]
+            # Repeated deferrals of the open circuit wait in the last stage.
+            sent = h.producer.to(STAGE_1)[1:] + h.producer.to(STAGE_2)
+            deferred = [DeliveryRecord.model_validate_json(x.value or b"") for x in sent]
             assert sorted(r.deferrals for r in deferred) == [1, 1, 41]
             skipped = sample("dispatcher_skipped_deliveries_total", reason="duplicate_copy")
             assert skipped - before == 1
+
+    asyncio.run(main())
+
+
+def test_an_open_circuit_paces_what_it_defers_again_and_counts_it_per_webhook() -> None:
+    """Deliveries deferred before come due 1 / DISPATCHER_CIRCUIT_DEFERRALS_PER_S apart."""
+
+    async def main() -> None:
+        async with dead_webhook_with_open_circuit() as h:
+            before = sample(
+                "dispatcher_webhook_deferrals_total", webhook_id="wh_a", reason="circuit_open"
+            )
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            now = datetime.now(UTC)
+            backlog = []
+            for i in range(20):
+                record = DeliveryRecord.model_validate_json(_retry_message(now))
+                record.delivery_id = f"msg_{i}"
+                record.deferrals = 1
+                backlog.append(record.to_json())
+            sent_at_ms = now.timestamp() * 1000
+            stage.feed(backlog, headers=[("dispatcher-due-ms", b"0")])
+            await until(lambda: stage.stored.get(0) == 20, what="the backlog handled")
+            ids = {f"msg_{i}".encode() for i in range(20)}
+            again = [s for s in h.producer.sent if s.key in ids]
+            assert len(again) == 20
+            dues = sorted(int(dict(s.headers)["dispatcher-due-ms"]) for s in again)
+            spacing = [b - a for a, b in itertools.pairwise(dues)]
+            assert min(spacing) >= 99  # 10 a second, the default
+            assert dues[0] >= sent_at_ms + 60_000  # never sooner than the usual delay
+            # They wait in the last stage, never past its delay.
+            assert {s.topic for s in again} == {STAGE_2}
+            assert dues[-1] <= sent_at_ms + 300_000 + 5_000
+            after = sample(
+                "dispatcher_webhook_deferrals_total", webhook_id="wh_a", reason="circuit_open"
+            )
+            assert after - before == 20
 
     asyncio.run(main())

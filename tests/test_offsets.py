@@ -1,5 +1,7 @@
 """Pure logic of the engine: the offset tracker, failure routing and endpoint admission.
 
+The circuit breaker's own decisions are in test_breaker.py.
+
 No broker and no HTTP here: these are the decisions the integration tests rely on,
 checked over many inputs (the tracker with hypothesis) and with an injected clock
 (the circuit breaker).
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dispatcher.core.breaker import BreakerPolicy
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.offsets import OffsetTracker
 from dispatcher.core.routing import after_failure, for_deferral
@@ -194,7 +197,8 @@ class Clock:
 
 
 def _endpoint(clock: Clock, limit: int = 2, queue: int = 2, threshold: int = 3) -> Endpoint[str]:
-    return Endpoint(limit, queue, threshold, cooldown_s=30.0, clock=clock)
+    policy = BreakerPolicy(failure_threshold=threshold, cooldown_s=30.0, probes=1)
+    return Endpoint(limit, queue, policy, clock=clock)
 
 
 def test_slots_then_queue_and_a_full_queue_asks_for_backpressure_not_deferral() -> None:
@@ -230,7 +234,7 @@ def test_a_zero_queue_is_full_with_its_first_item_and_free_once_it_started() -> 
 
 def test_an_endpoint_with_requests_and_no_answer_for_the_stall_time_is_stalled() -> None:
     clock = Clock()
-    ep = Endpoint[str](1, 4, 10, cooldown_s=30.0, clock=clock, stall_s=5.0)
+    ep = Endpoint[str](1, 4, BreakerPolicy(), clock=clock, stall_s=5.0)
     clock.now += 100  # idle time does not count
     assert ep.admit("a") is Admission.START
     assert ep.admit("b") is Admission.QUEUED
@@ -245,75 +249,27 @@ def test_an_endpoint_with_requests_and_no_answer_for_the_stall_time_is_stalled()
     assert ep.admit("d") is Admission.QUEUED
 
 
-def test_consecutive_failures_open_the_circuit_and_a_success_resets_the_count() -> None:
-    clock = Clock()
-    ep = _endpoint(clock, limit=10, queue=0, threshold=3)
-    for _ in range(2):
-        assert ep.admit("x") is Admission.START
-        ep.release(False)
-    assert ep.admit("x") is Admission.START
-    ep.release(True)  # the count starts again
-    for _ in range(2):
-        assert ep.admit("x") is Admission.START
-        ep.release(False)
-    assert ep.open_until is None
-    assert ep.admit("x") is Admission.START
-    ep.release(False)
-    assert ep.open_until == clock.now + 30.0
-    assert ep.admit("y") is Admission.CIRCUIT_OPEN
-    assert not ep.idle
-
-
-def test_an_open_circuit_admits_one_probe_after_the_cooldown_and_closes_on_success() -> None:
-    clock = Clock()
-    ep = _endpoint(clock, threshold=1)
-    ep.admit("x")
-    ep.release(False)
-    clock.now += 29.9
-    assert ep.admit("early") is Admission.CIRCUIT_OPEN
-    clock.now += 0.2
-    assert ep.admit("probe") is Admission.START
-    # Half-open: only the probe goes through until it has answered.
-    assert ep.admit("second") is Admission.CIRCUIT_OPEN
-    assert ep.admit("third") is Admission.CIRCUIT_OPEN
-    assert ep.release(True) is None
-    assert ep.open_until is None and ep.failures == 0 and ep.idle
-    assert ep.admit("after") is Admission.START
-
-
-def test_a_failed_probe_reopens_for_another_full_cooldown() -> None:
-    clock = Clock()
-    ep = _endpoint(clock, threshold=1)
-    ep.admit("x")
-    ep.release(False)
-    clock.now += 31
-    assert ep.admit("probe") is Admission.START
-    ep.release(False)
-    assert ep.open_until == clock.now + 30.0
-    clock.now += 29
-    assert ep.admit("still open") is Admission.CIRCUIT_OPEN
-    clock.now += 2
-    assert ep.admit("next probe") is Admission.START
-    assert ep.admit("other") is Admission.CIRCUIT_OPEN
-
-
-def test_a_cancelled_probe_says_nothing_and_lets_another_probe_through() -> None:
-    clock = Clock()
-    ep = _endpoint(clock, threshold=1)
-    ep.admit("x")
-    ep.release(False)
-    clock.now += 31
-    assert ep.admit("probe") is Admission.START
-    ep.release(None)
-    assert ep.open_until is not None
-    assert ep.admit("probe again") is Admission.START
-
-
 def test_no_queued_item_starts_while_the_circuit_is_open() -> None:
     clock = Clock()
     ep = _endpoint(clock, limit=1, queue=2, threshold=1)
     assert ep.admit("a") is Admission.START
     assert ep.admit("b") is Admission.QUEUED
     assert ep.release(False) is None  # opened: "b" must be deferred by the caller
+    assert not ep.closed and not ep.idle
     assert ep.drain_queue() == ["b"]
     assert not ep.queue
+    assert ep.admit("c") is Admission.CIRCUIT_OPEN
+
+
+def test_a_half_open_endpoint_admits_probes_only_into_free_slots() -> None:
+    clock = Clock()
+    ep = _endpoint(clock, limit=1, queue=2, threshold=1)
+    ep.admit("a")
+    ep.release(False)
+    clock.now += 31
+    assert ep.admit("probe", retry=True) is Admission.PROBE
+    # The one slot is taken: the next is deferred, not queued, and takes no probe.
+    assert ep.admit("second", retry=True) is Admission.CIRCUIT_OPEN
+    assert ep.breaker.probes_started == 1
+    assert ep.release(True, probe=True, retry=True) is None
+    assert ep.closed

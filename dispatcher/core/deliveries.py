@@ -11,6 +11,16 @@ An endpoint whose queue is full makes the partitions that feed it wait
 (backpressure); only a stalled endpoint or an open circuit defers deliveries,
 and a delivery deferred for longer than ``deferral_max_age_s`` is dead-lettered
 with reason ``endpoint_unavailable``.
+
+A delivery deferred *again* by an open or half-open circuit is paced: it comes
+due at least ``1 / circuit_deferrals_per_s`` after the one before it for the
+same webhook, in the last retry stage (see
+:func:`~dispatcher.core.routing.paced_deferral`), so a dead webhook's backlog is
+read back at that rate however large it is (up to the longest retry delay, past
+which each record waits that long), instead of all of it once per retry delay.
+A first deferral waits the usual delay: by then the circuit has usually been
+half-open and judged the endpoint, and a flaky one gets its backlog at its own
+pace rather than the pacing's.
 """
 
 from __future__ import annotations
@@ -28,10 +38,11 @@ import httpx
 
 from dispatcher import metrics
 from dispatcher.core.attempt_log import emit_attempt
+from dispatcher.core.breaker import BreakerPolicy, State
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
 from dispatcher.core.producer import ProduceRefused, RecordSink
-from dispatcher.core.routing import NextHop, after_failure, for_deferral
+from dispatcher.core.routing import NextHop, after_failure, for_deferral, paced_deferral
 from dispatcher.core.work import Ticket, Work
 from dispatcher.models import Subscription
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
@@ -65,18 +76,27 @@ class Delivery:
     source: Source
     record: DeliveryRecord | None = None
     ticket: Ticket | None = field(default=None)
+    #: Admitted as one of a half-open circuit's probes.
+    probe: bool = False
+
+    @property
+    def retry(self) -> bool:
+        """It has failed before: a half-open circuit lets it through first."""
+        return self.attempts_made > 0
 
 
 class DeferralLog:
     """Counts deferrals per reason and logs them once per interval."""
 
-    def __init__(self, every_s: float = DEFERRAL_LOG_EVERY_S) -> None:
+    def __init__(self, every_s: float = DEFERRAL_LOG_EVERY_S, webhook_series: int = 0) -> None:
         self.every_s = every_s
+        self.webhook_series = webhook_series
         self.counts: Counter[str] = Counter()
         self._since = time.monotonic()
 
     def note(self, reason: str, d: Delivery) -> None:
         metrics.DEFERRALS.labels(reason).inc()
+        metrics.webhook_deferred(d.sub.webhook_id, reason, self.webhook_series)
         self.counts[reason] += 1
         log.debug("deferred (%s)", reason, extra={"delivery_id": d.delivery_id})
 
@@ -117,7 +137,17 @@ class DeliveryRunner:
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
         #: Partitions waiting for an endpoint's full queue, by webhook id.
         self.waiting: dict[str, set[PartitionState]] = {}
-        self.deferrals = DeferralLog()
+        self.deferrals = DeferralLog(webhook_series=settings.metrics_webhook_series)
+        self.breaker_policy = BreakerPolicy(
+            failure_threshold=settings.circuit_failure_threshold,
+            failure_ratio=settings.circuit_failure_ratio,
+            window_s=settings.circuit_window_s,
+            cooldown_s=settings.circuit_cooldown_s,
+            probes=settings.circuit_half_open_probes,
+            close_ratio=settings.circuit_close_ratio,
+        )
+        #: Milliseconds between two deferrals of one webhook coming due.
+        self.deferral_spacing_ms = 1000 / settings.circuit_deferrals_per_s
         self.stopping = False
         self._spawn = spawn
         self._unblocked = unblocked
@@ -132,21 +162,23 @@ class DeliveryRunner:
             ep = Endpoint(
                 s.max_in_flight_per_endpoint,
                 s.endpoint_queue_size,
-                s.circuit_failure_threshold,
-                s.circuit_cooldown_s,
+                self.breaker_policy,
                 queue_wait_s=s.endpoint_queue_wait_s,
                 stall_s=s.endpoint_stall_s,
             )
             self.endpoints[key] = ep
-        admission = ep.admit(d)
-        if admission is Admission.START:
+        before = ep.breaker.state
+        admission = ep.admit(d, d.retry)
+        self._note_circuit(key, before, ep)
+        if admission is Admission.START or admission is Admission.PROBE:
+            d.probe = admission is Admission.PROBE
             self._spawn(ticket, self._attempt(ep, d))
         elif admission is Admission.QUEUED:
             if ep.full:
                 d.slot.part.blocked.add(key)
                 self.waiting.setdefault(key, set()).add(d.slot.part)
         else:
-            self._spawn(ticket, self._defer(d, admission.value))
+            self._spawn(ticket, self._defer(d, admission.value, ep))
 
     async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
         result: AttemptResult | None = None
@@ -212,19 +244,30 @@ class DeliveryRunner:
 
     def _release(self, ep: Endpoint[Delivery], d: Delivery, ok: bool | None) -> None:
         key = d.sub.webhook_id
-        nxt = ep.release(ok)
+        before = ep.breaker.state
+        nxt = ep.release(ok, d.probe, d.retry)
+        self._note_circuit(key, before, ep)
         if nxt is not None and nxt.ticket is not None:
             self._spawn(nxt.ticket, self._attempt(ep, nxt))
-        if ep.open_until is not None and ep.queue and not self.stopping:
-            self._defer_queue(ep, "circuit_open")
+        if not ep.closed and ep.queue and not self.stopping:
+            self._defer_queue(ep, Admission.CIRCUIT_OPEN.value)
         self._unblock_if_room(key, ep)
-        if ep.idle and ep.failures == 0:
+        if ep.idle and ep.breaker.clean:
             self.endpoints.pop(key, None)
+
+    def _note_circuit(self, key: str, before: State, ep: Endpoint[Delivery]) -> None:
+        """One line per change of a circuit's state: rare, and what an operator looks for."""
+        state = ep.breaker.state
+        if state is not before:
+            why = "" if state is State.HALF_OPEN else f": {ep.breaker.verdict}"
+            log.info(
+                "circuit %s (was %s)%s", state.value, before.value, why, extra={"webhook_id": key}
+            )
 
     def _defer_queue(self, ep: Endpoint[Delivery], reason: str) -> None:
         for waiting in ep.drain_queue():
             if waiting.ticket is not None:
-                self._spawn(waiting.ticket, self._defer(waiting, reason))
+                self._spawn(waiting.ticket, self._defer(waiting, reason, ep))
 
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
         if key not in self.waiting or (ep is not None and ep.full):
@@ -314,7 +357,7 @@ class DeliveryRunner:
             return
         self._finish(d)
 
-    async def _defer(self, d: Delivery, reason: str) -> None:
+    async def _defer(self, d: Delivery, reason: str, ep: Endpoint[Delivery] | None = None) -> None:
         now = datetime.now(UTC)
         record = d.record or self._new_record(d)
         record.first_deferred_at = record.first_deferred_at or now
@@ -323,10 +366,23 @@ class DeliveryRunner:
             await self._dead_letter(d, record, ENDPOINT_UNAVAILABLE, now)
             return
         record.deferrals += 1
-        hop = for_deferral(d.attempts_made, self.stages, now_ms())
+        hop = self._deferral_hop(d, reason, ep if record.deferrals > 1 else None)
         assert hop.stage is not None
         self.deferrals.note(reason, d)
         await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
+
+    def _deferral_hop(self, d: Delivery, reason: str, ep: Endpoint[Delivery] | None) -> NextHop:
+        """Where a deferral waits; ``ep`` given, an open circuit's come due one per spacing."""
+        now = now_ms()
+        if ep is None or reason != Admission.CIRCUIT_OPEN.value:
+            return for_deferral(d.attempts_made, self.stages, now)
+        hop = paced_deferral(d.attempts_made, self.stages, now, ep.deferral_slot)
+        # Past the longest delay the slot stops moving: records then wait that long.
+        horizon = now + self.stages[-1].delay_s * 1000
+        ep.deferral_slot = min(
+            max(ep.deferral_slot, hop.due_ms) + self.deferral_spacing_ms, horizon
+        )
+        return hop
 
     def _new_record(self, d: Delivery) -> DeliveryRecord:
         return DeliveryRecord(
@@ -361,6 +417,9 @@ class DeliveryRunner:
             if ep.stalled and ep.queue and not self.stopping:
                 self._defer_queue(ep, Admission.STALLED.value)
             self._unblock_if_room(key, ep)
+            if ep.idle and ep.breaker.clean:
+                # Its window has slid empty since its last answer.
+                self.endpoints.pop(key, None)
 
     def abandon_queued(self, states: set[PartitionState]) -> None:
         """Drop deliveries still waiting for an endpoint slot on these partitions.

@@ -1,5 +1,8 @@
 """Per-endpoint isolation: concurrency slots, a wait queue, a circuit breaker.
 
+The breaker's decisions are in :mod:`dispatcher.core.breaker`; this module asks it
+before starting a request and tells it how each one ended.
+
 An endpoint is one webhook (a subscription id): two webhooks on the same host
 have separate slots, queues and breakers, so one customer's stalled or failing
 URL never slows or trips another's. What they share is per origin, in the HTTP
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Generic, TypeVar
 
-from dispatcher import metrics
+from dispatcher.core.breaker import Breaker, BreakerPolicy, Permit, State
 
 T = TypeVar("T")
 
@@ -35,6 +38,8 @@ RATE_WINDOW_S = 1.0
 
 class Admission(Enum):
     START = "start"
+    #: Start it as one of a half-open circuit's probes.
+    PROBE = "probe"
     QUEUED = "queued"
     STALLED = "endpoint_stalled"
     CIRCUIT_OPEN = "circuit_open"
@@ -49,38 +54,32 @@ class Endpoint(Generic[T]):
         "_window_count",
         "_window_start",
         "active",
-        "cooldown_s",
-        "failures",
+        "breaker",
+        "deferral_slot",
         "limit",
-        "open_until",
-        "probing",
         "queue",
         "queue_size",
         "queue_wait_s",
         "rate",
         "stall_s",
-        "threshold",
     )
 
     def __init__(
         self,
         limit: int,
         queue_size: int,
-        threshold: int,
-        cooldown_s: float,
+        policy: BreakerPolicy,
         clock: Callable[[], float] = time.monotonic,
         queue_wait_s: float = 0.0,
         stall_s: float = float("inf"),
     ) -> None:
         self.limit = limit
         self.queue_size = queue_size
-        self.threshold = threshold
-        self.cooldown_s = cooldown_s
         self.active = 0
         self.queue: deque[T] = deque()
-        self.failures = 0
-        self.open_until: float | None = None
-        self.probing = False
+        self.breaker = Breaker(policy, clock)
+        #: When the next deferral of this endpoint may come due (see ``deliveries``).
+        self.deferral_slot = 0.0
         self._clock = clock
         self.queue_wait_s = queue_wait_s
         #: Completions per second over the last full window; None until measured.
@@ -91,25 +90,35 @@ class Endpoint(Generic[T]):
         #: When a request last completed, or started on an idle endpoint.
         self._last_progress = clock()
 
-    def admit(self, item: T) -> Admission:
-        """Take ``item`` now, queue it, or say why it must be deferred."""
-        if self.open_until is not None:
-            if self._clock() < self.open_until or self.probing:
+    def admit(self, item: T, retry: bool = False) -> Admission:
+        """Take ``item`` now, queue it, or say why it must be deferred.
+
+        ``retry``: the delivery has failed before (a half-open circuit prefers those).
+        """
+        if self.breaker.state is not State.CLOSED:
+            if self.active >= self.limit:
                 return Admission.CIRCUIT_OPEN
-            # Cool-down over: let exactly one probe through (half-open).
-            self.probing = True
-            metrics.CIRCUIT_TRANSITIONS.labels("half_open").inc()
-            self.active += 1
-            return Admission.START
+            permit = self.breaker.permit(retry)
+            if permit is Permit.REFUSE:
+                return Admission.CIRCUIT_OPEN
+            self._start()
+            return Admission.START if permit is Permit.GO else Admission.PROBE
         if self.stalled:
             return Admission.STALLED
         if self.active < self.limit:
-            if self.active == 0:
-                self._last_progress = self._clock()
-            self.active += 1
+            self._start()
             return Admission.START
         self.queue.append(item)
         return Admission.QUEUED
+
+    def _start(self) -> None:
+        if self.active == 0:
+            self._last_progress = self._clock()
+        self.active += 1
+
+    @property
+    def closed(self) -> bool:
+        return self.breaker.state is State.CLOSED
 
     @property
     def stalled(self) -> bool:
@@ -144,19 +153,17 @@ class Endpoint(Generic[T]):
             self._window_start = now
             self._window_count = 0
 
-    def release(self, ok: bool | None) -> T | None:
+    def release(self, ok: bool | None, probe: bool = False, retry: bool = False) -> T | None:
         """A running delivery ended; returns the next queued item to start, if any.
 
-        ``ok`` is None for a cancelled delivery, which says nothing about the endpoint.
+        ``ok`` is None for a cancelled delivery, which says nothing about the endpoint;
+        ``probe`` and ``retry`` say how it was admitted.
         """
         self.active -= 1
         self._window_count += 1
         self._last_progress = self._clock()
-        if ok is not None:
-            self._record(ok)
-        elif self.probing:
-            self.probing = False
-        if self.open_until is not None:
+        self.breaker.record(ok, Permit.PROBE if probe else Permit.GO, retry)
+        if not self.closed:
             return None
         if self.queue and self.active < self.limit:
             self.active += 1
@@ -169,27 +176,6 @@ class Endpoint(Generic[T]):
         self.queue.clear()
         return items
 
-    def _record(self, ok: bool) -> None:
-        if ok:
-            self.failures = 0
-            if self.open_until is not None:
-                self.open_until = None
-                self.probing = False
-                metrics.CIRCUIT_OPEN.dec()
-                metrics.CIRCUIT_TRANSITIONS.labels("closed").inc()
-            return
-        self.failures += 1
-        if self.open_until is not None:
-            if self.probing:  # the probe failed: stay open for another cool-down
-                self.probing = False
-                self.open_until = self._clock() + self.cooldown_s
-                metrics.CIRCUIT_TRANSITIONS.labels("open").inc()
-            return
-        if self.failures >= self.threshold:
-            self.open_until = self._clock() + self.cooldown_s
-            metrics.CIRCUIT_OPEN.inc()
-            metrics.CIRCUIT_TRANSITIONS.labels("open").inc()
-
     @property
     def idle(self) -> bool:
-        return self.active == 0 and not self.queue and self.open_until is None
+        return self.active == 0 and not self.queue and self.closed

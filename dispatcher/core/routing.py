@@ -59,3 +59,19 @@ def for_deferral(attempts_made: int, stages: Sequence[RetryStage], now_ms: int) 
     """
     stage = stages[min(max(attempts_made - 1, 0), len(stages) - 1)]
     return NextHop(stage, now_ms + stage.delay_s * 1000)
+
+
+def paced_deferral(
+    attempts_made: int, stages: Sequence[RetryStage], now_ms: int, not_before_ms: float
+) -> NextHop:
+    """The hop of a deferral that must not come due before ``not_before_ms``.
+
+    It waits in the last stage, whatever the wait: at least as long as
+    :func:`for_deferral` would have it wait, at most that stage's delay, so that
+    it never comes due after the records written to that stage after it (it would
+    hold them back). Always the same stage, so that a second copy of the hop left
+    by a crash lands in the partition that knows the first and is skipped there.
+    """
+    usual = for_deferral(attempts_made, stages, now_ms)
+    last = stages[-1]
+    return NextHop(last, min(max(usual.due_ms, int(not_before_ms)), now_ms + last.delay_s * 1000))
