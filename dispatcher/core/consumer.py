@@ -118,7 +118,7 @@ class StageConsumer:
         self._requests: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._link = ClientLink(f"stage {stage}", group_id)
         self._consumer: Consumer = make_consumer(settings, group_id, self._link.config())
-        #: Set when the session was lost (on_lost), cleared by the next assignment.
+        #: Set when the session was lost to an outage, cleared by the next assignment.
         self._lost_session = False
         self._thread = threading.Thread(target=self._run, name=f"consumer-{stage}", daemon=True)
 
@@ -229,8 +229,9 @@ class StageConsumer:
         commit, sent without a member id under a known ``group.instance.id``, with
         FENCED_INSTANCE_ID, which librdkafka makes fatal (librdkafka pull request
         5585). No other instance is involved: a new client rejoins at once. A
-        second instance started with the same id fences this one while it is a
-        member, never in this window, and stays fatal.
+        second instance started with the same id fences this one while the broker
+        is reachable, never in this window (a session lost to an outage, no new
+        assignment yet), and stays fatal.
         """
         err = exc.args[0] if exc.args else None
         fatal = isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
@@ -316,7 +317,9 @@ class StageConsumer:
         if consumer is not self._consumer:
             consumer.incremental_unassign(partitions)  # a replaced client, closing
             return
-        self._lost_session = True
+        # Lost to an outage (the broker unreachable within a session of now), not
+        # to another instance taking over: see _self_fenced.
+        self._lost_session = self._link.down_within(self._settings.session_timeout_s + 5)
         if not self._loop.is_closed():
             self._await(lose())
         log.warning("stage %s lost %s", self.stage, [p.partition for p in partitions])

@@ -60,6 +60,8 @@ class ClientLink:
         self.outside_since: float | None = None
         self.join_state = ""
         self.group_state = ""
+        #: When a report last said no broker connection was up.
+        self.down_at: float | None = None
         #: Since when a broker connection is up (None: none is).
         self.up_since: float | None = None
         self.created_at = time.monotonic()
@@ -84,6 +86,7 @@ class ClientLink:
             self.down_since = None
         else:
             self.up_since = None
+            self.down_at = now
             if self.down_since is None:
                 self.down_since = now
         cgrp = stats.get("cgrp")
@@ -119,8 +122,14 @@ class ClientLink:
 
     def broker_down(self) -> None:
         """All brokers down, reported as an error before the next statistics."""
+        now = time.monotonic()
+        self.down_at = now
         if self.down_since is None:
-            self.down_since = time.monotonic()
+            self.down_since = now
+
+    def down_within(self, seconds: float) -> bool:
+        """Whether no broker was reachable at some point in the last ``seconds``."""
+        return self.down_at is not None and time.monotonic() - self.down_at <= seconds
 
     def problem(self, now: float | None = None) -> str | None:
         """Why this client cannot consume or produce now, or None; reads memory only."""
