@@ -15,6 +15,8 @@ from dispatcher.errors import ConfigError, DispatcherError, KafkaSetupError
 from dispatcher.settings import Settings
 
 PRODUCER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: The longest wait between two attempts to reach a broker that went away.
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 #: Where librdkafka's own log lines go; None leaves them on stderr as plain text,
 #: which suits the one-shot commands but not the service's JSON logs.
@@ -32,6 +34,12 @@ def common_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "client.id": "webhook-dispatcher",
+        # librdkafka doubles the wait between attempts to reach a broker up to this
+        # (10 s by default): a broker back from an outage was then reached up to
+        # 10 s late by each client, and a group consumer that had lost its session
+        # in the meantime rejoined later still. 1 s costs one connection attempt
+        # a second per client while the broker is away.
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
     }
     optional = {
         "security.protocol": settings.kafka_security_protocol,
@@ -123,8 +131,11 @@ def table_consumer_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-def make_producer(settings: Settings) -> Producer:
-    return make_producer_from(producer_config(settings))
+def make_producer(settings: Settings, extra: dict[str, Any] | None = None) -> Producer:
+    """A producer; ``extra`` adds properties (callbacks) after the settings'."""
+    conf = producer_config(settings)
+    conf.update(extra or {})
+    return make_producer_from(conf)
 
 
 def make_producer_from(conf: dict[str, Any]) -> Producer:
@@ -135,8 +146,12 @@ def make_producer_from(conf: dict[str, Any]) -> Producer:
         raise client_error(exc, conf, "producer") from None
 
 
-def make_consumer(settings: Settings, group_id: str) -> Consumer:
+def make_consumer(
+    settings: Settings, group_id: str, extra: dict[str, Any] | None = None
+) -> Consumer:
+    """A group consumer; ``extra`` adds properties (callbacks) after the settings'."""
     conf = consumer_config(settings, group_id)
+    conf.update(extra or {})
     try:
         return Consumer(conf)
     except KafkaException as exc:

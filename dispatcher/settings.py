@@ -96,13 +96,19 @@ class Settings(BaseSettings):
         "partitions back at once. Unset: dynamic membership.",
     )
     # 6 s is the broker's default minimum; above 300 s librdkafka would refuse it
-    # unless max.poll.interval.ms (300 s) were raised too.
+    # unless max.poll.interval.ms (300 s) were raised too. 10 s, not librdkafka's
+    # 45 s: a dynamic member whose broker was away for longer than its session
+    # rejoins under a new member id, and the broker holds that rebalance until the
+    # old id's session, restarted when the broker came back, has expired: the
+    # session timeout is the wait before deliveries resume (README, "Broker outages").
     session_timeout_s: int = Field(
-        45,
+        10,
         ge=6,
         le=300,
         description="Kafka group session timeout: how long the partitions of a member "
-        "that stopped answering wait for it before the group rebalances.",
+        "that stopped answering wait for it before the group rebalances; with dynamic "
+        "membership, also about how long deliveries wait after a broker outage longer "
+        "than it.",
     )
 
     # --- Topics -----------------------------------------------------------

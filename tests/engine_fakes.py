@@ -22,6 +22,7 @@ from confluent_kafka import Message, TopicPartition
 
 from dispatcher.core.consumer import PartitionOwner
 from dispatcher.core.engine import Engine
+from dispatcher.core.links import ClientLink
 from dispatcher.metrics import REGISTRY
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
@@ -53,6 +54,7 @@ class FakeConsumer:
         self.stored: dict[int, int] = {}
         self.batches_done = 0
         self.failure: str | None = None
+        self.link: ClientLink | None = None
         self._next: dict[int, int] = {}
 
     @property

@@ -24,7 +24,7 @@ SESSION_TIMEOUT_S = 300
 def test_no_instance_id_by_default() -> None:
     conf = consumer_config(Settings(), "g")
     assert "group.instance.id" not in conf
-    assert conf["session.timeout.ms"] == 45_000
+    assert conf["session.timeout.ms"] == 10_000
 
 
 def test_instance_id_and_session_timeout_reach_every_group_consumer() -> None:

@@ -13,7 +13,8 @@ import re
 import time
 from typing import Any
 
-from confluent_kafka import TopicPartition
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from dispatcher.core.consumer import StageConsumer
 from dispatcher.core.producer import AsyncProducer
@@ -135,3 +136,47 @@ def test_dispatcher_run_exits_1_naming_the_stage_whose_consumer_is_fenced(
     second.wait_ready(60)
     ns.publish(make_event("after-the-twin"))
     receiver.wait_for_requests(1, path="/twin", timeout_s=60)
+
+
+class LostClient:
+    """A client whose rebalance callbacks are driven by the test."""
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None: ...
+
+    def incremental_unassign(self, partitions: list[TopicPartition]) -> None: ...
+
+
+def fatal(reason: str) -> KafkaException:
+    return KafkaException(KafkaError(KafkaError._FATAL, reason, fatal=True))
+
+
+@pytest.mark.parametrize(
+    ("instance_id", "broker_away", "expected"),
+    [
+        # A static member's session lost to an outage: its own stale commit fenced it.
+        ("static-0", True, True),
+        # The broker stayed reachable: another instance took the id; stay fatal.
+        ("static-0", False, False),
+        # Dynamic members are never fenced by an instance id.
+        (None, True, False),
+    ],
+)
+def test_only_a_fencing_right_after_a_session_lost_to_an_outage_gets_a_new_client(
+    instance_id: str | None, broker_away: bool, expected: bool
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        conf = settings(group_instance_id=instance_id)
+        consumer = StageConsumer(conf, "input", ("visitor.identified",), "g", Owner(), loop)
+        client = LostClient()
+        consumer._consumer = client  # type: ignore[assignment]
+        if broker_away:
+            consumer.link.broker_down()
+        # librdkafka calls on_lost on the polling thread, which waits for the loop.
+        await asyncio.to_thread(consumer._on_lost, client, [])  # type: ignore[arg-type]
+        assert consumer._self_fenced(fatal("Static consumer fenced")) is expected
+        # Once assigned again, a fencing is another instance's doing.
+        consumer._on_assign(client, [])  # type: ignore[arg-type]
+        assert consumer._self_fenced(fatal("Static consumer fenced")) is False
+
+    asyncio.run(main())

@@ -24,6 +24,7 @@ from typing import Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from dispatcher import metrics
+from dispatcher.core.links import ClientLink
 from dispatcher.kafka import make_consumer
 from dispatcher.settings import Settings
 
@@ -35,6 +36,9 @@ _BATCH = 500
 #: added to every delivery's latency (bench/, latency phase).
 _POLL_S = 0.01
 _LAG_EVERY_S = 5.0
+#: A client that has not reached the broker this long after the others did is
+#: replaced (see ClientLink.cut_off); well below the 15 s promised after an outage.
+_CUT_OFF_S = 4.0
 
 
 class StageFeed(Protocol):
@@ -42,6 +46,11 @@ class StageFeed(Protocol):
 
     stage: str
     topics: tuple[str, ...]
+
+    @property
+    def link(self) -> ClientLink | None:
+        """What its client last reported about its connections and group (None: no client)."""
+        ...
 
     @property
     def ready(self) -> bool: ...
@@ -107,19 +116,25 @@ class StageConsumer:
         # At most two batches wait on the loop: the thread cannot run ahead of it.
         self._handoff = threading.BoundedSemaphore(2)
         self._requests: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-        self._consumer: Consumer = make_consumer(settings, group_id)
+        self._link = ClientLink(f"stage {stage}", group_id)
+        self._consumer: Consumer = make_consumer(settings, group_id, self._link.config())
+        #: Set when the session was lost to an outage, cleared by the next assignment.
+        self._lost_session = False
         self._thread = threading.Thread(target=self._run, name=f"consumer-{stage}", daemon=True)
 
     # --- called from the loop -------------------------------------------------
     def start(self) -> None:
+        self._subscribe()
+        self._thread.start()
+        self._started = True
+
+    def _subscribe(self) -> None:
         self._consumer.subscribe(
             list(self.topics),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        self._thread.start()
-        self._started = True
 
     def pause(self, tp: TopicPartition) -> None:
         self._requests.put(lambda: self._consumer.pause([tp]))
@@ -138,6 +153,10 @@ class StageConsumer:
         return self.joined.is_set()
 
     @property
+    def link(self) -> ClientLink:
+        return self._link
+
+    @property
     def failure(self) -> str | None:
         """Why the polling thread is gone while nobody asked it to stop, or None."""
         gone = self._started and not self._thread.is_alive() and not self._stop.is_set()
@@ -153,6 +172,7 @@ class StageConsumer:
     # --- the polling thread ---------------------------------------------------
     def _run(self) -> None:
         next_lag = 0.0
+        replaced_at = 0.0
         # One partition's lag at a time, a round every _LAG_EVERY_S: each query is a
         # broker round trip made on this thread, and a dozen in a row held back
         # every delivery behind them (the benchmark's latency tail).
@@ -163,9 +183,26 @@ class StageConsumer:
                 self._carry_out_requests()
                 batch = self._consumer.consume(_BATCH, timeout=_POLL_S)
                 if batch:
-                    self._hand_over(batch)
+                    try:
+                        self._hand_over(batch)
+                    except KafkaException as exc:
+                        if not self._self_fenced(exc):
+                            raise
+                        self._replace_client(
+                            f"fenced by its own commit after losing its session: {exc}"
+                        )
+                        continue
                 now = time.monotonic()
-                if now >= next_lag:
+                if self._link.cut_off(now, _CUT_OFF_S) and now - replaced_at >= _CUT_OFF_S:
+                    replaced_at = now
+                    self._replace_client(
+                        f"no broker reached for {now - (self._link.down_since or now):.0f} s "
+                        "while the other clients reach one"
+                    )
+                    continue
+                # Not while the broker is away: each query would hold this thread
+                # (and the rebalance callbacks it serves) for its whole timeout.
+                if now >= next_lag and self._link.down_since is None:
                     if not due:
                         due.extend(self._consumer.assignment())
                         step = _LAG_EVERY_S / max(len(due), 1)
@@ -183,6 +220,38 @@ class StageConsumer:
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing the consumer of stage %s: %s", self.stage, exc)
 
+    def _self_fenced(self, exc: KafkaException) -> bool:
+        """A fatal error between a lost session and the rejoin, for a static member.
+
+        After its session timed out on its own side (a broker outage longer than
+        the session), librdkafka forgets the member id and still commits the
+        offsets of the lost partitions before rejoining; the broker answers that
+        commit, sent without a member id under a known ``group.instance.id``, with
+        FENCED_INSTANCE_ID, which librdkafka makes fatal (librdkafka pull request
+        5585). No other instance is involved: a new client rejoins at once. A
+        second instance started with the same id fences this one while the broker
+        is reachable, never in this window (a session lost to an outage, no new
+        assignment yet), and stays fatal.
+        """
+        err = exc.args[0] if exc.args else None
+        fatal = isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+        return fatal and self._lost_session and bool(self._settings.group_instance_id)
+
+    def _replace_client(self, why: str) -> None:
+        """Close the client (off this thread: it may wait) and rejoin with a new one.
+
+        Its partitions are already gone (lost with the session) or go with it; the
+        link, and so what /readyz says, carries over to the new client.
+        """
+        log.warning("stage %s: %s; rejoining with a new client", self.stage, why)
+        old = self._consumer
+        threading.Thread(
+            target=_close_quietly, args=(old, self.stage), name="consumer-close", daemon=True
+        ).start()
+        self._lost_session = False
+        self._consumer = make_consumer(self._settings, self._group_id, self._link.config())
+        self._subscribe()
+
     def _hand_over(self, batch: list[Message]) -> None:
         good: list[Message] = []
         for msg in batch:
@@ -194,6 +263,8 @@ class StageConsumer:
                 # group.instance.id, say): it would poll on, consuming nothing.
                 raise KafkaException(err)
             elif err.code() != KafkaError._PARTITION_EOF:
+                if err.code() == KafkaError._ALL_BROKERS_DOWN:
+                    self._link.broker_down()
                 log.warning("stage %s: consumer error: %s", self.stage, err)
         if not good:
             return
@@ -203,6 +274,9 @@ class StageConsumer:
         self._loop.call_soon_threadsafe(self._owner.messages, self, good)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            return  # a replaced client, closing: its partitions are not ours to take
+        self._lost_session = False
         # Requests made for an earlier generation go first, so the resume below wins.
         self._carry_out_requests()
         consumer.incremental_assign(partitions)
@@ -215,6 +289,9 @@ class StageConsumer:
         log.info("stage %s assigned %s", self.stage, [p.partition for p in partitions] or "nothing")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self._consumer:
+            consumer.incremental_unassign(partitions)  # a replaced client, closing
+            return
         if partitions:
             offsets = self._await(self._owner.revoke(self, partitions))
             if offsets:
@@ -237,6 +314,12 @@ class StageConsumer:
             self._owner.lost(self, partitions)
             return []
 
+        if consumer is not self._consumer:
+            consumer.incremental_unassign(partitions)  # a replaced client, closing
+            return
+        # Lost to an outage (the broker unreachable within a session of now), not
+        # to another instance taking over: see _self_fenced.
+        self._lost_session = self._link.down_within(self._settings.session_timeout_s + 5)
         if not self._loop.is_closed():
             self._await(lose())
         log.warning("stage %s lost %s", self.stage, [p.partition for p in partitions])
@@ -291,6 +374,13 @@ class StageConsumer:
             except KafkaException as exc:
                 # _STATE and friends after a revoke: the partition moved on without us.
                 log.debug("stage %s: request ignored: %s", self.stage, exc)
+
+
+def _close_quietly(consumer: Consumer, stage: str) -> None:
+    try:
+        consumer.close()
+    except (KafkaException, RuntimeError) as exc:
+        log.debug("closing the fenced consumer of stage %s: %s", stage, exc)
 
 
 def _set_lag(topic: str, partition: int, lag: int) -> None:

@@ -37,6 +37,7 @@ from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
 from dispatcher.core.deliveries import DeliveryRunner
 from dispatcher.core.fanout import Fanout, Subscriptions, Unusable
 from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
+from dispatcher.core.links import first_problem
 from dispatcher.core.partitions import PartitionState, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.watchdog import stuck_partitions
@@ -113,6 +114,14 @@ class Engine:
     @property
     def ready(self) -> bool:
         return bool(self.consumers) and all(c.ready for c in self.consumers)
+
+    @property
+    def disconnected(self) -> str | None:
+        """Why a stage cannot consume now (broker unreachable, not in its group), or None.
+
+        From what the consumers' clients last reported: never waits on Kafka.
+        """
+        return first_problem([c.link for c in self.consumers if c.link is not None])
 
     @property
     def refused(self) -> str | None:

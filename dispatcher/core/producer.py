@@ -22,6 +22,7 @@ from typing import Final, Protocol
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dispatcher import metrics
+from dispatcher.core.links import ClientLink
 from dispatcher.kafka import flush_or_fail, make_producer, make_producer_from, producer_config
 from dispatcher.settings import Settings
 
@@ -83,7 +84,9 @@ class AsyncProducer:
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self._settings = settings
-        self._producer = make_producer(settings)
+        #: What the producer last reported about its broker connections (/readyz).
+        self.link = ClientLink("the producer")
+        self._producer = make_producer(settings, self.link.config())
         #: The producer of records nobody waits for, made on first use.
         self._quiet: Producer | None = None
         self._loop = loop

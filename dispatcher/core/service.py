@@ -56,6 +56,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return False, engine.failure
         if stop.is_set():
             return False, "shutting down"
+        # What the clients last reported, read from memory: a probe never waits on
+        # a broker that is away.
+        disconnected = engine.disconnected or producer.link.problem()
+        if disconnected is not None:
+            return False, disconnected
         if engine.refused is not None:
             return False, f"{engine.refused}; fix the topic or its ACLs, then restart"
         if engine.stuck:
