@@ -1,4 +1,5 @@
-"""Prometheus metrics. Labels come from small closed sets: never a URL or an id."""
+"""Prometheus metrics. Labels come from small closed sets: never a URL, and an id only
+where the set is bounded (``dispatcher_endpoint_backlog``: the top few webhooks)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,16 @@ DEAD_LETTERS = Counter(
 )
 DEFERRALS = Counter(
     "dispatcher_deferrals",
-    "Deliveries handed to a retry topic without an attempt (endpoint_stalled, circuit_open).",
+    "Deliveries handed to a retry topic without an attempt (endpoint_slow, endpoint_stalled, "
+    "circuit_open).",
     ["reason"],
+    registry=REGISTRY,
+)
+ENDPOINT_BACKLOG = Gauge(
+    "dispatcher_endpoint_backlog",
+    "Deliveries waiting for one webhook: in its queue, plus an estimate of those parked in "
+    "Kafka for it being slow; only the webhooks with the 10 largest backlogs.",
+    ["webhook_id"],
     registry=REGISTRY,
 )
 CIRCUIT_OPEN = Gauge(

@@ -276,13 +276,16 @@ def test_shutdown_drains_in_flight_deliveries_then_closes() -> None:
 
 
 @pytest.mark.parametrize("queue", [4, 0])
-def test_a_slow_webhook_pauses_its_partition_instead_of_deferring(queue: int) -> None:
+def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_deferring(
+    queue: int,
+) -> None:
     gate = asyncio.Event()
     seen: list[httpx.Request] = []
     handler = gated(gate, seen)
 
     async def main() -> None:
-        s = settings(endpoint_stall_s=60, endpoint_queue_size=queue)
+        # A queue wait far longer than the test: the webhook is busy, never slow.
+        s = settings(endpoint_stall_s=60, endpoint_queue_size=queue, endpoint_queue_wait_s=600)
         taken = 4 + max(queue, 1)  # the slots, and the queue up to its bound (one at least)
         async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
             h.input.assign(0)
@@ -300,8 +303,129 @@ def test_a_slow_webhook_pauses_its_partition_instead_of_deferring(queue: int) ->
             gate.set()
             await until(lambda: h.input.stored.get(0) == 40, what="every offset stored")
             assert len(set(sessions(seen))) == 40
-            assert h.producer.sent == [], "a slow but answering webhook was deferred"
+            assert h.producer.sent == [], "a busy but answering webhook was deferred"
             assert 0 not in h.input.paused
+
+    asyncio.run(main())
+
+
+def records_to(h: Harness, topic: str) -> list[DeliveryRecord]:
+    return [DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(topic)]
+
+
+def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_partition() -> None:
+    """S answers nothing yet (slower than its queue wait), F at once, in one partition."""
+    gate = asyncio.Event()
+    seen_s: list[httpx.Request] = []
+    seen_f: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a":
+            await gate.wait()
+            seen_s.append(request)
+        else:
+            seen_f.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=60, endpoint_queue_wait_s=0.1, partition_buffer_high=100)
+        table = FakeTable(
+            subscription("wh_s", A, org="org_s"), subscription("wh_f", B, org="org_f")
+        )
+        before = sample("dispatcher_deferrals_total", reason="endpoint_slow")
+        async with running(s, table, handler) as h:
+            h.input.assign(0)
+            # Interleaved: S, F, S, F, ... in the same partition.
+            h.input.feed(
+                [event(f"{org}{i:03d}", org=f"org_{org}") for i in range(30) for org in "sf"]
+            )
+            await until(lambda: len(seen_f) == 30, what="every delivery of the healthy webhook")
+            assert seen_s == [], "the slow webhook answered: the test proves nothing"
+            # S: 4 in its slots, 4 in its queue, the other 22 parked without an attempt.
+            await until(lambda: len(h.producer.to(STAGE_1)) == 22, what="the parked deliveries")
+            parked = records_to(h, STAGE_1)
+            assert {r.webhook_id for r in parked} == {"wh_s"}
+            assert all(r.attempts_made == 0 and r.deferrals == 1 for r in parked)
+            assert all(x.header("dispatcher-attempt") == b"0" for x in h.producer.to(STAGE_1))
+            after = sample("dispatcher_deferrals_total", reason="endpoint_slow")
+            assert after - before == 22
+            # Paced to the webhook's rate, never later than the stage's delay.
+            dues = [int(x.header("dispatcher-due-ms") or 0) for x in h.producer.to(STAGE_1)]
+            now = datetime.now(UTC).timestamp() * 1000
+            assert dues == sorted(dues)
+            assert all(now < due <= now + 60_000 for due in dues), (now, dues)
+            assert h.engine.work.in_flight == 8
+            # The partition was never paused, and its offsets stop at S's first waiting one.
+            assert 0 not in h.input.paused
+            assert h.input.stored.get(0, 0) == 0
+            ps = h.engine.partitions[("visitor.identified", 0)]
+            assert ps.blocked == set() and not ps.buffer
+            await until(
+                lambda: sample("dispatcher_endpoint_backlog", webhook_id="wh_s") >= 4,
+                what="the backlog metric",
+            )
+            assert sample("dispatcher_endpoint_backlog", webhook_id="wh_f") == 0
+
+            # S answers: what waited here is delivered and the partition committed.
+            gate.set()
+            await until(lambda: h.input.stored.get(0) == 60, what="every offset stored")
+            assert len(seen_s) == 8
+            # The parked ones come back through the stage (all at once here, so some
+            # find the queue full and are parked again), each with its first attempt.
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            fed = 0
+            while len(seen_s) < 30:
+                parked_now = h.producer.to(STAGE_1)
+                assert fed < len(parked_now), "nothing left to come back, yet S is short"
+                values = [x.value or b"" for x in parked_now[fed:]]
+                stage.feed(values, headers=[("dispatcher-due-ms", b"0")])
+                fed = len(parked_now)
+                await until(lambda n=fed: stage.stored.get(0) == n, what="a round handled")
+            assert sorted(sessions(seen_s)) == [f"s{i:03d}" for i in range(30)]
+            attempts = [json.loads(x.value) for x in h.producer.unconfirmed]
+            s_attempts = [a["attempt"] for a in attempts if a["webhook_id"] == "wh_s"]
+            assert s_attempts == [1] * 30, "waiting spent an attempt"
+
+    asyncio.run(main())
+
+
+def test_new_deliveries_queue_behind_parked_ones_and_returning_ones_go_first() -> None:
+    first = asyncio.Event()
+    rest = asyncio.Event()
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await (first if json.loads(request.content)["session_id"] == "s000" else rest).wait()
+        seen.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=60, endpoint_queue_wait_s=0.1)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event(f"s{i:03d}") for i in range(9)])
+            # 4 slots, 4 queued, and the ninth parked once the webhook is seen slow.
+            await until(lambda: len(h.producer.to(STAGE_1)) == 1, what="the first parking")
+            ep = h.engine.runner.endpoints["wh_a"]
+            assert len(ep.queue) == 4
+            # One answer: a queued delivery takes the slot, the queue has room (3 of 4) ...
+            first.set()
+            await until(lambda: len(ep.queue) == 3, what="a queued delivery started")
+            # ... yet a new delivery goes behind the parked one, not into that room ...
+            h.input.feed([event("s009")])
+            await until(lambda: len(h.producer.to(STAGE_1)) == 2, what="the new one parked")
+            assert records_to(h, STAGE_1)[1].delivery_id != records_to(h, STAGE_1)[0].delivery_id
+            # ... while the parked one, coming back, takes it.
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            back = h.producer.to(STAGE_1)[0].value or b""
+            stage.feed([back], headers=[("dispatcher-due-ms", b"0")])
+            await until(lambda: len(ep.queue) == 4, what="the returning one queued")
+            assert len(h.producer.to(STAGE_1)) == 2
+            rest.set()
+            await until(lambda: stage.stored.get(0) == 1, what="the returning one delivered")
+            assert sorted(sessions(seen)) == [f"s{i:03d}" for i in range(9)]
 
     asyncio.run(main())
 

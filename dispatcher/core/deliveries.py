@@ -7,10 +7,19 @@ retry stage or to the dead-letter topic. Each delivery holds a
 :class:`~dispatcher.core.work.Ticket` that it finishes only once its result is final
 or durably written, so the message's offset may then be committed.
 
-An endpoint whose queue is full makes the partitions that feed it wait
-(backpressure); only a stalled endpoint or an open circuit defers deliveries,
-and a delivery deferred for longer than ``deferral_max_age_s`` is dead-lettered
-with reason ``endpoint_unavailable``.
+Each endpoint has a lane of its own. Its slots and a short queue hold what it
+takes next; once the queue is full, an endpoint that clears it within
+``endpoint_queue_wait_s`` is merely busy and the partitions that feed it wait
+(backpressure), while a *slow* one (it would take longer) has what does not fit
+parked in Kafka: deferred, without spending an attempt, to the retry stage it
+would wait in anyway, with reason ``endpoint_slow`` and a due time paced to the
+endpoint's own rate, so that it comes back while the queue still has work and
+the slots never run dry. The partitions go on for every other webhook; the
+offsets of what waits in the queue stay uncommitted (at most one queue, a few
+seconds of the endpoint's work), and what is parked was durably written first.
+A stalled endpoint or an open circuit defers everything, and a delivery
+deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
+``endpoint_unavailable``.
 """
 
 from __future__ import annotations
@@ -46,6 +55,13 @@ deferral_log = logging.getLogger("dispatcher.deferrals")
 Spawn = Callable[[Ticket, Coroutine[Any, Any, None]], None]
 #: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+#: Deferral reason of a delivery parked in Kafka behind a slow endpoint's full queue.
+ENDPOINT_SLOW = "endpoint_slow"
+#: A parked delivery waits at least this long: sooner, it would find the queue as
+#: full as it left it, and the hand-over round trip would be spent for nothing.
+MIN_PARK_S = 1.0
+#: Webhooks with the largest backlogs reported by ``dispatcher_endpoint_backlog``.
+BACKLOG_TOP_N = 10
 #: Deferrals are logged as counts per interval, not one line each.
 DEFERRAL_LOG_EVERY_S = 10.0
 
@@ -118,6 +134,11 @@ class DeliveryRunner:
         #: Partitions waiting for an endpoint's full queue, by webhook id.
         self.waiting: dict[str, set[PartitionState]] = {}
         self.deferrals = DeferralLog()
+        #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
+        #: recounted on every check (:meth:`check_endpoints`).
+        self.slow_queued = 0
+        #: Webhook ids that ``dispatcher_endpoint_backlog`` reports now.
+        self._backlog_shown: set[str] = set()
         self.stopping = False
         self._spawn = spawn
         self._unblocked = unblocked
@@ -142,16 +163,61 @@ class DeliveryRunner:
         if admission is Admission.START:
             self._spawn(ticket, self._attempt(ep, d))
         elif admission is Admission.QUEUED:
-            if ep.full:
+            wait_s = self._park_for(ep, d)
+            if wait_s is not None:
+                ep.queue.pop()  # the one just queued: it waits in Kafka instead
+                self._spawn(ticket, self._defer(d, ENDPOINT_SLOW, wait_s))
+            elif ep.full:
                 d.slot.part.blocked.add(key)
                 self.waiting.setdefault(key, set()).add(d.slot.part)
+            elif ep.expected_wait() > ep.queue_wait_s:
+                self.slow_queued += 1
         else:
             self._spawn(ticket, self._defer(d, admission.value))
+
+    def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
+        """Seconds ``d``, just queued, should wait in Kafka instead; None to keep it here.
+
+        It is parked when it does not fit in its endpoint's queue and the endpoint
+        is slow (the queue holds more than ``endpoint_queue_wait_s`` of its work),
+        when slow endpoints' queues already hold half the in-flight places (the
+        other half stays for everyone else), or when it is new while deliveries
+        parked before it have not had their turn yet and the queue is more than half
+        full, so that it goes behind them. One coming back from Kafka takes any room
+        in the queue; a new one takes room in a queue that runs low, so the slots
+        never wait for the parked ones.
+        """
+        returning = d.record is not None and d.record.deferrals > 0
+        now = time.monotonic()
+        behind = not returning and ep.parked_until > now
+        bound = ep.queue_bound()
+        # Queued already, so the queue holds ``bound`` and this one is beyond.
+        park = (
+            (len(ep.queue) > bound and ep.expected_wait() > ep.queue_wait_s)
+            or (behind and len(ep.queue) > bound / 2)
+            or (
+                self.slow_queued >= self.settings.max_in_flight // 2
+                and ep.expected_wait() > ep.queue_wait_s
+            )
+        )
+        if not park:
+            return None
+        rate = ep.service_rate()
+        if rate == float("inf"):
+            return MIN_PARK_S
+        # Its turn: after what is queued, and a new one after what was parked before it.
+        turn = now + ep.expected_wait()
+        if not returning:
+            turn = ep.parked_until = max(turn, ep.parked_until) + 1 / rate
+        # Back while half a queue is still ahead of it, so the slots never wait for it.
+        back_in = turn - now - bound / rate / 2
+        return max(back_in, MIN_PARK_S)
 
     async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
         result: AttemptResult | None = None
         try:
             result, headers = await self._post(d)
+            ep.observe(result.duration_s)
             outcome = "success" if result.ok else "failure"
             metrics.attempt_counted(d.stage, outcome, result.status_label)
             metrics.attempt_duration(d.stage, result.duration_s)
@@ -218,7 +284,7 @@ class DeliveryRunner:
         if ep.open_until is not None and ep.queue and not self.stopping:
             self._defer_queue(ep, "circuit_open")
         self._unblock_if_room(key, ep)
-        if ep.idle and ep.failures == 0:
+        if ep.idle and ep.failures == 0 and ep.parked_until <= time.monotonic():
             self.endpoints.pop(key, None)
 
     def _defer_queue(self, ep: Endpoint[Delivery], reason: str) -> None:
@@ -227,7 +293,9 @@ class DeliveryRunner:
                 self._spawn(waiting.ticket, self._defer(waiting, reason))
 
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
-        if key not in self.waiting or (ep is not None and ep.full):
+        """Let partitions waiting for ``key`` go on: its queue has room, or it turned
+        slow, and what does not fit is now parked in Kafka instead."""
+        if key not in self.waiting or (ep is not None and ep.full and not ep.slow):
             return
         for ps in self.waiting.pop(key):
             ps.blocked.discard(key)
@@ -314,7 +382,14 @@ class DeliveryRunner:
             return
         self._finish(d)
 
-    async def _defer(self, d: Delivery, reason: str) -> None:
+    async def _defer(self, d: Delivery, reason: str, wait_s: float | None = None) -> None:
+        """Hand ``d`` to the retry path without an attempt.
+
+        It goes to the stage it would wait in anyway, due after that stage's delay
+        or, given ``wait_s``, after that long if sooner: a record of a stage is then
+        never due later than its delay after it was written, so the head of a
+        stage's partition still waits no longer than that delay.
+        """
         now = datetime.now(UTC)
         record = d.record or self._new_record(d)
         record.first_deferred_at = record.first_deferred_at or now
@@ -323,10 +398,12 @@ class DeliveryRunner:
             await self._dead_letter(d, record, ENDPOINT_UNAVAILABLE, now)
             return
         record.deferrals += 1
-        hop = for_deferral(d.attempts_made, self.stages, now_ms())
+        at = now_ms()
+        hop = for_deferral(d.attempts_made, self.stages, at)
         assert hop.stage is not None
+        due = hop.due_ms if wait_s is None else min(hop.due_ms, at + int(wait_s * 1000))
         self.deferrals.note(reason, d)
-        await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
+        await self._hand_over(d, record, hop.stage.topic, due)
 
     def _new_record(self, d: Delivery) -> DeliveryRecord:
         return DeliveryRecord(
@@ -357,10 +434,35 @@ class DeliveryRunner:
         self.deferrals.flush(force=True)
 
     def check_endpoints(self) -> None:
+        slow_queued = 0
+        backlogs: list[tuple[float, str]] = []
+        now = time.monotonic()
         for key, ep in list(self.endpoints.items()):
             if ep.stalled and ep.queue and not self.stopping:
                 self._defer_queue(ep, Admission.STALLED.value)
             self._unblock_if_room(key, ep)
+            if ep.queue and ep.expected_wait() > ep.queue_wait_s:
+                slow_queued += len(ep.queue)
+            backlog = float(len(ep.queue))
+            if ep.parked_until > now:
+                rate = ep.service_rate()
+                if rate != float("inf"):
+                    backlog += (ep.parked_until - now) * rate
+            if backlog:
+                backlogs.append((backlog, key))
+        self.slow_queued = slow_queued
+        self._show_backlogs(backlogs)
+
+    def _show_backlogs(self, backlogs: list[tuple[float, str]]) -> None:
+        """Report the largest backlogs per webhook: queued here plus parked in Kafka
+        (an estimate from the parked deliveries' turns and the endpoint's rate)."""
+        top = sorted(backlogs, reverse=True)[:BACKLOG_TOP_N]
+        shown = {key for _n, key in top}
+        for key in self._backlog_shown - shown:
+            metrics.ENDPOINT_BACKLOG.remove(key)
+        for n, key in top:
+            metrics.ENDPOINT_BACKLOG.labels(key).set(round(n))
+        self._backlog_shown = shown
 
     def abandon_queued(self, states: set[PartitionState]) -> None:
         """Drop deliveries still waiting for an endpoint slot on these partitions.

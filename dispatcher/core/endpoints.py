@@ -1,15 +1,19 @@
-"""Per-endpoint isolation: concurrency slots, a wait queue, a circuit breaker.
+"""Per-endpoint isolation: concurrency slots, a wait queue (its lane), a circuit breaker.
 
 An endpoint is one webhook (a subscription id): two webhooks on the same host
-have separate slots, queues and breakers, so one customer's stalled or failing
-URL never slows or trips another's. What they share is per origin, in the HTTP
-client: the keep-alive connections and a cap on concurrent requests.
+have separate slots, queues and breakers, so one customer's stalled, failing or
+slow URL never slows or trips another's. What they share is per origin, in the
+HTTP client: the keep-alive connections and a cap on concurrent requests.
 
-Backpressure first, deferral last. A delivery that finds every slot taken waits
-in the endpoint's queue; once the queue is *full* the caller makes the partitions
-feeding the endpoint wait (they are paused), however slowly it answers. Only an
-endpoint that is *stalled* (requests in flight and no answer for ``stall_s``) or
-whose circuit is open has its deliveries deferred to the retry path.
+A delivery that finds every slot taken waits in the endpoint's queue, the
+in-memory part of its lane. What happens once the queue is *full* depends on how
+long its last item would wait (:meth:`Endpoint.expected_wait`): up to
+``queue_wait_s`` the endpoint is merely busy and the caller makes the partitions
+feeding it wait (backpressure, they are paused); beyond that it is *slow*
+(:attr:`Endpoint.slow`) and the caller parks what does not fit in Kafka instead,
+so the partitions go on for every other webhook. An endpoint that is *stalled*
+(requests in flight and no answer for ``stall_s``) or whose circuit is open has
+all its deliveries deferred to the retry path.
 
 The queue bound follows how long its last item would wait, not only a count: an
 endpoint that completes 2,000 requests a second may queue 2,000 x
@@ -31,6 +35,8 @@ T = TypeVar("T")
 
 #: Completions are counted over windows of this length to estimate the rate.
 RATE_WINDOW_S = 1.0
+#: Weight of the newest attempt duration in the endpoint's latency average.
+LATENCY_WEIGHT = 0.2
 
 
 class Admission(Enum):
@@ -51,8 +57,10 @@ class Endpoint(Generic[T]):
         "active",
         "cooldown_s",
         "failures",
+        "latency",
         "limit",
         "open_until",
+        "parked_until",
         "probing",
         "queue",
         "queue_size",
@@ -90,6 +98,11 @@ class Endpoint(Generic[T]):
         self.stall_s = stall_s
         #: When a request last completed, or started on an idle endpoint.
         self._last_progress = clock()
+        #: Moving average of attempt durations (s); None until one completed.
+        self.latency: float | None = None
+        #: When the last delivery parked in Kafka for being slow gets its turn (clock s);
+        #: until then new deliveries queue behind it, in Kafka too.
+        self.parked_until = 0.0
 
     def admit(self, item: T) -> Admission:
         """Take ``item`` now, queue it, or say why it must be deferred."""
@@ -133,6 +146,43 @@ class Endpoint(Generic[T]):
             # keeps a stalled endpoint from taking the global in-flight places.
             return self.queue_size
         return max(self.queue_size, self.rate * self.queue_wait_s)
+
+    def observe(self, duration_s: float) -> None:
+        """One attempt's duration, for :meth:`service_rate` before a window measured it."""
+        if self.latency is None:
+            self.latency = duration_s
+        else:
+            self.latency += LATENCY_WEIGHT * (duration_s - self.latency)
+
+    def service_rate(self) -> float:
+        """Deliveries a second this endpoint takes; ``inf`` while nothing says otherwise.
+
+        A saturated window's count is the measure. Before one, Little's law over the
+        slots: ``limit`` requests per average duration, where a request still
+        running without any answer counts for at least as long as it has run, so
+        an endpoint that has not answered yet is not taken for a fast one.
+        """
+        self._roll_window()
+        if self.rate is not None:
+            return max(self.rate, 1e-3)
+        latency = self.latency or 0.0
+        if self.active:
+            latency = max(latency, self._clock() - self._last_progress)
+        return self.limit / latency if latency > 0 else float("inf")
+
+    def expected_wait(self, extra: int = 0) -> float:
+        """Seconds the last queued delivery (and ``extra`` more) would wait for a slot."""
+        waiting = len(self.queue) + extra
+        return waiting / self.service_rate() if waiting else 0.0
+
+    @property
+    def slow(self) -> bool:
+        """Its queue is full and holds more than ``queue_wait_s`` of its work.
+
+        What does not fit then waits in Kafka rather than in front of the
+        partitions (see the module docstring).
+        """
+        return self.full and self.expected_wait() > self.queue_wait_s
 
     def _roll_window(self) -> None:
         now = self._clock()
