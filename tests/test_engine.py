@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
+from dispatcher.core import deliveries
 from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
 from dispatcher.core.invalid import H_INVALID_REASON
 from dispatcher.records import DeliveryRecord, Source
@@ -277,14 +279,15 @@ def test_shutdown_drains_in_flight_deliveries_then_closes() -> None:
 
 @pytest.mark.parametrize("queue", [4, 0])
 def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_deferring(
-    queue: int,
+    queue: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = asyncio.Event()
     seen: list[httpx.Request] = []
     handler = gated(gate, seen)
+    # Hold limits far longer than the test: the webhook is busy, never judged slow.
+    monkeypatch.setattr(deliveries, "HOLD_MAX_S", 600.0)
 
     async def main() -> None:
-        # A queue wait far longer than the test: the webhook is busy, never slow.
         s = settings(endpoint_stall_s=60, endpoint_queue_size=queue, endpoint_queue_wait_s=600)
         taken = 4 + max(queue, 1)  # the slots, and the queue up to its bound (one at least)
         async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
@@ -328,7 +331,9 @@ def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_
         return ok(request)
 
     async def main() -> None:
-        s = settings(endpoint_stall_s=60, endpoint_queue_wait_s=0.1, partition_buffer_high=100)
+        # The default queue wait (2 s): S has no measure yet, so it is its full
+        # queue holding the partition past HOLD_MAX_S that says it is slow.
+        s = settings(endpoint_stall_s=60, partition_buffer_high=100)
         table = FakeTable(
             subscription("wh_s", A, org="org_s"), subscription("wh_f", B, org="org_f")
         )
@@ -339,7 +344,9 @@ def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_
             h.input.feed(
                 [event(f"{org}{i:03d}", org=f"org_{org}") for i in range(30) for org in "sf"]
             )
+            started = time.monotonic()
             await until(lambda: len(seen_f) == 30, what="every delivery of the healthy webhook")
+            assert time.monotonic() - started < 1.0, "the partition waited for the slow webhook"
             assert seen_s == [], "the slow webhook answered: the test proves nothing"
             # S: 4 in its slots, 4 in its queue, the other 22 parked without an attempt.
             await until(lambda: len(h.producer.to(STAGE_1)) == 22, what="the parked deliveries")

@@ -62,6 +62,12 @@ ENDPOINT_SLOW = "endpoint_slow"
 MIN_PARK_S = 1.0
 #: Webhooks with the largest backlogs reported by ``dispatcher_endpoint_backlog``.
 BACKLOG_TOP_N = 10
+#: The longest a full queue may hold the partitions that feed it: an endpoint whose
+#: queue has no room for this long (not one answer meanwhile) is slow, whatever it
+#: measured so far. A busy but fast one frees a place within milliseconds.
+HOLD_MAX_S = 0.1
+#: How long such a verdict lasts; by then its answers measure it.
+HELD_FOR_S = 5.0
 #: Deferrals are logged as counts per interval, not one line each.
 DEFERRAL_LOG_EVERY_S = 10.0
 
@@ -133,6 +139,8 @@ class DeliveryRunner:
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
         #: Partitions waiting for an endpoint's full queue, by webhook id.
         self.waiting: dict[str, set[PartitionState]] = {}
+        #: Since when they wait, by webhook id (see ``HOLD_MAX_S``).
+        self._holding: dict[str, float] = {}
         self.deferrals = DeferralLog()
         #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
         #: recounted on every check (:meth:`check_endpoints`).
@@ -168,12 +176,27 @@ class DeliveryRunner:
                 ep.queue.pop()  # the one just queued: it waits in Kafka instead
                 self._spawn(ticket, self._defer(d, ENDPOINT_SLOW, wait_s))
             elif ep.full:
-                d.slot.part.blocked.add(key)
-                self.waiting.setdefault(key, set()).add(d.slot.part)
-            elif ep.expected_wait() > ep.queue_wait_s:
+                self._hold(key, d.slot.part)
+            elif ep.overloaded():
                 self.slow_queued += 1
         else:
             self._spawn(ticket, self._defer(d, admission.value))
+
+    def _hold(self, key: str, part: PartitionState) -> None:
+        """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
+        if key not in self.waiting:
+            started = time.monotonic()
+            self._holding[key] = started
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
+        part.blocked.add(key)
+        self.waiting.setdefault(key, set()).add(part)
+
+    def _held_too_long(self, key: str, started: float) -> None:
+        ep = self.endpoints.get(key)
+        if ep is None or self._holding.get(key) != started:
+            return  # the partitions went on meanwhile
+        ep.held(HELD_FOR_S)
+        self._unblock_if_room(key, ep)
 
     def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
         """Seconds ``d``, just queued, should wait in Kafka instead; None to keep it here.
@@ -193,12 +216,9 @@ class DeliveryRunner:
         bound = ep.queue_bound()
         # Queued already, so the queue holds ``bound`` and this one is beyond.
         park = (
-            (len(ep.queue) > bound and ep.expected_wait() > ep.queue_wait_s)
+            (len(ep.queue) > bound and ep.overloaded())
             or (behind and len(ep.queue) > bound / 2)
-            or (
-                self.slow_queued >= self.settings.max_in_flight // 2
-                and ep.expected_wait() > ep.queue_wait_s
-            )
+            or (self.slow_queued >= self.settings.max_in_flight // 2 and ep.overloaded())
         )
         if not park:
             return None
@@ -208,7 +228,9 @@ class DeliveryRunner:
         # Its turn: after what is queued, and a new one after what was parked before it.
         turn = now + ep.expected_wait()
         if not returning:
-            turn = ep.parked_until = max(turn, ep.parked_until) + 1 / rate
+            turn = max(turn, ep.parked_until) + 1 / rate
+            # A rate measured near zero must not keep the endpoint parked for ages.
+            turn = ep.parked_until = min(turn, now + self.stages[-1].delay_s)
         # Back while half a queue is still ahead of it, so the slots never wait for it.
         back_in = turn - now - bound / rate / 2
         return max(back_in, MIN_PARK_S)
@@ -297,6 +319,7 @@ class DeliveryRunner:
         slow, and what does not fit is now parked in Kafka instead."""
         if key not in self.waiting or (ep is not None and ep.full and not ep.slow):
             return
+        self._holding.pop(key, None)
         for ps in self.waiting.pop(key):
             ps.blocked.discard(key)
             if not ps.blocked:
@@ -441,7 +464,7 @@ class DeliveryRunner:
             if ep.stalled and ep.queue and not self.stopping:
                 self._defer_queue(ep, Admission.STALLED.value)
             self._unblock_if_room(key, ep)
-            if ep.queue and ep.expected_wait() > ep.queue_wait_s:
+            if ep.queue and ep.overloaded():
                 slow_queued += len(ep.queue)
             backlog = float(len(ep.queue))
             if ep.parked_until > now:

@@ -9,7 +9,8 @@ A delivery that finds every slot taken waits in the endpoint's queue, the
 in-memory part of its lane. What happens once the queue is *full* depends on how
 long its last item would wait (:meth:`Endpoint.expected_wait`): up to
 ``queue_wait_s`` the endpoint is merely busy and the caller makes the partitions
-feeding it wait (backpressure, they are paused); beyond that it is *slow*
+feeding it wait (backpressure, they are paused) for a moment at most; beyond
+that, or once it held them longer than that moment (:meth:`Endpoint.held`), it is *slow*
 (:attr:`Endpoint.slow`) and the caller parks what does not fit in Kafka instead,
 so the partitions go on for every other webhook. An endpoint that is *stalled*
 (requests in flight and no answer for ``stall_s``) or whose circuit is open has
@@ -57,6 +58,7 @@ class Endpoint(Generic[T]):
         "active",
         "cooldown_s",
         "failures",
+        "held_until",
         "latency",
         "limit",
         "open_until",
@@ -103,6 +105,9 @@ class Endpoint(Generic[T]):
         #: When the last delivery parked in Kafka for being slow gets its turn (clock s);
         #: until then new deliveries queue behind it, in Kafka too.
         self.parked_until = 0.0
+        #: Until when it counts as slow for having held its partitions too long
+        #: (see :meth:`held`), whatever its measures say.
+        self.held_until = 0.0
 
     def admit(self, item: T) -> Admission:
         """Take ``item`` now, queue it, or say why it must be deferred."""
@@ -175,14 +180,27 @@ class Endpoint(Generic[T]):
         waiting = len(self.queue) + extra
         return waiting / self.service_rate() if waiting else 0.0
 
+    def overloaded(self) -> bool:
+        """Its queue holds more than ``queue_wait_s`` of its work, or it held its
+        partitions too long lately."""
+        return self._clock() < self.held_until or self.expected_wait() > self.queue_wait_s
+
     @property
     def slow(self) -> bool:
-        """Its queue is full and holds more than ``queue_wait_s`` of its work.
+        """Its queue is full and it is :meth:`overloaded`.
 
         What does not fit then waits in Kafka rather than in front of the
         partitions (see the module docstring).
         """
-        return self.full and self.expected_wait() > self.queue_wait_s
+        return self.full and self.overloaded()
+
+    def held(self, for_s: float) -> None:
+        """Its full queue held partitions too long: count it as slow for ``for_s``.
+
+        Before its first answers an endpoint has no measure, and waiting for one
+        would hold every partition that feeds it for as long as its slowest request.
+        """
+        self.held_until = self._clock() + for_s
 
     def _roll_window(self) -> None:
         now = self._clock()
