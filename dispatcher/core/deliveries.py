@@ -65,7 +65,7 @@ BACKLOG_TOP_N = 10
 #: The longest a full queue may hold the partitions that feed it: an endpoint whose
 #: queue has no room for this long (not one answer meanwhile) is slow, whatever it
 #: measured so far. A busy but fast one frees a place within milliseconds.
-HOLD_MAX_S = 0.1
+HOLD_MAX_S = 0.05
 #: How long such a verdict lasts; by then its answers measure it.
 HELD_FOR_S = 5.0
 #: Deferrals are logged as counts per interval, not one line each.
