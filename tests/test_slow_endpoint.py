@@ -165,6 +165,9 @@ def test_a_slow_webhook_next_to_a_fast_one_loses_nothing_across_kill_9(
     wait_until(lambda: not Tally.of([receiver]).missing(wanted), 60, "every delivery to F")
     assert_slow_all_first_attempts(receiver, slow)
     tally = Tally.of([receiver])
-    # At least once: what the kill interrupted (S's slots and queue, and F's
-    # uncommitted window behind them) may come twice, nothing else.
-    assert tally.duplicates <= SLOTS + 64 + PER_ORG, tally.duplicates
+    print(f"\n[slow neighbour, kill -9] duplicates {tally.duplicates} of {2 * PER_ORG}")
+    # At least once: the uncommitted window behind S's queue is read again after the
+    # kill, so its deliveries, F's too, may come twice; a delivery of S that was
+    # parked and back in a slot at the kill also comes from its stage record: three
+    # times at most, never more.
+    assert max(tally.counts.values()) <= 3, tally.counts.most_common(3)

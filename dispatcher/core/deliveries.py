@@ -171,14 +171,22 @@ class DeliveryRunner:
         if admission is Admission.START:
             self._spawn(ticket, self._attempt(ep, d))
         elif admission is Admission.QUEUED:
+            unmeasured = ep.latency is None
+            if unmeasured and ep.full and self._lane_room():
+                # Not one answer yet: nothing says whether it is slow. What a burst
+                # brings waits here, in the half of the in-flight places kept for
+                # such lanes, rather than holding the partitions or going to Kafka.
+                self.slow_queued += 1
+                return
             wait_s = self._park_for(ep, d)
             if wait_s is not None:
                 ep.queue.pop()  # the one just queued: it waits in Kafka instead
                 self._spawn(ticket, self._defer(d, ENDPOINT_SLOW, wait_s))
-            elif ep.full:
-                self._hold(key, d.slot.part)
-            elif ep.overloaded():
+                return
+            if unmeasured or ep.overloaded():
                 self.slow_queued += 1
+            if ep.full:
+                self._hold(key, d.slot.part)
         else:
             self._spawn(ticket, self._defer(d, admission.value))
 
@@ -197,6 +205,11 @@ class DeliveryRunner:
             return  # the partitions went on meanwhile
         ep.held(HELD_FOR_S)
         self._unblock_if_room(key, ep)
+
+    def _lane_room(self) -> bool:
+        """Whether slow or unmeasured endpoints' queues may take one more delivery:
+        together they hold at most half the in-flight places."""
+        return self.slow_queued < self.settings.max_in_flight // 2
 
     def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
         """Seconds ``d``, just queued, should wait in Kafka instead; None to keep it here.
@@ -218,19 +231,19 @@ class DeliveryRunner:
         park = (
             (len(ep.queue) > bound and ep.overloaded())
             or (behind and len(ep.queue) > bound / 2)
-            or (self.slow_queued >= self.settings.max_in_flight // 2 and ep.overloaded())
+            or (not returning and not self._lane_room() and ep.overloaded())
         )
         if not park:
             return None
         rate = ep.service_rate()
         if rate == float("inf"):
             return MIN_PARK_S
-        # Its turn: after what is queued, and a new one after what was parked before it.
-        turn = now + ep.expected_wait()
-        if not returning:
-            turn = max(turn, ep.parked_until) + 1 / rate
-            # A rate measured near zero must not keep the endpoint parked for ages.
-            turn = ep.parked_until = min(turn, now + self.stages[-1].delay_s)
+        # Its turn: after what is queued and what was parked before it. One back too
+        # early (the rate was not known yet) joins the end of that line, spaced like
+        # the others; sent back all at once, they would find the queue full together.
+        turn = max(now + ep.expected_wait(), ep.parked_until) + 1 / rate
+        # A rate measured near zero must not keep the endpoint parked for ages.
+        turn = ep.parked_until = min(turn, now + self.stages[-1].delay_s)
         # Back while half a queue is still ahead of it, so the slots never wait for it.
         back_in = turn - now - bound / rate / 2
         return max(back_in, MIN_PARK_S)
@@ -464,7 +477,7 @@ class DeliveryRunner:
             if ep.stalled and ep.queue and not self.stopping:
                 self._defer_queue(ep, Admission.STALLED.value)
             self._unblock_if_room(key, ep)
-            if ep.queue and ep.overloaded():
+            if ep.queue and (ep.latency is None or ep.overloaded()):
                 slow_queued += len(ep.queue)
             backlog = float(len(ep.queue))
             if ep.parked_until > now:

@@ -162,18 +162,25 @@ class Endpoint(Generic[T]):
     def service_rate(self) -> float:
         """Deliveries a second this endpoint takes; ``inf`` while nothing says otherwise.
 
-        A saturated window's count is the measure. Before one, Little's law over the
-        slots: ``limit`` requests per average duration, where a request still
-        running without any answer counts for at least as long as it has run, so
-        an endpoint that has not answered yet is not taken for a fast one.
+        The larger of two measures. A saturated window's count, exact for an
+        endpoint that answers many times a window, but zero for one whose answers
+        take longer than a window. And Little's law over the slots: ``limit``
+        requests per average duration, where a request still running without any
+        answer counts for at least as long as it has run (twice that before the
+        endpoint's first answer), so one that has not answered yet is not taken for
+        a fast one.
         """
         self._roll_window()
-        if self.rate is not None:
-            return max(self.rate, 1e-3)
         latency = self.latency or 0.0
         if self.active:
-            latency = max(latency, self._clock() - self._last_progress)
-        return self.limit / latency if latency > 0 else float("inf")
+            running = self._clock() - self._last_progress
+            # With no answer yet, the best guess for a request that has run for t is
+            # that it runs about as long again.
+            latency = max(latency, running if self.latency is not None else 2 * running)
+        little = self.limit / latency if latency > 0 else float("inf")
+        if self.rate is not None:
+            return max(self.rate, little, 1e-3)
+        return little
 
     def expected_wait(self, extra: int = 0) -> float:
         """Seconds the last queued delivery (and ``extra`` more) would wait for a slot."""
