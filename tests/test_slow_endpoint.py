@@ -27,6 +27,9 @@ SLOTS = 50
 SETTINGS: dict[str, Any] = {
     "topic_partitions": 3,
     "max_in_flight_per_endpoint": SLOTS,
+    # Half of it for slow or not yet measured webhooks' queues: S's backlog is more
+    # than that, so part of it is parked in Kafka.
+    "max_in_flight": 256,
     # Parked deliveries are paced within the first stage's delay: one long enough
     # that they come back on their turn, not because the stage made them.
     "retry_delays_s": [30, 60],
