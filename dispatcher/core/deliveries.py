@@ -65,9 +65,9 @@ ENDPOINT_SLOW = "endpoint_slow"
 MIN_PARK_S = 1.0
 #: Webhooks with the largest backlogs reported by ``dispatcher_endpoint_backlog``.
 BACKLOG_TOP_N = 10
-#: The longest a full queue may hold the partitions that feed it: an endpoint whose
-#: queue has no room for this long (not one answer meanwhile) is slow, whatever it
-#: measured so far. A busy but fast one frees a place within milliseconds.
+#: How long a full queue may hold the partitions that feed it before it is judged:
+#: an endpoint that has not answered once in that time, while others have, is slow,
+#: whatever it measured so far. A busy but fast one frees a place within milliseconds.
 HOLD_MAX_S = 0.05
 #: How long such a verdict lasts; by then its answers measure it.
 HELD_FOR_S = 5.0
@@ -144,6 +144,8 @@ class DeliveryRunner:
         self.waiting: dict[str, set[PartitionState]] = {}
         #: Since when they wait, by webhook id (see ``HOLD_MAX_S``).
         self._holding: dict[str, float] = {}
+        #: When any endpoint last answered (monotonic s).
+        self._last_answer = 0.0
         self.deferrals = DeferralLog()
         #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
         #: recounted on every check (:meth:`check_endpoints`).
@@ -203,11 +205,20 @@ class DeliveryRunner:
         self.waiting.setdefault(key, set()).add(part)
 
     def _held_too_long(self, key: str, started: float) -> None:
+        """Judge an endpoint whose full queue held partitions for ``HOLD_MAX_S``.
+
+        It is slow if it has not answered since, while another endpoint has: then
+        it is not the network or this process that is slow, it is the endpoint.
+        Otherwise the partitions wait on, judged again every ``HOLD_MAX_S``.
+        """
         ep = self.endpoints.get(key)
         if ep is None or self._holding.get(key) != started:
             return  # the partitions went on meanwhile
-        ep.held(HELD_FOR_S)
-        self._unblock_if_room(key, ep)
+        if not ep.answered_since(started) and self._last_answer > started:
+            ep.held(HELD_FOR_S)
+            self._unblock_if_room(key, ep)
+        if self._holding.get(key) == started:
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
 
     def _lane_room(self) -> bool:
         """Whether slow or unmeasured endpoints' queues may take one more delivery:
@@ -256,6 +267,7 @@ class DeliveryRunner:
         try:
             result, headers = await self._post(d)
             ep.observe(result.duration_s)
+            self._last_answer = time.monotonic()
             outcome = "success" if result.ok else "failure"
             metrics.attempt_counted(d.stage, outcome, result.status_label)
             metrics.attempt_duration(d.stage, result.duration_s)

@@ -201,6 +201,10 @@ class Endpoint(Generic[T]):
         """
         return self.full and self.overloaded()
 
+    def answered_since(self, when: float) -> bool:
+        """Whether a request completed after ``when`` (clock seconds)."""
+        return self.latency is not None and self._last_progress > when
+
     def held(self, for_s: float) -> None:
         """Its full queue held partitions too long: count it as slow for ``for_s``.
 
