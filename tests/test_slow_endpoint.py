@@ -5,7 +5,11 @@ webhook answers every request after 2.5 s, organization F's at once, and their
 events alternate in every input partition. S's backlog beyond its slots and
 queue is parked in Kafka (deferral reason ``endpoint_slow``, no attempt spent),
 so F keeps its pace and latency while S still gets every delivery, each on its
-first attempt; a ``kill -9`` mid-run loses nothing.
+first attempt, its slots busy all the time; a ``kill -9`` mid-run loses nothing.
+
+F's pace is measured from the first publish to its last delivery, its latency
+from each event's publish to its first receipt, F alone and next to S taken in
+turn, and each figure is the best of ``TRIALS`` (the machine is shared).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from tests.streams import Tally, expected_pairs, gauge, session_of, stream
 from tests.support import BOOTSTRAP, DispatcherProcess, Namespace, wait_until
 
 PER_ORG = 300
+#: Timing on a shared machine is noisy: each of F's figures is the best of this
+#: many trials, F alone and F next to a cold slow webhook taken in turn.
+TRIALS = 2
 SLOW_S = 2.5
 #: S's slots: 300 deliveries at 2.5 s take 15 s through 50 of them.
 SLOTS = 50
@@ -53,8 +60,10 @@ def publish(ns: Namespace, events: list[dict[str, Any]]) -> dict[str, float]:
     return sent
 
 
-def interleaved(prefix: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    slow = stream(f"{prefix}-s", 0, PER_ORG, org="org_slow")
+def interleaved(
+    prefix: str, slow_org: str = "org_slow0"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    slow = stream(f"{prefix}-s", 0, PER_ORG, org=slow_org)
     fast = stream(f"{prefix}-f", 0, PER_ORG, org="org_fast")
     return slow, [e for pair in zip(slow, fast, strict=True) for e in pair]
 
@@ -92,7 +101,9 @@ def setup(ns_factory: Any, receiver: HttpsReceiver) -> Namespace:
     ns: Namespace = ns_factory(**SETTINGS)
     receiver.respond("/slow", Reply(200, delay_s=SLOW_S))
     receiver.respond("/fast", Reply(200))
-    ns.subscribe(receiver.url("/slow"), organization_id="org_slow")
+    # Two slow organizations (one per trial, each met cold), one URL.
+    for n in range(TRIALS):
+        ns.subscribe(receiver.url("/slow"), organization_id=f"org_slow{n}")
     ns.subscribe(receiver.url("/fast"), organization_id="org_fast")
     return ns
 
@@ -111,37 +122,52 @@ def test_a_slow_webhook_keeps_neither_pace_nor_latency_from_its_neighbour(
 ) -> None:
     ns = setup(ns_factory, receiver)
     proc: DispatcherProcess = run_dispatcher(ns)
-    # Warm up both webhooks' connections (TLS handshakes are not what is measured),
-    # then F alone, then F with S in the same partitions.
-    warm_slow = stream("warm-s", 0, SLOTS, org="org_slow")
-    fast_run(receiver, ns, stream("warm-f", 0, 30, org="org_fast") + warm_slow)
-    wait_until(
-        lambda: (
-            len(receiver.requests_to("/slow")) == SLOTS
-            and gauge(proc, "dispatcher_in_flight_deliveries") == 0
-        ),
-        30,
-        "the slow webhook's warm-up answered",
-    )
-    alone_rate, alone_p99 = fast_run(receiver, ns, stream("alone", 0, PER_ORG, org="org_fast"))
-    slow, mixed = interleaved("mixed")
-    rate, p99 = fast_run(receiver, ns, mixed)
-    print(
-        f"\n[slow neighbour] F alone {alone_rate:.0f}/s p99 {alone_p99 * 1000:.0f} ms;"
-        f" with S {rate:.0f}/s p99 {p99 * 1000:.0f} ms; ratio {rate / alone_rate:.2f}"
-    )
-    assert rate >= 0.9 * alone_rate, (rate, alone_rate)
-    assert p99 <= 1.0, p99
-    # S has not got far meanwhile: F's pace is not S's having been served first.
-    assert len(receiver.requests_to("/slow")) < SLOTS + PER_ORG
-    assert_slow_all_first_attempts(receiver, warm_slow + slow)
+    alone: list[tuple[float, float]] = []
+    mixed: list[tuple[float, float]] = []
+    warm: list[dict[str, Any]] = []
+    for n in range(TRIALS):
+        # Warm the origin's connections up for both (TLS handshakes are not what is
+        # measured; kept-alive connections close when idle), then F alone, then F
+        # next to S, met cold, in the same partitions.
+        warm_slow = stream(f"warm{n}-s", 0, SLOTS, org=f"org_slow{n}")
+        warm += warm_slow
+        fast_run(receiver, ns, stream(f"warm{n}-f", 0, SLOTS, org="org_fast") + warm_slow)
+        expected = len(warm) + n * PER_ORG
+        wait_until(
+            lambda: (
+                len(receiver.requests_to("/slow")) == expected  # noqa: B023 (awaited here)
+                and gauge(proc, "dispatcher_in_flight_deliveries") == 0
+            ),
+            30,
+            "the warm-up answered",
+        )
+        alone.append(fast_run(receiver, ns, stream(f"alone{n}", 0, PER_ORG, org="org_fast")))
+        slow, events = interleaved(f"mixed{n}", f"org_slow{n}")
+        mixed.append(fast_run(receiver, ns, events))
+        wanted = {e["session_id"] for e in slow}
+
+        def this_trial(wanted: set[str] = wanted) -> list[ReceivedRequest]:
+            return [r for r in receiver.requests_to("/slow") if session_of(r) in wanted]
+
+        # S has not got far meanwhile: F's pace is not S's having been served first.
+        assert len(this_trial()) < PER_ORG
+        assert_slow_all_first_attempts(receiver, warm + slow)
+        # Every slot busy: S took (nearly) all it could, SLOTS at a time.
+        requests = this_trial()
+        span = max(r.received_at for r in requests) - min(r.received_at for r in requests)
+        assert span <= PER_ORG / SLOTS * SLOW_S * 2, span
+        print(
+            f"\n[slow neighbour] trial {n}: F alone {alone[-1][0]:.0f}/s"
+            f" p99 {alone[-1][1] * 1000:.0f} ms; with S {mixed[-1][0]:.0f}/s"
+            f" p99 {mixed[-1][1] * 1000:.0f} ms; S's 300 in {span:.1f} s"
+        )
+    rate, alone_rate = max(r for r, _ in mixed), max(r for r, _ in alone)
+    p99 = min(p for _, p in mixed)
+    assert rate >= 0.9 * alone_rate, (mixed, alone)
+    assert p99 <= 1.0, mixed
     parked = gauge(proc, "dispatcher_deferrals_total", reason="endpoint_slow")
     assert parked > 0, "nothing was parked: the test proves nothing"
     assert gauge(proc, "dispatcher_deferrals_total") == parked
-    # Every slot busy: S took (nearly) all it could, SLOTS at a time.
-    requests = receiver.requests_to("/slow")[SLOTS:]
-    span = max(r.received_at for r in requests) - min(r.received_at for r in requests)
-    assert span <= PER_ORG / SLOTS * SLOW_S * 2, span
     assert Tally.of([receiver]).duplicates == 0
 
 
