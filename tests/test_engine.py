@@ -1,9 +1,11 @@
-"""The engine in-process: bookkeeping, isolation, backpressure, deferral, supervision.
+"""The engine in-process: bookkeeping, isolation, slow lanes, backpressure, deferral,
+supervision.
 
 Fake consumers and a fake producer stand at its edges (tests/engine_fakes.py);
 the test plays the broker through the ``PartitionOwner`` protocol. Each test
 runs in milliseconds; the same behaviour against the real broker and real HTTPS
-receivers is covered by test_isolation.py, test_crash.py and test_retries.py.
+receivers is covered by test_isolation.py, test_slow_endpoint.py, test_crash.py and
+test_retries.py.
 """
 
 from __future__ import annotations

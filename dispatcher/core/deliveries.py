@@ -14,12 +14,13 @@ takes next; once the queue is full, an endpoint that clears it within
 parked in Kafka: deferred, without spending an attempt, to the retry stage it
 would wait in anyway, with reason ``endpoint_slow`` and a due time paced to the
 endpoint's own rate, so that it comes back while the queue still has work and
-the slots never run dry. A full queue holds its partitions ``HOLD_MAX_S`` at
-most; an endpoint with no answer yet (not measured) keeps a burst in its queue
-instead, within the half of the in-flight places that slow and unmeasured
-endpoints' queues share. The partitions go on for every other webhook; the
-offsets of what waits in a queue stay uncommitted (a few seconds of the
-endpoint's work), and what is parked was durably written first.
+the slots never run dry. A full queue that holds its partitions is judged every
+``HOLD_MAX_S``: without an answer since, while others answered, it is slow. An
+endpoint with no answer yet (not measured) keeps a burst in its queue instead,
+within the half of the in-flight places that slow and unmeasured endpoints'
+queues share. The partitions go on for every other webhook; the offsets of what
+waits in a queue stay uncommitted (a few seconds of the endpoint's work), and
+what is parked was durably written first.
 A stalled endpoint or an open circuit defers everything, and a delivery
 deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
 ``endpoint_unavailable``.
