@@ -9,7 +9,8 @@ first attempt, its slots busy all the time; a ``kill -9`` mid-run loses nothing.
 
 F's pace is measured from the first publish to its last delivery, its latency
 from each event's publish to its first receipt, F alone and next to S taken in
-turn, and each figure is the best of ``TRIALS`` (the machine is shared).
+turn; the ratio of the two paces and the p99 are each the best of ``TRIALS``
+(the machine is shared, and the consumer's first fetch varies by about 0.5 s).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.support import BOOTSTRAP, DispatcherProcess, Namespace, wait_until
 PER_ORG = 300
 #: Timing on a shared machine is noisy: each of F's figures is the best of this
 #: many trials, F alone and F next to a cold slow webhook taken in turn.
-TRIALS = 2
+TRIALS = 3
 SLOW_S = 2.5
 #: S's slots: 300 deliveries at 2.5 s take 15 s through 50 of them.
 SLOTS = 50
@@ -101,7 +102,7 @@ def setup(ns_factory: Any, receiver: HttpsReceiver) -> Namespace:
     ns: Namespace = ns_factory(**SETTINGS)
     receiver.respond("/slow", Reply(200, delay_s=SLOW_S))
     receiver.respond("/fast", Reply(200))
-    # Two slow organizations (one per trial, each met cold), one URL.
+    # One slow organization per trial (each met cold), one URL.
     for n in range(TRIALS):
         ns.subscribe(receiver.url("/slow"), organization_id=f"org_slow{n}")
     ns.subscribe(receiver.url("/fast"), organization_id="org_fast")
@@ -161,9 +162,11 @@ def test_a_slow_webhook_keeps_neither_pace_nor_latency_from_its_neighbour(
             f" p99 {alone[-1][1] * 1000:.0f} ms; with S {mixed[-1][0]:.0f}/s"
             f" p99 {mixed[-1][1] * 1000:.0f} ms; S's 300 in {span:.1f} s"
         )
-    rate, alone_rate = max(r for r, _ in mixed), max(r for r, _ in alone)
+    # Each trial's F next to S against F alone just before it, in the same state of
+    # the machine: the best of these ratios, and the best p99 next to S.
+    ratio = max(m[0] / a[0] for m, a in zip(mixed, alone, strict=True))
     p99 = min(p for _, p in mixed)
-    assert rate >= 0.9 * alone_rate, (mixed, alone)
+    assert ratio >= 0.9, (mixed, alone)
     assert p99 <= 1.0, mixed
     parked = gauge(proc, "dispatcher_deferrals_total", reason="endpoint_slow")
     assert parked > 0, "nothing was parked: the test proves nothing"
