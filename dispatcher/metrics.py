@@ -1,7 +1,8 @@
 """Prometheus metrics. Labels come from small closed sets: never a URL or a delivery id.
 
-One exception, bounded: ``dispatcher_webhook_deferrals_total`` names webhooks,
-at most ``metrics_webhook_series`` of them per process (see :func:`webhook_deferred`).
+Two exceptions name webhooks, both bounded: ``dispatcher_webhook_deferrals_total``,
+at most ``metrics_webhook_series`` of them per process (see :func:`webhook_deferred`),
+and ``dispatcher_endpoint_backlog``, the ten webhooks with the largest backlogs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ DEAD_LETTERS = Counter(
 )
 DEFERRALS = Counter(
     "dispatcher_deferrals",
-    "Deliveries handed to a retry topic without an attempt (endpoint_stalled, circuit_open).",
+    "Deliveries handed to a retry topic without an attempt (endpoint_slow, endpoint_stalled, "
+    "circuit_open).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -63,6 +65,13 @@ WEBHOOK_DEFERRALS = Counter(
 )
 #: The label of every webhook beyond the series limit.
 OTHER_WEBHOOKS = "other"
+ENDPOINT_BACKLOG = Gauge(
+    "dispatcher_endpoint_backlog",
+    "Deliveries waiting for one webhook: in its queue, plus an estimate of those parked in "
+    "Kafka for it being slow; only the webhooks with the 10 largest backlogs.",
+    ["webhook_id"],
+    registry=REGISTRY,
+)
 CIRCUIT_OPEN = Gauge(
     "dispatcher_circuit_open_endpoints",
     "Endpoints (webhooks) whose circuit breaker is open or half-open.",

@@ -203,14 +203,16 @@ class Settings(BaseSettings):
     endpoint_queue_size: int = Field(
         64,
         ge=0,
-        description="Deliveries waiting for one endpoint before the partitions feeding it "
-        "wait too (are paused).",
+        description="Deliveries waiting in memory for one endpoint's slots; beyond them a "
+        "slow endpoint's deliveries are parked in Kafka (`endpoint_slow`), a busy one's "
+        "partitions wait (are paused).",
     )
     endpoint_queue_wait_s: float = Field(
         2.0,
         ge=0,
         description="A fast endpoint may queue as many deliveries as it completes in this "
-        "many seconds (more than DISPATCHER_ENDPOINT_QUEUE_SIZE); 0 = fixed size.",
+        "many seconds (more than DISPATCHER_ENDPOINT_QUEUE_SIZE); 0 = fixed size. An "
+        "endpoint whose full queue holds more than this much of its work is slow.",
     )
     endpoint_stall_s: float = Field(
         10.0,

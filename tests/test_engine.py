@@ -1,9 +1,11 @@
-"""The engine in-process: bookkeeping, isolation, backpressure, deferral, supervision.
+"""The engine in-process: bookkeeping, isolation, slow lanes, backpressure, deferral,
+supervision.
 
 Fake consumers and a fake producer stand at its edges (tests/engine_fakes.py);
 the test plays the broker through the ``PartitionOwner`` protocol. Each test
 runs in milliseconds; the same behaviour against the real broker and real HTTPS
-receivers is covered by test_isolation.py, test_crash.py and test_retries.py.
+receivers is covered by test_isolation.py, test_slow_endpoint.py, test_crash.py and
+test_retries.py.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
+from dispatcher.core import deliveries
 from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
 from dispatcher.core.invalid import H_INVALID_REASON
 from dispatcher.records import DeliveryRecord, Source
@@ -278,21 +282,37 @@ def test_shutdown_drains_in_flight_deliveries_then_closes() -> None:
 
 
 @pytest.mark.parametrize("queue", [4, 0])
-def test_a_slow_webhook_pauses_its_partition_instead_of_deferring(queue: int) -> None:
+def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_deferring(
+    queue: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gate = asyncio.Event()
+    keep = asyncio.Event()
     seen: list[httpx.Request] = []
-    handler = gated(gate, seen)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await (keep if json.loads(request.content)["session_id"] == "keep" else gate).wait()
+        seen.append(request)
+        return ok(request)
+
+    # Hold limits far longer than the test: the webhook is busy, never judged slow.
+    monkeypatch.setattr(deliveries, "HOLD_MAX_S", 600.0)
 
     async def main() -> None:
-        s = settings(endpoint_stall_s=60, endpoint_queue_size=queue)
+        s = settings(endpoint_stall_s=60, endpoint_queue_size=queue, endpoint_queue_wait_s=600)
         taken = 4 + max(queue, 1)  # the slots, and the queue up to its bound (one at least)
         async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
             h.input.assign(0)
+            # One answer measures it (a webhook with none yet may queue more, see
+            # the next tests), and one request held open keeps it from going idle.
+            gate.set()
+            h.input.feed([event("keep"), event("first")])
+            await until(lambda: len(seen) == 1, what="the first answer")
+            gate.clear()
             h.input.feed([event(f"s{i:03d}") for i in range(10)])
             # 4 running + a full queue: then the partition waits for the webhook...
             await until(lambda: h.engine.work.in_flight == taken, what="slots and queue taken")
             ps = h.engine.partitions[("visitor.identified", 0)]
-            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 10 - taken
+            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 10 - (taken - 1)
             assert 0 not in h.input.paused
             # ... and what comes in meanwhile fills its buffer until it is paused.
             h.input.feed([event(f"s{i:03d}") for i in range(10, 40)])
@@ -300,10 +320,157 @@ def test_a_slow_webhook_pauses_its_partition_instead_of_deferring(queue: int) ->
             assert h.engine.work.in_flight == taken
             assert h.producer.sent == []
             gate.set()
-            await until(lambda: h.input.stored.get(0) == 40, what="every offset stored")
-            assert len(set(sessions(seen))) == 40
-            assert h.producer.sent == [], "a slow but answering webhook was deferred"
+            keep.set()
+            await until(lambda: h.input.stored.get(0) == 42, what="every offset stored")
+            assert len(set(sessions(seen))) == 42
+            assert h.producer.sent == [], "a busy but answering webhook was deferred"
             assert 0 not in h.input.paused
+
+    asyncio.run(main())
+
+
+def records_to(h: Harness, topic: str) -> list[DeliveryRecord]:
+    return [DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(topic)]
+
+
+def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_partition() -> None:
+    """S answers nothing yet (slower than its queue wait), F at once, in one partition."""
+    gate = asyncio.Event()
+    seen_s: list[httpx.Request] = []
+    seen_f: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a":
+            await gate.wait()
+            seen_s.append(request)
+        else:
+            seen_f.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        # The default queue wait (2 s): S has no measure yet, so it is its full
+        # queue holding the partition past HOLD_MAX_S that says it is slow.
+        # Slow or unmeasured endpoints' queues may hold half of 24 in-flight places.
+        s = settings(endpoint_stall_s=60, partition_buffer_high=100, max_in_flight=24)
+        table = FakeTable(
+            subscription("wh_s", A, org="org_s"), subscription("wh_f", B, org="org_f")
+        )
+        before = sample("dispatcher_deferrals_total", reason="endpoint_slow")
+        async with running(s, table, handler) as h:
+            h.input.assign(0)
+            # Interleaved: S, F, S, F, ... in the same partition.
+            h.input.feed(
+                [event(f"{org}{i:03d}", org=f"org_{org}") for i in range(30) for org in "sf"]
+            )
+            started = time.monotonic()
+            await until(lambda: len(seen_f) == 30, what="every delivery of the healthy webhook")
+            assert time.monotonic() - started < 1.0, "the partition waited for the slow webhook"
+            assert seen_s == [], "the slow webhook answered: the test proves nothing"
+            # S: 4 in its slots, 12 in its queue, the other 14 parked without an attempt.
+            # S: 4 in its slots, its queue (up to the bound, more while the lanes'
+            # half of the in-flight places has room: F's queue shares it), and the
+            # rest parked without an attempt.
+            lane = h.engine.runner.endpoints["wh_s"].queue
+            await until(
+                lambda: len(h.producer.to(STAGE_1)) == 30 - 4 - len(lane),
+                what="the parked deliveries",
+            )
+            queued = len(lane)
+            assert 4 <= queued <= 12, queued
+            parked = records_to(h, STAGE_1)
+            assert {r.webhook_id for r in parked} == {"wh_s"}
+            assert all(r.attempts_made == 0 and r.deferrals == 1 for r in parked)
+            assert all(x.header("dispatcher-attempt") == b"0" for x in h.producer.to(STAGE_1))
+            after = sample("dispatcher_deferrals_total", reason="endpoint_slow")
+            assert after - before == 30 - 4 - queued
+            # Paced to the webhook's rate, never later than the stage's delay.
+            dues = [int(x.header("dispatcher-due-ms") or 0) for x in h.producer.to(STAGE_1)]
+            now = datetime.now(UTC).timestamp() * 1000
+            assert dues == sorted(dues)
+            assert all(now < due <= now + 60_000 for due in dues), (now, dues)
+            assert h.engine.work.in_flight == 4 + queued
+            # The partition was never paused, and its offsets stop at S's first waiting one.
+            assert 0 not in h.input.paused
+            assert h.input.stored.get(0, 0) == 0
+            ps = h.engine.partitions[("visitor.identified", 0)]
+            assert ps.blocked == set() and not ps.buffer
+            await until(
+                lambda: sample("dispatcher_endpoint_backlog", webhook_id="wh_s") >= 4,
+                what="the backlog metric",
+            )
+            assert sample("dispatcher_endpoint_backlog", webhook_id="wh_f") == 0
+
+            # S answers: what waited here is delivered and the partition committed.
+            gate.set()
+            await until(lambda: h.input.stored.get(0) == 60, what="every offset stored")
+            assert len(seen_s) == 4 + queued
+            # The parked ones come back through the stage (all at once here, so some
+            # find the queue full and are parked again), each with its first attempt.
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            fed = 0
+            while len(seen_s) < 30:
+                parked_now = h.producer.to(STAGE_1)
+                assert fed < len(parked_now), "nothing left to come back, yet S is short"
+                values = [x.value or b"" for x in parked_now[fed:]]
+                stage.feed(values, headers=[("dispatcher-due-ms", b"0")])
+                fed = len(parked_now)
+                await until(lambda n=fed: stage.stored.get(0) == n, what="a round handled")
+            assert sorted(sessions(seen_s)) == [f"s{i:03d}" for i in range(30)]
+            attempts = [json.loads(x.value) for x in h.producer.unconfirmed]
+            s_attempts = [a["attempt"] for a in attempts if a["webhook_id"] == "wh_s"]
+            assert s_attempts == [1] * 30, "waiting spent an attempt"
+
+    asyncio.run(main())
+
+
+def test_new_deliveries_queue_behind_parked_ones_and_returning_ones_go_first() -> None:
+    keep, first, rest = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        session = json.loads(request.content)["session_id"]
+        if session == "warm":
+            await asyncio.sleep(0.2)  # measured: 4 slots at 0.2 s, 20 a second
+        else:
+            await {"keep": keep, "s000": first}.get(session, rest).wait()
+        seen.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        # A queue of 4 is 0.2 s of its work, more than the queue wait: it is slow.
+        s = settings(endpoint_stall_s=60, endpoint_queue_wait_s=0.1)
+        async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
+            h.input.assign(0)
+            h.input.feed([event("keep"), event("warm")])
+            await until(lambda: len(seen) == 1, what="the measuring answer")
+            ep = h.engine.runner.endpoints["wh_a"]
+            h.input.feed([event(f"s{i:03d}") for i in range(9)])
+            # 3 free slots, a queue of 4, and the last two parked.
+            await until(lambda: len(h.producer.to(STAGE_1)) == 2, what="the first parkings")
+            assert len(ep.queue) == 4
+            # One answer: a queued delivery takes the slot, the queue has room (3 of 4) ...
+            first.set()
+            await until(lambda: len(ep.queue) == 3, what="a queued delivery started")
+            # ... yet a new delivery goes behind the parked ones, not into that room ...
+            h.input.feed([event("s009")])
+            await until(lambda: len(h.producer.to(STAGE_1)) == 3, what="the new one parked")
+            assert records_to(h, STAGE_1)[2].delivery_id not in {
+                r.delivery_id for r in records_to(h, STAGE_1)[:2]
+            }
+            # ... while a parked one, coming back, takes it.
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            back = h.producer.to(STAGE_1)[0]
+            stage.feed([back.value or b""], headers=[("dispatcher-due-ms", b"0")])
+            await until(lambda: len(ep.queue) == 4, what="the returning one queued")
+            assert len(h.producer.to(STAGE_1)) == 3
+            rest.set()
+            keep.set()
+            await until(lambda: stage.stored.get(0) == 1, what="the returning one delivered")
+            session = json.loads(back.json()["body"])["session_id"]
+            assert session in sessions(seen)
+            assert len(seen) == 2 + 7 + 1
 
     asyncio.run(main())
 

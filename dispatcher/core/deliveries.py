@@ -7,10 +7,23 @@ retry stage or to the dead-letter topic. Each delivery holds a
 :class:`~dispatcher.core.work.Ticket` that it finishes only once its result is final
 or durably written, so the message's offset may then be committed.
 
-An endpoint whose queue is full makes the partitions that feed it wait
-(backpressure); only a stalled endpoint or an open circuit defers deliveries,
-and a delivery deferred for longer than ``deferral_max_age_s`` is dead-lettered
-with reason ``endpoint_unavailable``.
+Each endpoint has a lane of its own. Its slots and a short queue hold what it
+takes next; once the queue is full, an endpoint that clears it within
+``endpoint_queue_wait_s`` is merely busy and the partitions that feed it wait
+(backpressure), while a *slow* one (it would take longer) has what does not fit
+parked in Kafka: deferred, without spending an attempt, to the retry stage it
+would wait in anyway, with reason ``endpoint_slow`` and a due time paced to the
+endpoint's own rate, so that it comes back while the queue still has work and
+the slots never run dry. A full queue that holds its partitions is judged every
+``HOLD_MAX_S``: without an answer since, while others answered, it is slow. An
+endpoint with no answer yet (not measured) keeps a burst in its queue instead,
+within the half of the in-flight places that slow and unmeasured endpoints'
+queues share. The partitions go on for every other webhook; the offsets of what
+waits in a queue stay uncommitted (a few seconds of the endpoint's work), and
+what is parked was durably written first.
+A stalled endpoint or an open circuit defers everything, and a delivery
+deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
+``endpoint_unavailable``.
 
 A delivery deferred *again* by an open or half-open circuit is paced: it comes
 due at least ``1 / circuit_deferrals_per_s`` after the one before it for the
@@ -57,6 +70,19 @@ deferral_log = logging.getLogger("dispatcher.deferrals")
 Spawn = Callable[[Ticket, Coroutine[Any, Any, None]], None]
 #: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+#: Deferral reason of a delivery parked in Kafka behind a slow endpoint's full queue.
+ENDPOINT_SLOW = "endpoint_slow"
+#: A parked delivery waits at least this long: sooner, it would find the queue as
+#: full as it left it, and the hand-over round trip would be spent for nothing.
+MIN_PARK_S = 1.0
+#: Webhooks with the largest backlogs reported by ``dispatcher_endpoint_backlog``.
+BACKLOG_TOP_N = 10
+#: How long a full queue may hold the partitions that feed it before it is judged:
+#: an endpoint that has not answered once in that time, while others have, is slow,
+#: whatever it measured so far. A busy but fast one frees a place within milliseconds.
+HOLD_MAX_S = 0.05
+#: How long such a verdict lasts; by then its answers measure it.
+HELD_FOR_S = 5.0
 #: Deferrals are logged as counts per interval, not one line each.
 DEFERRAL_LOG_EVERY_S = 10.0
 
@@ -137,6 +163,15 @@ class DeliveryRunner:
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
         #: Partitions waiting for an endpoint's full queue, by webhook id.
         self.waiting: dict[str, set[PartitionState]] = {}
+        #: Since when they wait, by webhook id (see ``HOLD_MAX_S``).
+        self._holding: dict[str, float] = {}
+        #: When any endpoint last answered (monotonic s).
+        self._last_answer = 0.0
+        #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
+        #: recounted on every check (:meth:`check_endpoints`).
+        self.slow_queued = 0
+        #: Webhook ids that ``dispatcher_endpoint_backlog`` reports now.
+        self._backlog_shown: set[str] = set()
         self.deferrals = DeferralLog(webhook_series=settings.metrics_webhook_series)
         self.breaker_policy = BreakerPolicy(
             failure_threshold=settings.circuit_failure_threshold,
@@ -174,16 +209,98 @@ class DeliveryRunner:
             d.probe = admission is Admission.PROBE
             self._spawn(ticket, self._attempt(ep, d))
         elif admission is Admission.QUEUED:
+            unmeasured = ep.latency is None
+            if unmeasured and ep.full and self._lane_room():
+                # Not one answer yet: nothing says whether it is slow. What a burst
+                # brings waits here, in the half of the in-flight places kept for
+                # such lanes, rather than holding the partitions or going to Kafka.
+                self.slow_queued += 1
+                return
+            wait_s = self._park_for(ep, d)
+            if wait_s is not None:
+                ep.queue.pop()  # the one just queued: it waits in Kafka instead
+                self._spawn(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
+                return
+            if unmeasured or ep.overloaded():
+                self.slow_queued += 1
             if ep.full:
-                d.slot.part.blocked.add(key)
-                self.waiting.setdefault(key, set()).add(d.slot.part)
+                self._hold(key, d.slot.part)
         else:
             self._spawn(ticket, self._defer(d, admission.value, ep))
+
+    def _hold(self, key: str, part: PartitionState) -> None:
+        """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
+        if key not in self.waiting:
+            started = time.monotonic()
+            self._holding[key] = started
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
+        part.blocked.add(key)
+        self.waiting.setdefault(key, set()).add(part)
+
+    def _held_too_long(self, key: str, started: float) -> None:
+        """Judge an endpoint whose full queue held partitions for ``HOLD_MAX_S``.
+
+        It is slow if it has not answered since, while another endpoint has: then
+        it is not the network or this process that is slow, it is the endpoint.
+        Otherwise the partitions wait on, judged again every ``HOLD_MAX_S``.
+        """
+        ep = self.endpoints.get(key)
+        if ep is None or self._holding.get(key) != started:
+            return  # the partitions went on meanwhile
+        if not ep.answered_since(started) and self._last_answer > started:
+            ep.held(HELD_FOR_S)
+            self._unblock_if_room(key, ep)
+        if self._holding.get(key) == started:
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
+
+    def _lane_room(self) -> bool:
+        """Whether slow or unmeasured endpoints' queues may take one more delivery:
+        together they hold at most half the in-flight places."""
+        return self.slow_queued < self.settings.max_in_flight // 2
+
+    def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
+        """Seconds ``d``, just queued, should wait in Kafka instead; None to keep it here.
+
+        It is parked when it does not fit in its endpoint's queue and the endpoint
+        is slow (the queue holds more than ``endpoint_queue_wait_s`` of its work),
+        when slow endpoints' queues already hold half the in-flight places (the
+        other half stays for everyone else), or when it is new while deliveries
+        parked before it have not had their turn yet and the queue is more than half
+        full, so that it goes behind them. One coming back from Kafka takes any room
+        in the queue; a new one takes room in a queue that runs low, so the slots
+        never wait for the parked ones.
+        """
+        returning = d.record is not None and d.record.deferrals > 0
+        now = time.monotonic()
+        behind = not returning and ep.parked_until > now
+        bound = ep.queue_bound()
+        # Queued already, so the queue holds ``bound`` and this one is beyond.
+        park = (
+            (len(ep.queue) > bound and ep.overloaded())
+            or (behind and len(ep.queue) > bound / 2)
+            or (not returning and not self._lane_room() and ep.overloaded())
+        )
+        if not park:
+            return None
+        rate = ep.service_rate()
+        if rate == float("inf"):
+            return MIN_PARK_S
+        # Its turn: after what is queued and what was parked before it. One back too
+        # early (the rate was not known yet) joins the end of that line, spaced like
+        # the others; sent back all at once, they would find the queue full together.
+        turn = max(now + ep.expected_wait(), ep.parked_until) + 1 / rate
+        # A rate measured near zero must not keep the endpoint parked for ages.
+        turn = ep.parked_until = min(turn, now + self.stages[-1].delay_s)
+        # Back while half a queue is still ahead of it, so the slots never wait for it.
+        back_in = turn - now - bound / rate / 2
+        return max(back_in, MIN_PARK_S)
 
     async def _attempt(self, ep: Endpoint[Delivery], d: Delivery) -> None:
         result: AttemptResult | None = None
         try:
             result, headers = await self._post(d)
+            ep.observe(result.duration_s)
+            self._last_answer = time.monotonic()
             outcome = "success" if result.ok else "failure"
             metrics.attempt_counted(d.stage, outcome, result.status_label)
             metrics.attempt_duration(d.stage, result.duration_s)
@@ -252,7 +369,7 @@ class DeliveryRunner:
         if not ep.closed and ep.queue and not self.stopping:
             self._defer_queue(ep, Admission.CIRCUIT_OPEN.value)
         self._unblock_if_room(key, ep)
-        if ep.idle and ep.breaker.clean:
+        if ep.idle and ep.breaker.clean and ep.parked_until <= time.monotonic():
             self.endpoints.pop(key, None)
 
     def _note_circuit(self, key: str, before: State, ep: Endpoint[Delivery]) -> None:
@@ -270,8 +387,11 @@ class DeliveryRunner:
                 self._spawn(waiting.ticket, self._defer(waiting, reason, ep))
 
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
-        if key not in self.waiting or (ep is not None and ep.full):
+        """Let partitions waiting for ``key`` go on: its queue has room, or it turned
+        slow, and what does not fit is now parked in Kafka instead."""
+        if key not in self.waiting or (ep is not None and ep.full and not ep.slow):
             return
+        self._holding.pop(key, None)
         for ps in self.waiting.pop(key):
             ps.blocked.discard(key)
             if not ps.blocked:
@@ -357,7 +477,21 @@ class DeliveryRunner:
             return
         self._finish(d)
 
-    async def _defer(self, d: Delivery, reason: str, ep: Endpoint[Delivery] | None = None) -> None:
+    async def _defer(
+        self,
+        d: Delivery,
+        reason: str,
+        ep: Endpoint[Delivery] | None = None,
+        wait_s: float | None = None,
+    ) -> None:
+        """Hand ``d`` to the retry path without an attempt.
+
+        It goes to the stage it would wait in anyway, due after that stage's delay
+        or, given ``wait_s``, after that long if sooner: a record of a stage is then
+        never due later than its delay after it was written, so the head of a
+        stage's partition still waits no longer than that delay. ``ep`` given, a
+        repeated deferral of an open circuit is paced (:meth:`_deferral_hop`).
+        """
         now = datetime.now(UTC)
         record = d.record or self._new_record(d)
         record.first_deferred_at = record.first_deferred_at or now
@@ -367,9 +501,11 @@ class DeliveryRunner:
             return
         record.deferrals += 1
         hop = self._deferral_hop(d, reason, ep if record.deferrals > 1 else None)
+        at = now_ms()
         assert hop.stage is not None
+        due = hop.due_ms if wait_s is None else min(hop.due_ms, at + int(wait_s * 1000))
         self.deferrals.note(reason, d)
-        await self._hand_over(d, record, hop.stage.topic, hop.due_ms)
+        await self._hand_over(d, record, hop.stage.topic, due)
 
     def _deferral_hop(self, d: Delivery, reason: str, ep: Endpoint[Delivery] | None) -> NextHop:
         """Where a deferral waits; ``ep`` given, an open circuit's come due one per spacing."""
@@ -413,13 +549,39 @@ class DeliveryRunner:
         self.deferrals.flush(force=True)
 
     def check_endpoints(self) -> None:
+        slow_queued = 0
+        backlogs: list[tuple[float, str]] = []
+        now = time.monotonic()
         for key, ep in list(self.endpoints.items()):
             if ep.stalled and ep.queue and not self.stopping:
                 self._defer_queue(ep, Admission.STALLED.value)
             self._unblock_if_room(key, ep)
-            if ep.idle and ep.breaker.clean:
-                # Its window has slid empty since its last answer.
+            if ep.idle and ep.breaker.clean and ep.parked_until <= now:
+                # Its window has slid empty since its last answer; nothing is parked.
                 self.endpoints.pop(key, None)
+                continue
+            if ep.queue and (ep.latency is None or ep.overloaded()):
+                slow_queued += len(ep.queue)
+            backlog = float(len(ep.queue))
+            if ep.parked_until > now:
+                rate = ep.service_rate()
+                if rate != float("inf"):
+                    backlog += (ep.parked_until - now) * rate
+            if backlog:
+                backlogs.append((backlog, key))
+        self.slow_queued = slow_queued
+        self._show_backlogs(backlogs)
+
+    def _show_backlogs(self, backlogs: list[tuple[float, str]]) -> None:
+        """Report the largest backlogs per webhook: queued here plus parked in Kafka
+        (an estimate from the parked deliveries' turns and the endpoint's rate)."""
+        top = sorted(backlogs, reverse=True)[:BACKLOG_TOP_N]
+        shown = {key for _n, key in top}
+        for key in self._backlog_shown - shown:
+            metrics.ENDPOINT_BACKLOG.remove(key)
+        for n, key in top:
+            metrics.ENDPOINT_BACKLOG.labels(key).set(round(n))
+        self._backlog_shown = shown
 
     def abandon_queued(self, states: set[PartitionState]) -> None:
         """Drop deliveries still waiting for an endpoint slot on these partitions.

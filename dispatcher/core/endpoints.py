@@ -1,18 +1,23 @@
-"""Per-endpoint isolation: concurrency slots, a wait queue, a circuit breaker.
+"""Per-endpoint isolation: concurrency slots, a wait queue (its lane), a circuit breaker.
 
 The breaker's decisions are in :mod:`dispatcher.core.breaker`; this module asks it
 before starting a request and tells it how each one ended.
 
 An endpoint is one webhook (a subscription id): two webhooks on the same host
-have separate slots, queues and breakers, so one customer's stalled or failing
-URL never slows or trips another's. What they share is per origin, in the HTTP
-client: the keep-alive connections and a cap on concurrent requests.
+have separate slots, queues and breakers, so one customer's stalled, failing or
+slow URL never slows or trips another's. What they share is per origin, in the
+HTTP client: the keep-alive connections and a cap on concurrent requests.
 
-Backpressure first, deferral last. A delivery that finds every slot taken waits
-in the endpoint's queue; once the queue is *full* the caller makes the partitions
-feeding the endpoint wait (they are paused), however slowly it answers. Only an
-endpoint that is *stalled* (requests in flight and no answer for ``stall_s``) or
-whose circuit is open has its deliveries deferred to the retry path.
+A delivery that finds every slot taken waits in the endpoint's queue, the
+in-memory part of its lane. What happens once the queue is *full* depends on how
+long its last item would wait (:meth:`Endpoint.expected_wait`): up to
+``queue_wait_s`` the endpoint is merely busy and the caller makes the partitions
+feeding it wait (backpressure, they are paused) for a moment at most; beyond
+that, or once it held them longer than that moment (:meth:`Endpoint.held`), it is *slow*
+(:attr:`Endpoint.slow`) and the caller parks what does not fit in Kafka instead,
+so the partitions go on for every other webhook. An endpoint that is *stalled*
+(requests in flight and no answer for ``stall_s``) or whose circuit is open has
+all its deliveries deferred to the retry path.
 
 The queue bound follows how long its last item would wait, not only a count: an
 endpoint that completes 2,000 requests a second may queue 2,000 x
@@ -34,6 +39,8 @@ T = TypeVar("T")
 
 #: Completions are counted over windows of this length to estimate the rate.
 RATE_WINDOW_S = 1.0
+#: Weight of the newest attempt duration in the endpoint's latency average.
+LATENCY_WEIGHT = 0.2
 
 
 class Admission(Enum):
@@ -56,7 +63,10 @@ class Endpoint(Generic[T]):
         "active",
         "breaker",
         "deferral_slot",
+        "held_until",
+        "latency",
         "limit",
+        "parked_until",
         "queue",
         "queue_size",
         "queue_wait_s",
@@ -89,6 +99,14 @@ class Endpoint(Generic[T]):
         self.stall_s = stall_s
         #: When a request last completed, or started on an idle endpoint.
         self._last_progress = clock()
+        #: Moving average of attempt durations (s); None until one completed.
+        self.latency: float | None = None
+        #: When the last delivery parked in Kafka for being slow gets its turn (clock s);
+        #: until then new deliveries queue behind it, in Kafka too.
+        self.parked_until = 0.0
+        #: Until when it counts as slow for having held its partitions too long
+        #: (see :meth:`held`), whatever its measures say.
+        self.held_until = 0.0
 
     def admit(self, item: T, retry: bool = False) -> Admission:
         """Take ``item`` now, queue it, or say why it must be deferred.
@@ -142,6 +160,67 @@ class Endpoint(Generic[T]):
             # keeps a stalled endpoint from taking the global in-flight places.
             return self.queue_size
         return max(self.queue_size, self.rate * self.queue_wait_s)
+
+    def observe(self, duration_s: float) -> None:
+        """One attempt's duration, for :meth:`service_rate` before a window measured it."""
+        if self.latency is None:
+            self.latency = duration_s
+        else:
+            self.latency += LATENCY_WEIGHT * (duration_s - self.latency)
+
+    def service_rate(self) -> float:
+        """Deliveries a second this endpoint takes; ``inf`` while nothing says otherwise.
+
+        The larger of two measures. A saturated window's count, exact for an
+        endpoint that answers many times a window, but zero for one whose answers
+        take longer than a window. And Little's law over the slots: ``limit``
+        requests per average duration, where a request still running without any
+        answer counts for at least as long as it has run (twice that before the
+        endpoint's first answer), so one that has not answered yet is not taken for
+        a fast one.
+        """
+        self._roll_window()
+        latency = self.latency or 0.0
+        if self.active:
+            running = self._clock() - self._last_progress
+            # With no answer yet, the best guess for a request that has run for t is
+            # that it runs about as long again.
+            latency = max(latency, running if self.latency is not None else 2 * running)
+        little = self.limit / latency if latency > 0 else float("inf")
+        if self.rate is not None:
+            return max(self.rate, little, 1e-3)
+        return little
+
+    def expected_wait(self, extra: int = 0) -> float:
+        """Seconds the last queued delivery (and ``extra`` more) would wait for a slot."""
+        waiting = len(self.queue) + extra
+        return waiting / self.service_rate() if waiting else 0.0
+
+    def overloaded(self) -> bool:
+        """Its queue holds more than ``queue_wait_s`` of its work, or it held its
+        partitions too long lately."""
+        return self._clock() < self.held_until or self.expected_wait() > self.queue_wait_s
+
+    @property
+    def slow(self) -> bool:
+        """Its queue is full and it is :meth:`overloaded`.
+
+        What does not fit then waits in Kafka rather than in front of the
+        partitions (see the module docstring).
+        """
+        return self.full and self.overloaded()
+
+    def answered_since(self, when: float) -> bool:
+        """Whether a request completed after ``when`` (clock seconds)."""
+        return self.latency is not None and self._last_progress > when
+
+    def held(self, for_s: float) -> None:
+        """Its full queue held partitions too long: count it as slow for ``for_s``.
+
+        Before its first answers an endpoint has no measure, and waiting for one
+        would hold every partition that feeds it for as long as its slowest request.
+        """
+        self.held_until = self._clock() + for_s
 
     def _roll_window(self) -> None:
         now = self._clock()
