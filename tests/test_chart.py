@@ -50,8 +50,10 @@ CHART_MANAGED_SETTINGS = {
     "http_port",
     "group_instance_id",
     "session_timeout_s",
-    # The API's port, keys (from a Secret) and event catalog (from a ConfigMap).
+    # The API's port, keys (from a Secret), event catalog (from a ConfigMap) and
+    # history store (on the API's volume).
     "api_port",
+    "api_history_path",
     "api_keys",
     "api_keys_file",
     "event_catalog_file",

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from dispatcher.api.auth import KeyRing
-from dispatcher.api.history import HistoryIndex, HistoryReader
+from dispatcher.api.historyfold import HistoryFolder
+from dispatcher.api.historystore import HistoryReads
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import Problem
 from dispatcher.api.store import Store
@@ -19,8 +20,10 @@ from dispatcher.settings import Settings
 class ApiContext:
     settings: Settings
     store: Store
-    index: HistoryIndex
-    history: HistoryReader
+    #: Folds the attempts topic into the history store (its one writer).
+    history: HistoryFolder
+    #: Reads the history store, on threads of its own.
+    reads: HistoryReads
     keys: KeyRing
     catalog: list[EventType]
     idempotency: IdempotencyCache
@@ -28,6 +31,7 @@ class ApiContext:
     waiting_for: str | None = "starting"
 
     def ready(self) -> tuple[bool, str]:
+        """From memory only: the probes must answer whatever Kafka or the disk do."""
         if self.waiting_for is not None:
             return False, self.waiting_for
         for part, name in ((self.store, "webhooks"), (self.history, "delivery history")):

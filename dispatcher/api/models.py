@@ -158,7 +158,9 @@ class AttemptDetail(AttemptOut):
     error: str | None = None
     response_snippet: str | None = None
     request_headers: dict[str, str] | None = Field(
-        None, description="As sent, signatures included; never a secret."
+        None,
+        description="As sent; signature values masked (`v1,…` and their last 4 "
+        "characters), never a secret.",
     )
     requested_by: str | None = None
 
@@ -193,3 +195,15 @@ class WebhookSummary(BaseModel):
     latency_ms: Latency
     last_error: LastErrorOut | None
     failing_now: bool
+
+
+class HourPoint(BaseModel):
+    hour: datetime = Field(description="Start of the hour (UTC).")
+    successes: int
+    failures: int
+    latency_ms: Latency
+
+
+class HourlySummary(BaseModel):
+    webhook_id: str
+    data: list[HourPoint] = Field(description="Hours with attempts, oldest first.")
