@@ -26,7 +26,11 @@ class WebhookCreate(_In):
         json_schema_extra={"items": {"type": "string", "pattern": EVENT_NAME.pattern}},
     )
     secret: str | None = Field(
-        None, min_length=8, max_length=256, description="Default: a generated whsec_ secret."
+        None,
+        min_length=24,
+        max_length=256,
+        description="At least 24 characters (a `whsec_` secret: standard base64 after "
+        "the prefix). Default: a generated whsec_ secret.",
     )
     description: str | None = Field(None, max_length=500)
     enabled: bool = True
@@ -41,7 +45,11 @@ class WebhookPatch(_In):
 
 class RotateRequest(_In):
     secret: str | None = Field(
-        None, min_length=8, max_length=256, description="Default: a generated whsec_ secret."
+        None,
+        min_length=24,
+        max_length=256,
+        description="At least 24 characters (a `whsec_` secret: standard base64 after "
+        "the prefix). Default: a generated whsec_ secret.",
     )
 
 
