@@ -118,6 +118,15 @@ def test_history_store_orders_by_time_and_takes_status_from_the_latest(tmp_path:
         assert [d.delivery_id for d in rest] == ["d1", "d0"] and not more
         found = HistoryStore.deliveries(conn, "wh_1", Filters(session_id="sess_d0"), None, 5)
         assert [d.delivery_id for d in found[0]] == ["d0"]
+        window = Filters(since_ms=to_ms(NOW + timedelta(minutes=1)), until_ms=to_ms(later))
+        assert [
+            d.delivery_id for d in HistoryStore.deliveries(conn, "wh_1", window, None, 5)[0]
+        ] == [
+            "d2",
+            "d1",
+        ]
+        other = Filters(event="order.created")
+        assert HistoryStore.deliveries(conn, "wh_1", other, None, 5) == ([], False)
         # The same position again is not folded twice.
         fold(store, (record("d0", 1, True, NOW), 2))
         assert HistoryStore.delivery(conn, "wh_1", "d0")[0].attempts == 1  # type: ignore[index]

@@ -69,6 +69,8 @@ class HistoryFolder:
             raise KafkaSetupError(
                 f"cannot open the history store {self.store.path}: {exc}"
             ) from None
+        self._positions.clear()
+        self._pending.clear()
         consumer = Consumer(table_consumer_config(self.settings))
         try:
             meta = consumer.list_topics(self.topic, timeout=15).topics.get(self.topic)

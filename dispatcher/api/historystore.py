@@ -484,13 +484,13 @@ class HistoryStore:
             )
         ]
         err = conn.execute(
-            "SELECT at_ms, error_class, status_code, error FROM attempts "
+            "SELECT at_ms, error_class, status_code, error FROM attempts INDEXED BY attempts_failed "
             "WHERE webhook_id = ? AND ok = 0 AND kind = 'attempt' ORDER BY at_ms DESC LIMIT 1",
             (webhook_id,),
         ).fetchone()
         last = conn.execute(
             "SELECT ok FROM attempts WHERE webhook_id = ? AND kind = 'attempt' "
-            "ORDER BY at_ms DESC, position DESC LIMIT 1",
+            "ORDER BY at_ms DESC LIMIT 1",
             (webhook_id,),
         ).fetchone()
         return {
