@@ -177,8 +177,9 @@ def test_kill_9_while_folding_loses_and_doubles_nothing(
     ns = ns_factory(topic_partitions=6)
     hook = ns.subscribe("https://127.0.0.1:9/hook", organization_id=ORG).webhook_id
     records: list[AttemptRecord] = []
-    for n in range(15_000):
-        at = NOW - timedelta(minutes=n)
+    # Several fold transactions' worth (they hold up to 20,000 records each).
+    for n in range(30_000):
+        at = NOW - timedelta(seconds=20 * n)  # all within retention
         if n % 3 == 0:
             records += failed_delivery(hook, f"k{n:05d}", at)
         else:
@@ -205,9 +206,9 @@ def test_kill_9_while_folding_loses_and_doubles_nothing(
     assert partial[1] < len(records)
 
     api.start()
-    assert store_counts(api.history_path) == (15_000, len(records), len(records))
+    assert store_counts(api.history_path) == (30_000, len(records), len(records))
     listed = all_pages(api.admin(), hook)
-    assert len(listed) == 15_000 and newest_first(listed)
+    assert len(listed) == 30_000 and newest_first(listed)
     assert sum(d["attempts"] for d in listed) == len(records)
 
 

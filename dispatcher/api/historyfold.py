@@ -28,6 +28,12 @@ from dispatcher.settings import Settings
 log = logging.getLogger(__name__)
 
 BATCH: Final = 2000
+#: Records per SQLite transaction at most, and the longest a record waits for its
+#: transaction. Each transaction writes every page it touched once (to the WAL,
+#: then to the file): with thousands of webhooks a batch of 2,000 touched nearly
+#: a page per record in each index, so a rebuild folds in large transactions.
+FOLD_MAX: Final = 20_000
+FOLD_WAIT_S: Final = 0.5
 #: How often rows past retention are looked for; deleting them goes in short
 #: batches between folds, so neither folding nor reads wait long for it.
 EXPIRE_EVERY_S: Final = 60.0
@@ -71,7 +77,11 @@ class HistoryFolder:
             ) from None
         self._positions.clear()
         self._pending.clear()
-        consumer = Consumer(table_consumer_config(self.settings))
+        conf = table_consumer_config(self.settings)
+        # librdkafka prefetches up to 64 MB per consumer by default; folding takes
+        # records by the tens of thousands anyway, so a quarter of it keeps up.
+        conf.setdefault("queued.max.messages.kbytes", 16_384)
+        consumer = Consumer(conf)
         try:
             meta = consumer.list_topics(self.topic, timeout=15).topics.get(self.topic)
             if meta is None or meta.error is not None or not meta.partitions:
@@ -135,6 +145,15 @@ class HistoryFolder:
         try:
             while not self._stop.is_set():
                 msgs = consumer.consume(BATCH, timeout=0.2)
+                first = time.monotonic()
+                more = msgs
+                while (
+                    len(more) == BATCH
+                    and len(msgs) < FOLD_MAX
+                    and time.monotonic() - first < FOLD_WAIT_S
+                ):
+                    more = consumer.consume(BATCH, timeout=0.05)
+                    msgs += more
                 batch: list[tuple[int, int, bytes | None]] = []
                 reached: dict[int, int] = {}
                 for msg in msgs:
