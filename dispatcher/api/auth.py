@@ -126,8 +126,8 @@ def _unauthorized() -> Problem:
     )
 
 
-def reader(request: Request) -> Caller:
-    """Dependency: any valid key."""
+async def reader(request: Request) -> Caller:
+    """Dependency: any valid key (memory only, so on the event loop: no thread hop)."""
     ring: KeyRing = request.app.state.keys
     caller = ring.identify(request.headers.get("authorization"))
     if caller is None:
@@ -135,9 +135,9 @@ def reader(request: Request) -> Caller:
     return caller
 
 
-def writer(request: Request) -> Caller:
+async def writer(request: Request) -> Caller:
     """Dependency: a read-write key."""
-    caller = reader(request)
+    caller = await reader(request)
     if not caller.can_write:
         raise Problem(403, "forbidden", "Forbidden", "this API key may only read")
     return caller

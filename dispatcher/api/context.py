@@ -42,8 +42,9 @@ class ApiContext:
         return True, "ok"
 
 
-def context(request: Request) -> ApiContext:
-    """Dependency: the context, once the state has caught up (503 before)."""
+async def context(request: Request) -> ApiContext:
+    """Dependency: the context, once the state has caught up (503 before); memory only,
+    so on the event loop rather than a hop through the worker threads."""
     ctx: ApiContext = request.app.state.ctx
     ok, why = ctx.ready()
     if not ok:
