@@ -20,7 +20,8 @@ from confluent_kafka import Producer
 
 from dispatcher.attempts import AttemptRecord
 from tests.api_support import ORG, ApiProcess
-from tests.support import Namespace, wait_until
+from tests.receiver import HttpsReceiver
+from tests.support import DispatcherProcess, Namespace, wait_until
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -231,3 +232,46 @@ def test_rows_past_retention_are_deleted(
     wait_until(lambda: len(all_pages(http, hook)) == 20, 30, "rows past retention to go")
     assert {d["id"] for d in all_pages(http, hook)} == {r.delivery_id for r in fresh}
     assert store_counts(path) == (20, 20, 20)
+
+
+def test_recover_resends_every_failure_since_a_time_once(
+    ns: Namespace,
+    run_api: Callable[..., ApiProcess],
+    run_dispatcher: Callable[..., DispatcherProcess],
+    receiver: HttpsReceiver,
+) -> None:
+    hook = ns.subscribe(receiver.url("/fixed"), organization_id=ORG).webhook_id
+    recent = [f"r{n}" for n in range(3)]
+    records = [r for d in recent for r in failed_delivery(hook, d, NOW - timedelta(hours=2))]
+    records += failed_delivery(hook, "too_old", NOW - timedelta(days=3))
+    records.append(attempt(hook, "fine", NOW - timedelta(hours=1)))
+    publish(ns, records)
+    run_dispatcher(ns)
+    api = run_api(ns)
+    http = api.admin()
+    url = f"/v1/organizations/{ORG}/webhooks/{hook}/recover"
+    since = (NOW - timedelta(days=1)).isoformat()
+
+    first = http.post(url, json={"since": since})
+    assert first.status_code == 202, first.text
+    assert first.json() == {"queued": 3, "more": False}
+    # Queued ones are pending: asking again queues nothing twice.
+    assert http.post(url, json={"since": since}).json() == {"queued": 0, "more": False}
+    assert http.post(url, json={"since": "yesterday"}).status_code == 422
+    assert api.viewer().post(url, json={"since": since}).status_code == 403
+
+    got = receiver.wait_for_requests(3, path="/fixed")
+    assert sorted(r.header("x-bullseye-delivery-id") for r in got) == recent
+    assert all(r.body == b'{"session_id": "x"}' for r in got)
+    succeeded = wait_until(
+        lambda: {d["id"] for d in all_pages(http, hook, status="succeeded")} >= set(recent),
+        30,
+        "the recovered deliveries to succeed",
+    )
+    assert succeeded
+    still = all_pages(http, hook, status="dead_lettered")
+    assert [d["id"] for d in still] == ["too_old"]
+    detail = http.get(f"/v1/organizations/{ORG}/webhooks/{hook}/deliveries/r0").json()
+    kinds = [(a["kind"], a["requested_by"]) for a in detail["attempt_details"]]
+    assert kinds[4] == ("resend", "admin") and kinds[-1] == ("attempt", None)
+    assert len(receiver.requests_to("/fixed")) == 3

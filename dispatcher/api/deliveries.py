@@ -18,6 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from dispatcher.api.auth import audit
+from dispatcher.api.context import ApiContext
 from dispatcher.api.historystore import (
     HOUR_MS,
     AttemptRow,
@@ -33,6 +34,8 @@ from dispatcher.api.models import (
     DeliveryPage,
     DeliverySummary,
     HourlySummary,
+    Recovered,
+    RecoverRequest,
     Resent,
     Status,
     WebhookSummary,
@@ -181,10 +184,7 @@ def resend_delivery(
     org: Org, webhook_id: WebhookId, delivery_id: DeliveryId, ctx: Ctx, caller: Writer
 ) -> Resent:
     """Send this delivery again now: same id and body, a fresh attempt budget."""
-    sub = owned(ctx, org, webhook_id)
-    if not sub.enabled or sub.plan not in ctx.settings.entitled_plans:
-        why = "disabled" if not sub.enabled else "on a plan without webhooks"
-        raise Problem(409, "webhook-inactive", "Webhook not active", f"the webhook is {why}")
+    _active(ctx, org, webhook_id)
     found = ctx.reads.run(lambda conn: HistoryStore.delivery(conn, webhook_id, delivery_id))
     if found is None:
         raise not_found("delivery")
@@ -192,46 +192,101 @@ def resend_delivery(
     first = _with_body(attempts)
     if first is None or first.body is None or first.source is None:
         raise Problem(409, "body-expired", "Body no longer kept", "its retention has passed")
-    event_timestamp = datetime.fromisoformat(first.event_timestamp or "")
-    source = Source.model_validate(first.source)
-    record = DeliveryRecord(
-        delivery_id=delivery_id,
-        webhook_id=webhook_id,
-        organization_id=org,
-        event=row.event,
-        event_timestamp=event_timestamp,
-        body=first.body,
-        attempts_made=0,
-        source=source,
-    )
-    marker = AttemptRecord(
-        kind="resend",
-        delivery_id=delivery_id,
-        webhook_id=webhook_id,
-        organization_id=org,
-        event=row.event,
-        session_id=row.session_id,
-        event_timestamp=event_timestamp,
-        source=source,
-        attempt=0,
-        stage="api",
-        at=datetime.now(UTC),
-        requested_by=caller.name,
-    )
-    # The marker first, and read back: the resend shows at once as pending, and the
-    # attempts it leads to (same key, so the same partition) come after it.
-    ((topic, partition, offset),) = ctx.store.write(
-        [(ctx.settings.attempts_topic, delivery_id, marker.to_json())]
-    )
-    deadline = time.monotonic() + ctx.settings.api_write_timeout_s
-    if not ctx.history.wait_past(topic, partition, offset, deadline):
-        raise WriteTimeout("resend recorded but not read back in time")
-    stage = retry_stages(ctx.settings)[0]
-    ctx.store.write(
-        [(stage.topic, delivery_id, record.to_json())], record_headers(record, now_ms())
-    )
+    _resend(ctx, org, webhook_id, caller.name, [(row, first)])
     audit(caller, "delivery.resend", org, webhook_id)
     return Resent(id=delivery_id, status="pending")
+
+
+#: Deliveries one recover call queues at most; the answer says when more wait.
+RECOVER_MAX = 500
+
+
+@router.post(BASE + "/webhooks/{webhook_id}/recover", status_code=202, response_model=Recovered)
+def recover_webhook(
+    org: Org, webhook_id: WebhookId, body: RecoverRequest, ctx: Ctx, caller: Writer
+) -> Recovered:
+    """Send again every failing or dead-lettered delivery first attempted since
+    `since`, oldest first, each recorded as a resend. At most 500 per call; a
+    second call does not queue them twice (they are pending once queued)."""
+    _active(ctx, org, webhook_id)
+    since_ms = _ms(body.since, "body.since")
+    found = ctx.reads.run(
+        lambda conn: HistoryStore.failed_since(conn, webhook_id, since_ms, RECOVER_MAX + 1)
+    )
+    more = len(found) > RECOVER_MAX
+    kept = [
+        (row, first)
+        for row, first in found[:RECOVER_MAX]
+        if first is not None and first.body is not None and first.source is not None
+    ]
+    if kept:
+        _resend(ctx, org, webhook_id, caller.name, kept)
+    audit(caller, "webhook.recover", org, webhook_id)
+    return Recovered(queued=len(kept), more=more)
+
+
+def _active(ctx: ApiContext, org: str, webhook_id: str) -> None:
+    sub = owned(ctx, org, webhook_id)
+    if not sub.enabled or sub.plan not in ctx.settings.entitled_plans:
+        why = "disabled" if not sub.enabled else "on a plan without webhooks"
+        raise Problem(409, "webhook-inactive", "Webhook not active", f"the webhook is {why}")
+
+
+def _resend(
+    ctx: ApiContext,
+    org: str,
+    webhook_id: str,
+    requested_by: str,
+    deliveries: list[tuple[DeliveryRow, AttemptRow]],
+) -> None:
+    """Record a resend of each delivery, wait for those records in the store, then
+    queue each on the first retry stage, due now, with a fresh attempt budget."""
+    markers: list[tuple[str, str, bytes | None]] = []
+    records: list[DeliveryRecord] = []
+    now = datetime.now(UTC)
+    for row, first in deliveries:
+        event_timestamp = datetime.fromisoformat(first.event_timestamp or "")
+        source = Source.model_validate(first.source)
+        records.append(
+            DeliveryRecord(
+                delivery_id=row.delivery_id,
+                webhook_id=webhook_id,
+                organization_id=org,
+                event=row.event,
+                event_timestamp=event_timestamp,
+                body=first.body or "",
+                attempts_made=0,
+                source=source,
+            )
+        )
+        marker = AttemptRecord(
+            kind="resend",
+            delivery_id=row.delivery_id,
+            webhook_id=webhook_id,
+            organization_id=org,
+            event=row.event,
+            session_id=row.session_id,
+            event_timestamp=event_timestamp,
+            source=source,
+            attempt=0,
+            stage="api",
+            at=now,
+            requested_by=requested_by,
+        )
+        markers.append((ctx.settings.attempts_topic, row.delivery_id, marker.to_json()))
+    # The markers first, and read back: each resend shows at once as pending, and
+    # the attempts it leads to (same key, so the same partition) come after it.
+    written = ctx.store.write(markers)
+    deadline = time.monotonic() + ctx.settings.api_write_timeout_s
+    for topic, partition, offset in written:
+        if not ctx.history.wait_past(topic, partition, offset, deadline):
+            raise WriteTimeout("resend recorded but not read back in time")
+    stage = retry_stages(ctx.settings)[0]
+    due = now_ms()
+    ctx.store.write(
+        [(stage.topic, r.delivery_id, r.to_json()) for r in records],
+        each=[record_headers(r, due) for r in records],
+    )
 
 
 @router.get(BASE + "/webhooks/{webhook_id}/summary", response_model=WebhookSummary)

@@ -469,6 +469,27 @@ class HistoryStore:
         return _delivery(rows[0]), attempts
 
     @staticmethod
+    def failed_since(
+        conn: sqlite3.Connection, webhook_id: str, since_ms: int, limit: int
+    ) -> list[tuple[DeliveryRow, AttemptRow | None]]:
+        """Failing and dead-lettered deliveries first attempted since ``since_ms``,
+        oldest first, each with its latest record carrying the body (None if gone)."""
+        rows = conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries "
+            "WHERE webhook_id = ? AND status IN ('failing', 'dead_lettered') AND created_ms >= ? "
+            "ORDER BY created_ms, delivery_id LIMIT ?",
+            (webhook_id, since_ms, limit),
+        ).fetchall()
+        out: list[tuple[DeliveryRow, AttemptRow | None]] = []
+        for row in rows:
+            found = HistoryStore.delivery(conn, webhook_id, row[0])
+            if found is None:
+                continue
+            with_body = [a for a in found[1] if a.body is not None]
+            out.append((found[0], with_body[-1] if with_body else None))
+        return out
+
+    @staticmethod
     def summary(conn: sqlite3.Connection, webhook_id: str, now_ms: int) -> dict[str, Any]:
         """The last 24 h: successes, failures, latency percentiles; the last error."""
         since = now_ms - 24 * HOUR_MS

@@ -178,6 +178,17 @@ class DeliveryDetail(DeliverySummary):
     attempt_details: list[AttemptDetail]
 
 
+class RecoverRequest(_In):
+    since: datetime = Field(description="Deliveries first attempted at or after (ISO 8601).")
+
+
+class Recovered(BaseModel):
+    queued: int = Field(description="Deliveries queued to be sent again now.")
+    more: bool = Field(
+        description="More failed since then than one call queues: call again, same `since`."
+    )
+
+
 class Resent(BaseModel):
     id: str
     status: Status
