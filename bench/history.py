@@ -33,7 +33,15 @@ import httpx
 import orjson
 from confluent_kafka import Producer
 
-from bench.harness import BOOTSTRAP, REPO, BenchError, Namespace, free_port, wait_for
+from bench.harness import (
+    BOOTSTRAP,
+    REPO,
+    BenchError,
+    Namespace,
+    free_port,
+    process_cpu_s,
+    wait_for,
+)
 from bench.measure import say
 from dispatcher.api.auth import hash_key, new_key
 
@@ -256,6 +264,8 @@ def run(args: Any, tmp: Path, ca_file: Path) -> dict[str, Any]:
         key = new_key()
         api = Api(ns, tmp / "history-api.log", store, key)
         rebuild_s = api.start()
+        assert api.proc is not None
+        rebuild_cpu_s = process_cpu_s(api.proc.pid)
         folded = api.fold()
         rebuilt_memory = api.memory_mb()
         disk = sum(p.stat().st_size for p in tmp.glob("history.sqlite3*"))
@@ -268,6 +278,8 @@ def run(args: Any, tmp: Path, ca_file: Path) -> dict[str, Any]:
             "webhooks": webhooks,
             "rebuild_ready_s": round(rebuild_s, 2),
             "fold_per_s": round(folded[0] / folded[1]) if folded and folded[1] else None,
+            # CPU of the whole process up to ready, per attempt folded.
+            "rebuild_cpu_us_per_attempt": round(rebuild_cpu_s * 1e6 / args.history_attempts, 1),
             "rebuilt_rss_mb": rebuilt_memory,
             "disk_bytes": disk,
             "disk_bytes_per_attempt": round(disk / args.history_attempts),
@@ -277,9 +289,16 @@ def run(args: Any, tmp: Path, ca_file: Path) -> dict[str, Any]:
         }
         for clients in args.history_clients:
             say(f"history: {clients} clients for {args.history_load_s:g} s")
+            assert api.proc is not None
+            cpu_before = process_cpu_s(api.proc.pid)
             result = asyncio.run(
                 _load(api, key, clients, args.history_load_s, deliveries, webhooks)
             )
+            served = result["list"]["requests"] + result["detail"]["requests"]
+            # The API's own CPU per request: comparable across machines and loads,
+            # unlike latencies on a shared machine.
+            cpu_s = process_cpu_s(api.proc.pid) - cpu_before
+            result["api_cpu_ms_per_request"] = round(cpu_s * 1000 / served, 2) if served else None
             result["rss_mb"] = api.memory_mb()
             out["load"].append(result)
         return out

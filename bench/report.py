@@ -144,7 +144,8 @@ def _history(h: dict[str, Any]) -> list[Row]:
         (
             f"8 history: rebuild of {h['attempts']} attempts",
             f"{h['rebuild_ready_s']:.1f} s to ready",
-            f"fold {h['fold_per_s']} attempts/s, RSS {h['rebuilt_rss_mb'].get('VmHWM')} MB peak",
+            f"fold {h['fold_per_s']} attempts/s, {h['rebuild_cpu_us_per_attempt']} CPU us each, "
+            f"RSS {h['rebuilt_rss_mb'].get('VmHWM')} MB peak",
         ),
         (
             "8 history: restart on the same file",
@@ -159,7 +160,8 @@ def _history(h: dict[str, Any]) -> list[Row]:
                 f"{load['list']['per_s'] + load['detail']['per_s']:.0f} req/s",
                 f"list p50/p99 {load['list']['p50_ms']}/{load['list']['p99_ms']} ms, detail "
                 f"{load['detail']['p50_ms']}/{load['detail']['p99_ms']} ms, /healthz p99 "
-                f"{load['healthz']['p99_ms']} ms, errors {load['errors']}",
+                f"{load['healthz']['p99_ms']} ms, API CPU {load['api_cpu_ms_per_request']} ms "
+                f"per request, errors {load['errors']}",
             )
         )
     return rows
