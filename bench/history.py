@@ -9,14 +9,15 @@ headers like the dispatcher's) straight to the phase's attempts topic, then:
   rate from its own log line, resident memory, disk bytes per attempt;
 - restarts it on the same file and times it to ready again;
 - runs ``--history-clients`` concurrent clients (each a list of one webhook's
-  newest deliveries or one delivery's detail, alternately, at random) for
+  newest deliveries or one delivery's detail, at random) for
   ``--history-load-s`` seconds, with a prober asking ``/healthz`` on the API's
-  port every 50 ms meanwhile: p50/p99 of each.
+  port every 50 ms meanwhile: p50/p99 of each, and the API's CPU per request.
+  The clients are ``bench/loadgen`` (Go, built by ``scripts/bench.sh``): a Python
+  client would take more of the two cores than the API it measures.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import signal
@@ -29,7 +30,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 from confluent_kafka import Producer
 
@@ -195,44 +195,40 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q / 100 * len(values)))] * 1000, 1)
 
 
-async def _load(
-    api: Api, key: str, clients: int, seconds: float, deliveries: int, webhooks: int
+def _load(
+    loadgen: Path,
+    api: Api,
+    key: str,
+    clients: int,
+    seconds: float,
+    deliveries: int,
+    webhooks: int,
 ) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"list": [], "detail": [], "healthz": []}
-    errors = 0
-    base = f"http://127.0.0.1:{api.port}"
-    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
-    async with httpx.AsyncClient(
-        base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=60
-    ) as http:
-        deadline = time.monotonic() + seconds
-
-        async def client(seed: int) -> None:
-            nonlocal errors
-            rng = random.Random(seed)
-            while time.monotonic() < deadline:
-                n = rng.randrange(deliveries)
-                hook = f"wh_{n % webhooks:06d}"
-                kind = "list" if rng.random() < 0.5 else "detail"
-                path = f"/v1/organizations/{ORG}/webhooks/{hook}/deliveries"
-                if kind == "detail":
-                    path += f"/d{n:09d}"
-                started = time.perf_counter()
-                r = await http.get(path)
-                times[kind].append(time.perf_counter() - started)
-                if r.status_code != 200:
-                    errors += 1
-
-        async def prober() -> None:
-            while time.monotonic() < deadline:
-                started = time.perf_counter()
-                await http.get("/healthz")
-                times["healthz"].append(time.perf_counter() - started)
-                await asyncio.sleep(0.05)
-
-        await asyncio.gather(prober(), *(client(i) for i in range(clients)))
-    out: dict[str, Any] = {"clients": clients, "seconds": seconds, "errors": errors}
-    for kind, values in times.items():
+    """Run the Go load generator (``bench/loadgen``) against the API."""
+    rng = random.Random(clients)
+    paths = []
+    for _ in range(20_000):
+        n = rng.randrange(deliveries)
+        path = f"/v1/organizations/{ORG}/webhooks/wh_{n % webhooks:06d}/deliveries"
+        paths.append(path if rng.random() < 0.5 else f"{path}/d{n:09d}")
+    done = subprocess.run(
+        [
+            str(loadgen),
+            f"-base=http://127.0.0.1:{api.port}",
+            f"-key={key}",
+            f"-clients={clients}",
+            f"-seconds={seconds}",
+        ],
+        input="\n".join(paths).encode(),
+        capture_output=True,
+        timeout=seconds + 120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"loadgen failed: {done.stderr.decode(errors='replace')[-2000:]}")
+    got = orjson.loads(done.stdout)
+    out: dict[str, Any] = {"clients": clients, "seconds": seconds, "errors": got["errors"]}
+    for kind, values in got["times"].items():
         out[kind] = {
             "requests": len(values),
             "per_s": round(len(values) / seconds, 1),
@@ -291,9 +287,8 @@ def run(args: Any, tmp: Path, ca_file: Path) -> dict[str, Any]:
             say(f"history: {clients} clients for {args.history_load_s:g} s")
             assert api.proc is not None
             cpu_before = process_cpu_s(api.proc.pid)
-            result = asyncio.run(
-                _load(api, key, clients, args.history_load_s, deliveries, webhooks)
-            )
+            loadgen = args.receiver.parent / "loadgen"
+            result = _load(loadgen, api, key, clients, args.history_load_s, deliveries, webhooks)
             served = result["list"]["requests"] + result["detail"]["requests"]
             # The API's own CPU per request: comparable across machines and loads,
             # unlike latencies on a shared machine.
