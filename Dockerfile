@@ -36,9 +36,12 @@ LABEL org.opencontainers.image.title="webhook-dispatcher" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A fixed numeric uid/gid lets Kubernetes verify runAsNonRoot without a passwd
 # lookup; the passwd entry is there for libraries that ask for a user name.
+# /var/lib/dispatcher/history holds the API's history store; owned by the uid so a
+# fresh named volume mounted there (Compose) starts writable.
 RUN groupadd --system --gid 10001 dispatcher \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin dispatcher
+        --home-dir /nonexistent --shell /usr/sbin/nologin dispatcher \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/dispatcher/history
 COPY --from=builder /opt/venv /opt/venv
 # Bytecode was compiled at install time; writing more would fail on a read-only
 # root filesystem. Unbuffered output keeps JSON log lines whole and in order.

@@ -139,6 +139,34 @@ def _memory(m: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _history(h: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = [
+        (
+            f"8 history: rebuild of {h['attempts']} attempts",
+            f"{h['rebuild_ready_s']:.1f} s to ready",
+            f"fold {h['fold_per_s']} attempts/s, {h['rebuild_cpu_us_per_attempt']} CPU us each, "
+            f"RSS {h['rebuilt_rss_mb'].get('VmHWM')} MB peak",
+        ),
+        (
+            "8 history: restart on the same file",
+            f"{h['restart_ready_s']:.1f} s to ready",
+            f"disk {h['disk_bytes_per_attempt']} bytes/attempt",
+        ),
+    ]
+    for load in h["load"]:
+        rows.append(
+            (
+                f"8 history: {load['clients']} clients",
+                f"{load['list']['per_s'] + load['detail']['per_s']:.0f} req/s",
+                f"list p50/p99 {load['list']['p50_ms']}/{load['list']['p99_ms']} ms, detail "
+                f"{load['detail']['p50_ms']}/{load['detail']['p99_ms']} ms, /healthz p99 "
+                f"{load['healthz']['p99_ms']} ms, API CPU {load['api_cpu_ms_per_request']} ms "
+                f"per request, errors {load['errors']}",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     rows = _engines(results)
     for key, part in (
@@ -149,6 +177,7 @@ def table(results: dict[str, Any]) -> str:
         ("table", _table),
         ("isolation", _isolation),
         ("memory", _memory),
+        ("history", _history),
     ):
         if key in results:
             rows += part(results[key])

@@ -23,6 +23,9 @@ start of a tail share of the deliveries); CPU time from the processes' own.
    stage, and read back and deferred again once the stage's delay (shortened to
    ``--memory-retry-delay``) has passed; its peak RSS (VmHWM) once all of them
    have been deferred twice.
+8. History: ``dispatcher api`` over ``--history-attempts`` attempt records: the
+   store's rebuild and fold rate, restart, memory, disk, and list, detail and
+   ``/healthz`` latencies under concurrent clients (``bench/history.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import engines
+from bench import engines, history
 from bench.harness import (
     REPO,
     BenchError,
@@ -65,6 +68,7 @@ PHASES = (
     "table",
     "isolation",
     "memory",
+    "history",
 )
 #: Every size at once for CI: each phase runs, none measures anything worth reading.
 SMOKE = {
@@ -81,6 +85,10 @@ SMOKE = {
     "memory_events": 1000,
     "memory_retry_delay": 5,
     "partitions": 3,
+    "history_attempts": 3000,
+    "history_webhooks": 50,
+    "history_clients": [5],
+    "history_load_s": 2.0,
 }
 
 
@@ -119,6 +127,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=20,
         help="first retry delay (s) in the memory phase, which lasts until it has passed",
     )
+    p.add_argument(
+        "--history-attempts", type=int, default=1_000_000, help="attempt records (history)"
+    )
+    p.add_argument("--history-webhooks", type=int, default=10_000, help="webhooks (history)")
+    p.add_argument(
+        "--history-clients",
+        type=int,
+        action="append",
+        help="concurrent API clients, once per value (history; default 50 and 200)",
+    )
+    p.add_argument("--history-load-s", type=float, default=20.0, help="seconds of each load")
     p.add_argument("--partitions", type=int, default=12, help="partitions of every topic")
     p.add_argument(
         "--profile",
@@ -144,6 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--set wants NAME=VALUE with a setting name, got {item!r}")
         overrides[name] = json.loads(value) if value[:1] in "[{" else value
     args.set = overrides
+    args.history_clients = args.history_clients or [50, 200]
     if args.orgs > ENDPOINTS or args.orgs < 1:
         p.error(f"--orgs must be 1..{ENDPOINTS}")
     return args
@@ -376,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["isolation"] = bench.isolation()
             if "memory" in phases:
                 results["memory"] = bench.memory()
+            if "history" in phases:
+                results["history"] = history.run(args, bench.tmp, bench.certs.ca_file)
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1

@@ -354,8 +354,15 @@ class Settings(BaseSettings):
     api_idempotency_ttl_s: int = Field(
         86_400, ge=60, description="How long an `Idempotency-Key` answer is replayed."
     )
-    api_history_per_webhook: int = Field(
-        100, ge=1, le=10_000, description="Deliveries per webhook kept in the API's history index."
+    api_history_path: str = Field(
+        "dispatcher-history.sqlite3",
+        min_length=1,
+        description="SQLite file of the API's delivery history store (on a persistent "
+        "volume: a restart resumes from it; a new or empty file is rebuilt from the "
+        "attempts topic).",
+    )
+    api_history_readers: int = Field(
+        4, ge=1, le=64, description="Threads (each with its own connection) reading history."
     )
 
     # --- Operations -------------------------------------------------------

@@ -13,6 +13,9 @@ mkdir -p "$build"
 # The Go build cache stays inside the repository, next to the binary.
 (cd bench/receiver && GOCACHE="$build/gocache" GOTOOLCHAIN=local GOFLAGS= GOPROXY=off \
     go build -trimpath -o "$build/receiver" .)
+# The history phase's load generator, beside the receiver.
+(cd bench/loadgen && GOCACHE="$build/gocache" GOTOOLCHAIN=local GOFLAGS= GOPROXY=off \
+    go build -trimpath -o "$build/loadgen" .)
 
 source scripts/broker-lease.sh
 

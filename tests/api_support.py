@@ -29,6 +29,9 @@ class ApiProcess:
             {"name": "admin", "sha256": hash_key(self.admin_key), "access": "read-write"},
             {"name": "viewer", "sha256": hash_key(self.viewer_key), "access": "read"},
         ]
+        # Each API its own history file (beside its log), kept across restarts.
+        extra.setdefault("api_history_path", str(log_path.with_suffix(".history.sqlite3")))
+        self.history_path = Path(str(extra["api_history_path"]))
         self._env = ns.env(api_port=self.port, http_port=self.probe_port, api_keys=keys, **extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self._clients: list[httpx.Client] = []

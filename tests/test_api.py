@@ -74,6 +74,8 @@ def test_keys_health_and_problems(
             assert bad.status_code == 422, (path, bad.text)
             assert bad.headers["content-type"] == PROBLEM
             assert path in [e["path"] for e in bad.json()["errors"]], bad.text
+        short = http.post(webhooks(api), json={"url": receiver.url("/hook"), "secret": "s" * 23})
+        assert short.status_code == 422 and "24" in short.json()["errors"][0]["message"]
         ftp = http.post(webhooks(api), json={"url": "ftp://example.com/x"})
         assert ftp.status_code == 422 and ftp.json()["errors"][0]["path"] == "body.url"
         malformed = http.post(

@@ -1,4 +1,4 @@
-"""Pure parts of the API: keys, the history index, idempotency, the docs page."""
+"""Pure parts of the API: keys, the history store, idempotency, the docs page."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from dispatcher.api import docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
-from dispatcher.api.history import HistoryIndex, to_ms
+from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
 from dispatcher.api.idempotency import IdempotencyCache, webhook_id_for
 from dispatcher.attempts import AttemptRecord
 from dispatcher.errors import ConfigError
@@ -86,33 +86,95 @@ def record(delivery: str, attempt: int, ok: bool, at: datetime, **extra: object)
     )
 
 
-def test_history_is_bounded_per_webhook_and_tracks_status() -> None:
-    index = HistoryIndex(per_webhook=3)
-    for n in range(5):
-        index.apply(record(f"d{n}", 1, True, NOW), 0, n)
-    page, more = index.deliveries("wh_1", limit=10)
-    assert [e.delivery_id for e in page] == ["d4", "d3", "d2"] and not more
-    index.apply(record("d4", 2, False, NOW, next_retry_at=NOW + timedelta(minutes=1)), 0, 9)
-    assert index.delivery("wh_1", "d4").status == "failing"  # type: ignore[union-attr]
-    index.apply(record("d4", 3, False, NOW, dead_lettered=True), 0, 10)
-    assert [e.delivery_id for e in index.deliveries("wh_1", status="dead_lettered")[0]] == ["d4"]
-    index.apply(record("d4", 0, False, NOW, kind="resend"), 0, 11)
-    assert index.delivery("wh_1", "d4").status == "pending"  # type: ignore[union-attr]
-    page, more = index.deliveries("wh_1", limit=1)
-    assert (
-        more and index.deliveries("wh_1", before_seq=page[0].seq, limit=5)[0][0].delivery_id == "d3"
-    )
+def fold(store: HistoryStore, *records: tuple[AttemptRecord, int]) -> None:
+    """Fold records at the given offsets of partition 0."""
+    store.fold([(0, offset, r.to_json()) for r, offset in records])
 
 
-def test_summary_counts_the_last_24_hours() -> None:
-    index = HistoryIndex(per_webhook=100)
-    index.apply(record("old", 1, False, NOW - timedelta(hours=30)), 0, 0)
-    for n in range(4):
-        index.apply(record(f"d{n}", 1, n != 3, NOW - timedelta(minutes=n)), 0, n + 1)
-    summary = index.summary("wh_1", to_ms(NOW))
-    assert summary["successes_24h"] == 3 and summary["failures_24h"] == 1
-    assert summary["failing_now"] is True
-    assert summary["latency_ms"] == {"p50": 10.0, "p90": 10.0, "p99": 10.0}
+def test_history_store_orders_by_time_and_takes_status_from_the_latest(tmp_path: Path) -> None:
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        # Read out of time order: d2 first, d0 last.
+        for n, offset in ((2, 0), (1, 1), (0, 2)):
+            fold(store, (record(f"d{n}", 1, True, NOW + timedelta(minutes=n)), offset))
+        page, more = HistoryStore.deliveries(conn, "wh_1", Filters(), None, 10)
+        assert [d.delivery_id for d in page] == ["d2", "d1", "d0"] and not more
+        # A late record older than the newest changes nothing; a newer one does.
+        later = NOW + timedelta(minutes=5)
+        fold(store, (record("d1", 3, False, later, dead_lettered=True), 3))
+        fold(store, (record("d1", 2, False, NOW + timedelta(minutes=4)), 4))
+        row, attempts = HistoryStore.delivery(conn, "wh_1", "d1")  # type: ignore[misc]
+        assert row.status == "dead_lettered" and row.attempts == 3
+        assert [a.attempt for a in attempts] == [1, 2, 3]
+        dead = HistoryStore.deliveries(conn, "wh_1", Filters(status="dead_lettered"), None, 10)
+        assert [d.delivery_id for d in dead[0]] == ["d1"]
+        fold(store, (record("d1", 0, False, later + timedelta(minutes=1), kind="resend"), 5))
+        assert HistoryStore.delivery(conn, "wh_1", "d1")[0].status == "pending"  # type: ignore[index]
+        # Cursor: the key of the last row; the next page starts after it.
+        first, more = HistoryStore.deliveries(conn, "wh_1", Filters(), None, 1)
+        assert more
+        key = (first[0].created_ms, first[0].delivery_id)
+        rest, more = HistoryStore.deliveries(conn, "wh_1", Filters(), key, 5)
+        assert [d.delivery_id for d in rest] == ["d1", "d0"] and not more
+        found = HistoryStore.deliveries(conn, "wh_1", Filters(session_id="sess_d0"), None, 5)
+        assert [d.delivery_id for d in found[0]] == ["d0"]
+        window = Filters(since_ms=to_ms(NOW + timedelta(minutes=1)), until_ms=to_ms(later))
+        assert [
+            d.delivery_id for d in HistoryStore.deliveries(conn, "wh_1", window, None, 5)[0]
+        ] == [
+            "d2",
+            "d1",
+        ]
+        other = Filters(event="order.created")
+        assert HistoryStore.deliveries(conn, "wh_1", other, None, 5) == ([], False)
+        # The same position again is not folded twice.
+        fold(store, (record("d0", 1, True, NOW), 2))
+        assert HistoryStore.delivery(conn, "wh_1", "d0")[0].attempts == 1  # type: ignore[index]
+        conn.close()
+
+
+def test_history_store_resumes_from_its_positions(tmp_path: Path) -> None:
+    path = str(tmp_path / "h.db")
+    with opened(path, "attempts") as store:
+        fold(store, (record("d0", 1, True, NOW), 7))
+    store = HistoryStore(path, "attempts")
+    assert store.open() == {0: 8}
+    store.close()
+    # A file made for another topic is rebuilt, never continued.
+    store = HistoryStore(path, "other")
+    assert store.open() == {}
+    store.close()
+
+
+def test_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        fold(store, (record("old", 1, False, NOW - timedelta(hours=30)), 0))
+        for n in range(4):
+            fold(store, (record(f"d{n}", 1, n != 0, NOW - timedelta(minutes=4 - n)), n + 1))
+        fold(store, (record("d0", 2, False, NOW), 9))
+        summary = HistoryStore.summary(conn, "wh_1", to_ms(NOW))
+        assert summary["successes_24h"] == 3 and summary["failures_24h"] == 2
+        assert summary["failing_now"] is True
+        assert summary["latency_ms"] == {"p50": 10.0, "p90": 20.0, "p99": 20.0}
+        hours = HistoryStore.hourly(conn, "wh_1", to_ms(NOW) - 48 * 3_600_000, to_ms(NOW) + 1)
+        assert [(h["successes"], h["failures"]) for h in hours] == [(0, 1), (3, 1), (0, 1)]
+        conn.close()
+
+
+def test_retention_deletes_deliveries_and_their_attempts(tmp_path: Path) -> None:
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        fold(store, (record("old", 1, True, NOW - timedelta(days=20)), 0))
+        fold(store, (record("new", 1, True, NOW), 1))
+        assert store.expire(to_ms(NOW - timedelta(days=14))) == 1
+        assert HistoryStore.counts(conn) == (1, 1)
+        conn.close()
+
+
+def test_signatures_are_masked() -> None:
+    assert mask_signature("v1,abcdefgh v1,ijklmnop") == "v1,…efgh v1,…mnop"
+    assert mask_signature("0123456789abcdef") == "…cdef"
 
 
 def test_idempotency_ids_and_cache() -> None:
@@ -123,14 +185,6 @@ def test_idempotency_ids_and_cache() -> None:
     cache.put(("o", "k", "2"), "fp", 201, {"id": "y"})  # full: not kept, never evicts live ones
     assert cache.get(("o", "k", "1")).body == {"id": "x"}  # type: ignore[union-attr]
     assert cache.get(("o", "k", "2")) is None
-
-
-def test_histories_of_deleted_webhooks_are_forgotten() -> None:
-    index = HistoryIndex(per_webhook=10)
-    index.apply(record("d1", 1, True, NOW), 0, 1)
-    assert index.forget_missing({"wh_1"}) == 0
-    assert index.forget_missing({"wh_other"}) == 1
-    assert index.deliveries("wh_1") == ([], False)
 
 
 def test_event_catalog_is_configuration(tmp_path: Path) -> None:

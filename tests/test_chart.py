@@ -55,8 +55,10 @@ CHART_MANAGED_SETTINGS = {
     "http_port",
     "group_instance_id",
     "session_timeout_s",
-    # The API's port, keys (from a Secret) and event catalog (from a ConfigMap).
+    # The API's port, keys (from a Secret), event catalog (from a ConfigMap) and
+    # history store (on the API's volume).
     "api_port",
+    "api_history_path",
     "api_keys",
     "api_keys_file",
     "event_catalog_file",
@@ -180,7 +182,7 @@ def crd_schema(doc: dict[str, Any]) -> dict[str, Any] | None:
 
 def pod_specs(docs: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     for doc in docs:
-        if doc["kind"] in ("Deployment", "Job"):
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield doc["kind"], doc["spec"]["template"]["spec"]
 
 
@@ -284,7 +286,7 @@ def test_default_grace_period_is_drain_plus_margin() -> None:
 def selectors(docs: Any) -> Iterator[tuple[str, dict[str, str]]]:
     for doc in docs:
         kind, spec = doc["kind"], doc.get("spec", {})
-        if kind == "Deployment":
+        if kind in ("Deployment", "StatefulSet"):
             yield kind, spec["selector"]["matchLabels"]
             for constraint in spec["template"]["spec"].get("topologySpreadConstraints", []):
                 yield "topologySpreadConstraint", constraint["labelSelector"]["matchLabels"]
@@ -329,7 +331,7 @@ def test_pods_are_hardened() -> None:
                 assert context["capabilities"] == {"drop": ["ALL"]}
                 mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
                 assert mounts.get("/tmp") in tmp_volumes
-    assert checked == {"Deployment", "Job"}
+    assert checked == {"Deployment", "StatefulSet", "Job"}
 
 
 def test_probes_and_port() -> None:

@@ -1,4 +1,4 @@
-"""The chart's API objects (api.enabled): Deployment, Service, Ingress, NetworkPolicy,
+"""The chart's API objects (api.enabled): StatefulSet, Service, Ingress, NetworkPolicy,
 ServiceMonitor; rendered by the pinned Helm that scripts/check-chart.sh provides."""
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def api_objects() -> dict[str, dict[str, Any]]:
 
 def test_api_objects_render_with_keys_from_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     objects = api_objects()
-    assert set(objects) == {"Deployment", "Service", "Ingress", "NetworkPolicy", "ServiceMonitor"}
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert set(objects) == {"StatefulSet", "Service", "Ingress", "NetworkPolicy", "ServiceMonitor"}
+    pod = objects["StatefulSet"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["args"] == ["api"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
@@ -46,10 +46,11 @@ def test_api_objects_render_with_keys_from_the_secret(monkeypatch: pytest.Monkey
         monkeypatch.setenv(name, entry["value"])
     settings = load_settings()
     assert settings.api_port == 8090
+    assert settings.api_history_path == "/var/lib/dispatcher/history/history.sqlite3"
     assert settings.event_catalog_file == "/etc/dispatcher/event-catalog/catalog.json"
     selector = objects["Service"]["spec"]["selector"]
     assert selector["app.kubernetes.io/component"] == "api"
-    assert objects["Deployment"]["spec"]["selector"]["matchLabels"] == selector
+    assert objects["StatefulSet"]["spec"]["selector"]["matchLabels"] == selector
     paths = objects["Ingress"]["spec"]["rules"][0]["http"]["paths"]
     assert {p["backend"]["service"]["port"]["name"] for p in paths} == {"api"}
     assert "/metrics" not in {p["path"] for p in paths}
@@ -72,7 +73,7 @@ def test_dispatcher_and_topics_job_read_the_api_event_catalog(tmp_path: Path) ->
     pods = [
         (doc["metadata"]["name"], doc["spec"]["template"]["spec"])
         for doc in docs
-        if doc["kind"] in ("Deployment", "Job")
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job")
     ]
     assert len(pods) == 3, [name for name, _pod in pods]
     for name, pod in pods:
@@ -82,3 +83,22 @@ def test_dispatcher_and_topics_job_read_the_api_event_catalog(tmp_path: Path) ->
         assert file == f"{mounts['event-catalog']}/catalog.json", name
         volume = next(v for v in pod["volumes"] if v["name"] == "event-catalog")
         assert volume["configMap"]["name"] == "webhooks-event-catalog", name
+
+
+def test_api_keeps_its_history_store_on_a_claim_per_pod_or_an_empty_dir(tmp_path: Path) -> None:
+    sts = api_objects()["StatefulSet"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "history"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["history"] == "/var/lib/dispatcher/history"
+    assert "history" not in {v["name"] for v in pod["volumes"]}  # the claim provides it
+
+    docs = render(API_VALUES, {"api": {"history": {"volume": "emptyDir"}}}, tmp=tmp_path)
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert "volumeClaimTemplates" not in sts["spec"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["history"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    bad = render_result(API_VALUES, {"api": {"history": {"volume": "hostPath"}}}, tmp=tmp_path)
+    assert bad.returncode != 0

@@ -41,6 +41,7 @@ INVALID_PUTS: list[tuple[str, list[str], dict[str, Any], str]] = [
     ("secret bad length", [*put_args(), "--secret", "whsec_abcdefghi"], {}, "length"),
     ("secret url-safe", [*put_args(), "--secret", "whsec_ab-_cdefgh"], {}, "base64"),
     ("secret spaces", [*put_args(), "--secret", " a-long-secret "], {}, "spaces"),
+    ("secret under 24", [*put_args(), "--secret", "twenty-three-characters"], {}, "at least 24"),
     ("growth plan", put_args(plan="Growth"), {}, "does not include webhooks"),
     ("starter plan", put_args(plan="starter"), {}, "does not include webhooks"),
     ("free trial plan", put_args(plan="Free Trial"), {}, "does not include webhooks"),
@@ -134,7 +135,7 @@ def test_lifecycle_through_real_processes(ns: Namespace) -> None:
 
 
 def test_every_command_in_process(cli: Cli, ns: Namespace) -> None:
-    typed = "my-own-secret-value"
+    typed = "my-own-secret-value-of-28-chars"
     first = cli(ns, *put_args(), "--secret", typed, "--json")
     assert first.code == 0, first.err
     webhook_id = first.json()["webhook_id"]

@@ -25,7 +25,8 @@ from dispatcher import __version__
 from dispatcher.api import deliveries, docs_page, problems, webhooks
 from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
-from dispatcher.api.history import HistoryIndex, HistoryReader
+from dispatcher.api.historyfold import HistoryFolder
+from dispatcher.api.historystore import HistoryReads, HistoryStore
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import PROBLEM, Problem
 from dispatcher.api.sample_sends import SampleSends
@@ -153,18 +154,17 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         # on the event loop, in the middle of someone's request.
         gc.freeze()
         beat = asyncio.create_task(_heartbeat(health))
-        sweep = asyncio.create_task(_forget_deleted(ctx))
         starting = asyncio.create_task(_start_readers(ctx)) if start_readers else None
         try:
             yield
         finally:
             beat.cancel()
-            sweep.cancel()
             await ctx.sample_sends.close()
             if starting is not None:
                 starting.cancel()
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
+            await asyncio.to_thread(ctx.reads.close)
             ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -218,6 +218,7 @@ _OPERATION_NAMES = {
     "event_types": "listEventTypes",
     "put_plan": "setPlan",
     "webhook_summary": "getWebhookSummary",
+    "webhook_hourly_summary": "getWebhookHourlySummary",
 }
 
 
@@ -232,12 +233,12 @@ def operation_id(route: APIRoute) -> str:
 
 
 def build_context(settings: Settings) -> ApiContext:
-    index = HistoryIndex(settings.api_history_per_webhook)
+    history = HistoryStore(settings.api_history_path, settings.attempts_topic)
     return ApiContext(
         settings=settings,
         store=Store(settings),
-        index=index,
-        history=HistoryReader(settings, index),
+        history=HistoryFolder(settings, history),
+        reads=HistoryReads(history, settings.api_history_readers),
         keys=KeyRing(load_keys(settings)),
         catalog=load_catalog(settings),
         idempotency=IdempotencyCache(settings.api_idempotency_ttl_s),
@@ -249,14 +250,6 @@ async def _heartbeat(health: Health) -> None:
     while True:
         health.beat()
         await asyncio.sleep(1.0)
-
-
-async def _forget_deleted(ctx: ApiContext, every_s: float = 300.0) -> None:
-    """Keep the history index to live webhooks: deleted ones' histories are dropped."""
-    while True:
-        await asyncio.sleep(every_s)
-        if ctx.ready()[0]:
-            ctx.index.forget_missing(set(list(ctx.store.subs)))
 
 
 async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:

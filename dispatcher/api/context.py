@@ -20,7 +20,8 @@ from typing import ParamSpec, TypeVar
 from fastapi import Request
 
 from dispatcher.api.auth import KeyRing
-from dispatcher.api.history import HistoryIndex, HistoryReader
+from dispatcher.api.historyfold import HistoryFolder
+from dispatcher.api.historystore import HistoryReads
 from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import Problem
 from dispatcher.api.sample_sends import SampleSends
@@ -45,8 +46,10 @@ def _blocking_pool() -> ThreadPoolExecutor:
 class ApiContext:
     settings: Settings
     store: Store
-    index: HistoryIndex
-    history: HistoryReader
+    #: Folds the attempts topic into the history store (its one writer).
+    history: HistoryFolder
+    #: Reads the history store, on threads of its own.
+    reads: HistoryReads
     keys: KeyRing
     catalog: list[EventType]
     idempotency: IdempotencyCache
@@ -57,6 +60,7 @@ class ApiContext:
     waiting_for: str | None = "starting"
 
     def ready(self) -> tuple[bool, str]:
+        """From memory only: the probes must answer whatever Kafka or the disk do."""
         if self.waiting_for is not None:
             return False, self.waiting_for
         for part, name in ((self.store, "webhooks"), (self.history, "delivery history")):
@@ -73,7 +77,8 @@ class ApiContext:
 
 
 async def context(request: Request) -> ApiContext:
-    """Dependency: the context, once the state has caught up (503 before)."""
+    """Dependency: the context, once the state has caught up (503 before); memory only,
+    so on the event loop rather than a hop through the worker threads."""
     ctx: ApiContext = request.app.state.ctx
     ok, why = ctx.ready()
     if not ok:

@@ -1,8 +1,7 @@
-"""Routes: a webhook's deliveries, one delivery with its attempts, resend, and a summary.
+"""Routes: a webhook's deliveries, one delivery with its attempts, resend, and summaries.
 
-Lists come from the in-memory history index, on the event loop; one delivery's
-attempt details (headers as sent, snippets) and its body are read back from the
-attempts topic by position, on the API's blocking threads. Resend puts the same
+Everything is read from the history store, on its own reader threads (awaited,
+so the event loop and the probes never wait on the disk). Resend puts the same
 delivery (id and body) on the first retry stage, due now, with a fresh attempt
 budget, and records who asked.
 """
@@ -11,21 +10,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+import struct
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
 from dispatcher.api.auth import Caller, audit
 from dispatcher.api.context import ApiContext
-from dispatcher.api.history import DeliveryEntry, from_ms, to_ms
+from dispatcher.api.historystore import (
+    HOUR_MS,
+    AttemptRow,
+    DeliveryRow,
+    Filters,
+    HistoryStore,
+    from_ms,
+    to_ms,
+)
 from dispatcher.api.models import (
     AttemptDetail,
-    AttemptOut,
     DeliveryDetail,
     DeliveryPage,
     DeliverySummary,
+    HourlySummary,
+    Recovered,
+    RecoverRequest,
     Resent,
     Status,
     WebhookSummary,
@@ -33,45 +43,53 @@ from dispatcher.api.models import (
 from dispatcher.api.problems import Problem, field_problem, not_found
 from dispatcher.api.store import WriteTimeout
 from dispatcher.api.webhooks import BASE, Ctx, Org, Reader, WebhookId, Writer, owned
+from dispatcher.attempts import AttemptRecord
 from dispatcher.core.partitions import now_ms
 from dispatcher.models import IDENTIFIER
-from dispatcher.records import DeliveryRecord, record_headers
+from dispatcher.records import DeliveryRecord, Source, record_headers
 from dispatcher.stages import retry_stages
 
 router = APIRouter(tags=["deliveries"])
 DeliveryId = Annotated[str, Path(pattern=IDENTIFIER.pattern, description="Delivery id.")]
 
 
-def _summary(entry: DeliveryEntry) -> DeliverySummary:
-    last = entry.last
+def _summary(row: DeliveryRow) -> DeliverySummary:
     return DeliverySummary(
-        id=entry.delivery_id,
-        event=entry.event,
-        session_id=entry.session_id,
-        status=entry.status,
-        created_at=from_ms(entry.first_ms),
-        last_attempt_at=None if last is None else from_ms(last.at_ms),
-        attempts=sum(1 for a in entry.attempts if a.kind == "attempt"),
-        last_status_code=None if last is None else last.status_code,
-        last_error_class=None if last is None or last.ok else last.error_class,
+        id=row.delivery_id,
+        event=row.event,
+        session_id=row.session_id,
+        status=row.status,
+        created_at=from_ms(row.created_ms),
+        last_attempt_at=None if row.attempt_ms is None else from_ms(row.attempt_ms),
+        attempts=row.attempts,
+        last_status_code=row.last_status_code,
+        last_error_class=None if row.last_ok is not False else row.last_error_class,
         next_retry_at=None
-        if last is None or last.next_retry_ms is None or entry.status != "failing"
-        else from_ms(last.next_retry_ms),
+        if row.next_retry_ms is None or row.status != "failing"
+        else from_ms(row.next_retry_ms),
     )
 
 
-def _cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+# A cursor is the sort key of the last delivery of a page, (time, id), packed and
+# encoded: it says nothing the page did not show, and no position or count.
+_CURSOR = struct.Struct(">q")
 
 
-def _seq(cursor: str) -> int:
+def _cursor(row: DeliveryRow) -> str:
+    raw = _CURSOR.pack(row.created_ms) + row.delivery_id.encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(cursor: str) -> tuple[int, str]:
     try:
-        value = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        (created_ms,) = _CURSOR.unpack_from(raw)
+        delivery_id = raw[_CURSOR.size :].decode()
+    except (binascii.Error, ValueError, UnicodeDecodeError, struct.error):
         raise field_problem("query.cursor", "not a cursor from a previous page") from None
-    if value < 0:
+    if created_ms < 0 or not IDENTIFIER.match(delivery_id):
         raise field_problem("query.cursor", "not a cursor from a previous page")
-    return value
+    return created_ms, delivery_id
 
 
 @router.get(BASE + "/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage)
@@ -81,24 +99,27 @@ async def list_deliveries(
     ctx: Ctx,
     _: Reader,
     status: Status | None = None,
+    event: Annotated[str | None, Query(max_length=128, description="Event type.")] = None,
     since: Annotated[datetime | None, Query(description="Created at or after (ISO 8601).")] = None,
     until: Annotated[datetime | None, Query(description="Created before (ISO 8601).")] = None,
     session_id: Annotated[str | None, Query(max_length=256)] = None,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DeliveryPage:
-    """Newest first, from the last deliveries kept per webhook."""
+    """Every delivery within retention, newest first (by first attempt time)."""
     owned(ctx, org, webhook_id)
-    page, more = ctx.index.deliveries(
-        webhook_id,
+    filters = Filters(
         status=status,
+        event=event,
+        session_id=session_id,
         since_ms=None if since is None else _ms(since, "query.since"),
         until_ms=None if until is None else _ms(until, "query.until"),
-        session_id=session_id,
-        before_seq=None if cursor is None else _seq(cursor),
-        limit=limit,
     )
-    next_cursor = _cursor(page[-1].seq) if more and page else None
+    before = None if cursor is None else _after(cursor)
+    page, more = await ctx.reads.call(
+        lambda conn: HistoryStore.deliveries(conn, webhook_id, filters, before, limit)
+    )
+    next_cursor = _cursor(page[-1]) if more and page else None
     return DeliveryPage(data=[_summary(e) for e in page], next_cursor=next_cursor)
 
 
@@ -111,49 +132,46 @@ def _ms(value: datetime, path: str) -> int:
         raise field_problem(path, "time out of range") from None
 
 
+def _detail(a: AttemptRow) -> AttemptDetail:
+    return AttemptDetail(
+        kind=a.kind,
+        attempt=a.attempt,
+        at=from_ms(a.at_ms),
+        duration_ms=a.duration_ms,
+        ok=a.ok,
+        status_code=a.status_code,
+        error_class=a.error_class,
+        next_retry_at=None if a.next_retry_ms is None else from_ms(a.next_retry_ms),
+        dead_lettered=a.dead_lettered,
+        stage=a.stage,
+        error=a.error,
+        response_snippet=a.snippet,
+        request_headers=a.headers,
+        requested_by=a.requested_by,
+    )
+
+
+def _with_body(attempts: list[AttemptRow]) -> AttemptRow | None:
+    """The latest record carrying the body (a first attempt)."""
+    return next((a for a in reversed(attempts) if a.body is not None), None)
+
+
 @router.get(BASE + "/webhooks/{webhook_id}/deliveries/{delivery_id}", response_model=DeliveryDetail)
 async def get_delivery(
     org: Org, webhook_id: WebhookId, delivery_id: DeliveryId, ctx: Ctx, _: Reader
 ) -> DeliveryDetail:
-    """One delivery: every attempt with the request headers as sent, and the body."""
-    # Its records are fetched from Kafka by position: blocking work.
-    return await ctx.blocking(_get_delivery, org, webhook_id, delivery_id, ctx)
-
-
-def _get_delivery(org: str, webhook_id: str, delivery_id: str, ctx: ApiContext) -> DeliveryDetail:
+    """One delivery: every attempt with the request headers as sent (signatures
+    masked), the answers' snippets, and the body."""
     owned(ctx, org, webhook_id)
-    entry = ctx.index.delivery(webhook_id, delivery_id)
-    if entry is None:
+    found = await ctx.reads.call(lambda conn: HistoryStore.delivery(conn, webhook_id, delivery_id))
+    if found is None:
         raise not_found("delivery")
-    details = []
-    for line in list(entry.attempts):
-        base = AttemptOut(
-            kind=line.kind,
-            attempt=line.attempt,
-            at=from_ms(line.at_ms),
-            duration_ms=line.duration_ms,
-            ok=line.ok,
-            status_code=line.status_code,
-            error_class=line.error_class,
-            next_retry_at=None if line.next_retry_ms is None else from_ms(line.next_retry_ms),
-            dead_lettered=line.dead_lettered,
-        )
-        record = ctx.history.read(line.partition, line.offset)
-        extra = {}
-        if record is not None:
-            extra = {
-                "stage": record.stage,
-                "error": record.error,
-                "response_snippet": record.response_snippet,
-                "request_headers": record.request_headers or None,
-                "requested_by": record.requested_by,
-            }
-        details.append(AttemptDetail(**base.model_dump(), **extra))
-    body_record = None if entry.body_at is None else ctx.history.read(*entry.body_at)
+    row, attempts = found
+    first = _with_body(attempts)
     return DeliveryDetail(
-        **_summary(entry).model_dump(),
-        body=None if body_record is None else body_record.body,
-        attempt_details=details,
+        **_summary(row).model_dump(),
+        body=None if first is None else first.body,
+        attempt_details=[_detail(a) for a in attempts],
     )
 
 
@@ -172,64 +190,148 @@ async def resend_delivery(
 def _resend_delivery(
     org: str, webhook_id: str, delivery_id: str, ctx: ApiContext, caller: Caller
 ) -> Resent:
+    _active(ctx, org, webhook_id)
+    found = ctx.reads.run(lambda conn: HistoryStore.delivery(conn, webhook_id, delivery_id))
+    if found is None:
+        raise not_found("delivery")
+    row, attempts = found
+    first = _with_body(attempts)
+    if first is None or first.body is None or first.source is None:
+        raise Problem(409, "body-expired", "Body no longer kept", "its retention has passed")
+    _resend(ctx, org, webhook_id, caller.name, [(row, first)])
+    audit(caller, "delivery.resend", org, webhook_id)
+    return Resent(id=delivery_id, status="pending")
+
+
+#: Deliveries one recover call queues at most; the answer says when more wait.
+RECOVER_MAX = 500
+
+
+@router.post(BASE + "/webhooks/{webhook_id}/recover", status_code=202, response_model=Recovered)
+async def recover_webhook(
+    org: Org, webhook_id: WebhookId, body: RecoverRequest, ctx: Ctx, caller: Writer
+) -> Recovered:
+    """Send again every failing or dead-lettered delivery first attempted since
+    `since`, oldest first, each recorded as a resend. At most 500 per call; a
+    second call does not queue them twice (they are pending once queued)."""
+    # Reads the store and writes to Kafka, waiting for both: blocking work.
+    return await ctx.blocking(_recover_webhook, org, webhook_id, body, ctx, caller)
+
+
+def _recover_webhook(
+    org: str, webhook_id: str, body: RecoverRequest, ctx: ApiContext, caller: Caller
+) -> Recovered:
+    _active(ctx, org, webhook_id)
+    since_ms = _ms(body.since, "body.since")
+    found = ctx.reads.run(
+        lambda conn: HistoryStore.failed_since(conn, webhook_id, since_ms, RECOVER_MAX + 1)
+    )
+    more = len(found) > RECOVER_MAX
+    kept = [
+        (row, first)
+        for row, first in found[:RECOVER_MAX]
+        if first is not None and first.body is not None and first.source is not None
+    ]
+    if kept:
+        _resend(ctx, org, webhook_id, caller.name, kept)
+    audit(caller, "webhook.recover", org, webhook_id)
+    return Recovered(queued=len(kept), more=more)
+
+
+def _active(ctx: ApiContext, org: str, webhook_id: str) -> None:
     sub = owned(ctx, org, webhook_id)
     if not sub.enabled or sub.plan not in ctx.settings.entitled_plans:
         why = "disabled" if not sub.enabled else "on a plan without webhooks"
         raise Problem(409, "webhook-inactive", "Webhook not active", f"the webhook is {why}")
-    entry = ctx.index.delivery(webhook_id, delivery_id)
-    if entry is None:
-        raise not_found("delivery")
-    first = None if entry.body_at is None else ctx.history.read(*entry.body_at)
-    if first is None or first.body is None:
-        raise Problem(409, "body-expired", "Body no longer kept", "its retention has passed")
-    record = DeliveryRecord(
-        delivery_id=delivery_id,
-        webhook_id=webhook_id,
-        organization_id=org,
-        event=first.event,
-        event_timestamp=first.event_timestamp,
-        body=first.body,
-        attempts_made=0,
-        source=first.source,
-    )
-    marker = first.model_copy(
-        update={
-            "kind": "resend",
-            "attempt": 0,
-            "stage": "api",
-            "at": datetime.now(UTC),
-            "duration_ms": 0.0,
-            "ok": False,
-            "status_code": None,
-            "error_class": "none",
-            "error": None,
-            "response_snippet": None,
-            "next_retry_at": None,
-            "dead_lettered": False,
-            "request_headers": {},
-            "body": None,
-            "requested_by": caller.name,
-        }
-    )
-    # The marker first, and read back: the resend shows at once as pending, and the
-    # attempts it leads to (same key, so the same partition) come after it.
-    ((topic, partition, offset),) = ctx.store.write(
-        [(ctx.settings.attempts_topic, delivery_id, marker.to_json())]
-    )
+
+
+def _resend(
+    ctx: ApiContext,
+    org: str,
+    webhook_id: str,
+    requested_by: str,
+    deliveries: list[tuple[DeliveryRow, AttemptRow]],
+) -> None:
+    """Record a resend of each delivery, wait for those records in the store, then
+    queue each on the first retry stage, due now, with a fresh attempt budget."""
+    markers: list[tuple[str, str, bytes | None]] = []
+    records: list[DeliveryRecord] = []
+    now = datetime.now(UTC)
+    for row, first in deliveries:
+        event_timestamp = datetime.fromisoformat(first.event_timestamp or "")
+        source = Source.model_validate(first.source)
+        records.append(
+            DeliveryRecord(
+                delivery_id=row.delivery_id,
+                webhook_id=webhook_id,
+                organization_id=org,
+                event=row.event,
+                event_timestamp=event_timestamp,
+                body=first.body or "",
+                attempts_made=0,
+                source=source,
+            )
+        )
+        marker = AttemptRecord(
+            kind="resend",
+            delivery_id=row.delivery_id,
+            webhook_id=webhook_id,
+            organization_id=org,
+            event=row.event,
+            session_id=row.session_id,
+            event_timestamp=event_timestamp,
+            source=source,
+            attempt=0,
+            stage="api",
+            at=now,
+            requested_by=requested_by,
+        )
+        markers.append((ctx.settings.attempts_topic, row.delivery_id, marker.to_json()))
+    # The markers first, and read back: each resend shows at once as pending, and
+    # the attempts it leads to (same key, so the same partition) come after it.
+    written = ctx.store.write(markers)
     deadline = time.monotonic() + ctx.settings.api_write_timeout_s
-    if not ctx.history.wait_past(topic, partition, offset, deadline):
-        raise WriteTimeout("resend recorded but not read back in time")
+    for topic, partition, offset in written:
+        if not ctx.history.wait_past(topic, partition, offset, deadline):
+            raise WriteTimeout("resend recorded but not read back in time")
     stage = retry_stages(ctx.settings)[0]
+    due = now_ms()
     ctx.store.write(
-        [(stage.topic, delivery_id, record.to_json())], record_headers(record, now_ms())
+        [(stage.topic, r.delivery_id, r.to_json()) for r in records],
+        each=[record_headers(r, due) for r in records],
     )
-    audit(caller, "delivery.resend", org, webhook_id)
-    return Resent(id=delivery_id, status="pending")
 
 
 @router.get(BASE + "/webhooks/{webhook_id}/summary", response_model=WebhookSummary)
 async def webhook_summary(org: Org, webhook_id: WebhookId, ctx: Ctx, _: Reader) -> WebhookSummary:
     """Successes and failures in the last 24 h, latency percentiles, the last error."""
     owned(ctx, org, webhook_id)
-    data = ctx.index.summary(webhook_id, int(datetime.now(UTC).timestamp() * 1000))
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    data = await ctx.reads.call(lambda conn: HistoryStore.summary(conn, webhook_id, now))
     return WebhookSummary.model_validate({"webhook_id": webhook_id, **data})
+
+
+@router.get(BASE + "/webhooks/{webhook_id}/summary/hourly", response_model=HourlySummary)
+async def webhook_hourly_summary(
+    org: Org,
+    webhook_id: WebhookId,
+    ctx: Ctx,
+    _: Reader,
+    since: Annotated[
+        datetime | None, Query(description="From (ISO 8601); default: the retention window.")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="Before (ISO 8601); default: now.")] = None,
+) -> HourlySummary:
+    """Per hour with attempts: successes, failures and latency percentiles (the
+    dashboard's health chart), over the retention window by default."""
+    owned(ctx, org, webhook_id)
+    now = datetime.now(UTC)
+    retention_ms = ctx.settings.attempts_retention_ms
+    default_since = now - timedelta(milliseconds=retention_ms if retention_ms > 0 else 0)
+    since_ms = _ms(since or default_since, "query.since")
+    until_ms = _ms(until or now, "query.until")
+    since_ms -= since_ms % HOUR_MS  # whole hours
+    data = await ctx.reads.call(
+        lambda conn: HistoryStore.hourly(conn, webhook_id, since_ms, until_ms)
+    )
+    return HourlySummary.model_validate({"webhook_id": webhook_id, "data": data})

@@ -26,7 +26,11 @@ class WebhookCreate(_In):
         json_schema_extra={"items": {"type": "string", "pattern": EVENT_NAME.pattern}},
     )
     secret: str | None = Field(
-        None, min_length=8, max_length=256, description="Default: a generated whsec_ secret."
+        None,
+        min_length=24,
+        max_length=256,
+        description="At least 24 characters (a `whsec_` secret: standard base64 after "
+        "the prefix). Default: a generated whsec_ secret.",
     )
     description: str | None = Field(None, max_length=500)
     enabled: bool = True
@@ -41,7 +45,11 @@ class WebhookPatch(_In):
 
 class RotateRequest(_In):
     secret: str | None = Field(
-        None, min_length=8, max_length=256, description="Default: a generated whsec_ secret."
+        None,
+        min_length=24,
+        max_length=256,
+        description="At least 24 characters (a `whsec_` secret: standard base64 after "
+        "the prefix). Default: a generated whsec_ secret.",
     )
 
 
@@ -158,7 +166,9 @@ class AttemptDetail(AttemptOut):
     error: str | None = None
     response_snippet: str | None = None
     request_headers: dict[str, str] | None = Field(
-        None, description="As sent, signatures included; never a secret."
+        None,
+        description="As sent; signature values masked (`v1,…` and their last 4 "
+        "characters), never a secret.",
     )
     requested_by: str | None = None
 
@@ -166,6 +176,17 @@ class AttemptDetail(AttemptOut):
 class DeliveryDetail(DeliverySummary):
     body: str | None = Field(description="The exact body sent (null once past retention).")
     attempt_details: list[AttemptDetail]
+
+
+class RecoverRequest(_In):
+    since: datetime = Field(description="Deliveries first attempted at or after (ISO 8601).")
+
+
+class Recovered(BaseModel):
+    queued: int = Field(description="Deliveries queued to be sent again now.")
+    more: bool = Field(
+        description="More failed since then than one call queues: call again, same `since`."
+    )
 
 
 class Resent(BaseModel):
@@ -193,3 +214,15 @@ class WebhookSummary(BaseModel):
     latency_ms: Latency
     last_error: LastErrorOut | None
     failing_now: bool
+
+
+class HourPoint(BaseModel):
+    hour: datetime = Field(description="Start of the hour (UTC).")
+    successes: int
+    failures: int
+    latency_ms: Latency
+
+
+class HourlySummary(BaseModel):
+    webhook_id: str
+    data: list[HourPoint] = Field(description="Hours with attempts, oldest first.")

@@ -95,11 +95,15 @@ class Store(Follower):
         self.write(batch)
 
     def write(
-        self, batch: list[tuple[str, str, bytes | None]], headers: Headers | None = None
+        self,
+        batch: list[tuple[str, str, bytes | None]],
+        headers: Headers | None = None,
+        each: list[Headers] | None = None,
     ) -> list[tuple[str, int, int]]:
         """Produce every record, then wait until the reader has applied those it reads.
 
-        ``headers`` go on every record of the batch (used for other topics only).
+        ``headers`` go on every record of the batch, or ``each`` gives every record
+        its own (used for other topics only).
         Returns where each record was written: (topic, partition, offset).
         """
         assert self._producer is not None, "store not started"
@@ -112,9 +116,10 @@ class Store(Follower):
             else:
                 written.append((msg.topic(), msg.partition(), msg.offset()))  # type: ignore[attr-defined]
 
-        for topic, key, value in batch:
+        for i, (topic, key, value) in enumerate(batch):
+            own = each[i] if each is not None else headers
             self._producer.produce(
-                topic, value, key.encode(), headers=list(headers or []), on_delivery=report
+                topic, value, key.encode(), headers=list(own or []), on_delivery=report
             )
         timeout_s = self.settings.api_write_timeout_s
         left = self._producer.flush(timeout_s)

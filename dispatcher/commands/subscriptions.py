@@ -40,6 +40,8 @@ RESOLVE_TIMEOUT_S = 5.0
 #: How long a write may take to be acknowledged before the command fails.
 WRITE_TIMEOUT_S = 30.0
 
+#: The fewest characters of a secret a customer chooses (a generated one has 50).
+MIN_CHOSEN_SECRET = 24
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
 
@@ -109,19 +111,30 @@ def check_entitled(settings: Settings, plan: str) -> None:
 
 
 def check_secret(secret: str) -> None:
-    """Refuse a secret that would sign differently than receivers expect.
+    """Refuse a chosen secret that is too short or would sign differently than
+    receivers expect.
 
     A ``whsec_`` secret must carry standard base64 after the prefix: the Standard
     Webhooks libraries decode it leniently (skipping stray characters) while the
     dispatcher falls back to the secret's UTF-8 bytes, so anything else would give
-    the two sides different keys.
+    the two sides different keys. Any chosen secret needs ``MIN_CHOSEN_SECRET``
+    characters: a signature and its body are seen by whoever reads a request, and
+    a short secret is found from them offline in moments.
     """
     if secret != secret.strip() or not secret.isprintable():
         raise SubscriptionError(
             "invalid secret: it must not start or end with spaces or hold control characters"
         )
-    if not secret.startswith(SECRET_PREFIX):
-        return
+    if secret.startswith(SECRET_PREFIX):
+        _check_whsec(secret)
+    if len(secret) < MIN_CHOSEN_SECRET:
+        raise SubscriptionError(
+            f"invalid secret: its length is {len(secret)} characters, a chosen secret needs "
+            f"at least {MIN_CHOSEN_SECRET}; leave --secret out to have one generated"
+        )
+
+
+def _check_whsec(secret: str) -> None:
     encoded = secret[len(SECRET_PREFIX) :]
     problem = None
     if not _BASE64.match(encoded):
