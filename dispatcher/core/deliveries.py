@@ -81,6 +81,12 @@ BACKLOG_TOP_N = 10
 #: an endpoint that has not answered once in that time, while others have, is slow,
 #: whatever it measured so far. A busy but fast one frees a place within milliseconds.
 HOLD_MAX_S = 0.05
+#: A measured endpoint is given this many of its average answer times (within
+#: ``HOLD_MAX_S`` and ``HOLD_PATIENCE_MAX_S``) before that verdict: one answering in
+#: 50 ms with every slot busy can go 50 ms without an answer on a loaded machine, and
+#: parking a healthy endpoint's deliveries would delay them a second for nothing.
+HOLD_LATENCIES = 4.0
+HOLD_PATIENCE_MAX_S = 0.5
 #: How long such a verdict lasts; by then its answers measure it.
 HELD_FOR_S = 5.0
 #: Deferrals are logged as counts per interval, not one line each.
@@ -247,7 +253,11 @@ class DeliveryRunner:
         ep = self.endpoints.get(key)
         if ep is None or self._holding.get(key) != started:
             return  # the partitions went on meanwhile
-        if not ep.answered_since(started) and self._last_answer > started:
+        patience = HOLD_MAX_S
+        if ep.latency is not None:
+            patience = min(max(patience, HOLD_LATENCIES * ep.latency), HOLD_PATIENCE_MAX_S)
+        held_long = time.monotonic() - started >= patience
+        if held_long and not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
             self._unblock_if_room(key, ep)
         if self._holding.get(key) == started:
