@@ -24,11 +24,12 @@ from dispatcher import __version__
 from dispatcher.api import deliveries, docs_page, problems, webhooks
 from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
+from dispatcher.api.forward import Forwarder, is_change
 from dispatcher.api.history import HistoryIndex, HistoryReader
-from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody
 from dispatcher.api.store import Store
 from dispatcher.catalog import load_catalog
+from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.health import Health
 from dispatcher.errors import KafkaSetupError
 from dispatcher.metrics import REGISTRY
@@ -62,7 +63,8 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "Conflicts with the current state (plan, webhook state)",
         413: "Body too large",
         422: "Invalid input, with field paths",
-        503: "Not ready yet, or Kafka did not confirm a change (retry)",
+        503: "Not ready, the writer unreachable, or the change not applied (retry); where "
+        "the outcome is unknown the problem's type ends in outcome-unknown",
     }.items()
 }
 
@@ -115,6 +117,8 @@ class BodyLimit:
 def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     """The application over ``ctx``; its Kafka readers start with the server."""
 
+    forwarder = Forwarder(ctx, ctx.settings.api_writer_url) if ctx.settings.api_writer_url else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         beat = asyncio.create_task(_heartbeat(health))
@@ -125,8 +129,12 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         finally:
             beat.cancel()
             sweep.cancel()
+            if forwarder is not None:
+                await forwarder.close()
             if starting is not None:
                 starting.cancel()
+                if ctx.writer is not None:
+                    await asyncio.to_thread(ctx.writer.close)
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
 
@@ -168,6 +176,15 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
             app.state.docs_page = docs_page.render(app.openapi())
         return HTMLResponse(app.state.docs_page)
 
+    if forwarder is not None:
+
+        @app.middleware("http")
+        async def forward(request: Request, call_next: Any) -> Response:
+            if is_change(request):
+                return await forwarder(request)
+            response: Response = await call_next(request)
+            return response
+
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
@@ -202,14 +219,16 @@ def operation_id(route: APIRoute) -> str:
 
 def build_context(settings: Settings) -> ApiContext:
     index = HistoryIndex(settings.api_history_per_webhook)
+    store = Store(settings)
     return ApiContext(
         settings=settings,
-        store=Store(settings),
+        store=store,
         index=index,
         history=HistoryReader(settings, index),
         keys=KeyRing(load_keys(settings)),
         catalog=load_catalog(settings),
-        idempotency=IdempotencyCache(settings.api_idempotency_ttl_s),
+        # No writer URL: this process is the writer (a single API, the chart's writer).
+        writer=None if settings.api_writer_url else ConfigWriter(settings, store),
     )
 
 
@@ -244,3 +263,10 @@ async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
                 ctx.waiting_for = str(exc)
                 await asyncio.sleep(every_s)
     ctx.waiting_for = None
+    while ctx.writer is not None:
+        try:
+            await asyncio.to_thread(ctx.writer.take_role)
+            return
+        except KafkaSetupError as exc:
+            log.warning("API waiting: %s", exc)
+            await asyncio.sleep(every_s)

@@ -8,10 +8,10 @@ from fastapi import Request
 
 from dispatcher.api.auth import KeyRing
 from dispatcher.api.history import HistoryIndex, HistoryReader
-from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import Problem
 from dispatcher.api.store import Store
 from dispatcher.catalog import EventType
+from dispatcher.config_writer import ConfigWriter
 from dispatcher.settings import Settings
 
 
@@ -23,7 +23,9 @@ class ApiContext:
     history: HistoryReader
     keys: KeyRing
     catalog: list[EventType]
-    idempotency: IdempotencyCache
+    #: The one writer, in the process that holds the role; None in a replica that
+    #: forwards changes to DISPATCHER_API_WRITER_URL.
+    writer: ConfigWriter | None = None
     #: Why the readers have not started (a missing topic, no broker), or None.
     waiting_for: str | None = "starting"
 
@@ -35,6 +37,8 @@ class ApiContext:
                 return False, f"{name} reader stopped: {part.failure}"
             if not part.caught_up:
                 return False, f"{name} not caught up yet"
+        if self.writer is not None and not self.writer.takeovers:
+            return False, "not holding the writer role yet"
         return True, "ok"
 
 

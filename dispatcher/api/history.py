@@ -27,8 +27,8 @@ from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as TP
 from pydantic import ValidationError
 
-from dispatcher.api.follow import Follower
 from dispatcher.attempts import AttemptRecord
+from dispatcher.follow import Follower
 from dispatcher.kafka import table_consumer_config
 from dispatcher.settings import Settings
 
