@@ -279,3 +279,43 @@ def test_writer_killed_while_a_second_takes_over(
     assert set(ids) == {b["id"] for b in answered.values()}
     for body in answered.values():
         assert get_subscription(ns.settings, body["id"]).secret == body["secret"]
+
+
+def test_plan_downgrade_racing_a_create(
+    ns: Namespace, pair: tuple[ApiProcess, ApiProcess], receiver: HttpsReceiver
+) -> None:
+    """A create is checked against the plan in force when it is applied: after a downgrade
+    no webhook of the organization is left on an entitled plan."""
+    writer, follower = pair
+    w, f = writer.admin(), follower.admin()
+    plan = f"/v1/organizations/{ORG}/plan"
+    for _ in range(ROUNDS):
+        made, down = at_once(
+            lambda: f.post(HOOKS, json={"url": receiver.url("/hook")}),
+            lambda: w.put(plan, json={"plan": "growth"}),
+        )
+        assert down.status_code == 200
+        assert made.status_code in (201, 409), made.text  # before the downgrade, or refused
+        if made.status_code == 409:
+            assert made.json()["type"].endswith("/plan-not-entitled")
+        assert {s.plan for s in list_all(ns.settings, ORG)} <= {"growth"}
+        assert w.put(plan, json={"plan": "scale"}).status_code == 200
+
+
+def test_a_replica_without_its_writer_answers_503_and_applies_nothing(
+    ns: Namespace, pair: tuple[ApiProcess, ApiProcess], receiver: HttpsReceiver
+) -> None:
+    writer, follower = pair
+    hook = create(follower, receiver)
+    writer.stop()
+    with follower.admin() as f:
+        refused = f.patch(f"{HOOKS}/{hook['id']}", json={"description": "lost?"})
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"]
+        assert refused.json()["type"].endswith("/writer-unreachable")
+        assert f.get(f"{HOOKS}/{hook['id']}").json()["description"] is None  # reads go on
+    writer.start()  # back: the change was never applied, and changes work again
+    with follower.admin() as f:
+        assert f.get(f"{HOOKS}/{hook['id']}").json()["description"] is None
+        assert f.patch(f"{HOOKS}/{hook['id']}", json={"description": "now"}).status_code == 200
+    assert get_subscription(ns.settings, hook["id"]).description == "now"
