@@ -259,11 +259,11 @@ class Settings(BaseSettings):
         description="Compacted topic of the answers to keyed creates (`Idempotency-Key`), "
         "kept DISPATCHER_API_IDEMPOTENCY_TTL_S.",
     )
-    writer_transactional_id: str | None = Field(
-        None,
+    writer_transactional_id: str = Field(
+        "",
         description="`transactional.id` of the one writer of the subscriptions, organizations "
         "and idempotency topics; a new writer fences the previous one. "
-        "Unset: `<group_id>.config-writer`.",
+        "Empty: `<group_id>.config-writer`.",
     )
     known_plans: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["free", "starter", "growth", "scale", "enterprise"],
@@ -377,9 +377,9 @@ class Settings(BaseSettings):
 
     @field_validator("writer_transactional_id")
     @classmethod
-    def _transactional_id(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
+    def _transactional_id(cls, value: str) -> str:
+        if not value.strip():
+            return ""
         if len(value) > 249 or not _KAFKA_NAME.fullmatch(value):
             raise ValueError("must be 1 to 249 of the characters a-z A-Z 0-9 . _ -")
         return value

@@ -74,7 +74,8 @@ def test_dispatcher_and_topics_job_read_the_api_event_catalog(tmp_path: Path) ->
         for doc in docs
         if doc["kind"] in ("Deployment", "Job")
     ]
-    assert len(pods) == 3, [name for name, _pod in pods]
+    # The API replicas, the API writer, the dispatcher, the Job.
+    assert len(pods) == 4, [name for name, _pod in pods]
     for name, pod in pods:
         container = pod["containers"][0]
         file = env_of(container)["DISPATCHER_EVENT_CATALOG_FILE"]["value"]
@@ -82,3 +83,32 @@ def test_dispatcher_and_topics_job_read_the_api_event_catalog(tmp_path: Path) ->
         assert file == f"{mounts['event-catalog']}/catalog.json", name
         volume = next(v for v in pod["volumes"] if v["name"] == "event-catalog")
         assert volume["configMap"]["name"] == "webhooks-event-catalog", name
+
+
+def test_api_writer_is_one_pod_recreated_behind_its_own_service() -> None:
+    docs = render_ci(API_VALUES)
+    writer = {
+        doc["kind"]: doc
+        for doc in docs
+        if doc["metadata"]["labels"].get("app.kubernetes.io/component") == "api-writer"
+    }
+    assert set(writer) == {"Deployment", "Service", "NetworkPolicy", "ServiceMonitor"}
+    deployment = writer["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["api"]
+    assert "DISPATCHER_API_WRITER_URL" not in env_of(container)  # it is the writer
+    selector = writer["Service"]["spec"]["selector"]
+    assert deployment["spec"]["selector"]["matchLabels"] == selector
+    assert selector["app.kubernetes.io/component"] == "api-writer"
+    service = writer["Service"]["metadata"]["name"]
+    namespace = writer["Service"]["metadata"]["namespace"]
+
+    replicas = api_objects()["Deployment"]
+    url = env_of(replicas["spec"]["template"]["spec"]["containers"][0])
+    assert url["DISPATCHER_API_WRITER_URL"]["value"] == f"http://{service}.{namespace}.svc:8090"
+    assert replicas["spec"]["strategy"]["type"] == "RollingUpdate"
+    # Only the API replicas may call the writer's API port.
+    allowed = writer["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert allowed["matchLabels"]["app.kubernetes.io/component"] == "api"

@@ -19,3 +19,152 @@ app.kubernetes.io/component: api
 {{- fail "api.ingress.host is required with api.ingress.enabled" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The API's Deployment for one role (dict "root" $ "writer" true|false): the writer
+(one pod, Recreate, holds the writer role) or the replicas that forward changes to it.
+*/}}
+{{- define "webhook-dispatcher.apiDeployment" -}}
+{{- $root := .root -}}
+{{- $writer := .writer -}}
+{{- $component := ternary "api-writer" "api" $writer -}}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ include "webhook-dispatcher.fullname" $root }}-{{ $component }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "webhook-dispatcher.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ $component }}
+spec:
+  {{- if $writer }}
+  # One writer: Recreate, so the old pod is gone before the new one takes the role
+  # (its transactional.id fences the old one anyway, should it linger).
+  replicas: 1
+  {{- else }}
+  replicas: {{ $root.Values.api.replicaCount }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  selector:
+    matchLabels:
+      {{- include "webhook-dispatcher.selectorLabels" $root | nindent 6 }}
+      app.kubernetes.io/component: {{ $component }}
+  strategy:
+    {{- if $writer }}
+    type: Recreate
+    {{- else }}
+    type: RollingUpdate
+    rollingUpdate:
+      maxSurge: 1
+      maxUnavailable: 0
+    {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "webhook-dispatcher.labels" $root | nindent 8 }}
+        app.kubernetes.io/component: {{ $component }}
+        {{- with $root.Values.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $root.Values.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      serviceAccountName: {{ include "webhook-dispatcher.serviceAccountName" $root }}
+      automountServiceAccountToken: false
+      terminationGracePeriodSeconds: {{ include "webhook-dispatcher.terminationGracePeriodSeconds" $root }}
+      securityContext:
+        {{- include "webhook-dispatcher.podSecurityContext" $root | nindent 8 }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $root.Values.priorityClassName }}
+      priorityClassName: {{ . | quote }}
+      {{- end }}
+      containers:
+        - name: api
+          image: {{ include "webhook-dispatcher.image" $root | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          args: ["api"]
+          ports:
+            - name: api
+              containerPort: {{ $root.Values.api.port }}
+              protocol: TCP
+            - name: http
+              containerPort: {{ $root.Values.httpPort }}
+              protocol: TCP
+          env:
+            {{- include "webhook-dispatcher.env" $root | nindent 12 }}
+            - name: DISPATCHER_API_PORT
+              value: {{ $root.Values.api.port | int | quote }}
+            {{- if not $writer }}
+            # Changes go to the one writer; this replica serves reads.
+            - name: DISPATCHER_API_WRITER_URL
+              value: {{ include "webhook-dispatcher.apiWriterUrl" $root | quote }}
+            {{- end }}
+            - name: DISPATCHER_API_KEYS_FILE
+              value: {{ printf "%s/keys.json" (include "webhook-dispatcher.apiKeysDir" $root) | quote }}
+          # Ready once its view of the webhooks and the delivery history caught up.
+          startupProbe:
+            httpGet:
+              path: /healthz
+              port: http
+            periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
+            timeoutSeconds: {{ $root.Values.probes.startup.timeoutSeconds }}
+            failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
+          livenessProbe:
+            httpGet:
+              path: /healthz
+              port: http
+            periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
+            timeoutSeconds: {{ $root.Values.probes.liveness.timeoutSeconds }}
+            failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
+          readinessProbe:
+            httpGet:
+              path: /readyz
+              port: http
+            periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
+            timeoutSeconds: {{ $root.Values.probes.readiness.timeoutSeconds }}
+            failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
+          {{- with $root.Values.api.resources }}
+          resources:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          securityContext:
+            {{- include "webhook-dispatcher.containerSecurityContext" $root | nindent 12 }}
+          volumeMounts:
+            {{- include "webhook-dispatcher.volumeMounts" $root | nindent 12 }}
+            - name: api-keys
+              mountPath: {{ include "webhook-dispatcher.apiKeysDir" $root }}
+              readOnly: true
+      volumes:
+        {{- include "webhook-dispatcher.volumes" $root | nindent 8 }}
+        - name: api-keys
+          secret:
+            secretName: {{ $root.Values.api.keys.existingSecret | quote }}
+            defaultMode: 0440
+            items:
+              - key: {{ $root.Values.api.keys.key | quote }}
+                path: keys.json
+      {{- with $root.Values.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $root.Values.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}
+
+{{/* The writer's in-cluster URL, which the other API replicas forward changes to. */}}
+{{- define "webhook-dispatcher.apiWriterUrl" -}}
+http://{{ include "webhook-dispatcher.fullname" . }}-api-writer.{{ .Release.Namespace }}.svc:{{ .Values.api.port }}
+{{- end }}
+
+{{/* Selector of the API writer pod only. */}}
+{{- define "webhook-dispatcher.apiWriterSelectorLabels" -}}
+{{ include "webhook-dispatcher.selectorLabels" . }}
+app.kubernetes.io/component: api-writer
+{{- end }}
