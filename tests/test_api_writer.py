@@ -24,6 +24,7 @@ from dispatcher.config_writer import ConfigWriter
 from dispatcher.errors import SubscriptionError
 from dispatcher.kafka import make_producer_from, writer_producer_config
 from tests.api_support import ORG, ApiProcess
+from tests.brokers import PrivateBroker
 from tests.receiver import HttpsReceiver
 from tests.support import Namespace, wait_until
 
@@ -319,3 +320,52 @@ def test_a_replica_without_its_writer_answers_503_and_applies_nothing(
         assert f.get(f"{HOOKS}/{hook['id']}").json()["description"] is None
         assert f.patch(f"{HOOKS}/{hook['id']}", json={"description": "now"}).status_code == 200
     assert get_subscription(ns.settings, hook["id"]).description == "now"
+
+
+def test_changes_with_the_broker_down_are_not_applied_later(
+    private_broker: PrivateBroker, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    """A 503 'unavailable' never takes effect when Kafka returns; an 'outcome-unknown'
+    create is settled by retrying it with the same Idempotency-Key."""
+    ns = Namespace(kafka_bootstrap_servers=private_broker.bootstrap)
+    try:
+        api = run_api(ns, api_write_timeout_s=4)
+        http = api.admin()
+        assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+        kept = create(api, receiver)
+        private_broker.stop()
+
+        made = http.post(
+            HOOKS, json={"url": receiver.url("/ghost")}, headers={"Idempotency-Key": "ghost"}
+        )
+        deleted = http.delete(f"{HOOKS}/{kept['id']}")
+        for answer in (made, deleted):
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"]
+            assert answer.json()["type"].rsplit("/", 1)[1] in ("unavailable", "outcome-unknown")
+
+        private_broker.start()
+        # A change after the broker is back: the writer has taken the role again (its
+        # init_transactions settled whatever was left open) and read to the end.
+        wait_until(
+            lambda: (
+                http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "enterprise"}).status_code
+                == 200
+            ),
+            60,
+            "a change to succeed once Kafka is back",
+        )
+        listed = {h["id"] for h in http.get(HOOKS).json()["data"]}
+        if deleted.json()["type"].endswith("/unavailable"):
+            assert kept["id"] in listed  # the refused delete never happened
+        retry = http.post(
+            HOOKS, json={"url": receiver.url("/ghost")}, headers={"Idempotency-Key": "ghost"}
+        )
+        assert retry.status_code == 201, retry.text  # the real outcome: made once, with its secret
+        ghost = retry.json()
+        if made.json()["type"].endswith("/unavailable"):
+            assert ghost["id"] not in listed  # not applied before this retry
+            assert retry.headers.get("idempotent-replayed") is None
+        assert get_subscription(ns.settings, ghost["id"]).secret == ghost["secret"]
+    finally:
+        ns.drop_topics()
