@@ -24,6 +24,9 @@ from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Answers applied between two sweeps of the expired ones.
+_PRUNE_EVERY = 1000
+
 
 class Answer(BaseModel):
     """The answer to a keyed create, replayed as it was (the generated secret included).
@@ -68,6 +71,7 @@ class ConfigView(Follower):
         self.answers: dict[str, Answer] = {}
         #: Webhook ids whose latest record does not validate, with why (delete clears them).
         self.ignored: dict[str, str] = {}
+        self._applied_answers = 0
 
     # --- reads (any thread) --------------------------------------------------
     def subscription(self, webhook_id: str) -> Subscription | None:
@@ -155,3 +159,10 @@ class ConfigView(Follower):
             self.answers[key] = Answer.model_validate_json(value)
         except ValidationError:
             log.warning("idempotency record %s ignored", key)
+        self._applied_answers += 1
+        if self._applied_answers % _PRUNE_EVERY == 0:
+            # Expired answers are never replayed; the topic drops them after the TTL,
+            # and so does memory, without a timer of its own.
+            now = time.time()
+            for old in [k for k, a in self.answers.items() if a.expires_at < now]:
+                del self.answers[old]

@@ -32,7 +32,7 @@ from dispatcher.api.models import (
     WebhookList,
     WebhookPatch,
 )
-from dispatcher.api.problems import Problem, not_found
+from dispatcher.api.problems import MEDIA_TYPE, Problem, ProblemBody, not_found
 from dispatcher.commands.sendtest import send_test
 from dispatcher.config_state import Answer, answer_key
 from dispatcher.config_writer import Decide
@@ -60,7 +60,11 @@ POSITION_HEADER = "Config-Position"
 T = TypeVar("T")
 
 _CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    412: {"description": "If-Match names a version that is no longer current"},
+    412: {
+        "model": ProblemBody,
+        "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
+        "description": "If-Match names a version that is no longer current; nothing changed",
+    },
 }
 
 
