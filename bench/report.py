@@ -139,6 +139,17 @@ def _memory(m: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _writes(w: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            f"8 writes: PATCH at the {where}",
+            f"p50 {w[where]['p50_ms']:.1f} ms",
+            f"p99 {w[where]['p99_ms']:.1f}, max {w[where]['max_ms']:.1f} ({w['changes']} changes)",
+        )
+        for where in ("writer", "replica")
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
     rows = _engines(results)
     for key, part in (
@@ -149,6 +160,7 @@ def table(results: dict[str, Any]) -> str:
         ("table", _table),
         ("isolation", _isolation),
         ("memory", _memory),
+        ("writes", _writes),
     ):
         if key in results:
             rows += part(results[key])

@@ -23,6 +23,8 @@ start of a tail share of the deliveries); CPU time from the processes' own.
    stage, and read back and deferred again once the stage's delay (shortened to
    ``--memory-retry-delay``) has passed; its peak RSS (VmHWM) once all of them
    have been deferred twice.
+8. Writes: PATCH latency at the API's writer and through a replica that forwards
+   the change to it (``bench/writes.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from bench.process import Dispatcher
 from bench.profile import summarize
 from bench.report import print_report
 from bench.scenarios import Scenarios
+from bench.writes import write_latency
 from dispatcher.models import parse_event
 from dispatcher.settings import Settings
 
@@ -65,6 +68,7 @@ PHASES = (
     "table",
     "isolation",
     "memory",
+    "writes",
 )
 #: Every size at once for CI: each phase runs, none measures anything worth reading.
 SMOKE = {
@@ -81,6 +85,7 @@ SMOKE = {
     "memory_events": 1000,
     "memory_retry_delay": 5,
     "partitions": 3,
+    "write_count": 20,
 }
 
 
@@ -132,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="a dispatcher setting for every phase, e.g. partition_buffer_high=200",
     )
+    p.add_argument(
+        "--write-count", type=int, default=300, help="PATCHes at each API process (writes)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -180,6 +188,15 @@ class Bench(Scenarios):
 
     def say(self, text: str) -> None:
         say(text)
+
+    def writes(self) -> dict[str, Any]:
+        count = self.args.write_count
+        self.say(f"writes: {count} PATCHes at the API writer, {count} through a replica")
+        ns = self.namespace()
+        try:
+            return write_latency(ns, self.logs, self.receiver.url(0, "/ok/w"), count)
+        finally:
+            ns.delete()
 
     def wide_receiver(self) -> Receiver:
         """A receiver with a port per origin of the many-origins and slow phases."""
@@ -376,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["isolation"] = bench.isolation()
             if "memory" in phases:
                 results["memory"] = bench.memory()
+            if "writes" in phases:
+                results["writes"] = bench.writes()
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1
