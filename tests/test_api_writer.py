@@ -25,6 +25,7 @@ from dispatcher.errors import SubscriptionError
 from dispatcher.kafka import make_producer_from, writer_producer_config
 from tests.api_support import ORG, ApiProcess
 from tests.brokers import PrivateBroker
+from tests.cli_support import run_subprocess
 from tests.receiver import HttpsReceiver
 from tests.support import Namespace, wait_until
 
@@ -41,7 +42,7 @@ def pair(ns: Namespace, run_api: Callable[..., ApiProcess]) -> tuple[ApiProcess,
     return writer, follower
 
 
-def at_once(*calls: Callable[[], httpx.Response]) -> list[httpx.Response]:
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
     """Run the calls in threads released together; their answers in call order."""
     barrier = threading.Barrier(len(calls))
     answers: list[Any] = [None] * len(calls)
@@ -369,3 +370,27 @@ def test_changes_with_the_broker_down_are_not_applied_later(
         assert get_subscription(ns.settings, ghost["id"]).secret == ghost["secret"]
     finally:
         ns.drop_topics()
+
+
+def test_a_cli_change_racing_an_api_change_loses_neither(
+    ns: Namespace, pair: tuple[ApiProcess, ApiProcess], receiver: HttpsReceiver
+) -> None:
+    """The command line takes the writer role for its change (fencing the API's writer,
+    which takes it back for its next one): both changes stand."""
+    writer, follower = pair
+    f = follower.admin()
+    for n in range(2):
+        hook = create(writer, receiver)
+        one = f"{HOOKS}/{hook['id']}"
+        disabled, patched = at_once(
+            lambda webhook_id=hook["id"]: run_subprocess(
+                ns, "subscriptions", "disable", webhook_id
+            ),
+            lambda one=one, n=n: f.patch(one, json={"description": f"{n}"}),
+        )
+        assert disabled.code == 0, disabled.err
+        assert patched.status_code == 200, patched.text
+        shown = f.get(one).json()
+        assert shown["enabled"] is False and shown["description"] == f"{n}"
+        assert shown["version"] == 3
+    assert "writer role was taken" in writer.logs()  # it was fenced, and took the role back
