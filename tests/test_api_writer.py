@@ -201,6 +201,14 @@ def test_if_match_refuses_a_stale_change_on_every_replica(
     assert listed.status_code == 200 and listed.json()["enabled"] is False
     assert f.delete(one, headers={"If-Match": "*"}).status_code == 204
     assert w.patch(one, json={"description": "x"}, headers={"If-Match": "*"}).status_code == 404
+    # The replica counts what it forwarded under one route label; the writer by route.
+    metrics = httpx.get(f"http://127.0.0.1:{follower.probe_port}/metrics", timeout=5).text
+    forwarded = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("dispatcher_api_requests_total{") and 'route="forwarded"' in line
+    ]
+    assert any('status="412"' in line for line in forwarded), forwarded
 
 
 def test_a_new_writer_fences_the_old_one(ns: Namespace) -> None:

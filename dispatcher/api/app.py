@@ -181,6 +181,7 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         @app.middleware("http")
         async def forward(request: Request, call_next: Any) -> Response:
             if is_change(request):
+                request.scope["forwarded"] = True
                 return await forwarder(request)
             response: Response = await call_next(request)
             return response
@@ -190,7 +191,10 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         started = time.perf_counter()
         response: Response = await call_next(request)
         route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
+        # A change sent on to the writer is timed there by its route; here as one label.
+        template = (
+            "forwarded" if request.scope.get("forwarded") else getattr(route, "path", "unmatched")
+        )
         API_REQUESTS.labels(template, request.method, str(response.status_code)).inc()
         API_LATENCY.labels(template).observe(time.perf_counter() - started)
         return response
