@@ -93,20 +93,25 @@ class ConfigWriter:
         self.takeovers += 1
         log.info("holding the configuration writer role (%s)", self.settings.config_writer_id)
 
-    def _drop(self) -> None:
+    def _drop(self) -> threading.Thread | None:
         """Forget the producer (its open transaction is aborted by the next holder)."""
         producer, self._producer = self._producer, None
         if producer is None:
-            return
+            return None
         # A fenced or failed producer may refuse to purge; closing it is what matters.
         with contextlib.suppress(KafkaException):
             producer.purge(in_queue=True, in_flight=True)
         # close() aborts an open transaction and may wait for Kafka: not under the lock.
-        threading.Thread(target=producer.close, name="writer-close", daemon=True).start()
+        closing = threading.Thread(target=producer.close, name="writer-close", daemon=True)
+        closing.start()
+        return closing
 
     def close(self) -> None:
+        """Give the role up; waits a little for the producer to close cleanly."""
         with self._lock:
-            self._drop()
+            closing = self._drop()
+        if closing is not None:
+            closing.join(5.0)
 
     # --- changes -----------------------------------------------------------------------
     def apply(self, decide: Decide[T]) -> tuple[T, list[Position]]:
