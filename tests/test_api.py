@@ -208,6 +208,11 @@ def test_idempotency_key_creates_one_webhook(
         fresh = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-2"})
         assert fresh.status_code == 201
         assert len(http.get(webhooks(api2)).json()["data"]) == 2
+        # A key whose webhook was deleted since says so, rather than replaying a 201.
+        assert http.delete(f"{webhooks(api2)}/{first.json()['id']}").status_code == 204
+        gone = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-1"})
+        assert gone.status_code == 404 and "has been deleted" in gone.json()["detail"]
+        assert len(http.get(webhooks(api2)).json()["data"]) == 1  # and nothing was made
 
 
 def test_waits_for_its_topics_alive_and_not_ready(
