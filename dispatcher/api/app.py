@@ -270,7 +270,10 @@ async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
     while ctx.writer is not None:
         try:
             await asyncio.to_thread(ctx.writer.take_role)
+            ctx.waiting_for = None
             return
         except KafkaSetupError as exc:
-            log.warning("API waiting: %s", exc)
+            if ctx.waiting_for != str(exc):
+                log.warning("API waiting: %s", exc)
+            ctx.waiting_for = str(exc)  # /readyz says why
             await asyncio.sleep(every_s)
