@@ -167,6 +167,17 @@ def _history(h: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _writes(w: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            f"9 writes: PATCH at the {where}",
+            f"p50 {w[where]['p50_ms']:.1f} ms",
+            f"p99 {w[where]['p99_ms']:.1f}, max {w[where]['max_ms']:.1f} ({w['changes']} changes)",
+        )
+        for where in ("writer", "replica")
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
     rows = _engines(results)
     for key, part in (
@@ -178,6 +189,7 @@ def table(results: dict[str, Any]) -> str:
         ("isolation", _isolation),
         ("memory", _memory),
         ("history", _history),
+        ("writes", _writes),
     ):
         if key in results:
             rows += part(results[key])

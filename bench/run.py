@@ -26,6 +26,8 @@ start of a tail share of the deliveries); CPU time from the processes' own.
 8. History: ``dispatcher api`` over ``--history-attempts`` attempt records: the
    store's rebuild and fold rate, restart, memory, disk, and list, detail and
    ``/healthz`` latencies under concurrent clients (``bench/history.py``).
+9. Writes: PATCH latency at the API's writer and through a replica that forwards
+   the change to it (``bench/writes.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from bench.process import Dispatcher
 from bench.profile import summarize
 from bench.report import print_report
 from bench.scenarios import Scenarios
+from bench.writes import write_latency
 from dispatcher.models import parse_event
 from dispatcher.settings import Settings
 
@@ -69,6 +72,7 @@ PHASES = (
     "isolation",
     "memory",
     "history",
+    "writes",
 )
 #: Every size at once for CI: each phase runs, none measures anything worth reading.
 SMOKE = {
@@ -89,6 +93,7 @@ SMOKE = {
     "history_webhooks": 50,
     "history_clients": [5],
     "history_load_s": 2.0,
+    "write_count": 20,
 }
 
 
@@ -151,6 +156,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="a dispatcher setting for every phase, e.g. partition_buffer_high=200",
     )
+    p.add_argument(
+        "--write-count", type=int, default=300, help="PATCHes at each API process (writes)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -200,6 +208,15 @@ class Bench(Scenarios):
 
     def say(self, text: str) -> None:
         say(text)
+
+    def writes(self) -> dict[str, Any]:
+        count = self.args.write_count
+        self.say(f"writes: {count} PATCHes at the API writer, {count} through a replica")
+        ns = self.namespace()
+        try:
+            return write_latency(ns, self.logs, self.receiver.url(0, "/ok/w"), count)
+        finally:
+            ns.delete()
 
     def wide_receiver(self) -> Receiver:
         """A receiver with a port per origin of the many-origins and slow phases."""
@@ -398,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["memory"] = bench.memory()
             if "history" in phases:
                 results["history"] = history.run(args, bench.tmp, bench.certs.ca_file)
+            if "writes" in phases:
+                results["writes"] = bench.writes()
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1

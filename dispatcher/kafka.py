@@ -128,6 +128,25 @@ def table_consumer_config(settings: Settings) -> dict[str, Any]:
         }
     )
     conf.update(settings.kafka_extra_config)
+    # librdkafka's default, set after the operator's properties so it cannot be
+    # weakened: a change of the configuration topics is seen whole or not at all.
+    conf["isolation.level"] = "read_committed"
+    return conf
+
+
+def writer_producer_config(settings: Settings) -> dict[str, Any]:
+    """The transactional producer of the one configuration writer.
+
+    Every holder of the role uses the same ``transactional.id``: the
+    ``init_transactions`` of a new holder aborts what the previous one left open
+    and fences it (its next commit fails), so two processes can never both write.
+    """
+    conf = producer_config(settings)
+    conf["transactional.id"] = settings.config_writer_id
+    # Far above any one change (a few records), far below the broker's limit:
+    # an open transaction holds every read_committed reader back until it ends.
+    conf["transaction.timeout.ms"] = 30_000
+    conf["linger.ms"] = 0
     return conf
 
 

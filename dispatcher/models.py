@@ -266,6 +266,9 @@ class Subscription(BaseModel):
     plan: str = Field(min_length=1, max_length=64)
     created_at: datetime
     updated_at: datetime
+    #: Incremented by every change the writer makes; the API's ETag. 0: written
+    #: before versions existed.
+    version: int = Field(0, ge=0)
 
     _url = field_validator("url")(normalize_url)
     # Times in UTC, so comparing them with now can never fail in the hot path.

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -306,6 +307,17 @@ class Settings(BaseSettings):
     organizations_topic: str = Field(
         "webhooks.organizations", description="Compacted topic of organizations' plans."
     )
+    idempotency_topic: str = Field(
+        "webhooks.idempotency",
+        description="Compacted topic of the answers to keyed creates (`Idempotency-Key`), "
+        "kept DISPATCHER_API_IDEMPOTENCY_TTL_S.",
+    )
+    writer_transactional_id: str = Field(
+        "",
+        description="`transactional.id` of the one writer of the subscriptions, organizations "
+        "and idempotency topics; a new writer fences the previous one. "
+        "Empty: `<group_id>.config-writer`.",
+    )
     known_plans: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["free", "starter", "growth", "scale", "enterprise"],
         description="Plans an organization may be set to through the API (case-insensitive).",
@@ -350,6 +362,12 @@ class Settings(BaseSettings):
         le=10_000,
         description="API test sends in flight in one API process, all organizations; "
         "more are a 429.",
+    )
+    api_writer_url: str | None = Field(
+        None,
+        description="Base URL of the writer `dispatcher api` (the chart's writer Service): this "
+        "replica serves reads and forwards every change there. Unset: this process is the "
+        "writer.",
     )
     api_idempotency_ttl_s: int = Field(
         86_400, ge=60, description="How long an `Idempotency-Key` answer is replayed."
@@ -425,6 +443,30 @@ class Settings(BaseSettings):
         if len(value) > 249 or not _KAFKA_NAME.fullmatch(value):
             raise ValueError("must be 1 to 249 of the characters a-z A-Z 0-9 . _ -")
         return value
+
+    @field_validator("api_writer_url")
+    @classmethod
+    def _writer_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL such as http://writer:8090")
+        return value.strip().rstrip("/")
+
+    @field_validator("writer_transactional_id")
+    @classmethod
+    def _transactional_id(cls, value: str) -> str:
+        if not value.strip():
+            return ""
+        if len(value) > 249 or not _KAFKA_NAME.fullmatch(value):
+            raise ValueError("must be 1 to 249 of the characters a-z A-Z 0-9 . _ -")
+        return value
+
+    @property
+    def config_writer_id(self) -> str:
+        """The fixed ``transactional.id`` every holder of the writer role uses."""
+        return self.writer_transactional_id or f"{self.group_id}.config-writer"
 
     @field_validator("log_level")
     @classmethod

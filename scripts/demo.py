@@ -67,6 +67,9 @@ def namespaced(namespace: str) -> dict[str, str]:
         "DISPATCHER_RETRY_TOPIC_PREFIX": f"{namespace}.webhooks.retry.",
         "DISPATCHER_DEAD_LETTER_TOPIC": f"{namespace}.webhooks.dead-letter",
         "DISPATCHER_INVALID_TOPIC": f"{namespace}.webhooks.invalid",
+        "DISPATCHER_ATTEMPTS_TOPIC": f"{namespace}.webhooks.attempts",
+        "DISPATCHER_ORGANIZATIONS_TOPIC": f"{namespace}.webhooks.organizations",
+        "DISPATCHER_IDEMPOTENCY_TOPIC": f"{namespace}.webhooks.idempotency",
     }
 
 

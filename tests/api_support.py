@@ -18,13 +18,16 @@ ORG = "org_abc123"
 class ApiProcess:
     """The API with one read-write key (``admin``) and one read-only key (``viewer``)."""
 
-    def __init__(self, ns: Namespace, log_path: Path, **extra: Any) -> None:
+    def __init__(
+        self, ns: Namespace, log_path: Path, same_keys_as: ApiProcess | None = None, **extra: Any
+    ) -> None:
         self.ns = ns
         self.log_path = log_path
         self.port = free_port()
         self.probe_port = free_port()
-        self.admin_key = new_key()
-        self.viewer_key = new_key()
+        # Replicas of one deployment share their keys (a follower forwards the caller's).
+        self.admin_key = same_keys_as.admin_key if same_keys_as else new_key()
+        self.viewer_key = same_keys_as.viewer_key if same_keys_as else new_key()
         keys = [
             {"name": "admin", "sha256": hash_key(self.admin_key), "access": "read-write"},
             {"name": "viewer", "sha256": hash_key(self.viewer_key), "access": "read"},
@@ -81,6 +84,12 @@ class ApiProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, nothing flushed or closed."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
 
     def stop(self) -> None:
         for client in self._clients:

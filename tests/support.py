@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from dispatcher.commands.subscriptions import write
@@ -72,6 +72,7 @@ def namespace_settings(**overrides: Any) -> dict[str, Any]:
         "invalid_topic": f"{ns}.webhooks.invalid",
         "attempts_topic": f"{ns}.webhooks.attempts",
         "organizations_topic": f"{ns}.webhooks.organizations",
+        "idempotency_topic": f"{ns}.webhooks.idempotency",
         "topic_partitions": 3,
         "retry_delays_s": [2, 4, 6],
         "retry_retention_ms": 3_600_000,
@@ -215,7 +216,12 @@ class Namespace:
             deadline = time.monotonic() + timeout_s
             while ends and time.monotonic() < deadline:
                 for msg in consumer.consume(500, timeout=0.2):
+                    # The end of a partition is its EOF event: a transaction's commit
+                    # marker takes the last offset and is never delivered as a record.
                     if msg.error():
+                        eof = msg.error().code() == KafkaError._PARTITION_EOF
+                        if eof and msg.offset() >= ends.get(msg.partition(), 0):
+                            ends.pop(msg.partition(), None)
                         continue
                     out.append(msg)
                     if msg.offset() + 1 >= ends.get(msg.partition(), 0):

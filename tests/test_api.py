@@ -193,18 +193,28 @@ def test_idempotency_key_creates_one_webhook(
         )
         assert other.status_code == 422
         assert len(http.get(webhooks(api)).json()["data"]) == 1
-    # Another process (a restart, another replica) finds the webhook the key made.
+    # Another process (a restart, another replica) replays the recorded answer exactly,
+    # the generated secret included: it is kept in Kafka, not in the process.
     api.stop()
     api2 = run_api(ns)
     with api2.client(api.admin_key) as http:
         assert http.get(webhooks(api2)).status_code == 401  # its own keys only
     with api2.admin() as http:  # a key with the same name, "admin"
         replay = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-1"})
-        assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
-        assert replay.json()["id"] == first.json()["id"] and replay.json()["secret"] is None
+        assert replay.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
+        assert replay.json() == first.json()
+        reused = http.post(
+            webhooks(api2), json={"url": receiver.url("/x")}, headers={"Idempotency-Key": "k-1"}
+        )
+        assert reused.status_code == 422  # another body: refused after a restart too
         fresh = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-2"})
         assert fresh.status_code == 201
         assert len(http.get(webhooks(api2)).json()["data"]) == 2
+        # A key whose webhook was deleted since says so, rather than replaying a 201.
+        assert http.delete(f"{webhooks(api2)}/{first.json()['id']}").status_code == 204
+        gone = http.post(webhooks(api2), json=body, headers={"Idempotency-Key": "k-1"})
+        assert gone.status_code == 404 and "has been deleted" in gone.json()["detail"]
+        assert len(http.get(webhooks(api2)).json()["data"]) == 1  # and nothing was made
 
 
 def test_waits_for_its_topics_alive_and_not_ready(

@@ -13,7 +13,7 @@ import httpx
 from dispatcher.attempts import AttemptRecord
 from tests.api_support import ORG, ApiProcess
 from tests.receiver import HttpsReceiver, Reply
-from tests.support import SEED_EVENT, DispatcherProcess, Namespace, wait_until
+from tests.support import SEED_EVENT, DispatcherProcess, Namespace, metric_value, wait_until
 
 
 def event(session_id: str) -> dict[str, Any]:
@@ -42,13 +42,20 @@ def test_history_of_a_success_a_failure_and_a_resend(
     run_dispatcher: Callable[..., DispatcherProcess],
     receiver: HttpsReceiver,
 ) -> None:
-    run_dispatcher(ns)
+    dispatcher = run_dispatcher(ns)
     api = run_api(ns)
     http = api.admin()
     good = create(http, receiver.url("/good"))
     bad = create(http, receiver.url("/bad"))
     secrets = [good["secret"], bad["secret"]]
     receiver.respond("/bad", Reply(500, body=b"database down"))
+    # The API answers once it has read its change back; the dispatcher's table reads
+    # it on its own time: an event published before would find no webhook.
+    wait_until(
+        lambda: metric_value(dispatcher.metrics(), "dispatcher_subscriptions_loaded") == 2,
+        30,
+        "the dispatcher to load both webhooks",
+    )
 
     ns.publish(event("sess_one"))
     # The delivery and its attempt appear through the API.

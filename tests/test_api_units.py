@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from dispatcher.api import docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
 from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
-from dispatcher.api.idempotency import IdempotencyCache, webhook_id_for
+from dispatcher.api.idempotency import webhook_id_for
 from dispatcher.attempts import AttemptRecord
+from dispatcher.config_state import answer_key
 from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings
 
@@ -177,14 +178,12 @@ def test_signatures_are_masked() -> None:
     assert mask_signature("0123456789abcdef") == "…cdef"
 
 
-def test_idempotency_ids_and_cache() -> None:
+def test_idempotency_ids_and_answer_keys() -> None:
     assert webhook_id_for("o", "k", "1") == webhook_id_for("o", "k", "1")
     assert webhook_id_for("o", "k", "1") != webhook_id_for("o", "k2", "1")
-    cache = IdempotencyCache(ttl_s=60, max_entries=1)
-    cache.put(("o", "k", "1"), "fp", 201, {"id": "x"})
-    cache.put(("o", "k", "2"), "fp", 201, {"id": "y"})  # full: not kept, never evicts live ones
-    assert cache.get(("o", "k", "1")).body == {"id": "x"}  # type: ignore[union-attr]
-    assert cache.get(("o", "k", "2")) is None
+    assert answer_key("o", "k", "1") == answer_key("o", "k", "1")
+    # The parts are separated: moving a character between them is another key.
+    assert answer_key("o", "k1", "") != answer_key("o", "k", "1")
 
 
 def test_event_catalog_is_configuration(tmp_path: Path) -> None:

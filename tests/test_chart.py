@@ -62,6 +62,8 @@ CHART_MANAGED_SETTINGS = {
     "api_keys",
     "api_keys_file",
     "event_catalog_file",
+    # The writer's URL: set by the chart on the API replicas, never on the writer.
+    "api_writer_url",
 }
 
 # Every metric the dispatcher exports; alerts and the dashboard may use no other.
@@ -450,7 +452,7 @@ def test_rendered_environment_is_accepted_by_the_settings(
     dispatcher = [
         d
         for d in render_ci(values)
-        if d["metadata"]["labels"].get("app.kubernetes.io/component") != "api"
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") not in ("api", "api-writer")
     ]
     pod = one(dispatcher, "Deployment")["spec"]["template"]["spec"]
     env = env_of(pod["containers"][0])

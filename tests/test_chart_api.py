@@ -75,7 +75,8 @@ def test_dispatcher_and_topics_job_read_the_api_event_catalog(tmp_path: Path) ->
         for doc in docs
         if doc["kind"] in ("Deployment", "StatefulSet", "Job")
     ]
-    assert len(pods) == 3, [name for name, _pod in pods]
+    # The API replicas, the API writer, the dispatcher, the Job.
+    assert len(pods) == 4, [name for name, _pod in pods]
     for name, pod in pods:
         container = pod["containers"][0]
         file = env_of(container)["DISPATCHER_EVENT_CATALOG_FILE"]["value"]
@@ -96,9 +97,44 @@ def test_api_keeps_its_history_store_on_a_claim_per_pod_or_an_empty_dir(tmp_path
     assert "history" not in {v["name"] for v in pod["volumes"]}  # the claim provides it
 
     docs = render(API_VALUES, {"api": {"history": {"volume": "emptyDir"}}}, tmp=tmp_path)
-    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
-    assert "volumeClaimTemplates" not in sts["spec"]
-    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["history"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    both = [d for d in docs if d["kind"] == "StatefulSet"]  # the replicas and the writer
+    assert len(both) == 2
+    for sts in both:
+        assert "volumeClaimTemplates" not in sts["spec"]
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["history"]["emptyDir"] == {"sizeLimit": "10Gi"}
     bad = render_result(API_VALUES, {"api": {"history": {"volume": "hostPath"}}}, tmp=tmp_path)
     assert bad.returncode != 0
+
+
+def test_api_writer_is_one_pod_behind_its_own_service_with_its_history_claim() -> None:
+    docs = render_ci(API_VALUES)
+    writer = {
+        doc["kind"]: doc
+        for doc in docs
+        if doc["metadata"]["labels"].get("app.kubernetes.io/component") == "api-writer"
+    }
+    assert set(writer) == {"StatefulSet", "Service", "NetworkPolicy", "ServiceMonitor"}
+    deployment = writer["StatefulSet"]
+    assert deployment["spec"]["replicas"] == 1
+    # A StatefulSet of one pod deletes the old pod before it starts the new one.
+    assert deployment["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert "podManagementPolicy" not in deployment["spec"]  # OrderedReady
+    (claim,) = deployment["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "history"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["api"]
+    assert "DISPATCHER_API_WRITER_URL" not in env_of(container)  # it is the writer
+    selector = writer["Service"]["spec"]["selector"]
+    assert deployment["spec"]["selector"]["matchLabels"] == selector
+    assert selector["app.kubernetes.io/component"] == "api-writer"
+    service = writer["Service"]["metadata"]["name"]
+    namespace = writer["Service"]["metadata"]["namespace"]
+
+    replicas = api_objects()["StatefulSet"]
+    url = env_of(replicas["spec"]["template"]["spec"]["containers"][0])
+    assert url["DISPATCHER_API_WRITER_URL"]["value"] == f"http://{service}.{namespace}.svc:8090"
+    assert replicas["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    # Only the API replicas may call the writer's API port.
+    allowed = writer["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert allowed["matchLabels"]["app.kubernetes.io/component"] == "api"

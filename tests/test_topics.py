@@ -36,8 +36,9 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     first = ensure(env)
     assert first.returncode == 0, first.stderr
     created = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("created")]
-    # input, subscriptions, 3 retry stages, dead letter, invalid, attempts, organizations
-    assert len(created) == 9
+    # input, subscriptions, 3 retry stages, dead letter, invalid, attempts, organizations,
+    # idempotency
+    assert len(created) == 10
     second = ensure(env)
     assert second.returncode == 0, second.stderr
     assert "created" not in second.stdout
@@ -59,6 +60,10 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["organizations_topic"]))
     configs = admin.describe_configs([resource])[resource].result()
     assert configs["cleanup.policy"].value == "compact"
+    resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["idempotency_topic"]))
+    configs = admin.describe_configs([resource])[resource].result()
+    assert configs["cleanup.policy"].value == "compact,delete"
+    assert configs["retention.ms"].value == str(86_400 * 1000)
 
 
 def test_ensure_reports_a_non_compacted_subscriptions_topic(broker: str) -> None:

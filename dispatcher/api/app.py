@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
@@ -25,13 +25,14 @@ from dispatcher import __version__
 from dispatcher.api import deliveries, docs_page, problems, webhooks
 from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
+from dispatcher.api.forward import Forwarder, is_change
 from dispatcher.api.historyfold import HistoryFolder
 from dispatcher.api.historystore import HistoryReads, HistoryStore
-from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import PROBLEM, Problem
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import load_catalog
+from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.health import Health
 from dispatcher.errors import KafkaSetupError
 from dispatcher.metrics import REGISTRY
@@ -61,7 +62,8 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "Conflicts with the current state (plan, webhook state)",
         413: "Body too large",
         422: "Invalid input, with field paths",
-        503: "Not ready yet, or Kafka did not confirm a change (retry)",
+        503: "Not ready, the writer unreachable, or the change not applied (retry); where "
+        "the outcome is unknown the problem's type ends in outcome-unknown",
     }.items()
 }
 
@@ -139,13 +141,20 @@ class Measure:
             await self.app(scope, receive, noting)
         finally:
             # The router writes the matched route into this same scope.
-            template = getattr(scope.get("route"), "path", "unmatched")
+            # A change a replica sent on to the writer is timed there by its route.
+            template = (
+                "forwarded"
+                if scope.get("forwarded")
+                else getattr(scope.get("route"), "path", "unmatched")
+            )
             API_REQUESTS.labels(template, scope["method"], str(status)).inc()
             API_LATENCY.labels(template).observe(time.perf_counter() - started)
 
 
 def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     """The application over ``ctx``; its Kafka readers start with the server."""
+
+    forwarder = Forwarder(ctx, ctx.settings.api_writer_url) if ctx.settings.api_writer_url else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,8 +169,12 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
         finally:
             beat.cancel()
             await ctx.sample_sends.close()
+            if forwarder is not None:
+                await forwarder.close()
             if starting is not None:
                 starting.cancel()
+                if ctx.writer is not None:
+                    await asyncio.to_thread(ctx.writer.close)
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
             await asyncio.to_thread(ctx.reads.close)
@@ -204,6 +217,16 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
     async def docs() -> HTMLResponse:
         return HTMLResponse(app.state.docs_page)
 
+    if forwarder is not None:
+
+        @app.middleware("http")
+        async def forward(request: Request, call_next: Any) -> Response:
+            if is_change(request):
+                request.scope["forwarded"] = True
+                return await forwarder(request)
+            response: Response = await call_next(request)
+            return response
+
     app.add_middleware(Measure)
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.api_max_body_bytes)
     # The document (FastAPI keeps it once built) and the page, built now: the first
@@ -234,15 +257,17 @@ def operation_id(route: APIRoute) -> str:
 
 def build_context(settings: Settings) -> ApiContext:
     history = HistoryStore(settings.api_history_path, settings.attempts_topic)
+    store = Store(settings)
     return ApiContext(
         settings=settings,
-        store=Store(settings),
+        store=store,
         history=HistoryFolder(settings, history),
         reads=HistoryReads(history, settings.api_history_readers),
         keys=KeyRing(load_keys(settings)),
         catalog=load_catalog(settings),
-        idempotency=IdempotencyCache(settings.api_idempotency_ttl_s),
         sample_sends=SampleSends(settings),
+        # No writer URL: this process is the writer (a single API, the chart's writer).
+        writer=None if settings.api_writer_url else ConfigWriter(settings, store),
     )
 
 
@@ -269,3 +294,13 @@ async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
                 ctx.waiting_for = str(exc)
                 await asyncio.sleep(every_s)
     ctx.waiting_for = None
+    while ctx.writer is not None:
+        try:
+            await asyncio.to_thread(ctx.writer.take_role)
+            ctx.waiting_for = None
+            return
+        except KafkaSetupError as exc:
+            if ctx.waiting_for != str(exc):
+                log.warning("API waiting: %s", exc)
+            ctx.waiting_for = str(exc)  # /readyz says why
+            await asyncio.sleep(every_s)

@@ -22,11 +22,11 @@ from fastapi import Request
 from dispatcher.api.auth import KeyRing
 from dispatcher.api.historyfold import HistoryFolder
 from dispatcher.api.historystore import HistoryReads
-from dispatcher.api.idempotency import IdempotencyCache
 from dispatcher.api.problems import Problem
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import EventType
+from dispatcher.config_writer import ConfigWriter
 from dispatcher.settings import Settings
 
 P = ParamSpec("P")
@@ -52,10 +52,12 @@ class ApiContext:
     reads: HistoryReads
     keys: KeyRing
     catalog: list[EventType]
-    idempotency: IdempotencyCache
     sample_sends: SampleSends
     #: Where blocking work runs (see :meth:`blocking`).
     pool: ThreadPoolExecutor = field(default_factory=_blocking_pool)
+    #: The one writer, in the process that holds the role; None in a replica that
+    #: forwards changes to DISPATCHER_API_WRITER_URL.
+    writer: ConfigWriter | None = None
     #: Why the readers have not started (a missing topic, no broker), or None.
     waiting_for: str | None = "starting"
 
@@ -68,6 +70,8 @@ class ApiContext:
                 return False, f"{name} reader stopped: {part.failure}"
             if not part.caught_up:
                 return False, f"{name} not caught up yet"
+        if self.writer is not None and not self.writer.takeovers:
+            return False, "not holding the writer role yet"
         return True, "ok"
 
     async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

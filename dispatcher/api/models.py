@@ -72,6 +72,9 @@ class Webhook(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+    version: int = Field(
+        description="Incremented by every change; sent as the ETag, compared with If-Match."
+    )
     secret: str | None = Field(
         None, description="Only in the answer that generated it: store it, it is not shown again."
     )
@@ -94,6 +97,7 @@ class Webhook(BaseModel):
             ],
             created_at=sub.created_at,
             updated_at=sub.updated_at,
+            version=sub.version,
             secret=secret,
         )
 

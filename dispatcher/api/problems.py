@@ -16,7 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dispatcher.config_writer import OutcomeUnknown
 from dispatcher.errors import KafkaSetupError
+from dispatcher.manage import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,25 @@ def not_found(what: str) -> Problem:
     return Problem(404, "not-found", "Not found", f"no such {what}")
 
 
+#: Where a refused field is in a request (path parameters; everything else is the body).
+_FIELD_PATHS = {"webhook_id": "path.webhook_id", "organization_id": "path.org"}
+
+
+def refusal_problem(exc: Refusal) -> Problem:
+    """The one mapping of the management rules' refusals to problem documents."""
+    message = str(exc)
+    if exc.kind == "not-found":
+        return not_found("webhook")
+    if exc.kind == "stale":
+        return Problem(412, "precondition-failed", "The webhook has changed", message)
+    if exc.kind == "plan-unset":
+        return Problem(409, "plan-unset", "The organization has no plan", message)
+    if exc.kind == "plan-not-entitled":
+        return Problem(409, "plan-not-entitled", "The organization's plan has no webhooks", message)
+    path = _FIELD_PATHS.get(exc.field or "", f"body.{exc.field}" if exc.field else "body")
+    return field_problem(path, message)
+
+
 def respond(problem: Problem, instance: str | None = None) -> JSONResponse:
     body = ProblemBody(
         type=TYPE_BASE + problem.kind,
@@ -140,15 +161,30 @@ def install(app: FastAPI) -> None:
         )
         return respond(problem, request.url.path)
 
+    async def on_refusal(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Refusal)
+        return respond(refusal_problem(exc), request.url.path)
+
     async def on_kafka(request: Request, exc: Exception) -> JSONResponse:
         log.warning("API request not completed: %s", exc)
-        problem = Problem(
-            503,
-            "unavailable",
-            "Kafka unavailable",
-            "the change could not be confirmed; retry it (with the same Idempotency-Key)",
-            headers={"Retry-After": "5"},
-        )
+        if isinstance(exc, OutcomeUnknown):
+            problem = Problem(
+                503,
+                "outcome-unknown",
+                "Outcome unknown",
+                "Kafka did not confirm the change and it cannot be read back now: it may or "
+                "may not have been applied. Read the webhook back once the service is ready, "
+                "or retry a create with the same Idempotency-Key, which returns the real outcome",
+                headers={"Retry-After": "5"},
+            )
+        else:
+            problem = Problem(
+                503,
+                "unavailable",
+                "Kafka unavailable",
+                "the change was not applied; retry it (a create with the same Idempotency-Key)",
+                headers={"Retry-After": "5"},
+            )
         return respond(problem, request.url.path)
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
@@ -159,5 +195,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Refusal, on_refusal)
     app.add_exception_handler(KafkaSetupError, on_kafka)
     app.add_exception_handler(Exception, on_crash)

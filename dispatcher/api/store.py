@@ -1,75 +1,42 @@
-"""The API's own view of the compacted topics, and writes that are read back.
+"""The API's view of the configuration, and its writes to the delivery topics.
 
-One reader thread follows the subscriptions topic and the organizations topic
-from the beginning (like the dispatcher's table) and remembers, per partition,
-the next offset it will apply. A write produces, takes the offset from the
-delivery report, and waits until the reader has applied that offset: so the
-answer to a write, and every read after it, already sees it (read-your-writes),
-although the only store is Kafka.
+Reads come from :class:`~dispatcher.config_state.ConfigView` (read_committed).
+Changes of the configuration go through the one writer
+(:mod:`dispatcher.config_writer`), never through here; :meth:`Store.write` is for
+the delivery topics (a resend's marker and retry record), with the idempotent
+producer, and waits until a record on a topic this process follows has been read
+back (read-your-writes).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 
 from confluent_kafka import KafkaError, Producer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.api.follow import Follower
-from dispatcher.errors import KafkaSetupError, SubscriptionError
+from dispatcher.config_state import ConfigView
+from dispatcher.errors import KafkaSetupError
 from dispatcher.kafka import make_producer
-from dispatcher.models import Subscription, decode_subscription
 from dispatcher.records import Headers
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class OrganizationRecord(BaseModel):
-    """Value of the organizations topic (key = organization id)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    organization_id: str = Field(min_length=1, max_length=128)
-    plan: str = Field(min_length=1, max_length=64)
-    updated_at: datetime
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
-
-
 class WriteTimeout(KafkaSetupError):
     """A write was acknowledged but not read back in time."""
 
 
-class Store(Follower):
-    """Subscriptions by id and organization, organizations' plans; written through Kafka."""
+class Store(ConfigView):
+    """The configuration as this replica reads it; a producer for the delivery topics."""
 
     name = "webhooks"
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, (settings.subscriptions_topic, settings.organizations_topic))
-        self.subs: dict[str, Subscription] = {}
-        self.plans: dict[str, str] = {}
+        super().__init__(settings)
         self._producer: Producer | None = None
 
-    # --- reads ------------------------------------------------------------
-    def for_organization(self, organization_id: str) -> list[Subscription]:
-        found = [s for s in list(self.subs.values()) if s.organization_id == organization_id]
-        return sorted(found, key=lambda s: (s.created_at, s.webhook_id))
-
-    def plan_of(self, organization_id: str) -> str | None:
-        """The organization's plan, or that of its webhooks when none was set."""
-        plan = self.plans.get(organization_id)
-        if plan is None:
-            for sub in list(self.subs.values()):
-                if sub.organization_id == organization_id:
-                    return sub.plan
-        return plan
-
-    # --- lifecycle --------------------------------------------------------
     def start(self) -> None:
         super().start()
         self._producer = make_producer(self.settings)
@@ -78,21 +45,6 @@ class Store(Follower):
         super().stop()
         if self._producer is not None:
             self._producer.flush(10)
-
-    # --- writes -----------------------------------------------------------
-    def put_subscription(self, sub: Subscription) -> None:
-        self.write([(self.settings.subscriptions_topic, sub.webhook_id, sub.to_json())])
-
-    def delete_subscription(self, webhook_id: str) -> None:
-        self.write([(self.settings.subscriptions_topic, webhook_id, None)])
-
-    def put_organization(self, record: OrganizationRecord, subs: list[Subscription]) -> None:
-        """The organization's record first, then each of its webhooks with the new plan."""
-        batch: list[tuple[str, str, bytes | None]] = [
-            (self.settings.organizations_topic, record.organization_id, record.to_json())
-        ]
-        batch += [(self.settings.subscriptions_topic, s.webhook_id, s.to_json()) for s in subs]
-        self.write(batch)
 
     def write(
         self,
@@ -130,32 +82,3 @@ class Store(Follower):
             if topic in self.topics and not self.wait_past(topic, partition, offset, deadline):
                 raise WriteTimeout("write acknowledged but not read back in time")
         return written
-
-    # --- applying records (reader thread) -----------------------------------
-    def apply(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
-    ) -> None:
-        if key is None:
-            return
-        if topic == self.settings.subscriptions_topic:
-            self._apply_subscription(key.decode("utf-8", "replace"), value)
-        else:
-            self._apply_plan(key.decode("utf-8", "replace"), value)
-
-    def _apply_subscription(self, webhook_id: str, value: bytes | None) -> None:
-        if value is None:
-            self.subs.pop(webhook_id, None)
-            return
-        try:
-            self.subs[webhook_id] = decode_subscription(webhook_id.encode(), value)
-        except SubscriptionError as exc:
-            log.warning("subscription record %s ignored: %s", webhook_id, exc)
-
-    def _apply_plan(self, organization_id: str, value: bytes | None) -> None:
-        if value is None:
-            self.plans.pop(organization_id, None)
-            return
-        try:
-            self.plans[organization_id] = OrganizationRecord.model_validate_json(value).plan
-        except ValidationError:
-            log.warning("organization record %s ignored", organization_id)

@@ -1,21 +1,24 @@
 """Routes: an organization's webhooks, its plan, and the event types.
 
-Every write is validated by the same functions as ``dispatcher subscriptions``
-(:mod:`dispatcher.commands.subscriptions`: model, HTTPS, SSRF guard, secret, plan), then
-written to the compacted topic and read back before the answer (read-your-writes).
-Handlers are ``async``: reads and test sends run on the event loop (reads answer
-from memory), and the writes, which block on Kafka and DNS, run on the API's
-blocking threads (:meth:`ApiContext.blocking`), never on the loop nor on a pool
-shared with the reads and the probes.
+Reads come from this replica's view of the configuration. Every change is
+decided by :mod:`dispatcher.manage` against the state in force and committed by
+the one writer (:mod:`dispatcher.config_writer`) as one transaction; a replica
+that is not the writer never gets here for a change (:mod:`dispatcher.api.forward`
+sends it to the writer). Handlers are ``async``: reads answer from memory on the
+event loop, test sends run on it too (bounded, see :mod:`dispatcher.api.sample_sends`),
+and a change, which blocks on Kafka and DNS, runs on the API's blocking threads
+(:meth:`ApiContext.blocking`), never on the loop nor on a pool shared with the reads
+and the probes.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any
+import time
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Response
 
+from dispatcher import manage
 from dispatcher.api.auth import Caller, audit, reader, writer
 from dispatcher.api.context import ApiContext, context
 from dispatcher.api.idempotency import fingerprint, webhook_id_for
@@ -32,10 +35,10 @@ from dispatcher.api.models import (
     WebhookList,
     WebhookPatch,
 )
-from dispatcher.api.problems import PROBLEM, Problem, field_problem, not_found
-from dispatcher.api.store import OrganizationRecord
-from dispatcher.commands import subscriptions as subs
-from dispatcher.errors import SubscriptionError
+from dispatcher.api.problems import MEDIA_TYPE, PROBLEM, Problem, ProblemBody, not_found
+from dispatcher.config_state import Answer, answer_key
+from dispatcher.config_writer import Decide
+from dispatcher.kafka import Outgoing
 from dispatcher.models import IDENTIFIER, Subscription
 
 router = APIRouter()
@@ -44,7 +47,27 @@ WebhookId = Annotated[str, Path(pattern=IDENTIFIER.pattern, description="Webhook
 Ctx = Annotated[ApiContext, Depends(context)]
 Reader = Annotated[Caller, Depends(reader)]
 Writer = Annotated[Caller, Depends(writer)]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        max_length=1024,
+        description='Apply only if the webhook is still at this ETag (`"3"`, or `*`); '
+        "412 otherwise.",
+    ),
+]
 BASE = "/v1/organizations/{org}"
+#: Where the writer wrote a change (``topic:partition:offset,...``): a replica that
+#: forwarded the change waits to have read past it before answering.
+POSITION_HEADER = "Config-Position"
+T = TypeVar("T")
+
+_CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    412: {
+        "model": ProblemBody,
+        "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
+        "description": "If-Match names a version that is no longer current; nothing changed",
+    },
+}
 
 
 def owned(ctx: ApiContext, org: str, webhook_id: str) -> Subscription:
@@ -59,29 +82,31 @@ def view(ctx: ApiContext, sub: Subscription, secret: str | None = None) -> Webho
     return Webhook.of(sub, sub.plan in ctx.settings.entitled_plans, secret)
 
 
-def refusal(exc: SubscriptionError) -> Problem:
-    """The shared validation's one-line refusal, given the field it is about."""
-    message = str(exc)
-    if "does not include webhooks" in message:
-        return Problem(409, "plan-not-entitled", "The organization's plan has no webhooks", message)
-    if message.startswith("invalid secret"):
-        return field_problem("body.secret", message)
-    if message.startswith("unknown event"):
-        return field_problem("body.events", message)
-    if message.startswith("invalid subscription: "):
-        field, _, why = message.removeprefix("invalid subscription: ").partition(": ")
-        name = {"webhook_id": "path.webhook_id", "organization_id": "path.org"}.get(field)
-        return field_problem(name or f"body.{field.split('.')[0]}", why or message)
-    return field_problem("body.url", message)
+def tags(if_match: str | None) -> list[str] | None:
+    """The entity tags of an If-Match header (RFC 9110 list syntax)."""
+    if if_match is None:
+        return None
+    return [tag.strip() for tag in if_match.split(",") if tag.strip()]
 
 
-def _build(ctx: ApiContext, secret: str | None = None, **fields: Any) -> subs.Change:
-    try:
-        return subs.build(
-            ctx.settings, known_events=[e.name for e in ctx.catalog], secret=secret, **fields
-        )
-    except SubscriptionError as exc:
-        raise refusal(exc) from None
+async def change(ctx: ApiContext, response: Response, decide: Decide[T]) -> T:
+    """Apply a change through the one writer, on the blocking threads; the answer says
+    where it was written."""
+    return await ctx.blocking(_change, ctx, response, decide)
+
+
+def _change(ctx: ApiContext, response: Response, decide: Decide[T]) -> T:
+    if ctx.writer is None:  # only the writer serves changes (see dispatcher.api.forward)
+        raise Problem(503, "no-writer", "No writer", "retry", headers={"Retry-After": "2"})
+    answer, written = ctx.writer.apply(decide)
+    if written:
+        response.headers[POSITION_HEADER] = ",".join(f"{t}:{p}:{o}" for t, p, o in written)
+    return answer
+
+
+def answered(response: Response, hook: Webhook) -> Webhook:
+    response.headers["ETag"] = f'"{hook.version}"'
+    return hook
 
 
 @router.get(BASE + "/webhooks", response_model=WebhookList, tags=["webhooks"])
@@ -98,11 +123,13 @@ async def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
     responses={
         200: {
             "model": Webhook,
-            "description": (
-                "A replay of an earlier create with the same Idempotency-Key"
-                " (header Idempotent-Replayed: true)"
-            ),
-        }
+            "description": "The webhook an Idempotency-Key made before its answer was "
+            "recorded or after that answer expired (no secret; header Idempotent-Replayed)",
+        },
+        201: {
+            "description": "Created; a replay of a keyed create answers exactly as the first "
+            "time, the secret included (header Idempotent-Replayed: true)"
+        },
     },
 )
 async def create_webhook(
@@ -112,167 +139,235 @@ async def create_webhook(
     ctx: Ctx,
     caller: Writer,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> Webhook | dict[str, Any]:
+) -> dict[str, Any]:
     """Create a webhook; a generated secret is in this answer only.
 
-    With an ``Idempotency-Key``, a retried request returns the first answer and
-    creates nothing more.
+    With an ``Idempotency-Key``, a retried request, on any replica, returns the
+    first answer and creates nothing more; another body with the key is a 422.
     """
-    return await ctx.blocking(_create_webhook, org, body, response, ctx, caller, idempotency_key)
-
-
-def _create_webhook(
-    org: str,
-    body: WebhookCreate,
-    response: Response,
-    ctx: ApiContext,
-    caller: Caller,
-    idempotency_key: str | None,
-) -> Webhook | dict[str, Any]:
-    plan = ctx.store.plan_of(org)
-    if plan is None:
-        raise Problem(
-            409,
-            "plan-unset",
-            "The organization has no plan",
-            f"set it first: PUT /v1/organizations/{org}/plan",
-        )
-    if idempotency_key is None:
-        return _create(ctx, org, plan, body, caller, subs.new_webhook_id())
-    slot = (org, caller.name, idempotency_key)
+    slot = None if idempotency_key is None else answer_key(org, caller.name, idempotency_key)
     fp = fingerprint(body.model_dump())
-    with ctx.idempotency.lock(slot):
-        stored = ctx.idempotency.get(slot)
-        if stored is not None:
-            if stored.fingerprint != fp:
-                raise Problem(
-                    422,
-                    "idempotency-key-reused",
-                    "Idempotency-Key reused",
-                    "this key was used for a different request",
-                )
-            response.status_code = stored.status
-            response.headers["Idempotent-Replayed"] = "true"
-            return stored.body
-        webhook_id = webhook_id_for(*slot)
-        existing = ctx.store.subs.get(webhook_id)
-        if existing is not None:  # made before a restart, or through another replica
-            response.status_code = 200
-            response.headers["Idempotent-Replayed"] = "true"
-            return view(ctx, existing)
-        made = _create(ctx, org, plan, body, caller, webhook_id)
-        ctx.idempotency.put(slot, fp, 201, made.model_dump(mode="json"))
-        return made
-
-
-def _create(
-    ctx: ApiContext, org: str, plan: str, body: WebhookCreate, caller: Caller, webhook_id: str
-) -> Webhook:
-    change = _build(
-        ctx,
-        secret=body.secret,
-        existing=None,
-        webhook_id=webhook_id,
-        organization_id=org,
-        url=body.url,
-        events=body.events,
-        plan=plan,
-        enabled=body.enabled,
-        description=body.description,
+    webhook_id = (
+        manage.new_webhook_id()
+        if idempotency_key is None
+        else webhook_id_for(org, caller.name, idempotency_key)
     )
-    ctx.store.put_subscription(change.sub)
-    audit(caller, "webhook.create", org, webhook_id)
-    return view(ctx, change.sub, change.new_secret)
+
+    def decide() -> tuple[list[Outgoing], tuple[int, dict[str, Any], bool]]:
+        if slot is not None:
+            found = ctx.store.answer(slot)
+            if found is not None:
+                return [], (*replay(ctx, found, fp), True)
+            existing = ctx.store.subscription(webhook_id)
+            if existing is not None:  # made with this key before its answer was kept
+                return [], (200, view(ctx, existing).model_dump(mode="json"), True)
+        outcome = manage.create(
+            ctx.settings,
+            ctx.store,
+            organization_id=org,
+            webhook_id=webhook_id,
+            url=body.url,
+            events=body.events,
+            secret=body.secret,
+            enabled=body.enabled,
+            description=body.description,
+            known_events=[e.name for e in ctx.catalog],
+        )
+        assert outcome.sub is not None
+        made = view(ctx, outcome.sub, outcome.new_secret).model_dump(mode="json")
+        records = list(outcome.records)
+        if slot is not None:
+            kept = Answer(
+                fingerprint=fp,
+                status=201,
+                body=made,
+                webhook_id=webhook_id,
+                expires_at=time.time() + ctx.settings.api_idempotency_ttl_s,
+            )
+            records.append(Outgoing(ctx.settings.idempotency_topic, kept.to_json(), slot.encode()))
+        return records, (201, made, False)
+
+    status, made, replayed = await change(ctx, response, decide)
+    response.status_code = status
+    response.headers["ETag"] = f'"{made["version"]}"'
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        audit(caller, "webhook.create", org, webhook_id)
+    return made
+
+
+def replay(ctx: ApiContext, found: Answer, fp: str) -> tuple[int, dict[str, Any]]:
+    """The recorded answer to a keyed create, exactly; refused for another body."""
+    if found.fingerprint != fp:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this key was used for a different request",
+        )
+    if ctx.store.subscription(found.webhook_id) is None:
+        raise Problem(
+            404,
+            "not-found",
+            "Not found",
+            f"the webhook this Idempotency-Key created ({found.webhook_id}) has been deleted",
+        )
+    return found.status, found.body
 
 
 @router.get(BASE + "/webhooks/{webhook_id}", response_model=Webhook, tags=["webhooks"])
-async def get_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, _: Reader) -> Webhook:
-    return view(ctx, owned(ctx, org, webhook_id))
+async def get_webhook(
+    org: Org, webhook_id: WebhookId, response: Response, ctx: Ctx, _: Reader
+) -> Webhook:
+    return answered(response, view(ctx, owned(ctx, org, webhook_id)))
 
 
-@router.patch(BASE + "/webhooks/{webhook_id}", response_model=Webhook, tags=["webhooks"])
+@router.patch(
+    BASE + "/webhooks/{webhook_id}",
+    response_model=Webhook,
+    tags=["webhooks"],
+    responses=_CHANGE_RESPONSES,
+)
 async def update_webhook(
-    org: Org, webhook_id: WebhookId, body: WebhookPatch, ctx: Ctx, caller: Writer
+    org: Org,
+    webhook_id: WebhookId,
+    body: WebhookPatch,
+    response: Response,
+    ctx: Ctx,
+    caller: Writer,
+    if_match: IfMatch = None,
 ) -> Webhook:
-    """Change some fields; a new URL or events are validated as on create."""
-    return await ctx.blocking(_update_webhook, org, webhook_id, body, ctx, caller)
+    """Change only the fields given; a new URL or events are validated as on create."""
 
+    def decide() -> tuple[list[Outgoing], manage.Outcome]:
+        outcome = manage.update(
+            ctx.settings,
+            ctx.store,
+            org,
+            webhook_id,
+            known_events=[e.name for e in ctx.catalog],
+            if_match=tags(if_match),
+            url=body.url,
+            events=body.events,
+            enabled=body.enabled,
+            description=body.description,
+        )
+        return outcome.records, outcome
 
-def _update_webhook(
-    org: str, webhook_id: str, body: WebhookPatch, ctx: ApiContext, caller: Caller
-) -> Webhook:
-    sub = owned(ctx, org, webhook_id)
-    change = _build(
-        ctx,
-        existing=sub,
-        webhook_id=webhook_id,
-        organization_id=org,
-        url=body.url,
-        events=body.events,
-        plan=None,
-        enabled=body.enabled,
-        description=body.description,
-    )
-    ctx.store.put_subscription(change.sub)
+    outcome = await change(ctx, response, decide)
     audit(caller, "webhook.update", org, webhook_id)
-    return view(ctx, change.sub)
+    assert outcome.sub is not None
+    return answered(response, view(ctx, outcome.sub))
 
 
-@router.delete(BASE + "/webhooks/{webhook_id}", status_code=204, tags=["webhooks"])
-async def delete_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Response:
-    owned(ctx, org, webhook_id)
-    await ctx.blocking(ctx.store.delete_subscription, webhook_id)
+@router.delete(
+    BASE + "/webhooks/{webhook_id}",
+    status_code=204,
+    tags=["webhooks"],
+    responses=_CHANGE_RESPONSES,
+)
+async def delete_webhook(
+    org: Org,
+    webhook_id: WebhookId,
+    response: Response,
+    ctx: Ctx,
+    caller: Writer,
+    if_match: IfMatch = None,
+) -> Response:
+    def decide() -> tuple[list[Outgoing], manage.Outcome]:
+        outcome = manage.delete(ctx.settings, ctx.store, org, webhook_id, tags(if_match))
+        return outcome.records, outcome
+
+    await change(ctx, response, decide)
     audit(caller, "webhook.delete", org, webhook_id)
-    return Response(status_code=204)
+    done = Response(status_code=204)
+    if POSITION_HEADER in response.headers:
+        done.headers[POSITION_HEADER] = response.headers[POSITION_HEADER]
+    return done
 
 
-def _set_enabled(ctx: ApiContext, org: str, webhook_id: str, caller: Caller, on: bool) -> Webhook:
-    sub = owned(ctx, org, webhook_id)
-    try:
-        change = subs.set_enabled(ctx.settings, sub, on)
-    except SubscriptionError as exc:
-        raise refusal(exc) from None
-    ctx.store.put_subscription(change.sub)
+async def _set_enabled(
+    ctx: ApiContext,
+    response: Response,
+    org: str,
+    webhook_id: str,
+    caller: Caller,
+    on: bool,
+    if_match: str | None,
+) -> Webhook:
+    def decide() -> tuple[list[Outgoing], manage.Outcome]:
+        outcome = manage.enable(ctx.settings, ctx.store, org, webhook_id, on, tags(if_match))
+        return outcome.records, outcome
+
+    outcome = await change(ctx, response, decide)
     audit(caller, "webhook.enable" if on else "webhook.disable", org, webhook_id)
-    return view(ctx, change.sub)
-
-
-@router.post(BASE + "/webhooks/{webhook_id}/enable", response_model=Webhook, tags=["webhooks"])
-async def enable_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Webhook:
-    return await ctx.blocking(_set_enabled, ctx, org, webhook_id, caller, True)
-
-
-@router.post(BASE + "/webhooks/{webhook_id}/disable", response_model=Webhook, tags=["webhooks"])
-async def disable_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> Webhook:
-    return await ctx.blocking(_set_enabled, ctx, org, webhook_id, caller, False)
+    assert outcome.sub is not None
+    return answered(response, view(ctx, outcome.sub))
 
 
 @router.post(
-    BASE + "/webhooks/{webhook_id}/rotate-secret", response_model=Webhook, tags=["webhooks"]
+    BASE + "/webhooks/{webhook_id}/enable",
+    response_model=Webhook,
+    tags=["webhooks"],
+    responses=_CHANGE_RESPONSES,
+)
+async def enable_webhook(
+    org: Org,
+    webhook_id: WebhookId,
+    response: Response,
+    ctx: Ctx,
+    caller: Writer,
+    if_match: IfMatch = None,
+) -> Webhook:
+    return await _set_enabled(ctx, response, org, webhook_id, caller, True, if_match)
+
+
+@router.post(
+    BASE + "/webhooks/{webhook_id}/disable",
+    response_model=Webhook,
+    tags=["webhooks"],
+    responses=_CHANGE_RESPONSES,
+)
+async def disable_webhook(
+    org: Org,
+    webhook_id: WebhookId,
+    response: Response,
+    ctx: Ctx,
+    caller: Writer,
+    if_match: IfMatch = None,
+) -> Webhook:
+    return await _set_enabled(ctx, response, org, webhook_id, caller, False, if_match)
+
+
+@router.post(
+    BASE + "/webhooks/{webhook_id}/rotate-secret",
+    response_model=Webhook,
+    tags=["webhooks"],
+    responses=_CHANGE_RESPONSES,
 )
 async def rotate_secret(
     org: Org,
     webhook_id: WebhookId,
+    response: Response,
     ctx: Ctx,
     caller: Writer,
     body: Annotated[RotateRequest | None, Body()] = None,
+    if_match: IfMatch = None,
 ) -> Webhook:
     """A new secret; the old one keeps signing for the grace period. A generated one is shown
     in this answer only."""
-    return await ctx.blocking(_rotate_secret, org, webhook_id, ctx, caller, body)
 
+    def decide() -> tuple[list[Outgoing], manage.Outcome]:
+        outcome = manage.rotate_secret(
+            ctx.settings, ctx.store, org, webhook_id, body.secret if body else None, tags(if_match)
+        )
+        return outcome.records, outcome
 
-def _rotate_secret(
-    org: str, webhook_id: str, ctx: ApiContext, caller: Caller, body: RotateRequest | None
-) -> Webhook:
-    sub = owned(ctx, org, webhook_id)
-    try:
-        change = subs.rotate(ctx.settings, sub, body.secret if body else None)
-    except SubscriptionError as exc:
-        raise refusal(exc) from None
-    ctx.store.put_subscription(change.sub)
+    outcome = await change(ctx, response, decide)
     audit(caller, "webhook.rotate-secret", org, webhook_id)
-    return view(ctx, change.sub, change.new_secret)
+    assert outcome.sub is not None
+    return answered(response, view(ctx, outcome.sub, outcome.new_secret))
 
 
 @router.post(
@@ -308,34 +403,25 @@ async def test_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer
 
 
 @router.put(BASE + "/plan", response_model=Plan, tags=["organizations"])
-async def put_plan(org: Org, body: PlanRequest, ctx: Ctx, caller: Writer) -> Plan:
+async def put_plan(
+    org: Org, body: PlanRequest, response: Response, ctx: Ctx, caller: Writer
+) -> Plan:
     """Set the organization's plan; below an entitled plan (Scale) deliveries stop at once,
     an upgrade resumes them. The plan is written into each of its webhooks, where the
-    dispatcher checks it."""
-    return await ctx.blocking(_put_plan, org, body, ctx, caller)
+    dispatcher checks it, in the same transaction."""
 
+    def decide() -> tuple[list[Outgoing], manage.Outcome]:
+        outcome = manage.set_plan(ctx.settings, ctx.store, org, body.plan)
+        return outcome.records, outcome
 
-def _put_plan(org: str, body: PlanRequest, ctx: ApiContext, caller: Caller) -> Plan:
+    outcome = await change(ctx, response, decide)
     plan = body.plan.strip().lower()
-    if plan not in ctx.settings.known_plans:
-        raise field_problem(
-            "body.plan", f"unknown plan; one of {', '.join(ctx.settings.known_plans)}"
-        )
-    now = datetime.now(UTC)
-    changed = [
-        s.model_copy(update={"plan": plan, "updated_at": now})
-        for s in ctx.store.for_organization(org)
-        if s.plan != plan
-    ]
-    ctx.store.put_organization(
-        OrganizationRecord(organization_id=org, plan=plan, updated_at=now), changed
-    )
     audit(caller, f"organization.plan={plan}", org)
     return Plan(
         organization_id=org,
         plan=plan,
         entitled=plan in ctx.settings.entitled_plans,
-        webhooks_updated=len(changed),
+        webhooks_updated=outcome.count,
     )
 
 

@@ -122,8 +122,9 @@ def subscription_view(sub: Subscription, now: datetime | None = None) -> dict[st
     return data
 
 
-def _show(change_or_sub: subs.Change | Subscription, as_json: bool) -> None:
-    if isinstance(change_or_sub, subs.Change):
+def _show(change_or_sub: subs.Outcome | Subscription, as_json: bool) -> None:
+    if isinstance(change_or_sub, subs.Outcome):
+        assert change_or_sub.sub is not None
         sub, secret = change_or_sub.sub, change_or_sub.new_secret
         for message in change_or_sub.warnings:
             warn(message)
@@ -144,13 +145,10 @@ def _show(change_or_sub: subs.Change | Subscription, as_json: bool) -> None:
 
 
 def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
-    webhook_id = args.webhook_id or subs.new_webhook_id()
-    existing = subs.load_table(settings).get(webhook_id) if args.webhook_id else None
     enabled = False if args.disabled else (True if args.enabled else None)
-    change = subs.build(
+    outcome = subs.put(
         settings,
-        existing=existing,
-        webhook_id=webhook_id,
+        args.webhook_id,
         organization_id=args.organization,
         url=args.url,
         events=args.events,
@@ -160,8 +158,7 @@ def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
         enabled=enabled,
         description=args.description,
     )
-    subs.write(settings, webhook_id, change.sub)
-    _show(change, args.json)
+    _show(outcome, args.json)
     warn_of_secret_option(args)
     return 0
 
@@ -204,18 +201,14 @@ def cmd_state(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"deleted {webhook_id}")
         return 0
-    sub = subs.get(settings, args.webhook_id)
-    change = subs.set_enabled(settings, sub, args.action == "enable")
-    subs.write(settings, sub.webhook_id, change.sub)
-    _show(change, args.json)
+    outcome = subs.set_enabled(settings, args.webhook_id, args.action == "enable")
+    _show(outcome, args.json)
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
-    sub = subs.get(settings, args.webhook_id)
-    change = subs.rotate(settings, sub, read_secret(args))
-    subs.write(settings, sub.webhook_id, change.sub)
-    _show(change, args.json)
+    outcome = subs.rotate(settings, args.webhook_id, read_secret(args))
+    _show(outcome, args.json)
     warn_of_secret_option(args)
     return 0
 

@@ -80,6 +80,17 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             n,
             {"cleanup.policy": "compact"},
         ),
+        TopicSpec(
+            settings.idempotency_topic,
+            "answers to keyed creates",
+            n,
+            # Compacted (one answer per key) and deleted after the TTL (older
+            # answers are ignored by readers anyway; this bounds the topic).
+            {
+                "cleanup.policy": "compact,delete",
+                "retention.ms": str(settings.api_idempotency_ttl_s * 1000),
+            },
+        ),
     ]
     names = [spec.name for spec in specs]
     clash = sorted({name for name in names if names.count(name) > 1})

@@ -195,7 +195,12 @@ class SubscriptionTable:
             while not self._stop.is_set():
                 if not follow and self._caught_up.is_set():
                     return
-                for msg in consumer.consume(500, timeout=0.2):
+                # poll() returns with the first record; consume() would wait out its whole
+                # timeout for a full batch, delaying every change by a fifth of a second.
+                first = consumer.poll(0.2)
+                if first is None:
+                    continue
+                for msg in (first, *consumer.consume(499, timeout=0)):
                     self._handle(msg)
         except Exception as exc:  # surfaced through wait_caught_up / readiness
             log.exception("subscriptions table reader stopped")
