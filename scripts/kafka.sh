@@ -72,7 +72,9 @@ running_pid() {
     [[ -f $PIDFILE ]] || return 1
     pid=$(<"$PIDFILE")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    args=$(ps -o args= -p "$pid" 2>/dev/null) || return 1
+    # -ww: the whole command line, whatever COLUMNS says (ps cuts it to that width,
+    # and a cut line would make a running broker look like someone else's pid).
+    args=$(ps -ww -o args= -p "$pid" 2>/dev/null) || return 1
     [[ $args == *kafka.Kafka*"$PROPS"* ]] || return 1
     printf '%s' "$pid"
 }

@@ -37,7 +37,16 @@ if [[ -f scripts/check-chart.sh ]]; then
     bash scripts/check-chart.sh
 fi
 echo "== pytest"
-.venv/bin/pytest "$@"
+if [[ $# == 0 ]]; then
+    # Most tests wait on Kafka, a receiver or a process far more than they compute:
+    # TEST_WORKERS (3) run side by side (pytest-xdist; tests that start a broker of
+    # their own share one worker). Then the few that bound a time or a pace run
+    # alone, so that nothing else on the machine stands in their measure.
+    .venv/bin/pytest -n "${TEST_WORKERS:-3}" --dist loadgroup -m "not alone"
+    .venv/bin/pytest -m alone
+else
+    .venv/bin/pytest "$@"
+fi
 if [[ $# == 0 && ${SKIP_IMAGE_CHECK:-0} != 1 ]]; then
     echo "== image"
     bash scripts/image-check.sh

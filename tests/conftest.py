@@ -19,8 +19,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that needs the broker (through any fixture) carries the ``kafka`` marker,
     so ``pytest -m 'not kafka'`` runs the in-process tests alone, in seconds."""
     for item in items:
-        if "broker" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "broker" in fixtures:
             item.add_marker(pytest.mark.kafka)
+        if "private_broker" in fixtures:
+            # Under pytest-xdist (--dist loadgroup) one worker runs these one after
+            # another: each starts a JVM, and a port a stopped broker gave back must
+            # not be taken by another test's broker while this one expects silence.
+            item.add_marker(pytest.mark.xdist_group("private_broker"))
 
 
 @pytest.fixture(scope="session")

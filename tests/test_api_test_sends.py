@@ -16,6 +16,7 @@ from multiprocessing.synchronize import Event as EventType
 from queue import Empty
 
 import httpx
+import pytest
 import trustme
 
 from tests.api_support import ApiProcess
@@ -131,6 +132,7 @@ def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
     return response, time.perf_counter() - started
 
 
+@pytest.mark.alone
 def test_hanging_test_sends_are_bounded_and_never_slow_others(
     ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
 ) -> None:

@@ -19,6 +19,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from confluent_kafka import Producer
 
 from tests.receiver import HttpsReceiver, ReceivedRequest, Reply
@@ -118,6 +119,7 @@ def assert_slow_all_first_attempts(receiver: HttpsReceiver, slow: list[dict[str,
     assert attempts == {"1"}, f"waiting spent an attempt: {attempts}"
 
 
+@pytest.mark.alone
 def test_a_slow_webhook_keeps_neither_pace_nor_latency_from_its_neighbour(
     ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any
 ) -> None:
