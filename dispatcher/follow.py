@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as TP
 
 from dispatcher.errors import KafkaSetupError
-from dispatcher.kafka import table_consumer_config
+from dispatcher.kafka import check_topic, describe, table_consumer_config
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,8 @@ class Follower:
         try:
             parts = []
             for topic in self.topics:
-                meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
-                if meta is None or meta.error is not None or not meta.partitions:
-                    raise KafkaSetupError(
-                        f"topic {topic} does not exist; run `dispatcher topics ensure` first"
-                    )
+                # One line naming the broker when it cannot be reached, or the topic.
+                meta = check_topic(consumer, self.settings, topic, 15)
                 for p in sorted(meta.partitions):
                     low, high = consumer.get_watermark_offsets(TP(topic, p), timeout=15)
                     self._positions[(topic, p)] = low
@@ -67,9 +64,14 @@ class Follower:
                         self._pending[(topic, p)] = high
                     parts.append(TP(topic, p, OFFSET_BEGINNING))
             consumer.assign(parts)
-        except (KafkaException, KafkaSetupError) as exc:
+        except KafkaSetupError:
             consumer.close()
-            raise KafkaSetupError(f"cannot read {', '.join(self.topics)}: {exc}") from None
+            raise
+        except KafkaException as exc:
+            consumer.close()
+            raise KafkaSetupError(
+                f"cannot read {', '.join(self.topics)}: {describe(exc)}"
+            ) from None
         if not self._pending:
             self._caught_up.set()
         self._thread = threading.Thread(target=self._run, args=(consumer,), daemon=True)
