@@ -15,6 +15,10 @@ BATCH = 400
 PATHS = ["/a", "/b"]
 
 
+# Alone: the bound on repeats below holds while two endpoints answering alike go
+# through a partition in step, which a machine busy with other tests can break
+# (two events apart instead of one was seen); repeats stay within at-least-once.
+@pytest.mark.alone
 def test_join_and_leave_mid_stream_lose_nothing(
     ns_factory: Any,
     receiver: HttpsReceiver,
