@@ -30,6 +30,8 @@ PER_ORG = 300
 #: Timing on a shared machine is noisy: each of F's figures is the best of this
 #: many trials, F alone and F next to a cold slow webhook taken in turn.
 TRIALS = 3
+#: F's pace next to S against F alone (see the assertion).
+MIN_PACE_RATIO = 0.75
 SLOW_S = 2.5
 #: S's slots: 300 deliveries at 2.5 s take 15 s through 50 of them.
 SLOTS = 50
@@ -168,7 +170,11 @@ def test_a_slow_webhook_keeps_neither_pace_nor_latency_from_its_neighbour(
     # the machine: the best of these ratios, and the best p99 next to S.
     ratio = max(m[0] / a[0] for m, a in zip(mixed, alone, strict=True))
     p99 = min(p for _, p in mixed)
-    assert ratio >= 0.9, (mixed, alone)
+    # Held behind S, as before lanes, F needed 36 s for its 300 (a ratio near 0.05).
+    # With lanes F keeps 0.80-0.91 of its pace per trial on this 2-core machine: the
+    # rest is reading and parsing S's events, which share F's partitions. The bound
+    # is below that range, so that it tells isolation from none without flapping.
+    assert ratio >= MIN_PACE_RATIO, (mixed, alone)
     assert p99 <= 1.0, mixed
     parked = gauge(proc, "dispatcher_deferrals_total", reason="endpoint_slow")
     assert parked > 0, "nothing was parked: the test proves nothing"
