@@ -39,6 +39,7 @@ from bench.harness import (
     BenchError,
     Namespace,
     free_port,
+    memory_mb,
     process_cpu_s,
     wait_for,
 )
@@ -165,13 +166,7 @@ class Api:
 
     def memory_mb(self) -> dict[str, float]:
         assert self.proc is not None
-        out: dict[str, float] = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    out[key] = round(int(rest.split()[0]) / 1024, 1)
-        return out
+        return memory_mb(self.proc.pid)
 
     def fold(self) -> tuple[int, float] | None:
         """Records folded and seconds, from the last "caught up" log line."""

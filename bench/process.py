@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from bench.harness import REPO, BenchError, Namespace, process_cpu_s, wait_for
+from bench.harness import REPO, BenchError, Namespace, memory_mb, process_cpu_s, wait_for
 
 
 def metric_in(text: str, name: str, **labels: str) -> float:
@@ -82,13 +82,7 @@ class Dispatcher:
 
     def memory_mb(self) -> dict[str, float]:
         """Peak (VmHWM) and current (VmRSS) resident memory, in MB."""
-        out: dict[str, float] = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    out[key] = round(int(rest.split()[0]) / 1024, 1)
-        return out
+        return memory_mb(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
