@@ -59,6 +59,25 @@ def at_once(*calls: Callable[[], Any]) -> list[Any]:
     return answers
 
 
+def settled(http: httpx.Client, path: str, status: int, version: int = 0) -> httpx.Response:
+    """The replica's answer once it has read up to the change expected.
+
+    A replica answers reads from what it has read so far: it sees its own changes
+    at once (it waits to read them back), another replica's a few milliseconds
+    later. Anything else within the deadline is a failure.
+    """
+
+    def shown() -> httpx.Response | None:
+        got = http.get(path)
+        if got.status_code != status:
+            return None
+        if version and got.json()["version"] < version:
+            return None
+        return got
+
+    return wait_until(shown, 10, f"{path} to answer {status} at version {version} or later")
+
+
 def create(api: ApiProcess, receiver: HttpsReceiver, **fields: Any) -> dict[str, Any]:
     with api.admin() as http:
         made = http.post(HOOKS, json={"url": receiver.url("/hook"), **fields})
@@ -80,7 +99,9 @@ def test_delete_racing_patch_stays_deleted(
         )
         assert deleted.status_code == 204, deleted.text
         assert patched.status_code in (200, 404), patched.text  # before, or after the delete
-        assert w.get(one).status_code == 404 and f.get(one).status_code == 404
+        assert w.get(one).status_code == 404  # the writer answered the delete: gone
+        settled(f, one, 404)
+        assert w.get(one).status_code == 404  # and it stays gone
         with pytest.raises(SubscriptionError):  # the dispatcher's table agrees
             get_subscription(ns.settings, hook["id"])
     assert f.get(HOOKS).json() == {"data": []}
@@ -143,8 +164,9 @@ def test_disable_racing_patch_stays_disabled(
         )
         assert disabled.status_code == patched.status_code == 200
         for http in (w, f):
-            shown = http.get(one).json()
+            shown = settled(http, one, 200, version=3).json()
             assert shown["enabled"] is False and shown["description"] == f"note {n}"
+            assert shown["version"] == 3
         assert get_subscription(ns.settings, hook["id"]).enabled is False
 
 
@@ -398,7 +420,7 @@ def test_a_cli_change_racing_an_api_change_loses_neither(
         )
         assert disabled.code == 0, disabled.err
         assert patched.status_code == 200, patched.text
-        shown = f.get(one).json()
+        shown = settled(f, one, 200, version=3).json()
         assert shown["enabled"] is False and shown["description"] == f"{n}"
         assert shown["version"] == 3
     assert "writer role was taken" in writer.logs()  # it was fenced, and took the role back
