@@ -8,6 +8,7 @@ reader (the other replica, the dispatcher's table) sees it.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -424,3 +425,31 @@ def test_a_cli_change_racing_an_api_change_loses_neither(
         assert shown["enabled"] is False and shown["description"] == f"{n}"
         assert shown["version"] == 3
     assert "writer role was taken" in writer.logs()  # it was fenced, and took the role back
+
+
+def test_an_unanswered_create_is_outcome_unknown_and_a_retry_returns_the_outcome(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    """The writer is frozen (SIGSTOP) after taking the request: the replica cannot know
+    whether it was applied, says so, and the same Idempotency-Key later tells."""
+    writer = run_api(ns)
+    follower = run_api(ns, same_keys_as=writer, api_writer_url=writer.url, api_write_timeout_s=1)
+    f = follower.admin()
+    assert f.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    key = {"Idempotency-Key": "frozen-writer"}
+    body = {"url": receiver.url("/hook")}
+    assert writer.proc is not None
+    writer.proc.send_signal(signal.SIGSTOP)
+    try:
+        unknown = f.post(HOOKS, json=body, headers=key)
+    finally:
+        writer.proc.send_signal(signal.SIGCONT)
+    assert unknown.status_code == 503, unknown.text
+    assert unknown.json()["type"].endswith("/outcome-unknown")
+    assert unknown.headers["retry-after"]
+    # The writer, thawed, applied the create it had been sent; the retry returns it.
+    again = f.post(HOOKS, json=body, headers=key)
+    assert again.status_code == 201, again.text
+    made = again.json()
+    assert get_subscription(ns.settings, made["id"]).secret == made["secret"]
+    assert [s.webhook_id for s in list_all(ns.settings, ORG)] == [made["id"]]
