@@ -70,10 +70,6 @@ class ConfigWriter:
         self._producer: Producer | None = None
         self.takeovers = 0
 
-    @property
-    def holds_role(self) -> bool:
-        return self._producer is not None
-
     # --- the role ------------------------------------------------------------------
     def take_role(self) -> None:
         """Fence any earlier holder, then read the configuration to its end."""

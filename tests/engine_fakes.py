@@ -50,9 +50,7 @@ class FakeConsumer:
         self.started = False
         self.closed = False
         self.paused: set[int] = set()
-        self.pauses = 0
         self.stored: dict[int, int] = {}
-        self.batches_done = 0
         self.failure: str | None = None
         self.link: ClientLink | None = None
         self._next: dict[int, int] = {}
@@ -66,7 +64,6 @@ class FakeConsumer:
 
     def pause(self, tp: TopicPartition) -> None:
         self.paused.add(tp.partition)
-        self.pauses += 1
 
     def resume(self, tp: TopicPartition) -> None:
         self.paused.discard(tp.partition)
@@ -76,7 +73,7 @@ class FakeConsumer:
             self.stored[tp.partition] = tp.offset
 
     def batch_done(self) -> None:
-        self.batches_done += 1
+        pass
 
     def close(self, timeout_s: float = 30.0) -> None:
         self.closed = True

@@ -546,18 +546,6 @@ class DeliveryRunner:
         if d.ticket is not None:
             self.work.finish(d.ticket)
 
-    async def supervise(self, every_s: float = 0.25) -> None:
-        """Defer what waits at stalled endpoints; log deferral counts per interval.
-
-        Runs for the life of the engine: an endpoint that stops answering while its
-        queue is full would otherwise hold its partitions paused for good.
-        """
-        while not self.stopping:
-            await asyncio.sleep(every_s)
-            self.check_endpoints()
-            self.deferrals.flush()
-        self.deferrals.flush(force=True)
-
     def check_endpoints(self) -> None:
         slow_queued = 0
         backlogs: list[tuple[float, str]] = []
