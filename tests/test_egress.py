@@ -21,11 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import __version__
+from dispatcher.errors import EgressBlocked
 from dispatcher.outbound.delivery import AttemptResult
 from dispatcher.outbound.delivery import post as delivery_post
 from dispatcher.outbound.egress import (
     REASONS,
-    EgressBlocked,
     GuardedResolver,
     GuardedSockets,
     IPAddress,

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from dispatcher.errors import SignatureVerificationError
 from dispatcher.outbound.signing import (
-    SignatureVerificationError,
     bullseye_signature,
     generate_secret,
     signature_headers,

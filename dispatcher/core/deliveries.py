@@ -54,9 +54,10 @@ from dispatcher.core.attempt_log import emit_attempt
 from dispatcher.core.breaker import BreakerPolicy, State
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
-from dispatcher.core.producer import ProduceRefused, RecordSink
+from dispatcher.core.producer import RecordSink
 from dispatcher.core.routing import NextHop, after_failure, for_deferral, paced_deferral
 from dispatcher.core.work import Ticket, Work
+from dispatcher.errors import ProduceRefused
 from dispatcher.models import Subscription
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
 from dispatcher.records import Attempt, DeliveryRecord, Source, record_headers

@@ -35,13 +35,14 @@ from dispatcher import metrics
 from dispatcher.catalog import Catalog
 from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
 from dispatcher.core.deliveries import DeliveryRunner
-from dispatcher.core.fanout import Fanout, Subscriptions, Unusable
+from dispatcher.core.fanout import Fanout, Subscriptions
 from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
 from dispatcher.core.links import first_problem
 from dispatcher.core.partitions import PartitionState, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.watchdog import stuck_partitions
 from dispatcher.core.work import Ticket, Work
+from dispatcher.errors import Unusable
 from dispatcher.records import due_ms_of
 from dispatcher.settings import Settings
 from dispatcher.stages import INPUT_STAGE, retry_stages

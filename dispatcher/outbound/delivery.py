@@ -20,8 +20,8 @@ from typing import Final
 import httpx
 
 from dispatcher import __version__
+from dispatcher.errors import EgressBlocked
 from dispatcher.metrics import status_class
-from dispatcher.outbound.egress import EgressBlocked
 from dispatcher.outbound.signing import signature_headers
 from dispatcher.outbound.transport import DeliveryClient
 

@@ -17,7 +17,7 @@ CPU per request. :class:`GuardedTransport` is that engine as an httpx transport:
 * a response body is only read as far as the caller reads it: closing it early
   drops its connection instead of draining the rest;
 * aiohttp's errors become httpx's (``ConnectError``, ``ReadTimeout``...) with the
-  original as ``__cause__``; :class:`~dispatcher.outbound.egress.EgressBlocked` passes as is.
+  original as ``__cause__``; :class:`~dispatcher.errors.EgressBlocked` passes as is.
 """
 
 from __future__ import annotations
@@ -35,14 +35,8 @@ import httpx
 import yarl
 
 from dispatcher import __version__
-from dispatcher.errors import ConfigError
-from dispatcher.outbound.egress import (
-    EgressBlocked,
-    GuardedResolver,
-    GuardedSockets,
-    Resolver,
-    SocketFactory,
-)
+from dispatcher.errors import ConfigError, EgressBlocked
+from dispatcher.outbound.egress import GuardedResolver, GuardedSockets, Resolver, SocketFactory
 from dispatcher.settings import Settings
 
 __all__ = ["DeliveryClient", "GuardedTransport", "build_http_client", "build_ssl_context"]
