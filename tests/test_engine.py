@@ -98,7 +98,7 @@ def test_every_event_delivered_committed_and_nothing_left_in_flight() -> None:
 
 
 def test_an_unexpected_exception_in_a_delivery_is_a_failed_internal_attempt() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/a":
             raise RuntimeError("nobody foresaw this")
         return ok(request)
@@ -510,7 +510,7 @@ def test_a_stalled_webhook_is_deferred_and_its_neighbour_on_the_same_host_is_ser
     asyncio.run(main())
 
 
-def dead_webhook(_request: httpx.Request) -> httpx.Response:
+async def dead_webhook(_request: httpx.Request) -> httpx.Response:
     return reply(503)
 
 

@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from dispatcher import metrics
 from dispatcher.core.attempt_log import emit_attempt
 from dispatcher.core.breaker import BreakerPolicy, State
@@ -60,6 +58,7 @@ from dispatcher.core.work import Ticket, Work
 from dispatcher.errors import ProduceRefused
 from dispatcher.models import Subscription
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
+from dispatcher.outbound.sender import Sender
 from dispatcher.records import Attempt, DeliveryRecord, Source, record_headers
 from dispatcher.settings import Settings
 from dispatcher.stages import RetryStage
@@ -155,7 +154,7 @@ class DeliveryRunner:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient,
+        sender: Sender,
         producer: RecordSink,
         stages: list[RetryStage],
         work: Work,
@@ -163,7 +162,7 @@ class DeliveryRunner:
         unblocked: Callable[[PartitionState], None],
     ) -> None:
         self.settings = settings
-        self.client = client
+        self.sender = sender
         self.producer = producer
         self.stages = stages
         self.work = work
@@ -347,7 +346,7 @@ class DeliveryRunner:
             secrets = d.sub.active_secrets(datetime.now(UTC))
             headers = build_headers(d.delivery_id, d.attempts_made + 1, d.body, secrets)
             result = await post(
-                self.client,
+                self.sender,
                 d.sub.url,
                 d.body,
                 headers,

@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
-import httpx
 from confluent_kafka import Message, TopicPartition
 
 from dispatcher import metrics
@@ -43,6 +42,7 @@ from dispatcher.core.producer import RecordSink
 from dispatcher.core.watchdog import stuck_partitions
 from dispatcher.core.work import Ticket, Work
 from dispatcher.errors import Unusable
+from dispatcher.outbound.sender import Sender
 from dispatcher.records import due_ms_of
 from dispatcher.settings import Settings
 from dispatcher.stages import INPUT_STAGE, retry_stages
@@ -64,14 +64,14 @@ class Engine:
         self,
         settings: Settings,
         table: Subscriptions,
-        client: httpx.AsyncClient,
+        sender: Sender,
         producer: RecordSink,
         consumer_factory: ConsumerFactory = StageConsumer,
         catalog: Catalog | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
-        self.client = client
+        self.sender = sender
         self.producer = producer
         self.stages = retry_stages(settings)
         self._stage_of_topic = {s.topic: s for s in self.stages}
@@ -82,7 +82,7 @@ class Engine:
         self.partitions: dict[tuple[str, int], PartitionState] = {}
         self.work = Work(self._finish_slot, self._pump_soon)
         self.runner = DeliveryRunner(
-            settings, client, producer, self.stages, self.work, self._spawn, self._unblocked
+            settings, sender, producer, self.stages, self.work, self._spawn, self._unblocked
         )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
