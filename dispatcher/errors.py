@@ -15,7 +15,6 @@
     ├── InvalidUrl           a webhook URL that cannot be delivered to
     ├── JSONError            not JSON that can be delivered
     │   └── NumberError      a number no receiver can read back
-    └── SignatureVerificationError   a webhook that failed verification
 
     httpx.ConnectError
     └── EgressBlocked        a request the egress policy refused before connecting
@@ -29,16 +28,19 @@
 
 Errors of dependencies (confluent-kafka, httpx, pydantic) are translated into these
 at the boundary so the command line can print one clear line instead of a traceback.
+
+One lives elsewhere on purpose: ``SignatureVerificationError``, in
+:mod:`dispatcher.outbound.signing`, whose helpers receivers import without the
+dispatcher's dependencies (this module needs httpx).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final, Literal, Protocol
+from typing import Literal, Protocol
 
 import httpx
-from confluent_kafka import KafkaError
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -67,8 +69,6 @@ RefusalKind = Literal[
     "plan-not-entitled",  # the plan has no webhooks
     "stale",  # If-Match names a version that is no longer current
 ]
-
-_TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 # --- reported by the command line -----------------------------------------------------
@@ -144,18 +144,6 @@ class NumberError(JSONError):
     """JSON whose number no receiver can read back: NaN, Infinity, out of a double's range."""
 
 
-class SignatureVerificationError(ValueError):
-    """A webhook failed verification; ``reason`` is one of a closed set.
-
-    Reasons: ``missing_header``, ``invalid_timestamp``, ``timestamp_too_old``,
-    ``timestamp_too_new``, ``no_matching_signature``.
-    """
-
-    def __init__(self, reason: str, message: str | None = None) -> None:
-        super().__init__(message or reason)
-        self.reason = reason
-
-
 # --- outbound HTTP ----------------------------------------------------------------------
 class EgressBlocked(httpx.ConnectError):
     """A request refused by the egress policy before any connection was opened.
@@ -189,17 +177,17 @@ class Unusable(Exception):
 
 
 class ProduceRefused(Exception):
-    """A record the broker (or the client) refused for good; retrying cannot help."""
+    """A record the broker (or the client) refused for good; retrying cannot help.
 
-    def __init__(self, topic: str, code: int, name: str, detail: str) -> None:
+    ``too_large``: refused for its size, so a smaller record may pass.
+    """
+
+    def __init__(self, topic: str, code: int, name: str, detail: str, too_large: bool) -> None:
         super().__init__(f"{topic}: {name}: {detail}")
         self.topic = topic
         self.code = code
         self.name = name
-
-    @property
-    def too_large(self) -> bool:
-        return self.code in _TOO_LARGE
+        self.too_large = too_large
 
 
 # --- the API ----------------------------------------------------------------------------

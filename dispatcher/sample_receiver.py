@@ -19,8 +19,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from dispatcher.commands.cli_common import add_secret_options, read_secret
-from dispatcher.errors import ConfigError, SignatureVerificationError
-from dispatcher.outbound.signing import verify_bullseye, verify_standard_webhook
+from dispatcher.errors import ConfigError
+from dispatcher.outbound.signing import (
+    SignatureVerificationError,
+    verify_bullseye,
+    verify_standard_webhook,
+)
 
 
 def verify(secret: str | None, body: bytes, headers: dict[str, str]) -> tuple[bool, str]:

@@ -44,6 +44,8 @@ PERMANENT: Final = frozenset(
         KafkaError._INVALID_ARG,
     }
 )
+#: Of those, the ones that refuse a record for its size.
+TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 class RecordSink(Protocol):
@@ -145,7 +147,9 @@ class AsyncProducer:
                     metrics.PRODUCE_REFUSED.labels(topic, err.name()).inc()
                     if err.fatal():
                         self._failure = f"the producer failed for good: {err.str()}"
-                    raise ProduceRefused(topic, err.code(), err.name(), err.str()) from None
+                    raise ProduceRefused(
+                        topic, err.code(), err.name(), err.str(), err.code() in TOO_LARGE
+                    ) from None
                 # Idempotence already retried inside librdkafka; a failure here means
                 # message.timeout.ms passed. The offset stays uncommitted meanwhile.
                 await asyncio.sleep(delay)

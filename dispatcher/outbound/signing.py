@@ -24,8 +24,6 @@ import secrets as _secrets
 import time
 from collections.abc import Mapping, Sequence
 
-from dispatcher.errors import SignatureVerificationError
-
 __all__ = [
     "HEADER_BULLSEYE_SIGNATURE",
     "HEADER_WEBHOOK_ID",
@@ -52,6 +50,18 @@ SECRET_BYTES = 32
 DEFAULT_TOLERANCE_S = 300
 
 _SIGNATURE_VERSION = "v1"
+
+
+class SignatureVerificationError(ValueError):
+    """A webhook failed verification; ``reason`` is one of a closed set.
+
+    Reasons: ``missing_header``, ``invalid_timestamp``, ``timestamp_too_old``,
+    ``timestamp_too_new``, ``no_matching_signature``.
+    """
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
 
 
 def bullseye_signature(secret: str, body: bytes) -> str:
