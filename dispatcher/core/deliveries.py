@@ -42,10 +42,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from dispatcher import metrics
 from dispatcher.core.attempt_log import emit_attempt
@@ -67,7 +66,6 @@ log = logging.getLogger(__name__)
 #: Summary lines name no delivery: they have a logger of their own.
 deferral_log = logging.getLogger("dispatcher.deferrals")
 
-Spawn = Callable[[Ticket, Coroutine[Any, Any, None]], None]
 #: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 #: Deferral reason of a delivery parked in Kafka behind a slow endpoint's full queue.
@@ -158,7 +156,6 @@ class DeliveryRunner:
         producer: RecordSink,
         stages: list[RetryStage],
         work: Work,
-        spawn: Spawn,
         unblocked: Callable[[PartitionState], None],
     ) -> None:
         self.settings = settings
@@ -190,7 +187,6 @@ class DeliveryRunner:
         #: Milliseconds between two deferrals of one webhook coming due.
         self.deferral_spacing_ms = 1000 / settings.circuit_deferrals_per_s
         self.stopping = False
-        self._spawn = spawn
         self._unblocked = unblocked
 
     def submit(self, d: Delivery) -> None:
@@ -213,7 +209,7 @@ class DeliveryRunner:
         self._note_circuit(key, before, ep)
         if admission is Admission.START or admission is Admission.PROBE:
             d.probe = admission is Admission.PROBE
-            self._spawn(ticket, self._attempt(ep, d))
+            self.work.start(ticket, self._attempt(ep, d))
         elif admission is Admission.QUEUED:
             unmeasured = ep.latency is None
             if unmeasured and ep.full and self._lane_room():
@@ -225,14 +221,14 @@ class DeliveryRunner:
             wait_s = self._park_for(ep, d)
             if wait_s is not None:
                 ep.queue.pop()  # the one just queued: it waits in Kafka instead
-                self._spawn(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
+                self.work.start(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
                 return
             if unmeasured or ep.overloaded():
                 self.slow_queued += 1
             if ep.full:
                 self._hold(key, d.slot.part)
         else:
-            self._spawn(ticket, self._defer(d, admission.value, ep))
+            self.work.start(ticket, self._defer(d, admission.value, ep))
 
     def _hold(self, key: str, part: PartitionState) -> None:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
@@ -375,7 +371,7 @@ class DeliveryRunner:
         nxt = ep.release(ok, d.probe, d.retry)
         self._note_circuit(key, before, ep)
         if nxt is not None and nxt.ticket is not None:
-            self._spawn(nxt.ticket, self._attempt(ep, nxt))
+            self.work.start(nxt.ticket, self._attempt(ep, nxt))
         if not ep.closed and ep.queue and not self.stopping:
             self._defer_queue(ep, Admission.CIRCUIT_OPEN.value)
         self._unblock_if_room(key, ep)
@@ -394,7 +390,7 @@ class DeliveryRunner:
     def _defer_queue(self, ep: Endpoint[Delivery], reason: str) -> None:
         for waiting in ep.drain_queue():
             if waiting.ticket is not None:
-                self._spawn(waiting.ticket, self._defer(waiting, reason, ep))
+                self.work.start(waiting.ticket, self._defer(waiting, reason, ep))
 
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
         """Let partitions waiting for ``key`` go on: its queue has room, or it turned

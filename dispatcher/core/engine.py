@@ -25,8 +25,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
 
 from confluent_kafka import Message, TopicPartition
 
@@ -37,7 +35,7 @@ from dispatcher.core.deliveries import DeliveryRunner
 from dispatcher.core.fanout import Fanout, Subscriptions
 from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
 from dispatcher.core.links import first_problem
-from dispatcher.core.partitions import PartitionState, Slot, now_ms, position_of
+from dispatcher.core.partitions import PartitionState, Phase, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.watchdog import stuck_partitions
 from dispatcher.core.work import Ticket, Work
@@ -82,7 +80,7 @@ class Engine:
         self.partitions: dict[tuple[str, int], PartitionState] = {}
         self.work = Work(self._finish_slot, self._pump_soon)
         self.runner = DeliveryRunner(
-            settings, sender, producer, self.stages, self.work, self._spawn, self._unblocked
+            settings, sender, producer, self.stages, self.work, self._unblocked
         )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
@@ -171,7 +169,7 @@ class Engine:
             old = self.partitions.get((tp.topic, tp.partition))
             if old is not None:
                 self._deactivate(old)
-                old.revoked = True
+                old.phase = Phase.REVOKED
             self.partitions[(tp.topic, tp.partition)] = PartitionState(consumer, tp, stage)
 
     def messages(self, consumer: StageFeed, batch: list[Message]) -> None:
@@ -180,7 +178,7 @@ class Engine:
             for msg in batch:
                 topic, partition, offset = position_of(msg)
                 ps = self.partitions.get((topic, partition))
-                if ps is None or not ps.active or ps.consumer is not consumer:
+                if ps is None or ps.phase is not Phase.ACTIVE or ps.consumer is not consumer:
                     continue
                 try:
                     ps.tracker.received(offset)
@@ -214,7 +212,7 @@ class Engine:
                 task.cancel()
         offsets = []
         for ps in states:
-            ps.revoked = True
+            ps.phase = Phase.REVOKED
             self.partitions.pop((ps.tp.topic, ps.tp.partition), None)
             self._dirty.discard(ps)
             _forget_lag(ps.tp)
@@ -230,7 +228,7 @@ class Engine:
             if ps is not None and ps.consumer is consumer:
                 self.partitions.pop((tp.topic, tp.partition))
                 self._deactivate(ps)
-                ps.revoked = True
+                ps.phase = Phase.REVOKED
                 states.append(ps)
                 _forget_lag(ps.tp)
         self.runner.abandon_queued(set(states))
@@ -243,7 +241,7 @@ class Engine:
 
     # --- the pump -------------------------------------------------------------
     def _enqueue(self, ps: PartitionState) -> None:
-        if not ps.queued and ps.active and ps.buffer and not ps.blocked:
+        if not ps.queued and ps.phase is Phase.ACTIVE and ps.buffer and not ps.blocked:
             ps.queued = True
             self._runnable.append(ps)
 
@@ -274,7 +272,7 @@ class Engine:
         while self.work.in_flight < limit and self._runnable:
             ps = self._runnable.popleft()
             ps.queued = False
-            if not ps.active or not ps.buffer or ps.blocked:
+            if ps.phase is not Phase.ACTIVE or not ps.buffer or ps.blocked:
                 continue
             if ps.stage is not None:
                 due = due_ms_of(ps.buffer[0].headers())
@@ -300,7 +298,7 @@ class Engine:
 
     def _update_pause(self, ps: PartitionState, now: int | None = None) -> None:
         want = self._want_paused(ps, now_ms() if now is None else now)
-        if want != ps.paused and ps.active:
+        if want != ps.paused and ps.phase is Phase.ACTIVE:
             ps.paused = want
             if want:
                 ps.consumer.pause(ps.tp)
@@ -356,7 +354,7 @@ class Engine:
         headers = invalid_headers(msg, reason, detail)
         label = f"the invalid-event write of {msg.topic()}@{msg.offset()}"
         ticket = self.work.open(slot, label)
-        self._spawn(ticket, self._write_invalid(ticket, msg.value(), msg.key(), headers))
+        self.work.start(ticket, self._write_invalid(ticket, msg.value(), msg.key(), headers))
 
     async def _write_invalid(
         self, ticket: Ticket, value: bytes | None, key: bytes | None, headers: Headers
@@ -368,10 +366,7 @@ class Engine:
         else:
             self.work.refuse(ticket, refused)
 
-    # --- tasks -----------------------------------------------------------------
-    def _spawn(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:
-        self.work.start(ticket, coro, ticket.slot.part.tasks)
-
+    # --- supervision -----------------------------------------------------------
     async def _tick(self) -> None:
         """Stalled endpoints, deferral counts and partition progress, a few times a second."""
         try:
@@ -391,7 +386,7 @@ class Engine:
     # --- completion and offsets -----------------------------------------------
     def _finish_slot(self, slot: Slot) -> None:
         ps = slot.part
-        if not ps.revoked and ps.tracker.finished(slot.offset):
+        if ps.phase is not Phase.REVOKED and ps.tracker.finished(slot.offset):
             ps.progress_at = time.monotonic()
             self._dirty.add(ps)
             if not self._flush_pending:
@@ -403,7 +398,7 @@ class Engine:
         by_consumer: dict[StageFeed, list[TopicPartition]] = {}
         for ps in self._dirty:
             position = ps.tracker.position
-            if not ps.revoked and position is not None:
+            if ps.phase is not Phase.REVOKED and position is not None:
                 tp = TopicPartition(ps.tp.topic, ps.tp.partition, position)
                 by_consumer.setdefault(ps.consumer, []).append(tp)
         self._dirty.clear()
@@ -411,7 +406,9 @@ class Engine:
             consumer.store(offsets)
 
     def _deactivate(self, ps: PartitionState) -> None:
-        ps.active = False
+        """No new work on ``ps``: what runs may still finish (one given up stays so)."""
+        if ps.phase is Phase.ACTIVE:
+            ps.phase = Phase.DRAINING
         ps.buffer.clear()
         if ps.timer is not None:
             ps.timer.cancel()
