@@ -312,7 +312,9 @@ def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_de
             # 4 running + a full queue: then the partition waits for the webhook...
             await until(lambda: h.engine.work.in_flight == taken, what="slots and queue taken")
             ps = h.engine.partitions[("visitor.identified", 0)]
-            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 10 - (taken - 1)
+            assert h.engine.backpressure.waits_for(ps) == {"wh_a"} and len(ps.buffer) == 10 - (
+                taken - 1
+            )
             assert 0 not in h.input.paused
             # ... and what comes in meanwhile fills its buffer until it is paused.
             h.input.feed([event(f"s{i:03d}") for i in range(10, 40)])
@@ -393,7 +395,7 @@ def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_
             assert 0 not in h.input.paused
             assert h.input.stored.get(0, 0) == 0
             ps = h.engine.partitions[("visitor.identified", 0)]
-            assert ps.blocked == set() and not ps.buffer
+            assert h.engine.backpressure.waits_for(ps) == set() and not ps.buffer
             await until(
                 lambda: sample("dispatcher_endpoint_backlog", webhook_id="wh_s") >= 4,
                 what="the backlog metric",

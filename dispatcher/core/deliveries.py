@@ -42,12 +42,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from dispatcher import metrics
 from dispatcher.core.attempt_log import emit_attempt
+from dispatcher.core.backpressure import Backpressure
 from dispatcher.core.breaker import BreakerPolicy, State
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
@@ -156,7 +156,7 @@ class DeliveryRunner:
         producer: RecordSink,
         stages: list[RetryStage],
         work: Work,
-        unblocked: Callable[[PartitionState], None],
+        backpressure: Backpressure,
     ) -> None:
         self.settings = settings
         self.sender = sender
@@ -164,10 +164,8 @@ class DeliveryRunner:
         self.stages = stages
         self.work = work
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
-        #: Partitions waiting for an endpoint's full queue, by webhook id.
-        self.waiting: dict[str, set[PartitionState]] = {}
-        #: Since when they wait, by webhook id (see ``HOLD_MAX_S``).
-        self._holding: dict[str, float] = {}
+        #: Partitions waiting for endpoints' full queues.
+        self.backpressure = backpressure
         #: When any endpoint last answered (monotonic s).
         self._last_answer = 0.0
         #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
@@ -187,7 +185,6 @@ class DeliveryRunner:
         #: Milliseconds between two deferrals of one webhook coming due.
         self.deferral_spacing_ms = 1000 / settings.circuit_deferrals_per_s
         self.stopping = False
-        self._unblocked = unblocked
 
     def submit(self, d: Delivery) -> None:
         """Start, queue or defer one delivery; its message waits for it."""
@@ -232,12 +229,9 @@ class DeliveryRunner:
 
     def _hold(self, key: str, part: PartitionState) -> None:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
-        if key not in self.waiting:
-            started = time.monotonic()
-            self._holding[key] = started
+        started = self.backpressure.hold(key, part)
+        if started is not None:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
-        part.blocked.add(key)
-        self.waiting.setdefault(key, set()).add(part)
 
     def _held_too_long(self, key: str, started: float) -> None:
         """Judge an endpoint whose full queue held partitions for ``HOLD_MAX_S``.
@@ -247,7 +241,7 @@ class DeliveryRunner:
         Otherwise the partitions wait on, judged again every ``HOLD_MAX_S``.
         """
         ep = self.endpoints.get(key)
-        if ep is None or self._holding.get(key) != started:
+        if ep is None or self.backpressure.since(key) != started:
             return  # the partitions went on meanwhile
         patience = HOLD_MAX_S
         if ep.latency is not None:
@@ -256,7 +250,7 @@ class DeliveryRunner:
         if held_long and not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
             self._unblock_if_room(key, ep)
-        if self._holding.get(key) == started:
+        if self.backpressure.since(key) == started:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
 
     def _lane_room(self) -> bool:
@@ -395,13 +389,9 @@ class DeliveryRunner:
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
         """Let partitions waiting for ``key`` go on: its queue has room, or it turned
         slow, and what does not fit is now parked in Kafka instead."""
-        if key not in self.waiting or (ep is not None and ep.full and not ep.slow):
+        if not self.backpressure.holding(key) or (ep is not None and ep.full and not ep.slow):
             return
-        self._holding.pop(key, None)
-        for ps in self.waiting.pop(key):
-            ps.blocked.discard(key)
-            if not ps.blocked:
-                self._unblocked(ps)
+        self.backpressure.release(key)
 
     async def _after_failure(self, d: Delivery, result: AttemptResult) -> NextHop:
         now = datetime.now(UTC)
@@ -595,5 +585,4 @@ class DeliveryRunner:
             ep.queue.clear()
             ep.queue.extend(keep)
             self._unblock_if_room(key, ep)
-        for waiting in self.waiting.values():
-            waiting.difference_update(states)
+        self.backpressure.forget(states)

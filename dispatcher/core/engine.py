@@ -5,7 +5,8 @@ pump takes them out while the global in-flight limit allows and, on a retry
 stage, only once the head record is due. A partition is paused while its buffer
 is over the high mark (or its head is not due yet) and resumed under the low
 mark, so memory follows the limits and never the backlog; it also waits while an
-endpoint it fed has a full queue (backpressure). Each message fans out to
+endpoint it fed has a full queue (backpressure, recorded in
+:class:`~dispatcher.core.backpressure.Backpressure`). Each message fans out to
 deliveries; its offset is finished when every one of them has succeeded, been
 skipped on purpose, or been durably written to the next topic, and the tracker
 then lets the committable position move past it. The counting is owned by
@@ -30,6 +31,7 @@ from confluent_kafka import Message, TopicPartition
 
 from dispatcher import metrics
 from dispatcher.catalog import Catalog
+from dispatcher.core.backpressure import Backpressure
 from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
 from dispatcher.core.deliveries import DeliveryRunner
 from dispatcher.core.fanout import Fanout, Subscriptions
@@ -79,8 +81,9 @@ class Engine:
         self.consumers: list[StageFeed] = []
         self.partitions: dict[tuple[str, int], PartitionState] = {}
         self.work = Work(self._finish_slot, self._pump_soon)
+        self.backpressure = Backpressure(self._unblocked)
         self.runner = DeliveryRunner(
-            settings, sender, producer, self.stages, self.work, self._unblocked
+            settings, sender, producer, self.stages, self.work, self.backpressure
         )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
@@ -241,7 +244,12 @@ class Engine:
 
     # --- the pump -------------------------------------------------------------
     def _enqueue(self, ps: PartitionState) -> None:
-        if not ps.queued and ps.phase is Phase.ACTIVE and ps.buffer and not ps.blocked:
+        if (
+            not ps.queued
+            and ps.phase is Phase.ACTIVE
+            and ps.buffer
+            and not self.backpressure.holds(ps)
+        ):
             ps.queued = True
             self._runnable.append(ps)
 
@@ -272,7 +280,7 @@ class Engine:
         while self.work.in_flight < limit and self._runnable:
             ps = self._runnable.popleft()
             ps.queued = False
-            if ps.phase is not Phase.ACTIVE or not ps.buffer or ps.blocked:
+            if ps.phase is not Phase.ACTIVE or not ps.buffer or self.backpressure.holds(ps):
                 continue
             if ps.stage is not None:
                 due = due_ms_of(ps.buffer[0].headers())

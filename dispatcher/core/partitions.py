@@ -40,7 +40,6 @@ class PartitionState:
     """One assigned partition of one stage."""
 
     __slots__ = (
-        "blocked",
         "buffer",
         "consumer",
         "hops",
@@ -66,8 +65,6 @@ class PartitionState:
         self.phase = Phase.ACTIVE
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None
-        #: Endpoints (webhook ids) whose full queue this partition waits for.
-        self.blocked: set[str] = set()
         #: Hops of retry records read here, newest last (see :meth:`seen_before`).
         self.hops: OrderedDict[int, None] = OrderedDict()
         #: When the committable offset last moved, or work became pending (monotonic s).
