@@ -558,6 +558,9 @@ def test_a_delivery_deferred_past_the_age_limit_is_dead_lettered(age_h: int) -> 
                 record = DeliveryRecord.model_validate_json(dead[0].value or b"")
                 assert record.dead_letter_reason == ENDPOINT_UNAVAILABLE
                 assert record.delivery_id == "msg_old"
+                # Deferred, never attempted: no attempt spent on it, none in its history.
+                assert record.attempts_made == 0 and record.history == []
+                assert record.first_deferred_at == first and record.dead_lettered_at is not None
             else:
                 assert dead == []
                 # Deferred once more by the open circuit: paced, in the last stage.
