@@ -110,3 +110,62 @@ def test_a_retry_of_a_deleted_or_disabled_subscription_is_skipped_and_counted() 
             assert h.engine.work.in_flight == 0
 
     asyncio.run(main())
+
+
+#: What a retry record carries besides its JSON value, each exactly once.
+ROUTING_HEADERS = {
+    "dispatcher-due-ms",
+    "dispatcher-attempt",
+    "dispatcher-delivery-id",
+    "dispatcher-webhook-id",
+    "dispatcher-source",
+    "dispatcher-first-failure-ms",
+    "dispatcher-last-error",
+}
+
+
+def test_retry_headers_are_written_afresh_on_every_hop() -> None:
+    answers = iter([500, 502, 204])
+    seen: list[httpx.Request] = []
+
+    async def webhook(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(next(answers), stream=httpx.ByteStream(b"{}"))
+
+    def due_now(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        # Read back at once instead of after the stage's delay; all else as written.
+        return [(k, b"0" if k == "dispatcher-due-ms" else v) for k, v in headers]
+
+    async def main() -> None:
+        table = FakeTable(subscription("wh_a", f"{HOST}/twice"))
+        async with running(settings(), table, webhook) as h:
+            h.input.assign(0)
+            h.input.feed([event("s1")])
+            first, second = h.consumers["1m"], h.consumers["5m"]
+            first.assign(0)
+            second.assign(0)
+            await until(lambda: len(h.producer.to(first.topic)) == 1, what="the first hop")
+            [hop1] = h.producer.to(first.topic)
+            first.feed([hop1.value or b""], headers=due_now(hop1.headers))
+            await until(lambda: len(h.producer.to(second.topic)) == 1, what="the second hop")
+            [hop2] = h.producer.to(second.topic)
+            second.feed([hop2.value or b""], headers=due_now(hop2.headers))
+            await until(lambda: second.stored.get(0) == 1, what="the third attempt")
+
+            for hop in (hop1, hop2):
+                names = [k for k, _ in hop.headers]
+                assert sorted(names) == sorted(ROUTING_HEADERS), names
+            assert hop1.header("dispatcher-attempt") == b"1"
+            assert hop2.header("dispatcher-attempt") == b"2"
+            assert hop2.header("dispatcher-last-error") == b"http 502"
+            first_failure = hop1.header("dispatcher-first-failure-ms")
+            assert first_failure is not None
+            assert hop2.header("dispatcher-first-failure-ms") == first_failure
+            due1, due2 = (int(hop.header("dispatcher-due-ms") or 0) for hop in (hop1, hop2))
+            assert due2 > due1
+            attempts = [r.headers["x-bullseye-attempt"] for r in seen]
+            assert attempts == ["1", "2", "3"]
+            assert len({r.headers["x-bullseye-delivery-id"] for r in seen}) == 1
+            assert h.producer.to(DEAD_LETTER) == []
+
+    asyncio.run(main())
