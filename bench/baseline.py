@@ -132,12 +132,13 @@ class _poster:
             return post_aiohttp
         if self.kind == "dispatcher_direct":
             from dispatcher.outbound.delivery import post
+            from dispatcher.outbound.transport import build_transport
 
-            client = httpx_client("dispatcher", self.urls, self.concurrency, self.ca_file)
-            self._close = client.aclose
+            sender = build_transport(_settings(self.urls, self.concurrency, self.ca_file))
+            self._close = sender.aclose
 
             async def post_direct(url: str) -> bool:
-                result = await post(client, url, body, HEADERS, 30.0, 256)
+                result = await post(sender, url, body, HEADERS, 30.0, 256)
                 return result.ok
 
             return post_direct

@@ -112,10 +112,3 @@ def compare(
             row["kind"] = "legacy_pool"
         out.append(row)
     return out
-
-
-def find(rows: list[dict[str, Any]], kind: str, loop: str = "asyncio") -> dict[str, Any] | None:
-    for row in rows:
-        if row["kind"] == kind and row["loop"] == loop:
-            return row
-    return None

@@ -22,11 +22,10 @@ from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.errors import ConfigError
+from dispatcher.errors import ConfigError, InvalidEvent
 from dispatcher.models import (
     EVENT_NAME,
     Event,
-    InvalidEvent,
     ParsedEvent,
     decode_event,
     event_of_model,

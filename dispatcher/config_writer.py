@@ -9,7 +9,7 @@ decided against the state then in force and written as one transaction.
 
 What an error means to the caller:
 
-* :class:`~dispatcher.manage.Refusal` (from the decision): nothing written.
+* :class:`~dispatcher.errors.Refusal` (from the decision): nothing written.
 * :class:`NotApplied`: Kafka refused or could not take the change, and it was
   aborted: nothing of it is or will become visible.
 * :class:`OutcomeUnknown`: the commit was sent and no answer came, and the
@@ -34,7 +34,7 @@ from typing import TypeVar
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dispatcher.config_state import ConfigView
-from dispatcher.errors import KafkaSetupError
+from dispatcher.errors import Fenced, KafkaSetupError, NotApplied, OutcomeUnknown, Unanswered
 from dispatcher.kafka import Outgoing, describe, make_producer_from, writer_producer_config
 from dispatcher.settings import Settings
 
@@ -48,18 +48,6 @@ Position = tuple[str, int, int]
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
 
-class NotApplied(KafkaSetupError):
-    """The change was not applied (aborted, or never sent); retrying it is safe."""
-
-
-class OutcomeUnknown(KafkaSetupError):
-    """The commit was sent but not confirmed, and could not be read back."""
-
-
-class _Fenced(Exception):
-    """Another producer with the same transactional.id took the role."""
-
-
 class ConfigWriter:
     """Applies changes to the configuration topics, one at a time, each in one transaction."""
 
@@ -69,10 +57,6 @@ class ConfigWriter:
         self._lock = threading.Lock()
         self._producer: Producer | None = None
         self.takeovers = 0
-
-    @property
-    def holds_role(self) -> bool:
-        return self._producer is not None
 
     # --- the role ------------------------------------------------------------------
     def take_role(self) -> None:
@@ -130,7 +114,7 @@ class ConfigWriter:
                     return answer, []
                 try:
                     written = self._commit(records, deadline)
-                except _Fenced:
+                except Fenced:
                     # Fenced before the commit: the new holder aborted our transaction,
                     # so nothing was applied; decide again from the state then in force.
                     log.warning("the writer role was taken by another process; taking it back")
@@ -138,7 +122,7 @@ class ConfigWriter:
                     if attempt == 2:
                         raise NotApplied("the writer role moved during the change") from None
                     continue
-                except _Unanswered:
+                except Unanswered:
                     return answer, self._read_back(records, deadline)
                 self._wait_read_back(written, deadline)
                 return answer, written
@@ -170,7 +154,7 @@ class ConfigWriter:
                 )
             left = producer.flush(max(deadline - time.monotonic(), 0.1))
             if any(e.code() in _FENCED for e in failed):
-                raise _Fenced()
+                raise Fenced()
             if left or failed:
                 why = "; ".join(e.str() for e in failed) or f"{left} record(s) left"
                 self._abort(f"not acknowledged: {why}")
@@ -180,13 +164,13 @@ class ConfigWriter:
             if err is None:
                 raise
             if err.code() in _FENCED:
-                raise _Fenced() from None
+                raise Fenced() from None
             if err.txn_requires_abort():
                 self._abort(err.str())
             # A fatal error, or a commit that timed out: the outcome is known only by
             # reading back (KAFKA-20785: a fatal INVALID_TXN_STATE with nothing committed).
             log.warning("commit of a configuration change unanswered: %s", err.str())
-            raise _Unanswered() from None
+            raise Unanswered() from None
         return written
 
     def _abort(self, why: str) -> None:
@@ -234,7 +218,3 @@ def _kafka_error(exc: BaseException) -> KafkaError | None:
             return seen.args[0]
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-class _Unanswered(Exception):
-    """The commit's outcome is not known from its answer."""

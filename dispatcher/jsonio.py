@@ -17,15 +17,9 @@ from typing import Any
 
 import orjson
 
+from dispatcher.errors import JSONError, NumberError
+
 __all__ = ["JSONError", "NumberError", "dumps", "loads"]
-
-
-class JSONError(ValueError):
-    """Not JSON that can be delivered; the message says why."""
-
-
-class NumberError(JSONError):
-    """JSON whose number no receiver can read back: NaN, Infinity, out of a double's range."""
 
 
 # Twenty digits in a row may be an integer past 64 bits (or only part of a

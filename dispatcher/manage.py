@@ -23,11 +23,11 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.errors import SubscriptionError
+from dispatcher.errors import Refusal, SubscriptionError
 from dispatcher.kafka import Outgoing
 from dispatcher.models import PreviousSecret, Subscription, require_https, short_errors
 from dispatcher.outbound.egress import IPAddress, blocked_reason
@@ -41,23 +41,6 @@ RESOLVE_TIMEOUT_S = 5.0
 #: The fewest characters of a secret a customer chooses (a generated one has 50).
 MIN_CHOSEN_SECRET = 24
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
-
-RefusalKind = Literal[
-    "invalid",  # bad input; ``field`` names it
-    "not-found",  # no such webhook (or another organization's)
-    "plan-unset",  # the organization has no plan yet
-    "plan-not-entitled",  # the plan has no webhooks
-    "stale",  # If-Match names a version that is no longer current
-]
-
-
-class Refusal(SubscriptionError):
-    """A change refused by the rules; nothing was written."""
-
-    def __init__(self, message: str, kind: RefusalKind = "invalid", field: str | None = None):
-        super().__init__(message)
-        self.kind: RefusalKind = kind
-        self.field = field
 
 
 class OrganizationRecord(BaseModel):

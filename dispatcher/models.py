@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dispatcher import jsonio
-from dispatcher.errors import SubscriptionError
+from dispatcher.errors import InvalidEvent, JSONError, NumberError, SubscriptionError
 from dispatcher.outbound.urls import normalize_url
 
 #: The top-level keys of a delivered body, in the order they are sent.
@@ -137,24 +137,10 @@ def _body_of(raw: Mapping[str, Any], occurred_at: datetime) -> bytes:
     return jsonio.dumps(doc)
 
 
-InvalidReason = Literal["too_large", "not_json", "invalid_event"]
-
 #: Deepest nesting of objects and arrays accepted in an event. Real events nest
 #: two or three levels; the limit keeps every later step (validation, encoding,
 #: the customer's own parser) far from any recursion limit.
 MAX_EVENT_DEPTH: Final = 32
-
-
-class InvalidEvent(ValueError):
-    """An input message that cannot be dispatched; ``reason`` is a metric label."""
-
-    def __init__(self, reason: InvalidReason, detail: str):
-        # The detail goes into a log line and a Kafka header: one line, encodable.
-        detail = " ".join(detail.split())[:500]
-        detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
-        super().__init__(detail)
-        self.reason: InvalidReason = reason
-        self.detail = detail
 
 
 def parse_event(value: bytes | None, max_bytes: int) -> ParsedEvent:
@@ -176,9 +162,9 @@ def decode_event(value: bytes | None, max_bytes: int) -> dict[str, Any]:
         raise InvalidEvent("too_large", f"message is {len(value)} bytes, limit is {max_bytes}")
     try:
         raw = jsonio.loads(value)
-    except jsonio.NumberError as exc:
+    except NumberError as exc:
         raise InvalidEvent("invalid_event", f"unusable number: {exc}") from None
-    except jsonio.JSONError as exc:
+    except JSONError as exc:
         raise InvalidEvent("not_json", f"not JSON: {exc}") from None
     except RecursionError:
         raise InvalidEvent(
@@ -207,7 +193,7 @@ def event_of_model(raw: dict[str, Any]) -> ParsedEvent:
         return ParsedEvent(
             event.event, event.organization_id, occurred_at, _body_of(raw, occurred_at)
         )
-    except jsonio.JSONError as exc:  # a lone surrogate escape in a text, say
+    except JSONError as exc:  # a lone surrogate escape in a text, say
         raise InvalidEvent("invalid_event", f"cannot be written as JSON: {exc}") from None
 
 

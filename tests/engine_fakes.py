@@ -3,7 +3,8 @@
 The engine under test is the real one; only its edges are replaced. A test plays
 the group coordinator and the broker through the ``PartitionOwner`` protocol
 (assign, messages, revoke, lost) and reads back what was paused, stored and
-produced. HTTP goes to an ``httpx.MockTransport`` handler the test writes.
+produced. Deliveries go to a :class:`FakeSender`, which answers with a function the
+test writes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,23 @@ from dispatcher.settings import Settings
 from tests.support import SEED_EVENT
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+class FakeSender:
+    """The engine's :class:`~dispatcher.outbound.sender.Sender`, answered by ``handler``.
+
+    What the handler raises (``httpx.ConnectError``, say) is what a network failure
+    raises from the real transport.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> httpx.Response:
+        request = httpx.Request("POST", url, headers=dict(headers), content=body)
+        response = await self.handler(request)
+        response.request = request
+        return response
 
 
 class FakeConsumer:
@@ -50,9 +68,7 @@ class FakeConsumer:
         self.started = False
         self.closed = False
         self.paused: set[int] = set()
-        self.pauses = 0
         self.stored: dict[int, int] = {}
-        self.batches_done = 0
         self.failure: str | None = None
         self.link: ClientLink | None = None
         self._next: dict[int, int] = {}
@@ -66,7 +82,6 @@ class FakeConsumer:
 
     def pause(self, tp: TopicPartition) -> None:
         self.paused.add(tp.partition)
-        self.pauses += 1
 
     def resume(self, tp: TopicPartition) -> None:
         self.paused.discard(tp.partition)
@@ -76,7 +91,7 @@ class FakeConsumer:
             self.stored[tp.partition] = tp.offset
 
     def batch_done(self) -> None:
-        self.batches_done += 1
+        pass
 
     def close(self, timeout_s: float = 30.0) -> None:
         self.closed = True
@@ -230,15 +245,13 @@ async def running(
         return consumer
 
     producer = FakeProducer()
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    engine = Engine(s, table, client, producer, consumer_factory=factory)
+    engine = Engine(s, table, FakeSender(handler), producer, consumer_factory=factory)
     engine.start()
     try:
         yield Harness(engine, producer, consumers)
     finally:
         if shutdown and not producer.closed:
             await engine.shutdown()
-        await client.aclose()
 
 
 async def until(check: Callable[[], object], timeout_s: float = 5.0, what: str = "") -> None:

@@ -16,8 +16,8 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from dispatcher.api.app import build_context, create_app
-from dispatcher.api.problems import Problem
 from dispatcher.api.sample_sends import SampleSends
+from dispatcher.errors import Problem
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
 

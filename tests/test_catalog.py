@@ -18,8 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from dispatcher.catalog import Catalog, load_catalog
 from dispatcher.commands.topics import topic_specs
-from dispatcher.errors import ConfigError
-from dispatcher.models import InvalidEvent
+from dispatcher.errors import ConfigError, InvalidEvent
 from dispatcher.records import header_value
 from dispatcher.settings import Settings
 from tests.hostile import MAX_EVENT_BYTES, json_values, poison_events

@@ -21,11 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import __version__
+from dispatcher.errors import EgressBlocked
 from dispatcher.outbound.delivery import AttemptResult
 from dispatcher.outbound.delivery import post as delivery_post
 from dispatcher.outbound.egress import (
     REASONS,
-    EgressBlocked,
     GuardedResolver,
     GuardedSockets,
     IPAddress,
@@ -610,7 +610,7 @@ def test_a_delivery_attempt_goes_through_the_guard_too(
 ) -> None:
     async def attempt() -> AttemptResult:
         async with build_http_client(settings(endpoint), DNS, sockets=sockets) as client:
-            return await delivery_post(client, url, b"{}", {}, 5.0, 64)
+            return await delivery_post(client.transport, url, b"{}", {}, 5.0, 64)
 
     result = asyncio.run(attempt())
     assert (result.ok, result.error_class) == (False, error_class)
@@ -627,7 +627,7 @@ def test_a_delivery_attempt_sends_the_bytes_and_headers_as_given(
     async def attempt() -> AttemptResult:
         async with build_http_client(config, DNS, sockets=sockets) as client:
             url = endpoint.url("/direct?q=a%20b", hostname="webhooks.example")
-            return await delivery_post(client, url, b'{"a":1}', headers, 5.0, 64)
+            return await delivery_post(client.transport, url, b'{"a":1}', headers, 5.0, 64)
 
     assert asyncio.run(attempt()).status_code == 200
     [seen] = endpoint.requests_to("/direct")

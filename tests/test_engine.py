@@ -98,7 +98,7 @@ def test_every_event_delivered_committed_and_nothing_left_in_flight() -> None:
 
 
 def test_an_unexpected_exception_in_a_delivery_is_a_failed_internal_attempt() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/a":
             raise RuntimeError("nobody foresaw this")
         return ok(request)
@@ -312,7 +312,9 @@ def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_de
             # 4 running + a full queue: then the partition waits for the webhook...
             await until(lambda: h.engine.work.in_flight == taken, what="slots and queue taken")
             ps = h.engine.partitions[("visitor.identified", 0)]
-            assert ps.blocked == {"wh_a"} and len(ps.buffer) == 10 - (taken - 1)
+            assert h.engine.backpressure.waits_for(ps) == {"wh_a"} and len(ps.buffer) == 10 - (
+                taken - 1
+            )
             assert 0 not in h.input.paused
             # ... and what comes in meanwhile fills its buffer until it is paused.
             h.input.feed([event(f"s{i:03d}") for i in range(10, 40)])
@@ -393,7 +395,7 @@ def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_
             assert 0 not in h.input.paused
             assert h.input.stored.get(0, 0) == 0
             ps = h.engine.partitions[("visitor.identified", 0)]
-            assert ps.blocked == set() and not ps.buffer
+            assert h.engine.backpressure.waits_for(ps) == set() and not ps.buffer
             await until(
                 lambda: sample("dispatcher_endpoint_backlog", webhook_id="wh_s") >= 4,
                 what="the backlog metric",
@@ -510,7 +512,7 @@ def test_a_stalled_webhook_is_deferred_and_its_neighbour_on_the_same_host_is_ser
     asyncio.run(main())
 
 
-def dead_webhook(_request: httpx.Request) -> httpx.Response:
+async def dead_webhook(_request: httpx.Request) -> httpx.Response:
     return reply(503)
 
 
@@ -556,6 +558,9 @@ def test_a_delivery_deferred_past_the_age_limit_is_dead_lettered(age_h: int) -> 
                 record = DeliveryRecord.model_validate_json(dead[0].value or b"")
                 assert record.dead_letter_reason == ENDPOINT_UNAVAILABLE
                 assert record.delivery_id == "msg_old"
+                # Deferred, never attempted: no attempt spent on it, none in its history.
+                assert record.attempts_made == 0 and record.history == []
+                assert record.first_deferred_at == first and record.dead_lettered_at is not None
             else:
                 assert dead == []
                 # Deferred once more by the open circuit: paced, in the last stage.

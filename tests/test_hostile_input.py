@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from dispatcher import metrics
 from dispatcher.catalog import Catalog
 from dispatcher.core.table import SubscriptionTable
-from dispatcher.errors import SubscriptionError
-from dispatcher.models import InvalidEvent, ParsedEvent, decode_subscription
-from dispatcher.outbound.urls import InvalidUrl, normalize_url
+from dispatcher.errors import InvalidEvent, InvalidUrl, SubscriptionError
+from dispatcher.models import ParsedEvent, decode_subscription
+from dispatcher.outbound.urls import normalize_url
 from dispatcher.settings import Settings
 from tests.hostile import (
     MAX_EVENT_BYTES,

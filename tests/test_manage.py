@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from dispatcher import manage
-from dispatcher.manage import Refusal
+from dispatcher.errors import Refusal
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
 

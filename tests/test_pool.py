@@ -188,9 +188,9 @@ def test_a_response_is_read_only_up_to_the_cap_and_its_connection_dropped(
 
     async def run() -> tuple[bool, int, str | None]:
         async with client(first, wire) as c:
-            result = await post(c, first.url("/huge"), b"{}", {}, 5.0, 16)
+            result = await post(c.transport, first.url("/huge"), b"{}", {}, 5.0, 16)
             await eventually(lambda: wire.closed == [True], 10, "the socket to close")
-            after = await post(c, first.url("/after"), b"{}", {}, 5.0, 16)
+            after = await post(c.transport, first.url("/after"), b"{}", {}, 5.0, 16)
             assert after.ok
             return result.ok, result.status_code or 0, result.snippet
 
@@ -204,7 +204,7 @@ def test_the_delivery_client_keeps_no_cookies(first: HttpsReceiver, wire: Socket
     async def run() -> int:
         async with client(first, wire) as c:
             await c.post(first.url("/jar"), content=b"{}")
-            await post(c, first.url("/jar"), b"{}", {}, 5.0, 16)
+            await post(c.transport, first.url("/jar"), b"{}", {}, 5.0, 16)
             await c.post(first.url("/jar"), content=b"{}")
             return len(c.cookies.jar)
 

@@ -18,7 +18,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from dispatcher.core.invalid import H_INVALID_DROPPED, H_INVALID_REASON
-from dispatcher.core.producer import AsyncProducer, ProduceRefused
+from dispatcher.core.producer import AsyncProducer
+from dispatcher.errors import ProduceRefused
 from dispatcher.records import H_SOURCE, header_value
 from dispatcher.stages import retry_stages
 from tests.receiver import HttpsReceiver, Reply

@@ -5,6 +5,9 @@ delays of a few seconds. Every retry's arrival is held against the due time its
 record carried (``dispatcher-due-ms``): it may be late, never early (beyond
 ``SLACK_MS`` of clock granularity). How late is collected across the module and
 summed up at its end (shown with ``pytest -s``, and as junit-xml properties).
+Dropping the retry of a deleted or disabled subscription, and the headers each hop
+is written with, are the engine's decisions, checked in-process in
+test_engine_decisions.py.
 """
 
 from __future__ import annotations
@@ -301,33 +304,6 @@ def test_third_attempt_is_on_time_with_the_same_bytes_and_delivery_id(
     assert not ns.read_all(ns.settings.dead_letter_topic)
 
 
-def test_retry_headers_are_written_afresh_on_every_hop(
-    ns: Namespace, receiver: HttpsReceiver, run_dispatcher: StartDispatcher, clock: RetryClock
-) -> None:
-    receiver.respond("/twice", Reply(500), Reply(502), Reply(204))
-    ns.subscribe(receiver.url("/twice"))
-    run_dispatcher(ns)
-    ns.publish(SEED_EVENT)
-    reqs = receiver.wait_for_requests(3, path="/twice", timeout_s=SETTLE_S)
-
-    first, second = retry_stages(ns.settings)[:2]
-    [hop1] = stage_records(ns, first)
-    [hop2] = stage_records(ns, second)
-    for msg in (hop1, hop2):
-        counts = Counter(k for k, _ in headers_of(msg))
-        assert set(counts) == ROUTING_HEADERS
-        assert all(n == 1 for n in counts.values()), counts
-    assert header(hop1, H_ATTEMPT) == "1"
-    assert header(hop2, H_ATTEMPT) == "2"
-    assert header(hop2, "dispatcher-last-error") == "http 502"
-    assert header(hop1, "dispatcher-first-failure-ms") == header(
-        hop2, "dispatcher-first-failure-ms"
-    )
-    assert int(header(hop2, H_DUE_MS)) > int(header(hop1, H_DUE_MS))
-    assert [attempt_of(r) for r in reqs] == [1, 2, 3]
-    clock.check(ns, tries_of(reqs))
-
-
 def test_always_failing_endpoints_are_dead_lettered_after_four_attempts(
     ns_factory: Callable[..., Namespace],
     receiver: HttpsReceiver,
@@ -444,42 +420,6 @@ def test_retry_after_delays_the_retry_without_spending_an_attempt(
     clock.check(ns, tries_of([first, second]))
     wait_settled(ns, proc)
     assert len(receiver.requests_to("/busy")) == 2
-
-
-def test_retry_of_a_deleted_or_disabled_subscription_is_skipped_and_counted(
-    ns_factory: Callable[..., Namespace],
-    receiver: HttpsReceiver,
-    run_dispatcher: StartDispatcher,
-) -> None:
-    # A first delay long enough for the table to see the changes before the retry.
-    ns = ns_factory(retry_delays_s=[4, 8, 12])
-    receiver.respond("/gone", Reply(500))
-    receiver.respond("/off", Reply(500))
-    gone = ns.subscribe(receiver.url("/gone"))
-    off = ns.subscribe(receiver.url("/off"))
-    proc = run_dispatcher(ns)
-    ns.publish(SEED_EVENT)
-    receiver.wait_for_requests(1, path="/gone", timeout_s=SETTLE_S)
-    receiver.wait_for_requests(1, path="/off", timeout_s=SETTLE_S)
-
-    ns.delete(gone.webhook_id)
-    ns.subscribe(receiver.url("/off"), webhook_id=off.webhook_id, enabled=False)
-    wait_until(
-        lambda: metric_value(proc.metrics(), "dispatcher_skipped_deliveries_total") >= 2,
-        SETTLE_S,
-        "both retries to be counted as skipped",
-        interval_s=0.2,
-    )
-    wait_settled(ns, proc)
-    text = proc.metrics()
-    assert metric_value(text, "dispatcher_skipped_deliveries_total", reason="deleted") == 1
-    assert metric_value(text, "dispatcher_skipped_deliveries_total", reason="disabled") == 1
-    assert len(receiver.requests_to("/gone")) == 1
-    assert len(receiver.requests_to("/off")) == 1
-    # Skipped is not failed: nothing is dead-lettered, and the retries were not re-queued.
-    assert not ns.read_all(ns.settings.dead_letter_topic)
-    assert len(stage_records(ns, retry_stages(ns.settings)[0])) == 2
-    assert not stage_records(ns, retry_stages(ns.settings)[1])
 
 
 def test_pending_retries_survive_kill_9(

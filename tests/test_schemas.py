@@ -11,7 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from dispatcher.models import InvalidEvent, Subscription, parse_event
+from dispatcher.errors import InvalidEvent
+from dispatcher.models import Subscription, parse_event
 from dispatcher.records import DeliveryRecord
 from tests.support import SEED_EVENT
 

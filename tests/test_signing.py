@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -326,3 +328,14 @@ def test_verify_bullseye_accepts_a_list_holding_the_signing_secret(secrets: list
 )
 def test_verify_bullseye_list_rejects(secrets: list[str], signature: str) -> None:
     assert not verify_bullseye(secrets, SEED_BODY, signature)
+
+
+def test_the_receiver_helpers_import_nothing_but_the_standard_library() -> None:
+    # Receivers import them without the dispatcher's dependencies installed.
+    code = (
+        "import sys; before = set(sys.modules); import dispatcher.outbound.signing;"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before};"
+        "print(sorted(new - sys.stdlib_module_names - {'dispatcher'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

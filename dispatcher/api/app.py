@@ -28,13 +28,13 @@ from dispatcher.api.context import ApiContext
 from dispatcher.api.forward import Forwarder, is_change
 from dispatcher.api.historyfold import HistoryFolder
 from dispatcher.api.historystore import HistoryReads, HistoryStore
-from dispatcher.api.problems import PROBLEM, Problem
+from dispatcher.api.problems import PROBLEM
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import load_catalog
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.health import Health
-from dispatcher.errors import KafkaSetupError
+from dispatcher.errors import KafkaSetupError, Problem
 from dispatcher.metrics import REGISTRY
 from dispatcher.settings import Settings
 

@@ -22,8 +22,7 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dispatcher.api.problems import Problem
-from dispatcher.errors import ConfigError
+from dispatcher.errors import ConfigError, Problem
 from dispatcher.settings import Settings
 
 audit_log = logging.getLogger("dispatcher.api.audit")

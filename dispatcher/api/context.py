@@ -22,11 +22,11 @@ from fastapi import Request
 from dispatcher.api.auth import KeyRing
 from dispatcher.api.historyfold import HistoryFolder
 from dispatcher.api.historystore import HistoryReads
-from dispatcher.api.problems import Problem
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import EventType
 from dispatcher.config_writer import ConfigWriter
+from dispatcher.errors import Problem
 from dispatcher.settings import Settings
 
 P = ParamSpec("P")

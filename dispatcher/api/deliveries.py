@@ -40,11 +40,11 @@ from dispatcher.api.models import (
     Status,
     WebhookSummary,
 )
-from dispatcher.api.problems import Problem, field_problem, not_found
-from dispatcher.api.store import WriteTimeout
+from dispatcher.api.problems import field_problem, not_found
 from dispatcher.api.webhooks import BASE, Ctx, Org, Reader, WebhookId, Writer, owned
 from dispatcher.attempts import AttemptRecord
 from dispatcher.core.partitions import now_ms
+from dispatcher.errors import Problem, WriteTimeout
 from dispatcher.models import IDENTIFIER
 from dispatcher.records import DeliveryRecord, Source, record_headers
 from dispatcher.stages import retry_stages

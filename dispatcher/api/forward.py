@@ -22,8 +22,9 @@ import httpx
 from fastapi import Request, Response
 
 from dispatcher.api.context import ApiContext
-from dispatcher.api.problems import Problem, respond
+from dispatcher.api.problems import respond
 from dispatcher.api.webhooks import POSITION_HEADER
+from dispatcher.errors import Problem
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dispatcher.config_writer import OutcomeUnknown
-from dispatcher.errors import KafkaSetupError
-from dispatcher.manage import Refusal
+from dispatcher.errors import KafkaSetupError, OutcomeUnknown, Problem, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +47,6 @@ PROBLEM: dict[str, Any] = {
     "model": ProblemBody,
     "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
 }
-
-
-class Problem(Exception):
-    """An error answer; ``kind`` is the last part of its ``type`` URI."""
-
-    def __init__(
-        self,
-        status: int,
-        kind: str,
-        title: str,
-        detail: str | None = None,
-        errors: list[FieldError] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail or title)
-        self.status = status
-        self.kind = kind
-        self.title = title
-        self.detail = detail
-        self.errors = errors
-        self.headers = headers
 
 
 def field_problem(path: str, message: str, status: int = 422) -> Problem:
@@ -113,7 +90,9 @@ def respond(problem: Problem, instance: str | None = None) -> JSONResponse:
         status=problem.status,
         detail=problem.detail,
         instance=instance,
-        errors=problem.errors,
+        errors=None
+        if problem.errors is None
+        else [FieldError(path=e.path, message=e.message) for e in problem.errors],
     )
     return JSONResponse(
         body.model_dump(exclude_none=True),

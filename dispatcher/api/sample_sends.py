@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from dispatcher.api.problems import Problem
 from dispatcher.commands.sendtest import SendTestReport, send_test_with
+from dispatcher.errors import Problem
 from dispatcher.models import Subscription
 from dispatcher.outbound.transport import DeliveryClient, build_http_client
 from dispatcher.settings import Settings

@@ -16,16 +16,12 @@ import time
 from confluent_kafka import KafkaError, Producer
 
 from dispatcher.config_state import ConfigView
-from dispatcher.errors import KafkaSetupError
+from dispatcher.errors import KafkaSetupError, WriteTimeout
 from dispatcher.kafka import make_producer
 from dispatcher.records import Headers
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class WriteTimeout(KafkaSetupError):
-    """A write was acknowledged but not read back in time."""
 
 
 class Store(ConfigView):

@@ -35,9 +35,10 @@ from dispatcher.api.models import (
     WebhookList,
     WebhookPatch,
 )
-from dispatcher.api.problems import MEDIA_TYPE, PROBLEM, Problem, ProblemBody, not_found
+from dispatcher.api.problems import MEDIA_TYPE, PROBLEM, ProblemBody, not_found
 from dispatcher.config_state import Answer, answer_key
 from dispatcher.config_writer import Decide
+from dispatcher.errors import Problem
 from dispatcher.kafka import Outgoing
 from dispatcher.models import IDENTIFIER, Subscription
 

@@ -140,7 +140,7 @@ async def send_test_with(
     body = sample_body(sub.organization_id, now)
     delivery_id = f"test_{uuid.uuid4().hex}"
     headers = build_headers(delivery_id, 1, body, sub.active_secrets(now), test=True)
-    result = await post(client, sub.url, body, headers, timeout_s, RESPONSE_SHOWN_BYTES)
+    result = await post(client.transport, sub.url, body, headers, timeout_s, RESPONSE_SHOWN_BYTES)
     refusal = CallPolicy.of(settings).refusal(sub)
     not_called = None if refusal is None else SKIP_REASONS[refusal]
     return SendTestReport(delivery_id, sub.url, result, not_called)

@@ -17,7 +17,7 @@ from dispatcher.catalog import load_catalog
 from dispatcher.config_state import ConfigView
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.table import SubscriptionTable
-from dispatcher.errors import KafkaSetupError, SubscriptionError
+from dispatcher.errors import KafkaSetupError, Refusal, SubscriptionError
 from dispatcher.kafka import Outgoing, check_topic, make_producer, produce_confirmed
 from dispatcher.manage import Change, Outcome, new_webhook_id
 from dispatcher.models import Subscription
@@ -151,7 +151,7 @@ def delete(settings: Settings, webhook_id: str) -> str:
 def _known(view: ConfigView, webhook_id: str) -> ConfigView:
     """The view, once ``webhook_id`` is known to be in it (the command line's message)."""
     if view.subscription(webhook_id) is None:
-        raise manage.Refusal(_missing(view.ignored.get(webhook_id), webhook_id), "not-found")
+        raise Refusal(_missing(view.ignored.get(webhook_id), webhook_id), "not-found")
     return view
 
 

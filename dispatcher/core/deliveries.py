@@ -42,23 +42,22 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-import httpx
 
 from dispatcher import metrics
 from dispatcher.core.attempt_log import emit_attempt
+from dispatcher.core.backpressure import Backpressure
 from dispatcher.core.breaker import BreakerPolicy, State
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
-from dispatcher.core.producer import ProduceRefused, RecordSink
+from dispatcher.core.producer import RecordSink
 from dispatcher.core.routing import NextHop, after_failure, for_deferral, paced_deferral
 from dispatcher.core.work import Ticket, Work
+from dispatcher.errors import ProduceRefused
 from dispatcher.models import Subscription
 from dispatcher.outbound.delivery import AttemptResult, build_headers, post
+from dispatcher.outbound.sender import Sender
 from dispatcher.records import Attempt, DeliveryRecord, Source, record_headers
 from dispatcher.settings import Settings
 from dispatcher.stages import RetryStage
@@ -67,7 +66,6 @@ log = logging.getLogger(__name__)
 #: Summary lines name no delivery: they have a logger of their own.
 deferral_log = logging.getLogger("dispatcher.deferrals")
 
-Spawn = Callable[[Ticket, Coroutine[Any, Any, None]], None]
 #: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 #: Deferral reason of a delivery parked in Kafka behind a slow endpoint's full queue.
@@ -154,23 +152,20 @@ class DeliveryRunner:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient,
+        sender: Sender,
         producer: RecordSink,
         stages: list[RetryStage],
         work: Work,
-        spawn: Spawn,
-        unblocked: Callable[[PartitionState], None],
+        backpressure: Backpressure,
     ) -> None:
         self.settings = settings
-        self.client = client
+        self.sender = sender
         self.producer = producer
         self.stages = stages
         self.work = work
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
-        #: Partitions waiting for an endpoint's full queue, by webhook id.
-        self.waiting: dict[str, set[PartitionState]] = {}
-        #: Since when they wait, by webhook id (see ``HOLD_MAX_S``).
-        self._holding: dict[str, float] = {}
+        #: Partitions waiting for endpoints' full queues.
+        self.backpressure = backpressure
         #: When any endpoint last answered (monotonic s).
         self._last_answer = 0.0
         #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
@@ -190,8 +185,6 @@ class DeliveryRunner:
         #: Milliseconds between two deferrals of one webhook coming due.
         self.deferral_spacing_ms = 1000 / settings.circuit_deferrals_per_s
         self.stopping = False
-        self._spawn = spawn
-        self._unblocked = unblocked
 
     def submit(self, d: Delivery) -> None:
         """Start, queue or defer one delivery; its message waits for it."""
@@ -213,7 +206,7 @@ class DeliveryRunner:
         self._note_circuit(key, before, ep)
         if admission is Admission.START or admission is Admission.PROBE:
             d.probe = admission is Admission.PROBE
-            self._spawn(ticket, self._attempt(ep, d))
+            self.work.start(ticket, self._attempt(ep, d))
         elif admission is Admission.QUEUED:
             unmeasured = ep.latency is None
             if unmeasured and ep.full and self._lane_room():
@@ -225,23 +218,20 @@ class DeliveryRunner:
             wait_s = self._park_for(ep, d)
             if wait_s is not None:
                 ep.queue.pop()  # the one just queued: it waits in Kafka instead
-                self._spawn(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
+                self.work.start(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
                 return
             if unmeasured or ep.overloaded():
                 self.slow_queued += 1
             if ep.full:
                 self._hold(key, d.slot.part)
         else:
-            self._spawn(ticket, self._defer(d, admission.value, ep))
+            self.work.start(ticket, self._defer(d, admission.value, ep))
 
     def _hold(self, key: str, part: PartitionState) -> None:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
-        if key not in self.waiting:
-            started = time.monotonic()
-            self._holding[key] = started
+        started = self.backpressure.hold(key, part)
+        if started is not None:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
-        part.blocked.add(key)
-        self.waiting.setdefault(key, set()).add(part)
 
     def _held_too_long(self, key: str, started: float) -> None:
         """Judge an endpoint whose full queue held partitions for ``HOLD_MAX_S``.
@@ -251,7 +241,7 @@ class DeliveryRunner:
         Otherwise the partitions wait on, judged again every ``HOLD_MAX_S``.
         """
         ep = self.endpoints.get(key)
-        if ep is None or self._holding.get(key) != started:
+        if ep is None or self.backpressure.since(key) != started:
             return  # the partitions went on meanwhile
         patience = HOLD_MAX_S
         if ep.latency is not None:
@@ -260,7 +250,7 @@ class DeliveryRunner:
         if held_long and not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
             self._unblock_if_room(key, ep)
-        if self._holding.get(key) == started:
+        if self.backpressure.since(key) == started:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
 
     def _lane_room(self) -> bool:
@@ -346,7 +336,7 @@ class DeliveryRunner:
             secrets = d.sub.active_secrets(datetime.now(UTC))
             headers = build_headers(d.delivery_id, d.attempts_made + 1, d.body, secrets)
             result = await post(
-                self.client,
+                self.sender,
                 d.sub.url,
                 d.body,
                 headers,
@@ -375,7 +365,7 @@ class DeliveryRunner:
         nxt = ep.release(ok, d.probe, d.retry)
         self._note_circuit(key, before, ep)
         if nxt is not None and nxt.ticket is not None:
-            self._spawn(nxt.ticket, self._attempt(ep, nxt))
+            self.work.start(nxt.ticket, self._attempt(ep, nxt))
         if not ep.closed and ep.queue and not self.stopping:
             self._defer_queue(ep, Admission.CIRCUIT_OPEN.value)
         self._unblock_if_room(key, ep)
@@ -394,18 +384,14 @@ class DeliveryRunner:
     def _defer_queue(self, ep: Endpoint[Delivery], reason: str) -> None:
         for waiting in ep.drain_queue():
             if waiting.ticket is not None:
-                self._spawn(waiting.ticket, self._defer(waiting, reason, ep))
+                self.work.start(waiting.ticket, self._defer(waiting, reason, ep))
 
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
         """Let partitions waiting for ``key`` go on: its queue has room, or it turned
         slow, and what does not fit is now parked in Kafka instead."""
-        if key not in self.waiting or (ep is not None and ep.full and not ep.slow):
+        if not self.backpressure.holding(key) or (ep is not None and ep.full and not ep.slow):
             return
-        self._holding.pop(key, None)
-        for ps in self.waiting.pop(key):
-            ps.blocked.discard(key)
-            if not ps.blocked:
-                self._unblocked(ps)
+        self.backpressure.release(key)
 
     async def _after_failure(self, d: Delivery, result: AttemptResult) -> NextHop:
         now = datetime.now(UTC)
@@ -546,18 +532,6 @@ class DeliveryRunner:
         if d.ticket is not None:
             self.work.finish(d.ticket)
 
-    async def supervise(self, every_s: float = 0.25) -> None:
-        """Defer what waits at stalled endpoints; log deferral counts per interval.
-
-        Runs for the life of the engine: an endpoint that stops answering while its
-        queue is full would otherwise hold its partitions paused for good.
-        """
-        while not self.stopping:
-            await asyncio.sleep(every_s)
-            self.check_endpoints()
-            self.deferrals.flush()
-        self.deferrals.flush(force=True)
-
     def check_endpoints(self) -> None:
         slow_queued = 0
         backlogs: list[tuple[float, str]] = []
@@ -611,5 +585,4 @@ class DeliveryRunner:
             ep.queue.clear()
             ep.queue.extend(keep)
             self._unblock_if_room(key, ep)
-        for waiting in self.waiting.values():
-            waiting.difference_update(states)
+        self.backpressure.forget(states)

@@ -5,7 +5,8 @@ pump takes them out while the global in-flight limit allows and, on a retry
 stage, only once the head record is due. A partition is paused while its buffer
 is over the high mark (or its head is not due yet) and resumed under the low
 mark, so memory follows the limits and never the backlog; it also waits while an
-endpoint it fed has a full queue (backpressure). Each message fans out to
+endpoint it fed has a full queue (backpressure, recorded in
+:class:`~dispatcher.core.backpressure.Backpressure`). Each message fans out to
 deliveries; its offset is finished when every one of them has succeeded, been
 skipped on purpose, or been durably written to the next topic, and the tracker
 then lets the committable position move past it. The counting is owned by
@@ -25,23 +26,23 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
 
-import httpx
 from confluent_kafka import Message, TopicPartition
 
 from dispatcher import metrics
 from dispatcher.catalog import Catalog
+from dispatcher.core.backpressure import Backpressure
 from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
 from dispatcher.core.deliveries import DeliveryRunner
-from dispatcher.core.fanout import Fanout, Subscriptions, Unusable
+from dispatcher.core.fanout import Fanout, Subscriptions
 from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
 from dispatcher.core.links import first_problem
-from dispatcher.core.partitions import PartitionState, Slot, now_ms, position_of
+from dispatcher.core.partitions import PartitionState, Phase, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.watchdog import stuck_partitions
 from dispatcher.core.work import Ticket, Work
+from dispatcher.errors import Unusable
+from dispatcher.outbound.sender import Sender
 from dispatcher.records import due_ms_of
 from dispatcher.settings import Settings
 from dispatcher.stages import INPUT_STAGE, retry_stages
@@ -63,14 +64,14 @@ class Engine:
         self,
         settings: Settings,
         table: Subscriptions,
-        client: httpx.AsyncClient,
+        sender: Sender,
         producer: RecordSink,
         consumer_factory: ConsumerFactory = StageConsumer,
         catalog: Catalog | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
-        self.client = client
+        self.sender = sender
         self.producer = producer
         self.stages = retry_stages(settings)
         self._stage_of_topic = {s.topic: s for s in self.stages}
@@ -80,8 +81,9 @@ class Engine:
         self.consumers: list[StageFeed] = []
         self.partitions: dict[tuple[str, int], PartitionState] = {}
         self.work = Work(self._finish_slot, self._pump_soon)
+        self.backpressure = Backpressure(self._unblocked)
         self.runner = DeliveryRunner(
-            settings, client, producer, self.stages, self.work, self._spawn, self._unblocked
+            settings, sender, producer, self.stages, self.work, self.backpressure
         )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
@@ -170,7 +172,7 @@ class Engine:
             old = self.partitions.get((tp.topic, tp.partition))
             if old is not None:
                 self._deactivate(old)
-                old.revoked = True
+                old.phase = Phase.REVOKED
             self.partitions[(tp.topic, tp.partition)] = PartitionState(consumer, tp, stage)
 
     def messages(self, consumer: StageFeed, batch: list[Message]) -> None:
@@ -179,7 +181,7 @@ class Engine:
             for msg in batch:
                 topic, partition, offset = position_of(msg)
                 ps = self.partitions.get((topic, partition))
-                if ps is None or not ps.active or ps.consumer is not consumer:
+                if ps is None or ps.phase is not Phase.ACTIVE or ps.consumer is not consumer:
                     continue
                 try:
                     ps.tracker.received(offset)
@@ -213,7 +215,7 @@ class Engine:
                 task.cancel()
         offsets = []
         for ps in states:
-            ps.revoked = True
+            ps.phase = Phase.REVOKED
             self.partitions.pop((ps.tp.topic, ps.tp.partition), None)
             self._dirty.discard(ps)
             _forget_lag(ps.tp)
@@ -229,7 +231,7 @@ class Engine:
             if ps is not None and ps.consumer is consumer:
                 self.partitions.pop((tp.topic, tp.partition))
                 self._deactivate(ps)
-                ps.revoked = True
+                ps.phase = Phase.REVOKED
                 states.append(ps)
                 _forget_lag(ps.tp)
         self.runner.abandon_queued(set(states))
@@ -242,7 +244,12 @@ class Engine:
 
     # --- the pump -------------------------------------------------------------
     def _enqueue(self, ps: PartitionState) -> None:
-        if not ps.queued and ps.active and ps.buffer and not ps.blocked:
+        if (
+            not ps.queued
+            and ps.phase is Phase.ACTIVE
+            and ps.buffer
+            and not self.backpressure.holds(ps)
+        ):
             ps.queued = True
             self._runnable.append(ps)
 
@@ -273,7 +280,7 @@ class Engine:
         while self.work.in_flight < limit and self._runnable:
             ps = self._runnable.popleft()
             ps.queued = False
-            if not ps.active or not ps.buffer or ps.blocked:
+            if ps.phase is not Phase.ACTIVE or not ps.buffer or self.backpressure.holds(ps):
                 continue
             if ps.stage is not None:
                 due = due_ms_of(ps.buffer[0].headers())
@@ -299,7 +306,7 @@ class Engine:
 
     def _update_pause(self, ps: PartitionState, now: int | None = None) -> None:
         want = self._want_paused(ps, now_ms() if now is None else now)
-        if want != ps.paused and ps.active:
+        if want != ps.paused and ps.phase is Phase.ACTIVE:
             ps.paused = want
             if want:
                 ps.consumer.pause(ps.tp)
@@ -355,7 +362,7 @@ class Engine:
         headers = invalid_headers(msg, reason, detail)
         label = f"the invalid-event write of {msg.topic()}@{msg.offset()}"
         ticket = self.work.open(slot, label)
-        self._spawn(ticket, self._write_invalid(ticket, msg.value(), msg.key(), headers))
+        self.work.start(ticket, self._write_invalid(ticket, msg.value(), msg.key(), headers))
 
     async def _write_invalid(
         self, ticket: Ticket, value: bytes | None, key: bytes | None, headers: Headers
@@ -367,10 +374,7 @@ class Engine:
         else:
             self.work.refuse(ticket, refused)
 
-    # --- tasks -----------------------------------------------------------------
-    def _spawn(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:
-        self.work.start(ticket, coro, ticket.slot.part.tasks)
-
+    # --- supervision -----------------------------------------------------------
     async def _tick(self) -> None:
         """Stalled endpoints, deferral counts and partition progress, a few times a second."""
         try:
@@ -390,7 +394,7 @@ class Engine:
     # --- completion and offsets -----------------------------------------------
     def _finish_slot(self, slot: Slot) -> None:
         ps = slot.part
-        if not ps.revoked and ps.tracker.finished(slot.offset):
+        if ps.phase is not Phase.REVOKED and ps.tracker.finished(slot.offset):
             ps.progress_at = time.monotonic()
             self._dirty.add(ps)
             if not self._flush_pending:
@@ -402,7 +406,7 @@ class Engine:
         by_consumer: dict[StageFeed, list[TopicPartition]] = {}
         for ps in self._dirty:
             position = ps.tracker.position
-            if not ps.revoked and position is not None:
+            if ps.phase is not Phase.REVOKED and position is not None:
                 tp = TopicPartition(ps.tp.topic, ps.tp.partition, position)
                 by_consumer.setdefault(ps.consumer, []).append(tp)
         self._dirty.clear()
@@ -410,7 +414,9 @@ class Engine:
             consumer.store(offsets)
 
     def _deactivate(self, ps: PartitionState) -> None:
-        ps.active = False
+        """No new work on ``ps``: what runs may still finish (one given up stays so)."""
+        if ps.phase is Phase.ACTIVE:
+            ps.phase = Phase.DRAINING
         ps.buffer.clear()
         if ps.timer is not None:
             ps.timer.cancel()

@@ -21,7 +21,8 @@ from dispatcher import metrics
 from dispatcher.catalog import Catalog
 from dispatcher.core.deliveries import Delivery
 from dispatcher.core.partitions import Slot
-from dispatcher.models import InvalidEvent, Subscription, short_errors
+from dispatcher.errors import InvalidEvent, Unusable
+from dispatcher.models import Subscription, short_errors
 from dispatcher.records import DeliveryRecord, Source, delivery_id_for
 from dispatcher.settings import Settings
 from dispatcher.stages import INPUT_STAGE, RetryStage
@@ -75,15 +76,6 @@ class CallPolicy:
         if not sub.url.startswith("https://") and not self.allow_http:
             return "insecure_url"
         return None
-
-
-class Unusable(Exception):
-    """A message that cannot be dispatched: it goes to the invalid-events topic."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 class Fanout:

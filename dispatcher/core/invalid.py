@@ -16,7 +16,8 @@ from typing import Final
 
 from confluent_kafka import Message
 
-from dispatcher.core.producer import ProduceRefused, RecordSink
+from dispatcher.core.producer import RecordSink
+from dispatcher.errors import ProduceRefused
 from dispatcher.records import H_SOURCE
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final
 
 from confluent_kafka import Message, TopicPartition
@@ -23,19 +24,29 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class Phase(Enum):
+    """Where a partition is in its assignment; it only ever moves down this list."""
+
+    #: Assigned: its messages are taken and new work starts.
+    ACTIVE = "active"
+    #: Being revoked (or shutting down): no new work starts, what runs may still
+    #: finish and its offsets count.
+    DRAINING = "draining"
+    #: Given up: completions no longer move its offsets.
+    REVOKED = "revoked"
+
+
 class PartitionState:
     """One assigned partition of one stage."""
 
     __slots__ = (
-        "active",
-        "blocked",
         "buffer",
         "consumer",
         "hops",
         "paused",
+        "phase",
         "progress_at",
         "queued",
-        "revoked",
         "stage",
         "tasks",
         "timer",
@@ -51,12 +62,9 @@ class PartitionState:
         self.buffer: deque[Message] = deque()
         self.paused = False
         self.queued = False  # in the pump's run queue
-        self.active = True  # new work may start
-        self.revoked = False  # completions no longer count
+        self.phase = Phase.ACTIVE
         self.tasks: set[asyncio.Task[None]] = set()
         self.timer: asyncio.TimerHandle | None = None
-        #: Endpoints (webhook ids) whose full queue this partition waits for.
-        self.blocked: set[str] = set()
         #: Hops of retry records read here, newest last (see :meth:`seen_before`).
         self.hops: OrderedDict[int, None] = OrderedDict()
         #: When the committable offset last moved, or work became pending (monotonic s).

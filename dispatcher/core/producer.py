@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from dispatcher import metrics
 from dispatcher.core.links import ClientLink
+from dispatcher.errors import ProduceRefused
 from dispatcher.kafka import flush_or_fail, make_producer, make_producer_from, producer_config
 from dispatcher.settings import Settings
 
@@ -43,21 +44,8 @@ PERMANENT: Final = frozenset(
         KafkaError._INVALID_ARG,
     }
 )
-_TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
-
-
-class ProduceRefused(Exception):
-    """A record the broker (or the client) refused for good; retrying cannot help."""
-
-    def __init__(self, topic: str, code: int, name: str, detail: str) -> None:
-        super().__init__(f"{topic}: {name}: {detail}")
-        self.topic = topic
-        self.code = code
-        self.name = name
-
-    @property
-    def too_large(self) -> bool:
-        return self.code in _TOO_LARGE
+#: Of those, the ones that refuse a record for its size.
+TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 class RecordSink(Protocol):
@@ -159,7 +147,9 @@ class AsyncProducer:
                     metrics.PRODUCE_REFUSED.labels(topic, err.name()).inc()
                     if err.fatal():
                         self._failure = f"the producer failed for good: {err.str()}"
-                    raise ProduceRefused(topic, err.code(), err.name(), err.str()) from None
+                    raise ProduceRefused(
+                        topic, err.code(), err.name(), err.str(), err.code() in TOO_LARGE
+                    ) from None
                 # Idempotence already retried inside librdkafka; a failure here means
                 # message.timeout.ms passed. The offset stays uncommitted meanwhile.
                 await asyncio.sleep(delay)

@@ -19,10 +19,6 @@ class NextHop:
     stage: RetryStage | None
     due_ms: int
 
-    @property
-    def dead_letter(self) -> bool:
-        return self.stage is None
-
 
 def after_failure(
     attempts_made: int,

@@ -16,7 +16,7 @@ from dispatcher.core.producer import AsyncProducer
 from dispatcher.core.table import SubscriptionTable
 from dispatcher.errors import EngineFailure, KafkaSetupError
 from dispatcher.logs import KAFKA_CLIENT_LOGGER
-from dispatcher.outbound.transport import build_http_client
+from dispatcher.outbound.transport import build_transport
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     # of the collector's sight, a full collection no longer walks it. With 100,000
     # subscriptions one took 80 ms, a pause of every delivery; frozen, none.
     gc.freeze()
-    client = build_http_client(settings)
+    sender = build_transport(settings)
     producer = AsyncProducer(settings, loop)
     try:
         if not stop.is_set():
-            engine = Engine(settings, table, client, producer, catalog=catalog)
+            engine = Engine(settings, table, sender, producer, catalog=catalog)
             engine.start()
             log.info("dispatching", extra={"subscriptions": len(table)})
             while not stop.is_set():
@@ -112,7 +112,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         else:
             producer.close()
     finally:
-        await client.aclose()
+        await sender.aclose()
         table.stop()
         if server is not None:
             server.stop()

@@ -96,16 +96,6 @@ class SubscriptionTable:
         )
         self._thread.start()
 
-    def wait_caught_up(self, timeout_s: float) -> bool:
-        """Block until the table reached the end offsets noted at start-up."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._caught_up.wait(0.1):
-                return True
-            if self._error is not None:
-                raise KafkaSetupError(f"subscriptions table failed: {self._error}")
-        return self._caught_up.is_set()
-
     def load_once(self, timeout_s: float = 30.0) -> None:
         """Read the topic up to its current end, then stop (for commands)."""
         consumer = self._open()
@@ -202,7 +192,7 @@ class SubscriptionTable:
                     continue
                 for msg in (first, *consumer.consume(499, timeout=0)):
                     self._handle(msg)
-        except Exception as exc:  # surfaced through wait_caught_up / readiness
+        except Exception as exc:  # surfaced through readiness
             log.exception("subscriptions table reader stopped")
             self._error = exc
         finally:

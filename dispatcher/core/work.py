@@ -89,11 +89,11 @@ class Work:
         self.refused = why
         self.release(ticket)
 
-    def start(
-        self, ticket: Ticket, coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]
-    ) -> asyncio.Task[None]:
-        """Run one ticket's work as a task kept in ``tasks`` until it ends."""
+    def start(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run one ticket's work as a task, kept in its partition's tasks until it ends
+        (a revoke or the shutdown waits for those)."""
         task = asyncio.get_running_loop().create_task(_logged(ticket, coro))
+        tasks = ticket.slot.part.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         # A done callback runs even for a task cancelled before its first step,

@@ -19,16 +19,15 @@ from typing import Final
 
 import httpx
 
-from dispatcher import __version__
+from dispatcher.errors import EgressBlocked
 from dispatcher.metrics import status_class
-from dispatcher.outbound.egress import EgressBlocked
+from dispatcher.outbound.sender import Sender
 from dispatcher.outbound.signing import signature_headers
-from dispatcher.outbound.transport import DeliveryClient
+from dispatcher.outbound.transport import USER_AGENT
 
 H_DELIVERY_ID: Final = "X-Bullseye-Delivery-Id"
 H_ATTEMPT: Final = "X-Bullseye-Attempt"
 H_TEST: Final = "X-Bullseye-Test"
-USER_AGENT: Final = f"webhook-dispatcher/{__version__}"
 
 #: A success body is read (so the connection can be reused) up to this size.
 _MAX_DRAIN_BYTES: Final = 64 * 1024
@@ -71,7 +70,7 @@ def build_headers(
 
 
 async def post(
-    client: httpx.AsyncClient,
+    sender: Sender,
     url: str,
     body: bytes,
     headers: dict[str, str],
@@ -83,7 +82,7 @@ async def post(
     try:
         # The whole attempt, slow-drip answers included, is bounded by the timeout.
         async with asyncio.timeout(timeout_s):
-            response = await _send(client, url, body, headers)
+            response = await sender.post(url, headers, body)
             try:
                 code = response.status_code
                 ok = 200 <= code < 300
@@ -111,19 +110,6 @@ async def post(
         return _failure(started, _transport_class(exc), _describe(exc))
     except httpx.HTTPError as exc:
         return _failure(started, "other", _describe(exc))
-
-
-async def _send(
-    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
-) -> httpx.Response:
-    """POST, returning the response with its body unread."""
-    if isinstance(client, DeliveryClient):
-        # Straight to the transport: the client's per-request work (building and
-        # merging a request, cookies, auth, redirect handling, hooks) is not
-        # needed here and cost as much CPU as the HTTP exchange itself.
-        return await client.transport.send("POST", url, headers, body, client.timeout_extension)
-    request = client.build_request("POST", url, content=body, headers=headers)
-    return await client.send(request, stream=True)
 
 
 async def _read_some(response: httpx.Response, limit: int) -> bytes:

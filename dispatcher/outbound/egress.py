@@ -26,10 +26,11 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
-import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
+
+from dispatcher.errors import BlockReason, EgressBlocked, IPAddress
 
 __all__ = [
     "REASONS",
@@ -44,22 +45,9 @@ __all__ = [
     "system_resolver",
 ]
 
-IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 
-BlockReason = Literal[
-    "loopback",  # 127.0.0.0/8, ::1
-    "private",  # RFC 1918, IPv6 unique-local fc00::/7 and old site-local fec0::/10
-    "shared",  # 100.64.0.0/10, carrier-grade NAT
-    "link_local",  # 169.254.0.0/16, fe80::/10
-    "metadata",  # cloud instance-metadata endpoints (_METADATA)
-    "unspecified",  # 0.0.0.0/8, ::
-    "multicast",  # 224.0.0.0/4, ff00::/8
-    "documentation",  # TEST-NETs, 2001:db8::/32, 3fff::/20
-    "reserved",  # everything else not globally routable
-    "plain_http",  # an http:// URL while DISPATCHER_ALLOW_HTTP is off
-]
 REASONS: frozenset[str] = frozenset(get_args(BlockReason))
 
 _METADATA: frozenset[IPAddress] = frozenset(
@@ -103,27 +91,6 @@ _RANGES = tuple((ipaddress.ip_network(net), reason) for net, reason in _RANGE_TA
 # Only 2000::/3 is global unicast; the rest of IPv6 is unassigned or special.
 _GLOBAL_UNICAST_V6 = IPv6Network("2000::/3")
 _NAT64 = IPv6Network("64:ff9b::/96")
-
-
-class EgressBlocked(httpx.ConnectError):
-    """A request refused by the egress policy before any connection was opened.
-
-    ``reason`` is one of :data:`REASONS`; ``address`` is the refused address (the
-    first one, when a name resolved to several, all refused), or ``None`` for
-    ``plain_http``; ``host`` is the URL's host.
-    """
-
-    def __init__(self, reason: BlockReason, host: str, address: IPAddress | None = None) -> None:
-        if reason == "plain_http":
-            message = f"refused plain http:// request to {host}: endpoints must use https://"
-        elif address is None:
-            message = f"refused connection to {host}: {reason}"
-        else:
-            message = f"refused connection to {host} ({address}): {reason} address"
-        super().__init__(message)
-        self.reason: BlockReason = reason
-        self.host = host
-        self.address = address
 
 
 def _views(address: IPAddress) -> list[IPAddress]:

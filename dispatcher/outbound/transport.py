@@ -17,7 +17,7 @@ CPU per request. :class:`GuardedTransport` is that engine as an httpx transport:
 * a response body is only read as far as the caller reads it: closing it early
   drops its connection instead of draining the rest;
 * aiohttp's errors become httpx's (``ConnectError``, ``ReadTimeout``...) with the
-  original as ``__cause__``; :class:`~dispatcher.outbound.egress.EgressBlocked` passes as is.
+  original as ``__cause__``; :class:`~dispatcher.errors.EgressBlocked` passes as is.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import certifi
@@ -35,19 +35,14 @@ import httpx
 import yarl
 
 from dispatcher import __version__
-from dispatcher.errors import ConfigError
-from dispatcher.outbound.egress import (
-    EgressBlocked,
-    GuardedResolver,
-    GuardedSockets,
-    Resolver,
-    SocketFactory,
-)
+from dispatcher.errors import ConfigError, EgressBlocked
+from dispatcher.outbound.egress import GuardedResolver, GuardedSockets, Resolver, SocketFactory
 from dispatcher.settings import Settings
 
 __all__ = ["DeliveryClient", "GuardedTransport", "build_http_client", "build_ssl_context"]
 
-USER_AGENT = f"webhook-dispatcher/{__version__}"
+#: The ``User-Agent`` of every request the dispatcher sends.
+USER_AGENT: Final = f"webhook-dispatcher/{__version__}"
 # Below the 5 s idle timeout of Node.js, a common receiver, so that a pooled
 # connection is seldom reused just as the server closes it.
 KEEPALIVE_EXPIRY_S = 4.0
@@ -116,6 +111,10 @@ class GuardedTransport(httpx.AsyncBaseTransport):
 
     The session is made on first use, on the running event loop. ``sockets``
     replaces the factory that creates allowed sockets (tests record them).
+    It is the dispatcher's :class:`~dispatcher.outbound.sender.Sender`: deliveries,
+    which need none of a client's per-request work (building a request, merging
+    defaults, cookies, auth, redirects, hooks), :meth:`post` straight to it, each
+    phase (connect, read, pool wait) bounded by ``timeout_s``.
     """
 
     def __init__(
@@ -128,6 +127,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         max_connections: int = 0,
         max_connections_per_origin: int = 100,
         keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
+        timeout_s: float = 30.0,
     ) -> None:
         self._ssl_context = ssl_context
         self._resolver = resolver
@@ -140,6 +140,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
         self._targets: dict[tuple[str, bool], yarl.URL] = {}
         self._closed = False
+        self._phases: dict[str, float | None] = httpx.Timeout(timeout_s).as_dict()
 
     def _target(self, text: str, encoded: bool) -> yarl.URL:
         """The URL parsed once (subscription URLs repeat), percent-encoded if not yet."""
@@ -224,6 +225,12 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         """
         return await self._send(method, self._target(url, encoded=False), headers, body, timeout)
 
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> httpx.Response:
+        """A delivery's POST (the :class:`~dispatcher.outbound.sender.Sender` method)."""
+        return await self._send(
+            "POST", self._target(url, encoded=False), headers, body, self._phases
+        )
+
     async def _send(
         self,
         method: str,
@@ -266,19 +273,16 @@ class GuardedTransport(httpx.AsyncBaseTransport):
 
 
 class DeliveryClient(httpx.AsyncClient):
-    """The delivery ``httpx.AsyncClient``, with its transport at hand.
+    """An ``httpx.AsyncClient`` over the guarded transport, with the transport at hand.
 
-    ``client.post`` and friends work as on any client. Deliveries, which need
-    none of the client's per-request work (building a request, merging defaults,
-    cookies, auth, redirects, hooks), send through :meth:`GuardedTransport.send`
-    directly and get an ``httpx.Response`` back (:func:`dispatcher.outbound.delivery.post`).
+    ``client.post`` and friends work as on any client; deliveries go to
+    :attr:`transport`, the :class:`~dispatcher.outbound.sender.Sender`
+    (:func:`dispatcher.outbound.delivery.post`).
     """
 
     def __init__(self, *, transport: GuardedTransport, **kwargs: Any) -> None:
         super().__init__(transport=transport, **kwargs)
         self.transport = transport
-        #: The timeout extension of a request sent through :attr:`transport`.
-        self.timeout_extension: dict[str, float | None] = self.timeout.as_dict()
 
 
 def build_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
@@ -314,6 +318,7 @@ def build_transport(
         # Per origin: every webhook on one host shares this cap and its connections.
         max_connections_per_origin=max_connections_per_origin or settings.max_in_flight_per_origin,
         keepalive_expiry_s=keepalive_expiry_s,
+        timeout_s=settings.http_timeout_s,
     )
 
 

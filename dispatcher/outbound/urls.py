@@ -17,14 +17,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from dispatcher.errors import InvalidUrl
+
 SCHEMES: Final = ("https", "http")
 #: One DNS label once IDNA-encoded: what resolvers accept (underscores occur in real names).
 _LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _MAX_HOST = 253
-
-
-class InvalidUrl(ValueError):
-    """The URL cannot be delivered to; the message says why, in one line."""
 
 
 def normalize_url(value: str) -> str:
