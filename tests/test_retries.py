@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dispatcher.records import H_ATTEMPT, H_DELIVERY_ID, H_DUE_MS
+from dispatcher.records import H_ATTEMPT, H_DELIVERY_ID, H_DUE_MS, DeliveryRecord
 from dispatcher.stages import RetryStage, retry_stages
 from tests.receiver import HttpsReceiver, ReceivedRequest, Reply
 from tests.support import (
@@ -446,7 +446,7 @@ def test_retry_after_delays_the_retry_without_spending_an_attempt(
     assert len(receiver.requests_to("/busy")) == 2
 
 
-def test_retry_of_a_deleted_or_disabled_subscription_is_skipped_and_counted(
+def test_retry_of_a_deleted_subscription_is_skipped_and_of_a_disabled_one_dead_lettered(
     ns_factory: Callable[..., Namespace],
     receiver: HttpsReceiver,
     run_dispatcher: StartDispatcher,
@@ -465,19 +465,27 @@ def test_retry_of_a_deleted_or_disabled_subscription_is_skipped_and_counted(
     ns.delete(gone.webhook_id)
     ns.subscribe(receiver.url("/off"), webhook_id=off.webhook_id, enabled=False)
     wait_until(
-        lambda: metric_value(proc.metrics(), "dispatcher_skipped_deliveries_total") >= 2,
+        lambda: (
+            metric_value(proc.metrics(), "dispatcher_skipped_deliveries_total") >= 1
+            and len(ns.read_all(ns.settings.dead_letter_topic)) >= 1
+        ),
         SETTLE_S,
-        "both retries to be counted as skipped",
+        "the deleted one's retry skipped, the disabled one's dead-lettered",
         interval_s=0.2,
     )
     wait_settled(ns, proc)
     text = proc.metrics()
     assert metric_value(text, "dispatcher_skipped_deliveries_total", reason="deleted") == 1
-    assert metric_value(text, "dispatcher_skipped_deliveries_total", reason="disabled") == 1
+    assert metric_value(text, "dispatcher_skipped_deliveries_total", reason="disabled") == 0
     assert len(receiver.requests_to("/gone")) == 1
     assert len(receiver.requests_to("/off")) == 1
-    # Skipped is not failed: nothing is dead-lettered, and the retries were not re-queued.
-    assert not ns.read_all(ns.settings.dead_letter_topic)
+    # Neither is attempted again nor re-queued; the disabled one's delivery is kept,
+    # replayable, with the reason, its one attempt in its history.
+    [letter] = ns.read_all(ns.settings.dead_letter_topic)
+    record = DeliveryRecord.model_validate_json(letter.value() or b"")
+    assert record.webhook_id == off.webhook_id
+    assert record.dead_letter_reason == "webhook_disabled"
+    assert record.attempts_made == 1 and len(record.history) == 1
     assert len(stage_records(ns, retry_stages(ns.settings)[0])) == 2
     assert not stage_records(ns, retry_stages(ns.settings)[1])
 

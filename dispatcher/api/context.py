@@ -27,6 +27,7 @@ from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.catalog import EventType
 from dispatcher.config_writer import ConfigWriter
+from dispatcher.health_writer import HealthWriter
 from dispatcher.settings import Settings
 
 P = ParamSpec("P")
@@ -58,6 +59,8 @@ class ApiContext:
     #: The one writer, in the process that holds the role; None in a replica that
     #: forwards changes to DISPATCHER_API_WRITER_URL.
     writer: ConfigWriter | None = None
+    #: The writer's fold of webhook health (started once it holds the role).
+    health: HealthWriter | None = None
     #: Why the readers have not started (a missing topic, no broker), or None.
     waiting_for: str | None = "starting"
 
