@@ -86,6 +86,9 @@ class HealthWriter:
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.commits = 0
+        #: Set once the reader stands at the committed position (readiness waits for it:
+        #: attempts made after the API is ready are folded).
+        self.positioned = threading.Event()
         metrics.health_counters_from_zero()
 
     def start(self) -> None:
@@ -120,6 +123,7 @@ class HealthWriter:
         consumer.assign(parts)
         self._base = dict(base) if base is not None else None
         self._next = nxt
+        self.positioned.set()
 
     def _run(self) -> None:
         consumer: Consumer | None = None

@@ -75,6 +75,11 @@ class ApiContext:
                 return False, f"{name} not caught up yet"
         if self.writer is not None and not self.writer.takeovers:
             return False, "not holding the writer role yet"
+        if self.writer is not None:
+            if self.health is None or not self.health.positioned.is_set():
+                return False, "webhook health not reading the attempts yet"
+            if self.health.failure is not None:
+                return False, f"webhook health stopped: {self.health.failure}"
         return True, "ok"
 
     async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
