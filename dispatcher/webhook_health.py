@@ -78,7 +78,10 @@ class Notification(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="The same for every copy of one event: deduplicate on it.")
+    id: str = Field(
+        pattern=r"^ntf_[0-9a-f]{24}$",
+        description="The same for every copy of one event: deduplicate on it.",
+    )
     type: NoticeType
     webhook_id: str
     organization_id: str
