@@ -76,6 +76,7 @@ class HealthWriter:
             settings.notify_after_failures,
             settings.notify_after_failing_s,
             settings.auto_disable_after_s,
+            settings.dead_letter_digest_s,
         )
         #: The committed position this reader started from (None: none committed yet).
         self._base: dict[int, int] | None = None
@@ -200,12 +201,12 @@ class HealthWriter:
         current = stored.positions if stored and stored.attempts_topic == self.topic else None
         if current != self._base:
             raise _Stale()
-        fold = HealthFold(self.limits, dict(self.view.health))
+        now = datetime.now(UTC)
+        fold = HealthFold(self.limits, dict(self.view.health), now)
         for value in batch:
             a = observed(value)
             if a is not None:
                 fold.attempt(a)
-        now = datetime.now(UTC)
         records: list[Outgoing] = []
         if check:
             subs = {

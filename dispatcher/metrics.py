@@ -170,7 +170,12 @@ HEALTH_FOLDED = Counter(
     "Attempt records folded into webhook health and committed.",
     registry=REGISTRY,
 )
-NOTIFICATION_TYPES = ("webhook.failing", "webhook.recovered", "webhook.disabled")
+NOTIFICATION_TYPES = (
+    "webhook.failing",
+    "webhook.recovered",
+    "webhook.disabled",
+    "webhook.dead_letters",
+)
 
 
 def health_counters_from_zero() -> None:

@@ -320,7 +320,8 @@ class Settings(BaseSettings):
     notifications_topic: str = Field(
         "webhooks.notifications",
         description="Topic of the health events (`webhook.failing`, `webhook.recovered`, "
-        "`webhook.disabled`), keyed by webhook id, written by the API's writer.",
+        "`webhook.disabled`, `webhook.dead_letters`), keyed by webhook id, written by the "
+        "API's writer.",
     )
     notifications_retention_ms: int = Field(
         30 * 86_400_000, ge=-1, description="`retention.ms` of the notifications topic."
@@ -342,6 +343,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds a webhook may fail without a single success before the writer "
         'disables it (`disabled_reason: "failing"`); 0 = never.',
+    )
+    dead_letter_digest_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Period of the `webhook.dead_letters` digest: one per webhook and period "
+        "with any delivery dead-lettered after its last attempt failed; 0 = no digests.",
     )
     health_check_every_s: float = Field(
         5.0,

@@ -14,8 +14,11 @@ webhook's last successful one; ``failing_since`` is the first of them. An
 attempt, with ``webhook.recovered``. A webhook failing for
 ``auto_disable_after_s`` without a success is disabled (``webhook.disabled``,
 reason ``failing``), counted again from that moment if someone enables it while
-it still fails. Deferrals (an open circuit) are not attempts and change nothing;
-the circuit's half-open probes are attempts.
+it still fails. Deliveries dead-lettered after their last attempt failed are
+counted per digest period (``digest_every_s``, from the first of them), and one
+``webhook.dead_letters`` says how many once the period is over. Deferrals (an
+open circuit) are not attempts and change nothing; the circuit's half-open
+probes are attempts.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ POSITION_KEY = "_position"
 #: write nothing, so a busy healthy webhook costs a record a minute, not one a batch.
 SUCCESS_PRECISION = timedelta(seconds=60)
 
-NoticeType = Literal["webhook.failing", "webhook.recovered", "webhook.disabled"]
+NoticeType = Literal[
+    "webhook.failing", "webhook.recovered", "webhook.disabled", "webhook.dead_letters"
+]
 
 
 class WebhookHealth(BaseModel):
@@ -55,6 +60,10 @@ class WebhookHealth(BaseModel):
     episode_since: datetime | None = None
     #: When the writer disabled it in this episode; None if it did not.
     auto_disabled_at: datetime | None = None
+    #: Deliveries dead-lettered after a failed last attempt, in the digest period
+    #: that starts at ``dead_letters_since`` (None: none yet).
+    dead_letters: int = Field(0, ge=0)
+    dead_letters_since: datetime | None = None
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
@@ -91,6 +100,10 @@ class Notification(BaseModel):
     last_success_at: datetime | None = None
     last_error: str | None = None
     reason: Literal["failing"] | None = None
+    #: On ``webhook.dead_letters``: how many, in which period.
+    dead_letters: int | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
@@ -105,6 +118,7 @@ class Observed:
     at: datetime
     ok: bool
     error: str | None
+    dead_lettered: bool = False
 
 
 def observed(value: bytes | None) -> Observed | None:
@@ -127,6 +141,7 @@ def observed(value: bytes | None) -> Observed | None:
             datetime.fromisoformat(str(doc["at"])).astimezone(UTC),
             ok,
             error,
+            bool(doc.get("dead_lettered", False)),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
@@ -144,6 +159,8 @@ class Limits:
     notify_after_failures: int
     notify_after_failing_s: float
     auto_disable_after_s: float
+    #: Length of a dead-letter digest period; 0 = no digests.
+    digest_every_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -184,10 +201,14 @@ class HealthFold:
     copies what it changes, so an aborted transaction leaves them as they were.
     """
 
-    def __init__(self, limits: Limits, states: dict[str, WebhookHealth]) -> None:
+    def __init__(
+        self, limits: Limits, states: dict[str, WebhookHealth], now: datetime | None = None
+    ) -> None:
         self.limits = limits
         self.states = states
         self.step = Step()
+        #: The time of the fold: dead letters count in the digest period open now.
+        self.now = now or datetime.now(UTC)
 
     def _get(self, webhook_id: str, organization_id: str) -> WebhookHealth:
         if webhook_id in self.step.health:
@@ -229,6 +250,9 @@ class HealthFold:
             h.episode_since = None
             h.auto_disabled_at = None
             return
+        if a.dead_lettered and self.limits.digest_every_s > 0:
+            h.dead_letters += 1
+            h.dead_letters_since = h.dead_letters_since or self.now
         h.consecutive_failures += 1
         h.failing_since = h.failing_since or a.at
         h.last_failure_at = a.at
@@ -253,13 +277,31 @@ class HealthFold:
                 self.step.health[webhook_id] = None
                 continue
             current = self.step.health.get(webhook_id, self.states.get(webhook_id))
-            if current is None or current.failing_since is None:
+            if current is None or (current.failing_since is None and not current.dead_letters):
                 continue
             pending = webhook_id in self.step.health
             h = self._get(webhook_id, current.organization_id)
-            self._check_one(h, now, *sub)
+            self._digest(h, now)
+            if h.failing_since is not None:
+                self._check_one(h, now, *sub)
             if not pending and self.states.get(webhook_id) == h:
                 del self.step.health[webhook_id]  # unchanged: nothing to write
+
+    def _digest(self, h: WebhookHealth, now: datetime) -> None:
+        """One ``webhook.dead_letters`` per period with any, once the period is over."""
+        since = h.dead_letters_since
+        if not h.dead_letters or since is None:
+            return
+        end = since + timedelta(seconds=self.limits.digest_every_s)
+        if now < end:
+            return
+        self.step.notices.append(
+            _notice("webhook.dead_letters", h, now, since).model_copy(
+                update={"dead_letters": h.dead_letters, "period_start": since, "period_end": end}
+            )
+        )
+        h.dead_letters = 0
+        h.dead_letters_since = None
 
     def _check_one(self, h: WebhookHealth, now: datetime, on: bool, changed: datetime) -> None:
         assert h.failing_since is not None

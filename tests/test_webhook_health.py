@@ -188,3 +188,41 @@ def test_attempt_records_are_read_and_others_ignored() -> None:
     assert observed(b"not json") is None
     assert observed(None) is None
     assert observed(orjson.dumps({"kind": "attempt"})) is None
+
+
+def test_one_dead_letter_digest_per_period_once_it_is_over() -> None:
+    limits = Limits(3, 0, 0, digest_every_s=3600)
+    states: dict[str, WebhookHealth] = {}
+    dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
+    first = HealthFold(limits, dict(states), T0)
+    for _ in range(4):
+        first.attempt(dead)
+    first.attempt(ok(T0))  # a success later does not forget them
+    commit(states, first)
+    assert states["wh_a"].dead_letters == 4
+    early = HealthFold(limits, dict(states), T0 + timedelta(seconds=3599))
+    early.check(T0 + timedelta(seconds=3599), {"wh_a": ON})
+    assert kinds(early) == []
+    # Counted in the period open when folded, whatever the record's own time.
+    late_record = HealthFold(limits, dict(states), T0 + timedelta(seconds=3000))
+    late_record.attempt(dead)
+    commit(states, late_record)
+    end = T0 + timedelta(seconds=3600)
+    due = HealthFold(limits, dict(states), end)
+    due.check(end, {"wh_a": ON})
+    assert kinds(due) == ["webhook.dead_letters"]
+    digest = due.step.notices[0]
+    assert digest.dead_letters == 5
+    assert (digest.period_start, digest.period_end) == (T0, end)
+    commit(states, due)
+    assert states["wh_a"].dead_letters == 0
+    again = HealthFold(limits, dict(states), end + timedelta(hours=5))
+    again.check(end + timedelta(hours=5), {"wh_a": ON})
+    assert kinds(again) == []
+
+
+def test_no_digest_when_digests_are_off() -> None:
+    states: dict[str, WebhookHealth] = {}
+    dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
+    run(states, [dead])
+    assert states["wh_a"].dead_letters == 0
