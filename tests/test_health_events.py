@@ -156,3 +156,13 @@ def test_one_event_of_each_kind_per_episode(
         "the API to show the webhook healthy",
     )
     assert healthy["failing_since"] is None and healthy["last_success_at"] is not None
+    # The writer's metrics, which the chart's alerts select (the failing event was
+    # counted by the writer killed, if it was).
+    with httpx.Client(timeout=5) as probe:
+        text = probe.get(f"http://127.0.0.1:{writer.probe_port}/metrics").text
+    assert metric_value(text, "dispatcher_webhooks_auto_disabled_total") == 1
+    assert metric_value(text, "dispatcher_health_write_failing") == 0
+    for kind in ("webhook.disabled", "webhook.recovered"):
+        assert metric_value(text, "dispatcher_notifications_total", type=kind) == 1
+    failing = metric_value(text, "dispatcher_notifications_total", type="webhook.failing")
+    assert failing == (0 if kill_writer else 1)
