@@ -309,6 +309,7 @@ class HealthFold:
         failing_for = now - h.failing_since
         if (
             h.episode_since is None
+            and on  # disabled by someone: no attempts, and nobody to warn
             and lim.notify_after_failing_s > 0
             and failing_for >= timedelta(seconds=lim.notify_after_failing_s)
         ):

@@ -226,3 +226,12 @@ def test_no_digest_when_digests_are_off() -> None:
     dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
     run(states, [dead])
     assert states["wh_a"].dead_letters == 0
+
+
+def test_a_webhook_disabled_by_someone_is_neither_warned_about_nor_disabled() -> None:
+    limits = Limits(notify_after_failures=100, notify_after_failing_s=60, auto_disable_after_s=60)
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0)], limits)
+    fold = HealthFold(limits, dict(states))
+    fold.check(T0 + timedelta(days=30), {"wh_a": (False, T0)})
+    assert kinds(fold) == [] and fold.step.disable == [] and fold.step.health == {}
