@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Attempt records folded per transaction at most.
 BATCH: Final = 2000
+#: How long records gather before a transaction: the delay of a health event at most
+#: (with ``health_check_every_s`` for the time-based ones).
+COMMIT_EVERY_S: Final = 0.5
 #: The position alone (nothing else changed) is written at most this often.
 POSITION_EVERY_S: Final = 10.0
 #: Pause after a transaction that failed, before reading again from the committed position.
@@ -144,12 +147,7 @@ class HealthWriter:
                         self._stop.wait(RETRY_AFTER_S * 2)
                         continue
                     batch = []
-                for msg in consumer.consume(BATCH - len(batch), timeout=0.5):
-                    partition, offset = msg.partition(), msg.offset()
-                    if msg.error() is not None or partition is None or offset is None:
-                        continue
-                    batch.append(msg.value())
-                    self._next[partition] = offset + 1
+                self._read(consumer, batch)
                 now = time.monotonic()
                 check = now >= next_check
                 if not batch and not check:
@@ -169,6 +167,22 @@ class HealthWriter:
         finally:
             if consumer is not None:
                 consumer.close()
+
+    def _read(self, consumer: Consumer, batch: list[bytes | None]) -> None:
+        """Add to ``batch`` what comes within ``COMMIT_EVERY_S`` (or until it is full):
+        a transaction per interval at most, not one per record, while attempts stream in
+        (each holds the writer's lock, which the API's changes wait for)."""
+        until = time.monotonic() + COMMIT_EVERY_S
+        while len(batch) < BATCH and not self._stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            for msg in consumer.consume(BATCH - len(batch), timeout=left):
+                partition, offset = msg.partition(), msg.offset()
+                if msg.error() is not None or partition is None or offset is None:
+                    continue
+                batch.append(msg.value())
+                self._next[partition] = offset + 1
 
     # --- deciding and committing ----------------------------------------------------
     def _commit(self, batch: list[bytes | None], check: bool) -> bool:
