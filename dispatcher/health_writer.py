@@ -202,9 +202,17 @@ class HealthWriter:
             self._base = dict(self._next)
             self.commits += 1
             metrics.HEALTH_FOLDED.inc(len(batch))
+            # Counted once committed: a decision may be taken again (after a fencing).
             for notice in step.notices:
                 metrics.NOTIFICATIONS.labels(notice.type).inc()
                 log.info("%s sent", notice.type, extra={"webhook_id": notice.webhook_id})
+                if notice.type == "webhook.disabled":
+                    metrics.WEBHOOKS_AUTO_DISABLED.inc()
+                    log.warning(
+                        "webhook disabled: failing without a success for %.0f s",
+                        self.limits.auto_disable_after_s,
+                        extra={"webhook_id": notice.webhook_id},
+                    )
         return True
 
     def _decide(
@@ -239,12 +247,6 @@ class HealthWriter:
                 if outcome.records:
                     records += outcome.records
                     fold.disabled(wid, now)
-                    metrics.WEBHOOKS_AUTO_DISABLED.inc()
-                    log.warning(
-                        "webhook disabled: failing without a success for %.0f s",
-                        self.limits.auto_disable_after_s,
-                        extra={"webhook_id": wid},
-                    )
         step = fold.step
         topic = self.settings.health_topic
         for wid, h in step.health.items():
