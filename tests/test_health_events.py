@@ -7,7 +7,8 @@ the dispatcher's table, and its pending retries are dead-lettered with reason
 ``webhook_disabled``. Enabled again once its endpoint answers, its next success
 gives one ``webhook.recovered``. The same counts when the writer is killed
 (``kill -9``) in the middle of the episode and a new one takes over, and with two
-dispatcher instances sharing the webhook's traffic, one of them killed mid-episode.
+dispatcher instances sharing the webhook's traffic, one of them killed mid-episode,
+and when another process takes the writer role for a moment (fencing the writer).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
+from dispatcher.config_state import ConfigView
+from dispatcher.config_writer import ConfigWriter
 from dispatcher.records import DeliveryRecord
 from tests.api_support import ORG, ApiProcess
 from tests.receiver import HttpsReceiver, Reply
@@ -53,7 +56,18 @@ def disabled_letters(ns: Namespace) -> list[DeliveryRecord]:
     return [r for r in letters if r.dead_letter_reason == "webhook_disabled"]
 
 
-@pytest.mark.parametrize("kill", [None, "writer", "dispatcher"])
+def fence(ns: Namespace) -> None:
+    view = ConfigView(ns.settings)
+    view.start()
+    try:
+        other = ConfigWriter(ns.settings, view)
+        other.take_role()
+        other.close()
+    finally:
+        view.stop()
+
+
+@pytest.mark.parametrize("kill", [None, "writer", "dispatcher", "fenced"])
 def test_one_event_of_each_kind_per_episode(
     kill: str | None,
     ns_factory: Callable[..., Namespace],
@@ -103,10 +117,19 @@ def test_one_event_of_each_kind_per_episode(
     elif kill == "dispatcher":
         assert "webhook.disabled" not in types_of(ns)
         doomed.kill()
+    elif kill == "fenced":
+        # Another process takes the writer role for a moment (as the CLI does for a
+        # change): the running writer's next transaction is refused, and it takes the
+        # role back, reading to the end, before deciding again.
+        assert "webhook.disabled" not in types_of(ns)
+        fence(ns)
 
     wait_until(
         lambda: "webhook.disabled" in types_of(ns), SETTLE_S, "webhook.disabled", interval_s=0.3
     )
+    if kill == "fenced":
+        # Its disable was the transaction refused, then decided again and committed.
+        assert "the writer role was taken by another process" in writer.logs()
     off = wait_until(
         lambda: (w := webhook(http, webhook_id))["enabled"] is False and w,
         SETTLE_S,
