@@ -241,6 +241,8 @@ class Namespace:
             "attempts_topic": f"{prefix}.webhooks.attempts",
             "organizations_topic": f"{prefix}.webhooks.organizations",
             "idempotency_topic": f"{prefix}.webhooks.idempotency",
+            "health_topic": f"{prefix}.webhooks.health",
+            "notifications_topic": f"{prefix}.webhooks.notifications",
             "topic_partitions": partitions,
             "allowed_networks": ["127.0.0.0/8"],
             "http_ca_file": str(ca_file),

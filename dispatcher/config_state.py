@@ -1,6 +1,7 @@
 """The configuration as one process sees it: subscriptions, plans, answers to keyed creates.
 
-A :class:`~dispatcher.follow.Follower` over the three configuration topics, read
+A :class:`~dispatcher.follow.Follower` over the three configuration topics and the
+webhooks' health (:mod:`dispatcher.webhook_health`), read
 ``read_committed`` (a change is seen whole or not at all). The one writer decides
 every change against this view (see :mod:`dispatcher.manage`), after reading it to
 the end; the API's replicas answer reads from it.
@@ -21,6 +22,7 @@ from dispatcher.kafka import Outgoing
 from dispatcher.manage import OrganizationRecord
 from dispatcher.models import Subscription, decode_subscription
 from dispatcher.settings import Settings
+from dispatcher.webhook_health import POSITION_KEY, HealthPosition, WebhookHealth, decode_health
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class ConfigView(Follower):
                 settings.subscriptions_topic,
                 settings.organizations_topic,
                 settings.idempotency_topic,
+                settings.health_topic,
             ),
         )
         self.subs: dict[str, Subscription] = {}
@@ -72,6 +75,9 @@ class ConfigView(Follower):
         #: Webhook ids whose latest record does not validate, with why (delete clears them).
         self.ignored: dict[str, str] = {}
         self._applied_answers = 0
+        #: Each webhook's health, and where the writer's fold of the attempts stands.
+        self.health: dict[str, WebhookHealth] = {}
+        self.health_position: HealthPosition | None = None
 
     # --- reads (any thread) --------------------------------------------------
     def subscription(self, webhook_id: str) -> Subscription | None:
@@ -112,6 +118,14 @@ class ConfigView(Follower):
                 and record.value is not None
                 and (found == Answer.model_validate_json(record.value))
             )
+        if record.topic == self.settings.health_topic:
+            if key == POSITION_KEY:
+                return record.value is not None and self.health_position == (
+                    HealthPosition.model_validate_json(record.value)
+                )
+            if record.value is None:
+                return key not in self.health
+            return self.health.get(key) == decode_health(record.value)
         if record.value is None:
             return key not in self.plans
         return self.plans.get(key) == OrganizationRecord.model_validate_json(record.value).plan
@@ -127,6 +141,8 @@ class ConfigView(Follower):
             self._apply_subscription(name, value)
         elif topic == self.settings.organizations_topic:
             self._apply_plan(name, value)
+        elif topic == self.settings.health_topic:
+            self._apply_health(name, value)
         else:
             self._apply_answer(name, value)
 
@@ -141,6 +157,24 @@ class ConfigView(Follower):
         except SubscriptionError as exc:
             self.ignored[webhook_id] = str(exc)
             log.warning("subscription record %s ignored: %s", webhook_id, exc)
+
+    def _apply_health(self, key: str, value: bytes | None) -> None:
+        if key == POSITION_KEY:
+            try:
+                self.health_position = (
+                    None if value is None else (HealthPosition.model_validate_json(value))
+                )
+            except ValidationError:
+                log.warning("health position record ignored")
+            return
+        if value is None:
+            self.health.pop(key, None)
+            return
+        found = decode_health(value)
+        if found is None:
+            log.warning("health record %s ignored", key)
+        else:
+            self.health[key] = found
 
     def _apply_plan(self, organization_id: str, value: bytes | None) -> None:
         if value is None:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -275,6 +275,8 @@ def build(
         "enabled": enabled,
     }
     base.update({k: v for k, v in fields.items() if v is not None})
+    if enabled is not None:
+        base.update(_disabling(existing, enabled, "manual", now))
     if description is not None:
         base["description"] = description or None
     base.setdefault("events", DEFAULT_EVENTS)
@@ -298,14 +300,33 @@ def build(
     return Change(sub, generated, tuple(warnings))
 
 
-def set_enabled(settings: Settings, sub: Subscription, enabled: bool) -> Change:
+DisabledReason = Literal["failing", "manual"]
+
+
+def _disabling(
+    existing: Subscription | None, enabled: bool, reason: DisabledReason, now: datetime
+) -> dict[str, Any]:
+    """The disabling fields after setting ``enabled``: enabling clears them; disabling an
+    enabled webhook says why and when, and a disabled one keeps its first reason."""
+    if enabled:
+        return {"disabled_reason": None, "disabled_at": None}
+    if existing is not None and not existing.enabled and existing.disabled_reason is not None:
+        return {"disabled_reason": existing.disabled_reason, "disabled_at": existing.disabled_at}
+    return {"disabled_reason": reason, "disabled_at": now}
+
+
+def set_enabled(
+    settings: Settings, sub: Subscription, enabled: bool, reason: DisabledReason = "manual"
+) -> Change:
     """Enable or disable; enabling checks the plan and the address again, disabling never."""
+    now = datetime.now(UTC)
     updated = _validated(
         {
             **sub.model_dump(),
             "enabled": enabled,
-            "updated_at": datetime.now(UTC),
+            "updated_at": now,
             "version": _next_version(sub),
+            **_disabling(sub, enabled, reason, now),
         }
     )
     warnings: list[str] = []
@@ -470,6 +491,16 @@ def enable(
 ) -> Outcome:
     sub = current(state, webhook_id, organization_id, if_match)
     return of_change(settings, set_enabled(settings, sub, on))
+
+
+def disable_failing(settings: Settings, state: ConfigState, webhook_id: str) -> Outcome:
+    """The writer's own change: disable a webhook that has failed without a success for
+    DISPATCHER_AUTO_DISABLE_AFTER_S. Nothing to write for one deleted or already disabled
+    (a person's decision stands)."""
+    sub = state.subscription(webhook_id)
+    if sub is None or not sub.enabled:
+        return Outcome()
+    return of_change(settings, set_enabled(settings, sub, False, "failing"))
 
 
 def rotate_secret(

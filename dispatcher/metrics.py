@@ -143,6 +143,47 @@ READY = Gauge(
     registry=REGISTRY,
 )
 
+# --- the writer's fold of webhook health (``dispatcher api`` holding the writer role) ---
+NOTIFICATIONS = Counter(
+    "dispatcher_notifications",
+    "Health events committed to the notifications topic, by type.",
+    ["type"],
+    registry=REGISTRY,
+)
+WEBHOOKS_AUTO_DISABLED = Counter(
+    "dispatcher_webhooks_auto_disabled",
+    "Webhooks the writer disabled for failing without a success.",
+    registry=REGISTRY,
+)
+HEALTH_WRITE_FAILURES = Counter(
+    "dispatcher_health_write_failures",
+    "Transactions of health, notifications and auto-disables that Kafka did not take.",
+    registry=REGISTRY,
+)
+HEALTH_WRITE_FAILING = Gauge(
+    "dispatcher_health_write_failing",
+    "1 while the last transaction of health and notifications failed (none written since).",
+    registry=REGISTRY,
+)
+HEALTH_FOLDED = Counter(
+    "dispatcher_health_attempts_folded",
+    "Attempt records folded into webhook health and committed.",
+    registry=REGISTRY,
+)
+NOTIFICATION_TYPES = (
+    "webhook.failing",
+    "webhook.recovered",
+    "webhook.disabled",
+    "webhook.dead_letters",
+)
+
+
+def health_counters_from_zero() -> None:
+    """The writer's counters at 0 from the start (see :func:`counters_from_zero`)."""
+    for kind in NOTIFICATION_TYPES:
+        NOTIFICATIONS.labels(kind)
+    HEALTH_WRITE_FAILING.set(0)
+
 
 #: Why a subscription record is skipped (``dispatcher_invalid_subscriptions``).
 INVALID_SUBSCRIPTION_REASONS = ("no_key", "invalid")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -255,10 +255,19 @@ class Subscription(BaseModel):
     #: Incremented by every change the writer makes; the API's ETag. 0: written
     #: before versions existed.
     version: int = Field(0, ge=0)
+    #: Why it is disabled: "failing" (the writer disabled it, see
+    #: :mod:`dispatcher.health`) or "manual"; None while enabled.
+    disabled_reason: Literal["failing", "manual"] | None = None
+    disabled_at: datetime | None = None
 
     _url = field_validator("url")(normalize_url)
     # Times in UTC, so comparing them with now can never fail in the hot path.
     _utc = field_validator("created_at", "updated_at")(as_utc)
+
+    @field_validator("disabled_at")
+    @classmethod
+    def _disabled_utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else as_utc(value)
 
     @field_validator("events")
     @classmethod
@@ -282,8 +291,14 @@ class Subscription(BaseModel):
     def to_json(self) -> bytes:
         # Without a description the record is what earlier versions wrote, so they
         # still read it during a rolling upgrade (they forbid unknown fields).
-        unset = {"description"} if self.description is None else None
-        return self.model_dump_json(exclude_none=False, exclude=unset).encode()
+        # The same for the disabling fields: a record of an enabled webhook reads in any
+        # version; only a disabled one needs dispatchers that know them.
+        unset = {
+            name
+            for name in ("description", "disabled_reason", "disabled_at")
+            if getattr(self, name) is None
+        }
+        return self.model_dump_json(exclude_none=False, exclude=unset or None).encode()
 
 
 def decode_subscription(key: bytes | None, value: bytes) -> Subscription:

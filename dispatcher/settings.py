@@ -312,6 +312,49 @@ class Settings(BaseSettings):
         description="Compacted topic of the answers to keyed creates (`Idempotency-Key`), "
         "kept DISPATCHER_API_IDEMPOTENCY_TTL_S.",
     )
+    health_topic: str = Field(
+        "webhooks.health",
+        description="Compacted topic of each webhook's health (failures, episode) and of the "
+        "writer's position in the attempts topic, written by the API's writer.",
+    )
+    notifications_topic: str = Field(
+        "webhooks.notifications",
+        description="Topic of the health events (`webhook.failing`, `webhook.recovered`, "
+        "`webhook.disabled`, `webhook.dead_letters`), keyed by webhook id, written by the "
+        "API's writer.",
+    )
+    notifications_retention_ms: int = Field(
+        30 * 86_400_000, ge=-1, description="`retention.ms` of the notifications topic."
+    )
+    notify_after_failures: int = Field(
+        10,
+        ge=1,
+        description="Consecutive failed attempts of a webhook (no success between them, "
+        "whatever delivery they belong to) after which `webhook.failing` is sent.",
+    )
+    notify_after_failing_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds a webhook may fail without a success (however few its attempts) "
+        "before `webhook.failing` is sent anyway; 0 = by count only.",
+    )
+    auto_disable_after_s: float = Field(
+        432_000.0,
+        ge=0,
+        description="Seconds a webhook may fail without a single success before the writer "
+        'disables it (`disabled_reason: "failing"`); 0 = never.',
+    )
+    dead_letter_digest_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Period of the `webhook.dead_letters` digest: one per webhook and period "
+        "with any delivery dead-lettered after its last attempt failed; 0 = no digests.",
+    )
+    health_check_every_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the writer looks for webhooks whose failing time passed a limit.",
+    )
     writer_transactional_id: str = Field(
         "",
         description="`transactional.id` of the one writer of the subscriptions, organizations "

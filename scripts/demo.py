@@ -70,6 +70,8 @@ def namespaced(namespace: str) -> dict[str, str]:
         "DISPATCHER_ATTEMPTS_TOPIC": f"{namespace}.webhooks.attempts",
         "DISPATCHER_ORGANIZATIONS_TOPIC": f"{namespace}.webhooks.organizations",
         "DISPATCHER_IDEMPOTENCY_TOPIC": f"{namespace}.webhooks.idempotency",
+        "DISPATCHER_HEALTH_TOPIC": f"{namespace}.webhooks.health",
+        "DISPATCHER_NOTIFICATIONS_TOPIC": f"{namespace}.webhooks.notifications",
     }
 
 

@@ -73,6 +73,8 @@ def namespace_settings(**overrides: Any) -> dict[str, Any]:
         "attempts_topic": f"{ns}.webhooks.attempts",
         "organizations_topic": f"{ns}.webhooks.organizations",
         "idempotency_topic": f"{ns}.webhooks.idempotency",
+        "health_topic": f"{ns}.webhooks.health",
+        "notifications_topic": f"{ns}.webhooks.notifications",
         "topic_partitions": 3,
         "retry_delays_s": [2, 4, 6],
         "retry_retention_ms": 3_600_000,

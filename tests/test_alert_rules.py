@@ -170,11 +170,17 @@ def test_every_rule_finds_its_series_in_a_real_scrape(
     # Fast retries so a delivery is dead-lettered in a second; a circuit that never
     # opens, so every delivery to the failing endpoint is an attempt.
     ns: Namespace = ns_factory(retry_delays_s=[1], circuit_failure_threshold=1_000_000)
-    # The chart's rules, selecting this test's scrape job and input topic.
+    # The chart's rules, selecting this test's scrape job and input topic. The API
+    # writer's rules (webhook health) select the same job: every process exports the
+    # one registry, so this scrape has their series too (at 0), and a renamed metric
+    # breaks this test; tests/test_health_events.py checks the writer's own values.
     rules = chart_alerts(
         tmp_path,
         {
-            "prometheusRule": {"metricSelector": 'job="dispatcher"'},
+            "prometheusRule": {
+                "metricSelector": 'job="dispatcher"',
+                "writerMetricSelector": 'job="dispatcher"',
+            },
             "config": {
                 "input_topic": ns.settings.input_topic,
                 "retry_topic_prefix": ns.settings.retry_topic_prefix,

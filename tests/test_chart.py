@@ -86,6 +86,8 @@ KNOWN_METRICS = {
     "dispatcher_internal_errors_total",
     "dispatcher_invalid_subscriptions_total",
     "dispatcher_produce_refused_total",
+    "dispatcher_webhooks_auto_disabled_total",
+    "dispatcher_health_write_failing",
 }
 
 OPTIONAL_TEMPLATES = {
@@ -525,15 +527,25 @@ def test_alerts_use_known_metrics_and_cover_the_failure_modes() -> None:
         assert metric_names(item["expr"]) <= KNOWN_METRICS, item["expr"]
         assert metric_names(item["expr"]), item["expr"]
         assert item["labels"]["severity"]
-        assert 'job="ci-webhook-dispatcher"' in item["expr"]
+    for group in rule["spec"]["groups"]:
+        # The API writer's rules select its own scrape job, the others the dispatchers'.
+        job = (
+            "ci-webhook-dispatcher-api-writer"
+            if group["name"].endswith("-writer")
+            else ("ci-webhook-dispatcher")
+        )
+        for item in group["rules"]:
+            assert f'job="{job}"' in item["expr"], item["expr"]
     alerts = {r["alert"] for r in rules}
-    # The ci file turns notReady off; the defaults have all six.
+    # The ci file turns notReady off; the defaults have all eight.
     assert alerts == {
         "WebhookDispatcherDeadLetters",
         "WebhookDispatcherInvalidSubscriptions",
         "WebhookDispatcherConsumerLagHigh",
         "WebhookDispatcherFailureRatioHigh",
         "WebhookDispatcherPartitionStuck",
+        "WebhookDispatcherWebhooksAutoDisabled",
+        "WebhookDispatcherNotificationsNotWritten",
     }
 
 
@@ -547,6 +559,8 @@ def test_all_alerts_by_default(tmp_path: Path) -> None:
         "WebhookDispatcherFailureRatioHigh",
         "WebhookDispatcherPartitionStuck",
         "WebhookDispatcherNotReady",
+        "WebhookDispatcherWebhooksAutoDisabled",
+        "WebhookDispatcherNotificationsNotWritten",
     }
     lag = next(r for r in rules if r["alert"] == "WebhookDispatcherConsumerLagHigh")
     # Every input topic (an event catalog may name several); retry topics lag on purpose.

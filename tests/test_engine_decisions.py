@@ -89,13 +89,14 @@ def _retry(webhook_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     return record.to_json(), list(record_headers(record, 0))
 
 
-def test_a_retry_of_a_deleted_or_disabled_subscription_is_skipped_and_counted() -> None:
+def test_a_retry_of_a_deleted_subscription_is_skipped_and_of_a_disabled_one_dead_lettered() -> None:
     off = subscription("wh_off", f"{HOST}/off").model_copy(update={"enabled": False})
     webhooks = Webhooks()
+    config = settings()
 
     async def main() -> None:
         deleted, disabled = skipped("deleted"), skipped("disabled")
-        async with running(settings(), FakeTable(off), webhooks) as h:
+        async with running(config, FakeTable(off), webhooks) as h:
             stage = h.consumers["1m"]
             stage.assign(0)
             for webhook_id in ("wh_gone", "wh_off"):
@@ -103,10 +104,16 @@ def test_a_retry_of_a_deleted_or_disabled_subscription_is_skipped_and_counted() 
                 stage.feed([value], headers=headers)
             await until(lambda: stage.stored.get(0) == 2, what="both retries handled")
             assert skipped("deleted") - deleted == 1
-            assert skipped("disabled") - disabled == 1
-            # Skipped is not failed: nothing called, dead-lettered or written again.
+            # The disabled one's delivery is kept, replayable, with the reason: a
+            # webhook re-enabled later can be given what it missed.
+            assert skipped("disabled") - disabled == 0
             assert webhooks.paths == []
-            assert h.producer.sent == []
+            [letter] = h.producer.sent
+            assert letter.topic == config.dead_letter_topic
+            record = DeliveryRecord.model_validate_json(letter.value or b"")
+            assert record.webhook_id == "wh_off"
+            assert record.dead_letter_reason == "webhook_disabled"
+            assert record.attempts_made == 1
             assert h.engine.work.in_flight == 0
 
     asyncio.run(main())

@@ -119,3 +119,28 @@ def test_a_plan_change_rewrites_the_webhooks_in_one_outcome() -> None:
     with pytest.raises(Refusal) as unknown:
         manage.set_plan(SETTINGS, state, "org", "platinum")
     assert unknown.value.field == "plan"
+
+
+def test_disabling_says_why_and_enabling_clears_it() -> None:
+    failing = manage.disable_failing(SETTINGS, State(hook()), "wh_1")
+    off = failing.sub
+    assert off is not None and not off.enabled
+    assert off.disabled_reason == "failing" and off.disabled_at is not None
+    assert off.version == 5
+    # Already disabled (by the writer or by someone) or deleted: the writer writes nothing.
+    assert manage.disable_failing(SETTINGS, State(off), "wh_1").records == []
+    assert manage.disable_failing(SETTINGS, State(), "wh_1").records == []
+    # Disabled again by someone, it keeps the first reason.
+    again = manage.enable(SETTINGS, State(off), "org", "wh_1", False).sub
+    assert again is not None and again.disabled_reason == "failing"
+    back = manage.enable(SETTINGS, State(off), "org", "wh_1", True).sub
+    assert back is not None and back.enabled
+    assert back.disabled_reason is None and back.disabled_at is None
+    manual = manage.enable(SETTINGS, State(hook()), "org", "wh_1", False).sub
+    assert manual is not None and manual.disabled_reason == "manual"
+    # Through a change of fields too (PATCH enabled, the CLI's --enabled).
+    patched = manage.update(SETTINGS, State(off), "org", "wh_1", known_events=[], enabled=True)
+    assert patched.sub is not None and patched.sub.disabled_reason is None
+    # The record of a disabled webhook carries both; an enabled one's neither.
+    assert b'"disabled_reason":"failing"' in off.to_json()
+    assert b"disabled" not in back.to_json()

@@ -258,3 +258,39 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
         assert ("body" in doc) == (attempt == 1)
         assert doc["dead_lettered"] == (attempt == 4)
         assert ("next_retry_at" in doc) == (attempt in (2, 3))
+
+
+def test_notification_model_output_matches_schema() -> None:
+    from dispatcher.webhook_health import Notification, notice_id
+
+    at = datetime.now(UTC)
+    notice = Notification(
+        id=notice_id("webhook.disabled", "wh_1", at),
+        type="webhook.disabled",
+        webhook_id="wh_1",
+        organization_id="org_abc123",
+        at=at,
+        consecutive_failures=12,
+        failing_since=at,
+        last_error="http 500",
+        reason="failing",
+    )
+    validator = jsonschema.Draft202012Validator(
+        schema("notification.schema.json"), format_checker=jsonschema.FormatChecker()
+    )
+    validator.validate(json.loads(notice.to_json()))
+    for key, value in {"type": "webhook.gone", "id": "x", "extra": 1}.items():
+        bad = dict(json.loads(notice.to_json()), **{key: value})
+        assert not validator.is_valid(bad), key
+        with pytest.raises(ValueError):
+            Notification.model_validate(bad)
+
+
+def test_disabled_subscription_record_agrees_and_an_enabled_one_omits_the_fields() -> None:
+    doc = _subscription_doc()
+    off = dict(doc, enabled=False, disabled_reason="failing", disabled_at="2026-01-01T00:00:00Z")
+    assert subscription_valid_for_both(off) == (True, True)
+    assert subscription_valid_for_both(dict(off, disabled_reason="bored")) == (False, False)
+    # An enabled webhook's record is what earlier versions wrote (they forbid unknown keys).
+    written = json.loads(Subscription.model_validate(doc).to_json())
+    assert "disabled_reason" not in written and "disabled_at" not in written

@@ -37,8 +37,8 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     assert first.returncode == 0, first.stderr
     created = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("created")]
     # input, subscriptions, 3 retry stages, dead letter, invalid, attempts, organizations,
-    # idempotency
-    assert len(created) == 10
+    # idempotency, health, notifications
+    assert len(created) == 12
     second = ensure(env)
     assert second.returncode == 0, second.stderr
     assert "created" not in second.stdout
@@ -64,6 +64,13 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     configs = admin.describe_configs([resource])[resource].result()
     assert configs["cleanup.policy"].value == "compact,delete"
     assert configs["retention.ms"].value == str(86_400 * 1000)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["health_topic"]))
+    configs = admin.describe_configs([resource])[resource].result()
+    assert configs["cleanup.policy"].value == "compact"
+    resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["notifications_topic"]))
+    configs = admin.describe_configs([resource])[resource].result()
+    assert configs["cleanup.policy"].value == "delete"
+    assert configs["retention.ms"].value == str(30 * 86_400_000)
 
 
 def test_ensure_reports_a_non_compacted_subscriptions_topic(broker: str) -> None:

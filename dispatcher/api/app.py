@@ -35,6 +35,7 @@ from dispatcher.catalog import load_catalog
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.health import Health
 from dispatcher.errors import KafkaSetupError, Problem
+from dispatcher.health_writer import HealthWriter
 from dispatcher.metrics import REGISTRY
 from dispatcher.settings import Settings
 
@@ -173,6 +174,8 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
                 await forwarder.close()
             if starting is not None:
                 starting.cancel()
+                if ctx.health is not None:
+                    await asyncio.to_thread(ctx.health.stop)
                 if ctx.writer is not None:
                     await asyncio.to_thread(ctx.writer.close)
                 await asyncio.to_thread(ctx.history.stop)
@@ -298,6 +301,9 @@ async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
         try:
             await asyncio.to_thread(ctx.writer.take_role)
             ctx.waiting_for = None
+            # The holder of the role folds webhook health, through the same producer.
+            ctx.health = HealthWriter(ctx.settings, ctx.store, ctx.writer)
+            ctx.health.start()
             return
         except KafkaSetupError as exc:
             if ctx.waiting_for != str(exc):

@@ -27,6 +27,7 @@ from dispatcher.api.store import Store
 from dispatcher.catalog import EventType
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.errors import Problem
+from dispatcher.health_writer import HealthWriter
 from dispatcher.settings import Settings
 
 P = ParamSpec("P")
@@ -58,6 +59,8 @@ class ApiContext:
     #: The one writer, in the process that holds the role; None in a replica that
     #: forwards changes to DISPATCHER_API_WRITER_URL.
     writer: ConfigWriter | None = None
+    #: The writer's fold of webhook health (started once it holds the role).
+    health: HealthWriter | None = None
     #: Why the readers have not started (a missing topic, no broker), or None.
     waiting_for: str | None = "starting"
 
@@ -72,6 +75,11 @@ class ApiContext:
                 return False, f"{name} not caught up yet"
         if self.writer is not None and not self.writer.takeovers:
             return False, "not holding the writer role yet"
+        if self.writer is not None:
+            if self.health is None or not self.health.positioned.is_set():
+                return False, "webhook health not reading the attempts yet"
+            if self.health.failure is not None:
+                return False, f"webhook health stopped: {self.health.failure}"
         return True, "ok"
 
     async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

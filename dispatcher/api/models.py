@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dispatcher.models import EVENT_NAME, Subscription
+from dispatcher.webhook_health import WebhookHealth
 
 Status = Literal["succeeded", "failing", "dead_lettered", "pending"]
 ORG_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
@@ -78,10 +79,35 @@ class Webhook(BaseModel):
     secret: str | None = Field(
         None, description="Only in the answer that generated it: store it, it is not shown again."
     )
+    disabled_reason: Literal["failing", "manual"] | None = Field(
+        None,
+        description="Why it is disabled: `failing` (disabled after failing without a success "
+        "for the auto-disable period) or `manual`; null while enabled. Enabling clears it.",
+    )
+    disabled_at: datetime | None = Field(None, description="When it was disabled.")
+    consecutive_failures: int = Field(
+        0, description="Failed attempts since its last successful one (any delivery)."
+    )
+    failing_since: datetime | None = Field(
+        None, description="The first of those failed attempts; null while it succeeds."
+    )
+    last_success_at: datetime | None = Field(
+        None, description="Its last successful attempt, to the minute; null if none seen."
+    )
+    last_error: str | None = Field(
+        None, description="What its last failed attempt came to (class and status)."
+    )
 
     @classmethod
-    def of(cls, sub: Subscription, entitled: bool, secret: str | None = None) -> Webhook:
+    def of(
+        cls,
+        sub: Subscription,
+        entitled: bool,
+        secret: str | None = None,
+        health: WebhookHealth | None = None,
+    ) -> Webhook:
         now = datetime.now(UTC)
+        failing = health is not None and health.consecutive_failures > 0
         return cls(
             id=sub.webhook_id,
             organization_id=sub.organization_id,
@@ -99,6 +125,12 @@ class Webhook(BaseModel):
             updated_at=sub.updated_at,
             version=sub.version,
             secret=secret,
+            disabled_reason=None if sub.enabled else sub.disabled_reason,
+            disabled_at=None if sub.enabled else sub.disabled_at,
+            consecutive_failures=health.consecutive_failures if health else 0,
+            failing_since=health.failing_since if health else None,
+            last_success_at=health.last_success_at if health else None,
+            last_error=health.last_error if health and failing else None,
         )
 
 

@@ -91,6 +91,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                 "retention.ms": str(settings.api_idempotency_ttl_s * 1000),
             },
         ),
+        TopicSpec(settings.health_topic, "webhooks' health", n, {"cleanup.policy": "compact"}),
+        TopicSpec(
+            settings.notifications_topic,
+            "health events",
+            n,
+            deleting(settings.notifications_retention_ms),
+        ),
     ]
     names = [spec.name for spec in specs]
     clash = sorted({name for name in names if names.count(name) > 1})

@@ -68,6 +68,8 @@ deferral_log = logging.getLogger("dispatcher.deferrals")
 
 #: Dead-letter reason of a delivery deferred past ``deferral_max_age_s``.
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+#: Dead-letter reason of a retry whose webhook was disabled while it waited.
+WEBHOOK_DISABLED = "webhook_disabled"
 #: Deferral reason of a delivery parked in Kafka behind a slow endpoint's full queue.
 ENDPOINT_SLOW = "endpoint_slow"
 #: A parked delivery waits at least this long: sooner, it would find the queue as
@@ -108,6 +110,8 @@ class Delivery:
     ticket: Ticket | None = field(default=None)
     #: Admitted as one of a half-open circuit's probes.
     probe: bool = False
+    #: Not to be attempted: dead-lettered at once with this reason.
+    refused: str | None = None
 
     @property
     def retry(self) -> bool:
@@ -226,6 +230,14 @@ class DeliveryRunner:
                 self._hold(key, d.slot.part)
         else:
             self.work.start(ticket, self._defer(d, admission.value, ep))
+
+    def refuse(self, d: Delivery) -> None:
+        """Dead-letter ``d`` without an attempt, with its ``refused`` reason; its message
+        waits for the write like for any hand-over."""
+        assert d.refused is not None
+        ticket = d.ticket = self.work.open(d.slot, d.delivery_id)
+        record = d.record or self._new_record(d)
+        self.work.start(ticket, self._dead_letter(d, record, d.refused, datetime.now(UTC)))
 
     def _hold(self, key: str, part: PartitionState) -> None:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""

@@ -346,7 +346,10 @@ class Engine:
                 self._reject(slot, msg, "internal", f"{type(exc).__name__}: {exc}")
                 return
             for delivery in deliveries:
-                self.runner.submit(delivery)
+                if delivery.refused is None:
+                    self.runner.submit(delivery)
+                else:
+                    self.runner.refuse(delivery)
 
     def _reject(self, slot: Slot, msg: Message, reason: str, detail: str) -> None:
         """Write an unusable input message, bytes intact, to the invalid-events topic."""

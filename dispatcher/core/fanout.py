@@ -3,7 +3,9 @@
 An input event becomes one delivery per subscription of its organization that
 lists its event and may be called now; a retry record becomes its one delivery
 again, if its subscription still may be called and it is not a second copy of a
-hop already read in its partition (the one thing remembered here). What is
+hop already read in its partition (the one thing remembered here). A retry of a
+disabled subscription becomes a delivery *refused*: the engine dead-letters it
+with reason ``webhook_disabled``, replayable once the webhook is enabled again. What is
 skipped on purpose is counted and logged; nothing is started or written here
 (the engine does that).
 """
@@ -19,7 +21,7 @@ from pydantic import ValidationError
 
 from dispatcher import metrics
 from dispatcher.catalog import Catalog
-from dispatcher.core.deliveries import Delivery
+from dispatcher.core.deliveries import WEBHOOK_DISABLED, Delivery
 from dispatcher.core.partitions import Slot
 from dispatcher.errors import InvalidEvent, Unusable
 from dispatcher.models import Subscription, short_errors
@@ -142,7 +144,12 @@ class Fanout:
         if record.event not in sub.events:
             self._skip_log("unsubscribed", record.delivery_id, sub)
             return []
-        if self.skip(sub, record.delivery_id):
+        refused = None
+        if not sub.enabled:
+            # Disabled while it waited (by someone, or by the writer for failing): kept,
+            # replayable, in the dead-letter topic rather than dropped.
+            refused = WEBHOOK_DISABLED
+        elif self.skip(sub, record.delivery_id):
             return []
         return [
             Delivery(
@@ -156,6 +163,7 @@ class Fanout:
                 stage=stage.name,
                 source=record.source,
                 record=record,
+                refused=refused,
             )
         ]
 

@@ -1,0 +1,334 @@
+"""Each webhook's health, folded from the attempts topic, and the events it gives.
+
+Pure logic, no Kafka: :class:`HealthFold` takes attempt records and the time, and
+says which health records, notifications and auto-disables follow. The writer
+(:mod:`dispatcher.health_writer`) runs it and commits what it says, together with
+its position in the attempts topic, in one transaction.
+
+What counts: every HTTP **attempt** (first tries and retries alike, whatever
+delivery it belongs to). ``consecutive_failures`` counts failed attempts since the
+webhook's last successful one; ``failing_since`` is the first of them. An
+*episode* opens when ``webhook.failing`` is sent (after
+``notify_after_failures`` such attempts, or ``notify_after_failing_s`` after
+``failing_since``, whichever comes first) and closes at the next successful
+attempt, with ``webhook.recovered``. A webhook failing for
+``auto_disable_after_s`` without a success is disabled (``webhook.disabled``,
+reason ``failing``), counted again from that moment if someone enables it while
+it still fails. Deliveries dead-lettered after their last attempt failed are
+counted per digest period (``digest_every_s``, from the first of them), and one
+``webhook.dead_letters`` says how many once the period is over. Deferrals (an
+open circuit) are not attempts and change nothing; the circuit's half-open
+probes are attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+#: Key of the record holding the writer's position in the attempts topic. Webhook ids
+#: start with a letter or a digit, so it never names one.
+POSITION_KEY = "_position"
+
+#: How stale ``last_success_at`` of a healthy webhook may be: successes within it
+#: write nothing, so a busy healthy webhook costs a record a minute, not one a batch.
+SUCCESS_PRECISION = timedelta(seconds=60)
+
+NoticeType = Literal[
+    "webhook.failing", "webhook.recovered", "webhook.disabled", "webhook.dead_letters"
+]
+
+
+class WebhookHealth(BaseModel):
+    """Value of the health topic for one webhook (key = webhook id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook_id: str
+    organization_id: str
+    consecutive_failures: int = Field(0, ge=0)
+    failing_since: datetime | None = None
+    last_failure_at: datetime | None = None
+    last_error: str | None = None
+    last_success_at: datetime | None = None
+    #: When ``webhook.failing`` was sent; None outside an episode.
+    episode_since: datetime | None = None
+    #: When the writer disabled it in this episode; None if it did not.
+    auto_disabled_at: datetime | None = None
+    #: Deliveries dead-lettered after a failed last attempt, in the digest period
+    #: that starts at ``dead_letters_since`` (None: none yet).
+    dead_letters: int = Field(0, ge=0)
+    dead_letters_since: datetime | None = None
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class HealthPosition(BaseModel):
+    """Value of :data:`POSITION_KEY`: the next offset to fold in each partition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts_topic: str
+    positions: dict[int, int]
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class Notification(BaseModel):
+    """Value of the notifications topic (key = webhook id,
+    ``schemas/notification.schema.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=r"^ntf_[0-9a-f]{24}$",
+        description="The same for every copy of one event: deduplicate on it.",
+    )
+    type: NoticeType
+    webhook_id: str
+    organization_id: str
+    at: datetime
+    consecutive_failures: int
+    failing_since: datetime | None = None
+    last_success_at: datetime | None = None
+    last_error: str | None = None
+    reason: Literal["failing"] | None = None
+    #: On ``webhook.dead_letters``: how many, in which period.
+    dead_letters: int | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What the fold reads from one attempt record."""
+
+    webhook_id: str
+    organization_id: str
+    at: datetime
+    ok: bool
+    error: str | None
+    dead_lettered: bool = False
+
+
+def observed(value: bytes | None) -> Observed | None:
+    """The attempt in an attempts-topic record; None for a resend request or a record
+    that is not an attempt (skipped, never fatal: the history reads it, not us)."""
+    if not value:
+        return None
+    try:
+        doc: Any = orjson.loads(value)
+        if not isinstance(doc, dict) or doc.get("kind", "attempt") != "attempt":
+            return None
+        ok = bool(doc["ok"])
+        error = None
+        if not ok:
+            code = doc.get("status_code")
+            error = str(doc.get("error_class", "error")) + (f" {code}" if code else "")
+        return Observed(
+            str(doc["webhook_id"]),
+            str(doc["organization_id"]),
+            datetime.fromisoformat(str(doc["at"])).astimezone(UTC),
+            ok,
+            error,
+            bool(doc.get("dead_lettered", False)),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def decode_health(value: bytes) -> WebhookHealth | None:
+    try:
+        return WebhookHealth.model_validate_json(value)
+    except ValidationError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    notify_after_failures: int
+    notify_after_failing_s: float
+    auto_disable_after_s: float
+    #: Length of a dead-letter digest period; 0 = no digests.
+    digest_every_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Step:
+    """What one fold decided: health records to write (None = delete), notifications,
+    and the webhooks to disable."""
+
+    health: dict[str, WebhookHealth | None] = field(default_factory=dict)
+    notices: list[Notification] = field(default_factory=list)
+    disable: list[str] = field(default_factory=list)
+
+
+def notice_id(kind: NoticeType, webhook_id: str, since: datetime) -> str:
+    """One id per (event type, webhook, episode): a repeat of it is a copy."""
+    raw = f"{kind}\0{webhook_id}\0{since.isoformat()}"
+    return "ntf_" + hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _notice(kind: NoticeType, h: WebhookHealth, at: datetime, since: datetime) -> Notification:
+    return Notification(
+        id=notice_id(kind, h.webhook_id, since),
+        type=kind,
+        webhook_id=h.webhook_id,
+        organization_id=h.organization_id,
+        at=at,
+        consecutive_failures=h.consecutive_failures,
+        failing_since=h.failing_since,
+        last_success_at=h.last_success_at,
+        last_error=h.last_error,
+        reason="failing" if kind == "webhook.disabled" else None,
+    )
+
+
+class HealthFold:
+    """Folds attempts into health, over a working copy of the states in force.
+
+    ``states`` are the committed states (read from the health topic); the fold
+    copies what it changes, so an aborted transaction leaves them as they were.
+    """
+
+    def __init__(
+        self, limits: Limits, states: dict[str, WebhookHealth], now: datetime | None = None
+    ) -> None:
+        self.limits = limits
+        self.states = states
+        self.step = Step()
+        #: The time of the fold: dead letters count in the digest period open now.
+        self.now = now or datetime.now(UTC)
+
+    def _get(self, webhook_id: str, organization_id: str) -> WebhookHealth:
+        if webhook_id in self.step.health:
+            found = self.step.health[webhook_id]
+            if found is not None:
+                return found
+        elif webhook_id in self.states:
+            copy = self.states[webhook_id].model_copy()
+            self.step.health[webhook_id] = copy
+            return copy
+        fresh = WebhookHealth(webhook_id=webhook_id, organization_id=organization_id)
+        self.step.health[webhook_id] = fresh
+        return fresh
+
+    def _peek(self, webhook_id: str) -> WebhookHealth | None:
+        if webhook_id in self.step.health:
+            return self.step.health[webhook_id]
+        return self.states.get(webhook_id)
+
+    def attempt(self, a: Observed) -> None:
+        if a.ok:
+            seen = self._peek(a.webhook_id)
+            if (
+                seen is not None
+                and seen.consecutive_failures == 0
+                and seen.last_success_at is not None
+                and a.at - seen.last_success_at < SUCCESS_PRECISION
+            ):
+                # Healthy and recently seen so: nothing worth a record.
+                return
+        h = self._get(a.webhook_id, a.organization_id)
+        if a.ok:
+            if h.episode_since is not None:
+                self.step.notices.append(_notice("webhook.recovered", h, a.at, h.episode_since))
+            if h.last_success_at is None or a.at > h.last_success_at:
+                h.last_success_at = a.at
+            h.consecutive_failures = 0
+            h.failing_since = None
+            h.episode_since = None
+            h.auto_disabled_at = None
+            return
+        if a.dead_lettered and self.limits.digest_every_s > 0:
+            h.dead_letters += 1
+            h.dead_letters_since = h.dead_letters_since or self.now
+        h.consecutive_failures += 1
+        h.failing_since = h.failing_since or a.at
+        h.last_failure_at = a.at
+        h.last_error = a.error
+        if h.episode_since is None and h.consecutive_failures >= self.limits.notify_after_failures:
+            self._open(h, a.at)
+
+    def _open(self, h: WebhookHealth, at: datetime) -> None:
+        h.episode_since = at
+        self.step.notices.append(_notice("webhook.failing", h, at, at))
+
+    def check(self, now: datetime, enabled: dict[str, tuple[bool, datetime] | None]) -> None:
+        """The time-based decisions, for every webhook that fails now.
+
+        ``enabled`` gives, per webhook id, whether it is enabled and when its
+        subscription last changed (None: deleted, and its health is deleted too).
+        """
+        ids = set(self.states) | {k for k, v in self.step.health.items() if v is not None}
+        for webhook_id in sorted(ids):
+            sub = enabled.get(webhook_id)
+            if sub is None:
+                self.step.health[webhook_id] = None
+                continue
+            current = self.step.health.get(webhook_id, self.states.get(webhook_id))
+            if current is None or (current.failing_since is None and not current.dead_letters):
+                continue
+            pending = webhook_id in self.step.health
+            h = self._get(webhook_id, current.organization_id)
+            self._digest(h, now)
+            if h.failing_since is not None:
+                self._check_one(h, now, *sub)
+            if not pending and self.states.get(webhook_id) == h:
+                del self.step.health[webhook_id]  # unchanged: nothing to write
+
+    def _digest(self, h: WebhookHealth, now: datetime) -> None:
+        """One ``webhook.dead_letters`` per period with any, once the period is over."""
+        since = h.dead_letters_since
+        if not h.dead_letters or since is None:
+            return
+        end = since + timedelta(seconds=self.limits.digest_every_s)
+        if now < end:
+            return
+        self.step.notices.append(
+            _notice("webhook.dead_letters", h, now, since).model_copy(
+                update={"dead_letters": h.dead_letters, "period_start": since, "period_end": end}
+            )
+        )
+        h.dead_letters = 0
+        h.dead_letters_since = None
+
+    def _check_one(self, h: WebhookHealth, now: datetime, on: bool, changed: datetime) -> None:
+        assert h.failing_since is not None
+        lim = self.limits
+        failing_for = now - h.failing_since
+        if (
+            h.episode_since is None
+            and on  # disabled by someone: no attempts, and nobody to warn
+            and lim.notify_after_failing_s > 0
+            and failing_for >= timedelta(seconds=lim.notify_after_failing_s)
+        ):
+            self._open(h, now)
+        if lim.auto_disable_after_s <= 0 or not on:
+            return
+        # Enabled again after the writer disabled it: counted again from then.
+        since = h.failing_since
+        if h.auto_disabled_at is not None:
+            since = max(since, h.auto_disabled_at, changed)
+        if now - since < timedelta(seconds=lim.auto_disable_after_s):
+            return
+        if h.episode_since is None:
+            self._open(h, now)
+        h.auto_disabled_at = now
+        self.step.disable.append(h.webhook_id)
+
+    def disabled(self, webhook_id: str, now: datetime) -> None:
+        """The disable of ``webhook_id`` is written: say so."""
+        h = self.step.health.get(webhook_id)
+        if h is not None and h.episode_since is not None:
+            self.step.notices.append(_notice("webhook.disabled", h, now, now))

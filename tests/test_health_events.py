@@ -1,0 +1,206 @@
+"""Health events and auto-disable, end to end: a real broker, a real HTTPS receiver,
+``dispatcher run`` and the API's writer (``dispatcher api``).
+
+A webhook failing every request gives one ``webhook.failing``, then (with a short
+auto-disable period) one ``webhook.disabled``; it is disabled in the API and in
+the dispatcher's table, and its pending retries are dead-lettered with reason
+``webhook_disabled``. Enabled again once its endpoint answers, its next success
+gives one ``webhook.recovered``. The same counts when the writer is killed
+(``kill -9``) in the middle of the episode and a new one takes over, and with two
+dispatcher instances sharing the webhook's traffic, one of them killed mid-episode,
+and when another process takes the writer role for a moment (fencing the writer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from dispatcher.config_state import ConfigView
+from dispatcher.config_writer import ConfigWriter
+from dispatcher.records import DeliveryRecord
+from tests.api_support import ORG, ApiProcess
+from tests.receiver import HttpsReceiver, Reply
+from tests.support import SEED_EVENT, Namespace, free_port, metric_value, wait_until
+
+HOOKS = f"/v1/organizations/{ORG}/webhooks"
+EVENTS = 5
+SETTLE_S = 60.0
+
+
+def notifications(ns: Namespace) -> list[dict[str, Any]]:
+    """Every committed health event, in the order of its partition (one per webhook)."""
+    return [json.loads(m.value()) for m in ns.read_all(ns.settings.notifications_topic)]
+
+
+def types_of(ns: Namespace) -> list[str]:
+    return [n["type"] for n in notifications(ns)]
+
+
+def webhook(http: httpx.Client, webhook_id: str) -> dict[str, Any]:
+    got = http.get(f"{HOOKS}/{webhook_id}")
+    assert got.status_code == 200, got.text
+    body: dict[str, Any] = got.json()
+    return body
+
+
+def disabled_letters(ns: Namespace) -> list[DeliveryRecord]:
+    letters = [
+        DeliveryRecord.model_validate_json(m.value() or b"")
+        for m in ns.read_all(ns.settings.dead_letter_topic)
+    ]
+    return [r for r in letters if r.dead_letter_reason == "webhook_disabled"]
+
+
+def fence(ns: Namespace) -> None:
+    view = ConfigView(ns.settings)
+    view.start()
+    try:
+        other = ConfigWriter(ns.settings, view)
+        other.take_role()
+        other.close()
+    finally:
+        view.stop()
+
+
+@pytest.mark.parametrize("kill", [None, "writer", "dispatcher", "fenced"])
+def test_one_event_of_each_kind_per_episode(
+    kill: str | None,
+    ns_factory: Callable[..., Namespace],
+    receiver: HttpsReceiver,
+    run_dispatcher: Callable[..., Any],
+    run_api: Callable[..., ApiProcess],
+) -> None:
+    ns = ns_factory(
+        # The retries come due after the webhook is disabled.
+        retry_delays_s=[14, 28, 42],
+        circuit_failure_threshold=1000,
+        notify_after_failures=3,
+        auto_disable_after_s=6,
+        health_check_every_s=0.5,
+    )
+    receiver.respond("/down", Reply(500))
+    writer = run_api(ns)
+    http = writer.admin()
+    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    created = http.post(HOOKS, json={"url": receiver.url("/down")})
+    assert created.status_code == 201, created.text
+    webhook_id = created.json()["id"]
+    dispatcher = run_dispatcher(ns)
+    if kill == "dispatcher":
+        # Two instances share the webhook's traffic; one is killed mid-episode.
+        doomed, dispatcher = dispatcher, run_dispatcher(ns, http_port=free_port())
+
+    ns.publish(*[SEED_EVENT] * EVENTS)
+    receiver.wait_for_requests(EVENTS, path="/down", timeout_s=SETTLE_S)
+    wait_until(
+        lambda: "webhook.failing" in types_of(ns), SETTLE_S, "webhook.failing", interval_s=0.3
+    )
+    shown = wait_until(
+        lambda: (w := webhook(http, webhook_id))["consecutive_failures"] >= EVENTS and w,
+        SETTLE_S,
+        "the API to show the failures",
+    )
+    assert shown["failing_since"] is not None and shown["last_success_at"] is None
+    assert shown["last_error"] == "http 500"
+
+    # In the middle of the episode: failing sent, not disabled yet.
+    if kill == "writer":
+        assert "webhook.disabled" not in types_of(ns)
+        writer.kill()
+        writer = run_api(ns, same_keys_as=writer)
+        http = writer.admin()
+    elif kill == "dispatcher":
+        assert "webhook.disabled" not in types_of(ns)
+        doomed.kill()
+    elif kill == "fenced":
+        # Another process takes the writer role for a moment (as the CLI does for a
+        # change): the running writer's next transaction is refused, and it takes the
+        # role back, reading to the end, before deciding again.
+        assert "webhook.disabled" not in types_of(ns)
+        fence(ns)
+
+    wait_until(
+        lambda: "webhook.disabled" in types_of(ns), SETTLE_S, "webhook.disabled", interval_s=0.3
+    )
+    if kill == "fenced":
+        # Its disable was the transaction refused, then decided again and committed.
+        assert "the writer role was taken by another process" in writer.logs()
+    off = wait_until(
+        lambda: (w := webhook(http, webhook_id))["enabled"] is False and w,
+        SETTLE_S,
+        "the API to show the webhook disabled",
+    )
+    assert off["disabled_reason"] == "failing" and off["disabled_at"] is not None
+    # The dispatcher's table has it disabled: a new event is skipped, not attempted.
+    ns.publish(SEED_EVENT)
+    wait_until(
+        lambda: (
+            metric_value(
+                dispatcher.metrics(), "dispatcher_skipped_deliveries_total", reason="disabled"
+            )
+            >= 1
+        ),
+        SETTLE_S,
+        "the new event to be skipped for the disabled webhook",
+    )
+    # A killed dispatcher may leave an attempt to be made again by the other (at least
+    # once), never one skipped.
+    tried = len(receiver.requests_to("/down"))
+    assert tried == EVENTS if kill != "dispatcher" else tried >= EVENTS
+    # Every pending retry is dead-lettered, replayable, with the reason.
+    letters = wait_until(
+        lambda: (
+            (found := disabled_letters(ns))
+            and len({r.delivery_id for r in found}) == EVENTS
+            and found
+        ),
+        SETTLE_S,
+        "the pending retries to be dead-lettered",
+        interval_s=0.3,
+    )
+    assert {r.webhook_id for r in letters} == {webhook_id}
+    assert all(r.attempts_made == 1 for r in letters)
+
+    down_requests = len(receiver.requests_to("/down"))
+    receiver.respond("/down", Reply(200))
+    enabled = http.post(f"{HOOKS}/{webhook_id}/enable")
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["disabled_reason"] is None and enabled.json()["disabled_at"] is None
+    # The dispatcher's table reads the change a moment later: publish until one arrives.
+    wait_until(
+        lambda: receiver.requests_to("/down")[down_requests:] or ns.publish(SEED_EVENT),
+        SETTLE_S,
+        "a delivery after enabling",
+        interval_s=1.0,
+    )
+    wait_until(
+        lambda: "webhook.recovered" in types_of(ns), SETTLE_S, "webhook.recovered", interval_s=0.3
+    )
+    # One partition per webhook, in order: nothing can follow unseen behind the recovery.
+    assert types_of(ns) == ["webhook.failing", "webhook.disabled", "webhook.recovered"]
+    events = notifications(ns)
+    assert {n["webhook_id"] for n in events} == {webhook_id}
+    assert {n["organization_id"] for n in events} == {ORG}
+    assert events[1]["reason"] == "failing"
+    assert len({n["id"] for n in events}) == 3
+    healthy = wait_until(
+        lambda: (w := webhook(http, webhook_id))["consecutive_failures"] == 0 and w,
+        SETTLE_S,
+        "the API to show the webhook healthy",
+    )
+    assert healthy["failing_since"] is None and healthy["last_success_at"] is not None
+    # The writer's metrics, which the chart's alerts select (the failing event was
+    # counted by the writer killed, if it was).
+    with httpx.Client(timeout=5) as probe:
+        text = probe.get(f"http://127.0.0.1:{writer.probe_port}/metrics").text
+    assert metric_value(text, "dispatcher_webhooks_auto_disabled_total") == 1
+    assert metric_value(text, "dispatcher_health_write_failing") == 0
+    for kind in ("webhook.disabled", "webhook.recovered"):
+        assert metric_value(text, "dispatcher_notifications_total", type=kind) == 1
+    failing = metric_value(text, "dispatcher_notifications_total", type="webhook.failing")
+    assert failing == (0 if kill == "writer" else 1)

@@ -1,0 +1,237 @@
+"""The fold of attempts into webhook health: pure logic, no Kafka."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from dispatcher.webhook_health import (
+    HealthFold,
+    Limits,
+    Observed,
+    WebhookHealth,
+    notice_id,
+    observed,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+LIMITS = Limits(notify_after_failures=3, notify_after_failing_s=0, auto_disable_after_s=600)
+ON = (True, T0 - timedelta(days=1))
+
+
+def fail(at: datetime, webhook_id: str = "wh_a") -> Observed:
+    return Observed(webhook_id, "org_1", at, False, "http_status 500")
+
+
+def ok(at: datetime, webhook_id: str = "wh_a") -> Observed:
+    return Observed(webhook_id, "org_1", at, True, None)
+
+
+def run(
+    states: dict[str, WebhookHealth], attempts: list[Observed], limits: Limits = LIMITS
+) -> HealthFold:
+    """Fold ``attempts`` and make the result the committed state, as the writer does."""
+    fold = HealthFold(limits, dict(states))
+    for a in attempts:
+        fold.attempt(a)
+    commit(states, fold)
+    return fold
+
+
+def commit(states: dict[str, WebhookHealth], fold: HealthFold) -> None:
+    for wid, h in fold.step.health.items():
+        if h is None:
+            states.pop(wid, None)
+        else:
+            states[wid] = h
+
+
+def kinds(fold: HealthFold) -> list[str]:
+    return [n.type for n in fold.step.notices]
+
+
+def test_failing_once_per_episode_then_recovered_once() -> None:
+    states: dict[str, WebhookHealth] = {}
+    first = run(states, [fail(T0 + timedelta(seconds=i)) for i in range(2)])
+    assert kinds(first) == []
+    assert states["wh_a"].consecutive_failures == 2
+    assert states["wh_a"].failing_since == T0
+    # The third failure opens the episode; further failures send nothing more.
+    third = run(states, [fail(T0 + timedelta(seconds=i)) for i in range(2, 10)])
+    assert kinds(third) == ["webhook.failing"]
+    notice = third.step.notices[0]
+    assert notice.consecutive_failures == 3 and notice.failing_since == T0
+    assert notice.last_error == "http_status 500"
+    assert kinds(run(states, [fail(T0 + timedelta(seconds=11))])) == []
+    back = run(states, [ok(T0 + timedelta(seconds=12)), ok(T0 + timedelta(seconds=13))])
+    assert kinds(back) == ["webhook.recovered"]
+    h = states["wh_a"]
+    assert h.consecutive_failures == 0 and h.failing_since is None and h.episode_since is None
+    assert h.last_success_at == T0 + timedelta(seconds=12)
+    # The recovery names the episode it ends: the same id as its failing event's.
+    assert back.step.notices[0].id == notice_id("webhook.recovered", "wh_a", notice.at)
+
+
+def test_a_success_between_failures_resets_the_count() -> None:
+    states: dict[str, WebhookHealth] = {}
+    attempts = [fail(T0), fail(T0), ok(T0), fail(T0), fail(T0)]
+    assert kinds(run(states, attempts)) == []
+    assert states["wh_a"].consecutive_failures == 2
+
+
+def test_webhooks_are_counted_apart() -> None:
+    states: dict[str, WebhookHealth] = {}
+    attempts = [fail(T0, "wh_a"), fail(T0, "wh_b"), fail(T0, "wh_a"), fail(T0, "wh_a")]
+    fold = run(states, attempts)
+    assert [(n.type, n.webhook_id) for n in fold.step.notices] == [("webhook.failing", "wh_a")]
+    assert states["wh_b"].consecutive_failures == 1
+
+
+def test_recent_successes_of_a_healthy_webhook_write_nothing() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [ok(T0)])
+    again = run(states, [ok(T0 + timedelta(seconds=30))])
+    assert again.step.health == {}
+    later = run(states, [ok(T0 + timedelta(seconds=61))])
+    assert later.step.health["wh_a"] is not None
+    assert states["wh_a"].last_success_at == T0 + timedelta(seconds=61)
+
+
+def test_failing_for_long_enough_opens_the_episode_with_few_attempts() -> None:
+    limits = Limits(notify_after_failures=100, notify_after_failing_s=60, auto_disable_after_s=0)
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0)], limits)
+    early = HealthFold(limits, dict(states))
+    early.check(T0 + timedelta(seconds=59), {"wh_a": ON})
+    assert kinds(early) == [] and early.step.health == {}
+    late = HealthFold(limits, dict(states))
+    late.check(T0 + timedelta(seconds=60), {"wh_a": ON})
+    assert kinds(late) == ["webhook.failing"]
+    assert late.step.disable == []  # 0 = never disabled
+
+
+def test_auto_disable_after_the_period_without_a_success() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0)])  # below the count: no episode yet
+    before = HealthFold(LIMITS, dict(states))
+    before.check(T0 + timedelta(seconds=599), {"wh_a": ON})
+    assert before.step.disable == [] and kinds(before) == []
+    due = HealthFold(LIMITS, dict(states))
+    now = T0 + timedelta(seconds=600)
+    due.check(now, {"wh_a": ON})
+    assert due.step.disable == ["wh_a"]
+    due.disabled("wh_a", now)
+    # Failing first (the episode opens), then disabled with its reason.
+    assert kinds(due) == ["webhook.failing", "webhook.disabled"]
+    assert due.step.notices[1].reason == "failing"
+    commit(states, due)
+    # Disabled now: the next checks decide nothing more.
+    off = (False, now)
+    again = HealthFold(LIMITS, dict(states))
+    again.check(now + timedelta(seconds=600), {"wh_a": off})
+    assert again.step.disable == [] and kinds(again) == [] and again.step.health == {}
+
+
+def test_enabled_again_while_failing_is_counted_again_from_then() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0 + timedelta(seconds=i)) for i in range(3)])
+    disabled_at = T0 + timedelta(seconds=600)
+    fold = HealthFold(LIMITS, dict(states))
+    fold.check(disabled_at, {"wh_a": ON})
+    assert fold.step.disable == ["wh_a"]
+    commit(states, fold)
+    enabled_at = disabled_at + timedelta(seconds=300)
+    sub = (True, enabled_at)
+    soon = HealthFold(LIMITS, dict(states))
+    soon.check(enabled_at + timedelta(seconds=599), {"wh_a": sub})
+    assert soon.step.disable == []
+    late = HealthFold(LIMITS, dict(states))
+    late.check(enabled_at + timedelta(seconds=600), {"wh_a": sub})
+    assert late.step.disable == ["wh_a"]
+    late.disabled("wh_a", enabled_at + timedelta(seconds=600))
+    # Still the same episode: no second failing event, only the disable.
+    assert kinds(late) == ["webhook.disabled"]
+
+
+def test_a_deleted_webhook_loses_its_health() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0)])
+    fold = HealthFold(LIMITS, dict(states))
+    fold.check(T0, {"wh_a": None})
+    assert fold.step.health == {"wh_a": None}
+
+
+def test_the_fold_leaves_the_committed_states_untouched() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0)])
+    before = states["wh_a"].model_copy()
+    fold = HealthFold(LIMITS, states)
+    fold.attempt(fail(T0))
+    fold.check(T0 + timedelta(days=1), {"wh_a": ON})
+    assert states["wh_a"] == before
+
+
+def test_attempt_records_are_read_and_others_ignored() -> None:
+    doc = {
+        "kind": "attempt",
+        "webhook_id": "wh_a",
+        "organization_id": "org_1",
+        "at": "2026-01-01T00:00:00Z",
+        "ok": False,
+        "status_code": 503,
+        "error_class": "http_status",
+    }
+    seen = observed(orjson.dumps(doc))
+    assert seen == Observed("wh_a", "org_1", T0, False, "http_status 503")
+    assert observed(orjson.dumps({**doc, "kind": "resend"})) is None
+    assert observed(b"not json") is None
+    assert observed(None) is None
+    assert observed(orjson.dumps({"kind": "attempt"})) is None
+
+
+def test_one_dead_letter_digest_per_period_once_it_is_over() -> None:
+    limits = Limits(3, 0, 0, digest_every_s=3600)
+    states: dict[str, WebhookHealth] = {}
+    dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
+    first = HealthFold(limits, dict(states), T0)
+    for _ in range(4):
+        first.attempt(dead)
+    first.attempt(ok(T0))  # a success later does not forget them
+    commit(states, first)
+    assert states["wh_a"].dead_letters == 4
+    early = HealthFold(limits, dict(states), T0 + timedelta(seconds=3599))
+    early.check(T0 + timedelta(seconds=3599), {"wh_a": ON})
+    assert kinds(early) == []
+    # Counted in the period open when folded, whatever the record's own time.
+    late_record = HealthFold(limits, dict(states), T0 + timedelta(seconds=3000))
+    late_record.attempt(dead)
+    commit(states, late_record)
+    end = T0 + timedelta(seconds=3600)
+    due = HealthFold(limits, dict(states), end)
+    due.check(end, {"wh_a": ON})
+    assert kinds(due) == ["webhook.dead_letters"]
+    digest = due.step.notices[0]
+    assert digest.dead_letters == 5
+    assert (digest.period_start, digest.period_end) == (T0, end)
+    commit(states, due)
+    assert states["wh_a"].dead_letters == 0
+    again = HealthFold(limits, dict(states), end + timedelta(hours=5))
+    again.check(end + timedelta(hours=5), {"wh_a": ON})
+    assert kinds(again) == []
+
+
+def test_no_digest_when_digests_are_off() -> None:
+    states: dict[str, WebhookHealth] = {}
+    dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
+    run(states, [dead])
+    assert states["wh_a"].dead_letters == 0
+
+
+def test_a_webhook_disabled_by_someone_is_neither_warned_about_nor_disabled() -> None:
+    limits = Limits(notify_after_failures=100, notify_after_failing_s=60, auto_disable_after_s=60)
+    states: dict[str, WebhookHealth] = {}
+    run(states, [fail(T0)], limits)
+    fold = HealthFold(limits, dict(states))
+    fold.check(T0 + timedelta(days=30), {"wh_a": (False, T0)})
+    assert kinds(fold) == [] and fold.step.disable == [] and fold.step.health == {}
