@@ -32,6 +32,9 @@ BODY_KEYS: Final = (
 
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+#: Highest rate limit a webhook may have (deliveries a second); beyond it the
+#: concurrency slots are the only limit that matters.
+MAX_RATE_LIMIT_PER_S: Final = 10_000
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -269,6 +272,11 @@ class Subscription(BaseModel):
     #: Incremented by every change the writer makes; the API's ETag. 0: written
     #: before versions existed.
     version: int = Field(0, ge=0)
+    #: Most deliveries started per second, across every dispatcher instance; None:
+    #: only the concurrency slots limit it.
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, le=MAX_RATE_LIMIT_PER_S, allow_inf_nan=False, strict=True
+    )
 
     _url = field_validator("url")(normalize_url)
     # Times in UTC, so comparing them with now can never fail in the hot path.
@@ -294,9 +302,12 @@ class Subscription(BaseModel):
         return found
 
     def to_json(self) -> bytes:
-        # Without a description the record is what earlier versions wrote, so they
-        # still read it during a rolling upgrade (they forbid unknown fields).
-        unset = {"description"} if self.description is None else None
+        # Fields left unset are not written, so a record that uses none of the newer
+        # fields is what earlier versions wrote, and they still read it during a
+        # rolling upgrade (they forbid unknown fields).
+        unset = {
+            name for name in ("description", "rate_limit_per_s") if getattr(self, name) is None
+        }
         return self.model_dump_json(exclude_none=False, exclude=unset).encode()
 
 
