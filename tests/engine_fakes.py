@@ -55,6 +55,7 @@ class FakeConsumer:
         self.batches_done = 0
         self.failure: str | None = None
         self.link: ClientLink | None = None
+        self.partitions_total: int | None = None
         self._next: dict[int, int] = {}
 
     @property
