@@ -30,6 +30,7 @@ def _rate_limit(doc: str) -> Any:
         gt=0,
         le=MAX_RATE_LIMIT_PER_S,
         allow_inf_nan=False,
+        strict=True,  # true is not 1 a second, nor "5" a number
         description=doc,
         examples=[5],
     )
