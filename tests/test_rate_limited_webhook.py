@@ -10,6 +10,10 @@ the dispatcher spaces the *starts* 0.2 s apart, the network and the receiver's
 threads add their own delays), each on its first attempt: what waited, in the
 queue or parked in Kafka (``rate_limited``), spent no attempt.
 
+With two instances, each takes its share of the limit (its fraction of the
+partitions) and together they stay within the limit plus one start per instance
+in any window, the tolerance the README states.
+
 Marked ``alone``: the bound on a 1 s window holds the jitter to less than a
 start's spacing (0.2 s), which a machine loaded by other tests may exceed.
 """
@@ -24,7 +28,7 @@ import pytest
 from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, ReceivedRequest, Reply
 from tests.streams import Tally, expected_pairs, gauge, publish_spread, stream
-from tests.support import DispatcherProcess, Namespace, wait_until
+from tests.support import DispatcherProcess, Namespace, free_port, wait_until
 
 LIMIT = 5
 EVENTS = 300
@@ -56,11 +60,8 @@ def first_attempts(requests: list[ReceivedRequest]) -> set[str | None]:
     return {r.header("x-bullseye-attempt") for r in requests}
 
 
-@pytest.mark.alone
-def test_a_rate_limited_webhook_gets_its_limit_and_its_neighbour_full_speed(
-    ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any, cli: Cli
-) -> None:
-    ns: Namespace = ns_factory(**SETTINGS)
+def limited_and_free(ns: Namespace, receiver: HttpsReceiver, cli: Cli) -> None:
+    """F without a limit (written directly), L with one (through the command line)."""
     receiver.respond("/limited", Reply(200))
     receiver.respond("/free", Reply(200))
     ns.subscribe(receiver.url("/free"), organization_id="org_rl")
@@ -71,6 +72,14 @@ def test_a_rate_limited_webhook_gets_its_limit_and_its_neighbour_full_speed(
     )
     assert made.code == 0, made.err
     assert made.json()["rate_limit_per_s"] == LIMIT
+
+
+@pytest.mark.alone
+def test_a_rate_limited_webhook_gets_its_limit_and_its_neighbour_full_speed(
+    ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any, cli: Cli
+) -> None:
+    ns: Namespace = ns_factory(**SETTINGS)
+    limited_and_free(ns, receiver, cli)
     proc: DispatcherProcess = run_dispatcher(ns)
 
     events = stream("rl", 0, EVENTS, org="org_rl")
@@ -108,3 +117,48 @@ def test_a_rate_limited_webhook_gets_its_limit_and_its_neighbour_full_speed(
     assert gauge(proc, "dispatcher_rate_limit_waits_total") >= parked
     assert gauge(proc, "dispatcher_deferrals_total") == parked
     assert gauge(proc, "dispatcher_rate_limit_share") == 1.0
+
+
+@pytest.mark.alone
+def test_two_instances_share_the_limit(
+    ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any, cli: Cli
+) -> None:
+    ns: Namespace = ns_factory(**SETTINGS)
+    limited_and_free(ns, receiver, cli)
+    procs: list[DispatcherProcess] = [
+        run_dispatcher(ns),
+        run_dispatcher(ns, http_port=free_port()),
+    ]
+
+    def shares() -> list[float] | None:
+        got = [gauge(p, "dispatcher_rate_limit_share") for p in procs]
+        return got if all(0 < g < 1 for g in got) and abs(sum(got) - 1) < 1e-6 else None
+
+    split = wait_until(shares, 60, "the two instances to split the partitions")
+
+    events = stream("rl2", 0, EVENTS, org="org_rl")
+    started = time.time()
+    publish_spread(ns, events)
+    free = expected_pairs(["/free"], events)
+    wait_until(lambda: not Tally.of([receiver]).missing(free), 60, "every delivery to F")
+    free_s = max(r.received_at for r in receiver.requests_to("/free")) - started
+    limited = expected_pairs(["/limited"], events)
+    wait_until(lambda: not Tally.of([receiver]).missing(limited), 240, "every delivery to L")
+    arrivals = [r.received_at for r in receiver.requests_to("/limited")]
+    span = max(arrivals) - min(arrivals)
+    per_window = most_in_any_window(arrivals, 1.0)
+    per_10_windows = most_in_any_window(arrivals, 10.0)
+    by_instance = [gauge(p, "dispatcher_delivery_attempts_total", outcome="success") for p in procs]
+    print(
+        f"\n[rate limit, 2 instances] shares {split}; F's {EVENTS} in {free_s:.1f} s;"
+        f" L's {EVENTS} over {span:.1f} s ({(len(arrivals) - 1) / span:.2f}/s),"
+        f" at most {per_window} in 1 s and {per_10_windows} in 10 s;"
+        f" successes per instance {by_instance}"
+    )
+    assert free_s <= FREE_WITHIN_S, free_s
+    # The limit, one start per instance, and the arrivals' jitter.
+    assert per_window <= LIMIT + len(procs) + JITTER_ALLOWANCE, per_window
+    assert per_10_windows <= 10 * LIMIT + len(procs) + JITTER_ALLOWANCE, per_10_windows
+    assert span >= (EVENTS - 1) / LIMIT - len(procs), span
+    assert first_attempts(receiver.requests_to("/limited")) == {"1"}
+    assert Tally.of([receiver]).duplicates == 0
