@@ -1,16 +1,27 @@
-"""A webhook's rate limit, as pure logic: the start spacing, the share of an
-instance, and how an endpoint's slots and queue keep to it (a fake clock)."""
+"""A webhook's rate limit: the start spacing, the share of an instance, and how an
+endpoint's slots and queue keep to it (pure logic, a fake clock); then the engine
+in-process with fake consumers and producer (the real broker: see
+test_rate_limited_webhook.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import random
+import time
 
+import httpx
 import pytest
 
 from dispatcher.core.breaker import BreakerPolicy
 from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.ratelimit import StartSpacing, partition_share
+from dispatcher.records import DeliveryRecord
+from tests.engine_fakes import FakeTable, event, running, sample, settings, subscription, until
+
+A = "https://hooks.example.com/a"
+B = "https://hooks.example.com/b"  # the same origin: another webhook on the same host
 
 
 class Clock:
@@ -222,3 +233,76 @@ def test_probes_of_a_half_open_circuit_keep_to_the_limit() -> None:
     assert ep.admit("c", retry=True) is Admission.CIRCUIT_OPEN  # within 1 s of "b"
     clock.now += 1.0
     assert ep.admit("d", retry=True) is Admission.PROBE
+
+
+# --- the engine in-process (fake consumers and producer, tests/engine_fakes.py) ----
+
+STAGE_1 = "webhooks.retry.1m"
+
+
+def test_a_limited_webhook_waits_in_its_lane_and_its_neighbour_keeps_the_partition() -> None:
+    """L limited to 20 a second, F without a limit, interleaved in one partition."""
+    starts_l: list[float] = []
+    seen_f: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a":
+            starts_l.append(time.monotonic())
+        else:
+            seen_f.append(request)
+        return httpx.Response(200, stream=httpx.ByteStream(b"{}"))
+
+    async def main() -> None:
+        # The queue holds what 20 a second starts in 0.5 s: 10.
+        s = settings(endpoint_queue_wait_s=0.5, partition_buffer_high=100)
+        limited = subscription("wh_l", A, org="org_x").model_copy(update={"rate_limit_per_s": 20.0})
+        table = FakeTable(limited, subscription("wh_f", B, org="org_x"))
+        parked_before = sample("dispatcher_deferrals_total", reason="rate_limited")
+        waits_before = sample("dispatcher_rate_limit_waits_total")
+        async with running(s, table, handler) as h:
+            h.input.assign(0)
+            # One organization: each event goes to both webhooks.
+            h.input.feed([event(f"e{i:03d}", org="org_x") for i in range(40)])
+            began = time.monotonic()
+            fed_at_ms = time.time() * 1000
+            await until(lambda: len(seen_f) == 40, what="every delivery of the unlimited one")
+            assert time.monotonic() - began < 1.0, "the partition waited for the limit"
+            # L: one started, ten queued, the other 29 parked in Kafka without an attempt.
+            await until(lambda: len(h.producer.to(STAGE_1)) == 29, what="the parked deliveries")
+            assert 0 not in h.input.paused
+            assert h.engine.partitions[("visitor.identified", 0)].blocked == set()
+            parked = [
+                DeliveryRecord.model_validate_json(x.value or b"") for x in h.producer.to(STAGE_1)
+            ]
+            assert {r.webhook_id for r in parked} == {"wh_l"}
+            assert all(r.attempts_made == 0 and r.deferrals == 1 for r in parked)
+            assert sample("dispatcher_deferrals_total", reason="rate_limited") - parked_before == 29
+            assert sample("dispatcher_rate_limit_waits_total") - waits_before == 39
+            # In the order of their turns, one per 1/20 s after what is queued: the last
+            # one's turn is 2 s after the first start, and it is due a quarter of a
+            # second (half the queue) before it.
+            dues = [int(x.header("dispatcher-due-ms") or 0) for x in h.producer.to(STAGE_1)]
+            assert dues == sorted(dues)
+            assert dues[-1] >= fed_at_ms + (40 / 20 - 0.25) * 1000 - 50, dues[-1] - fed_at_ms
+            await until(lambda: len(starts_l) == 11, what="what waited in the queue")
+            # Started no faster than the limit: 11 starts span 10 spacings of 50 ms.
+            assert starts_l[-1] - starts_l[0] >= 10 * 0.05 - 0.01, starts_l
+            assert most_in_any_window(starts_l, 0.25) <= 6, starts_l
+            await until(lambda: h.input.stored.get(0) == 40, what="every offset stored")
+
+            # The parked ones come back through the stage, each on its first attempt.
+            stage = h.consumers["1m"]
+            stage.assign(0)
+            fed = 0
+            while len(starts_l) < 40:
+                now_parked = h.producer.to(STAGE_1)
+                assert fed < len(now_parked), "nothing left to come back, yet L is short"
+                values = [x.value or b"" for x in now_parked[fed:]]
+                stage.feed(values, headers=[("dispatcher-due-ms", b"0")])
+                fed = len(now_parked)
+                await until(lambda n=fed: stage.stored.get(0) == n, 10, "a round handled")
+            assert most_in_any_window(starts_l, 1.0) <= 21, starts_l
+            attempts = [json.loads(x.value) for x in h.producer.unconfirmed]
+            assert [a["attempt"] for a in attempts if a["webhook_id"] == "wh_l"] == [1] * 40
+
+    asyncio.run(main())
