@@ -258,7 +258,8 @@ class DeliveryRunner:
         Never holds the partitions: waiting for a limit is not backpressure, and the
         other webhooks in them must not wait with it.
         """
-        metrics.RATE_LIMIT_WAITS.inc()
+        if ep.active < ep.limit or ep.next_start_in() > 0:
+            metrics.RATE_LIMIT_WAITS.inc()  # the limit, not only the slots, made it wait
         wait_s = self._park_for(ep, d)
         if wait_s is not None:
             ep.queue.pop()  # the one just queued: it waits in Kafka instead
@@ -636,7 +637,7 @@ class DeliveryRunner:
                 slow_queued += len(ep.queue)
             backlog = float(len(ep.queue))
             if ep.parked_until > now:
-                rate = ep.service_rate()
+                rate = ep.start_rate()
                 if rate != float("inf"):
                     backlog += (ep.parked_until - now) * rate
             if backlog:
