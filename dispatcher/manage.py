@@ -23,7 +23,8 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from enum import Enum
+from typing import Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,6 +42,15 @@ RESOLVE_TIMEOUT_S = 5.0
 #: The fewest characters of a secret a customer chooses (a generated one has 50).
 MIN_CHOSEN_SECRET = 24
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+
+
+class Unchanged(Enum):
+    """A field a change leaves as it is, where None would clear it."""
+
+    KEEP = "keep"
+
+
+KEEP: Final = Unchanged.KEEP
 
 
 class OrganizationRecord(BaseModel):
@@ -248,6 +258,7 @@ def build(
     no_secret: bool = False,
     enabled: bool | None = None,
     description: str | None = None,
+    rate_limit_per_s: float | Unchanged | None = KEEP,
 ) -> Change:
     """A new subscription, or ``existing`` with only the given fields replaced.
 
@@ -279,6 +290,8 @@ def build(
         base.update(_disabling(existing, enabled, "manual", now))
     if description is not None:
         base["description"] = description or None
+    if rate_limit_per_s is not KEEP:
+        base["rate_limit_per_s"] = rate_limit_per_s
     base.setdefault("events", DEFAULT_EVENTS)
     base["updated_at"] = now
     base["version"] = _next_version(existing)
@@ -427,6 +440,7 @@ def create(
     enabled: bool | None,
     description: str | None,
     known_events: Collection[str],
+    rate_limit_per_s: float | None = None,
 ) -> Outcome:
     """A new webhook on the organization's plan in force now."""
     plan = state.plan_of(organization_id)
@@ -446,6 +460,7 @@ def create(
         enabled=enabled,
         description=description,
         known_events=known_events,
+        rate_limit_per_s=rate_limit_per_s,
     )
     return of_change(settings, change)
 
@@ -462,6 +477,7 @@ def update(
     events: Sequence[str] | None = None,
     enabled: bool | None = None,
     description: str | None = None,
+    rate_limit_per_s: float | Unchanged | None = KEEP,
 ) -> Outcome:
     """Only the named fields change; everything else stays as it is now."""
     sub = current(state, webhook_id, organization_id, if_match)
@@ -477,6 +493,7 @@ def update(
         enabled=enabled,
         description=description,
         known_events=known_events,
+        rate_limit_per_s=rate_limit_per_s,
     )
     return of_change(settings, change)
 

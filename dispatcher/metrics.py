@@ -52,7 +52,7 @@ DEAD_LETTERS = Counter(
 DEFERRALS = Counter(
     "dispatcher_deferrals",
     "Deliveries handed to a retry topic without an attempt (endpoint_slow, endpoint_stalled, "
-    "circuit_open).",
+    "circuit_open, rate_limited).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -70,6 +70,18 @@ ENDPOINT_BACKLOG = Gauge(
     "Deliveries waiting for one webhook: in its queue, plus an estimate of those parked in "
     "Kafka for it being slow; only the webhooks with the 10 largest backlogs.",
     ["webhook_id"],
+    registry=REGISTRY,
+)
+RATE_LIMIT_WAITS = Counter(
+    "dispatcher_rate_limit_waits",
+    "Deliveries that could not start at once for their webhook's rate limit (they waited "
+    'in its queue, or were parked in Kafka: dispatcher_deferrals_total{reason="rate_limited"}).',
+    registry=REGISTRY,
+)
+RATE_LIMIT_SHARE = Gauge(
+    "dispatcher_rate_limit_share",
+    "Fraction of each webhook's rate limit this instance takes: its share of the partitions "
+    "of every stage (1 while it does not know them all).",
     registry=REGISTRY,
 )
 CIRCUIT_OPEN = Gauge(

@@ -32,6 +32,9 @@ BODY_KEYS: Final = (
 
 EVENT_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+#: Highest rate limit a webhook may have (deliveries a second); beyond it the
+#: concurrency slots are the only limit that matters.
+MAX_RATE_LIMIT_PER_S: Final = 10_000
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -259,6 +262,11 @@ class Subscription(BaseModel):
     #: :mod:`dispatcher.health`) or "manual"; None while enabled.
     disabled_reason: Literal["failing", "manual"] | None = None
     disabled_at: datetime | None = None
+    #: Most deliveries started per second, across every dispatcher instance; None:
+    #: only the concurrency slots limit it.
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, le=MAX_RATE_LIMIT_PER_S, allow_inf_nan=False, strict=True
+    )
 
     _url = field_validator("url")(normalize_url)
     # Times in UTC, so comparing them with now can never fail in the hot path.
@@ -289,16 +297,16 @@ class Subscription(BaseModel):
         return found
 
     def to_json(self) -> bytes:
-        # Without a description the record is what earlier versions wrote, so they
-        # still read it during a rolling upgrade (they forbid unknown fields).
-        # The same for the disabling fields: a record of an enabled webhook reads in any
-        # version; only a disabled one needs dispatchers that know them.
+        # Fields left unset are not written, so a record that uses none of the newer
+        # fields is what earlier versions wrote, and they still read it during a
+        # rolling upgrade (they forbid unknown fields). A record of an enabled webhook
+        # without a limit reads in any version.
         unset = {
             name
-            for name in ("description", "disabled_reason", "disabled_at")
+            for name in ("description", "disabled_reason", "disabled_at", "rate_limit_per_s")
             if getattr(self, name) is None
         }
-        return self.model_dump_json(exclude_none=False, exclude=unset or None).encode()
+        return self.model_dump_json(exclude_none=False, exclude=unset).encode()
 
 
 def decode_subscription(key: bytes | None, value: bytes) -> Subscription:

@@ -71,6 +71,7 @@ class FakeConsumer:
         self.stored: dict[int, int] = {}
         self.failure: str | None = None
         self.link: ClientLink | None = None
+        self.partitions_total: int | None = None
         self._next: dict[int, int] = {}
 
     @property

@@ -176,6 +176,44 @@ def test_webhook_lifecycle(
     assert records[-1].key().decode() == hook["id"] and records[-1].value() is None
 
 
+def test_webhook_rate_limit_is_set_shown_changed_and_removed(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    api = run_api(ns)
+    set_plan(api, "scale")
+    with api.admin() as http:
+        plain = http.post(webhooks(api), json={"url": receiver.url("/plain")})
+        assert plain.status_code == 201 and plain.json()["rate_limit_per_s"] is None
+        made = http.post(webhooks(api), json={"url": receiver.url("/hook"), "rate_limit_per_s": 5})
+        assert made.status_code == 201, made.text
+        one = f"{webhooks(api)}/{made.json()['id']}"
+        assert http.get(one).json()["rate_limit_per_s"] == 5
+        # Another field changed: the limit stays.
+        kept = http.patch(one, json={"description": "small server"})
+        assert kept.json()["rate_limit_per_s"] == 5
+        assert http.patch(one, json={"rate_limit_per_s": 2.5}).json()["rate_limit_per_s"] == 2.5
+        for bad in (0, -1, "fast", 1e9, True):
+            refused = http.patch(one, json={"rate_limit_per_s": bad})
+            assert refused.status_code == 422, (bad, refused.text)
+            assert refused.headers["content-type"].startswith(PROBLEM)
+        assert http.get(one).json()["rate_limit_per_s"] == 2.5
+        removed = http.patch(one, json={"rate_limit_per_s": None})
+        assert removed.status_code == 200 and removed.json()["rate_limit_per_s"] is None
+        listed = {w["id"]: w for w in http.get(webhooks(api)).json()["data"]}
+        assert listed[made.json()["id"]]["rate_limit_per_s"] is None
+        doc = http.get("/openapi.json").json()["components"]["schemas"]
+        for model in ("WebhookCreate", "WebhookPatch", "Webhook"):
+            assert "rate_limit_per_s" in doc[model]["properties"], model
+    # The record the dispatcher reads carries it while set, and not at all once removed.
+    values = [
+        json.loads(r.value())
+        for r in ns.read_all(ns.settings.subscriptions_topic)
+        if r.key().decode() == made.json()["id"]
+    ]
+    assert [v.get("rate_limit_per_s") for v in values] == [5, 5, 2.5, None]
+    assert "rate_limit_per_s" not in values[-1]
+
+
 def test_idempotency_key_creates_one_webhook(
     ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
 ) -> None:

@@ -48,6 +48,17 @@ INVALID_PUTS: list[tuple[str, list[str], dict[str, Any], str]] = [
     ("bad webhook id", [*put_args(), "--id", "no spaces allowed"], {}, "webhook_id"),
     ("two secrets", [*put_args(), "--secret", "a-long-secret", "--no-secret"], {}, "not allowed"),
     ("unknown option", [*put_args(), "--colour", "red"], {}, "unrecognized"),
+    ("zero rate limit", [*put_args(), "--rate-limit", "0"], {}, "rate_limit_per_s"),
+    ("negative rate limit", [*put_args(), "--rate-limit", "-5"], {}, "rate_limit_per_s"),
+    ("rate limit not a number", [*put_args(), "--rate-limit", "five"], {}, "invalid float"),
+    ("rate limit nan", [*put_args(), "--rate-limit", "nan"], {}, "rate_limit_per_s"),
+    ("rate limit too high", [*put_args(), "--rate-limit", "1e6"], {}, "rate_limit_per_s"),
+    (
+        "rate limit set and removed",
+        [*put_args(), "--rate-limit", "5", "--no-rate-limit"],
+        {},
+        "not allowed",
+    ),
 ]
 
 
@@ -184,6 +195,25 @@ def test_every_command_in_process(cli: Cli, ns: Namespace) -> None:
     assert [s["webhook_id"] for s in cli(ns, "subscriptions", "list", "--json").json()] == [
         other.json()["webhook_id"]
     ]
+
+
+def test_rate_limit_is_set_kept_by_other_changes_and_removed(cli: Cli, ns: Namespace) -> None:
+    made = cli(ns, *put_args(), "--rate-limit", "5", "--json")
+    assert made.code == 0, made.err
+    webhook_id = made.json()["webhook_id"]
+    assert made.json()["rate_limit_per_s"] == 5.0
+    assert get_subscription(ns.settings, webhook_id).rate_limit_per_s == 5.0
+    changed = cli(ns, "subscriptions", "put", "--id", webhook_id, "--url", URL + "/v2")
+    assert changed.code == 0, changed.err
+    assert get_subscription(ns.settings, webhook_id).rate_limit_per_s == 5.0
+    shown = cli(ns, "subscriptions", "get", webhook_id)
+    assert any(line.split() == ["rate_limit_per_s:", "5.0"] for line in shown.out.splitlines())
+    half = cli(ns, "subscriptions", "put", "--id", webhook_id, "--rate-limit", "0.5", "--json")
+    assert half.json()["rate_limit_per_s"] == 0.5
+    removed = cli(ns, "subscriptions", "put", "--id", webhook_id, "--no-rate-limit", "--json")
+    assert removed.code == 0, removed.err
+    assert removed.json()["rate_limit_per_s"] is None
+    assert get_subscription(ns.settings, webhook_id).rate_limit_per_s is None
 
 
 def test_rotation_without_grace_drops_the_old_secret(cli: Cli, ns: Namespace) -> None:

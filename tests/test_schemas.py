@@ -151,6 +151,25 @@ def test_subscription_record_agrees() -> None:
         assert subscription_valid_for_both(bad) == (False, False), key
 
 
+def test_subscription_rate_limit_agrees() -> None:
+    doc = _subscription_doc()
+    for good in (5, 0.5, None, 10_000):
+        assert subscription_valid_for_both(dict(doc, rate_limit_per_s=good)) == (True, True), good
+    for bad in (0, -1, 10_001, "5", True):
+        assert subscription_valid_for_both(dict(doc, rate_limit_per_s=bad)) == (False, False), bad
+
+
+def test_record_without_rate_limit_is_what_earlier_versions_wrote() -> None:
+    """Unset, the field is not written: a reader that forbids unknown fields (the
+    version before it) still reads the record during a rolling upgrade."""
+    sub = Subscription.model_validate_json(json.dumps(_subscription_doc()))
+    assert "rate_limit_per_s" not in json.loads(sub.to_json())
+    limited = sub.model_copy(update={"rate_limit_per_s": 5.0})
+    written = json.loads(limited.to_json())
+    assert written["rate_limit_per_s"] == 5.0
+    assert Subscription.model_validate_json(limited.to_json()).rate_limit_per_s == 5.0
+
+
 def test_delivery_record_model_output_matches_schema() -> None:
     record = DeliveryRecord(
         delivery_id="msg_1",

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dispatcher.models import EVENT_NAME, Subscription
+from dispatcher.models import EVENT_NAME, MAX_RATE_LIMIT_PER_S, Subscription
 from dispatcher.webhook_health import WebhookHealth
 
 Status = Literal["succeeded", "failing", "dead_lettered", "pending"]
@@ -16,6 +16,25 @@ ORG_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_RATE_LIMIT_DOC = (
+    "Most deliveries started per second to this webhook (fractions allowed: 0.5 is one "
+    "every 2 s), across every dispatcher instance; deliveries over it wait, without "
+    "spending an attempt. Default: no limit but the concurrency slots."
+)
+
+
+def _rate_limit(doc: str) -> Any:
+    return Field(
+        None,
+        gt=0,
+        le=MAX_RATE_LIMIT_PER_S,
+        allow_inf_nan=False,
+        strict=True,  # true is not 1 a second, nor "5" a number
+        description=doc,
+        examples=[5],
+    )
 
 
 class WebhookCreate(_In):
@@ -35,6 +54,7 @@ class WebhookCreate(_In):
     )
     description: str | None = Field(None, max_length=500)
     enabled: bool = True
+    rate_limit_per_s: float | None = _rate_limit(_RATE_LIMIT_DOC)
 
 
 class WebhookPatch(_In):
@@ -42,6 +62,7 @@ class WebhookPatch(_In):
     events: list[str] | None = Field(None, min_length=1, max_length=50)
     description: str | None = Field(None, max_length=500, description='"" clears it.')
     enabled: bool | None = None
+    rate_limit_per_s: float | None = _rate_limit(_RATE_LIMIT_DOC + " `null` removes the limit.")
 
 
 class RotateRequest(_In):
@@ -65,6 +86,7 @@ class Webhook(BaseModel):
     events: list[str]
     description: str | None
     enabled: bool
+    rate_limit_per_s: float | None = Field(description="Deliveries a second at most; null: none.")
     plan: str
     entitled: bool = Field(description="Whether the organization's plan includes webhooks.")
     secret_set: bool
@@ -115,6 +137,7 @@ class Webhook(BaseModel):
             events=list(sub.events),
             description=sub.description,
             enabled=sub.enabled,
+            rate_limit_per_s=sub.rate_limit_per_s,
             plan=sub.plan,
             entitled=entitled,
             secret_set=sub.secret is not None,

@@ -148,7 +148,10 @@ async def create_webhook(
     first answer and creates nothing more; another body with the key is a 422.
     """
     slot = None if idempotency_key is None else answer_key(org, caller.name, idempotency_key)
-    fp = fingerprint(body.model_dump())
+    # A request that sets no rate limit keeps the fingerprint it had before the field
+    # existed, so a retry across an upgrade is still recognised.
+    unset = {"rate_limit_per_s"} if body.rate_limit_per_s is None else None
+    fp = fingerprint(body.model_dump(exclude=unset))
     webhook_id = (
         manage.new_webhook_id()
         if idempotency_key is None
@@ -174,6 +177,7 @@ async def create_webhook(
             enabled=body.enabled,
             description=body.description,
             known_events=[e.name for e in ctx.catalog],
+            rate_limit_per_s=body.rate_limit_per_s,
         )
         assert outcome.sub is not None
         made = view(ctx, outcome.sub, outcome.new_secret).model_dump(mode="json")
@@ -254,6 +258,12 @@ async def update_webhook(
             events=body.events,
             enabled=body.enabled,
             description=body.description,
+            # Given as null, it removes the limit; not given, it stays as it is.
+            rate_limit_per_s=(
+                body.rate_limit_per_s
+                if "rate_limit_per_s" in body.model_fields_set
+                else manage.KEEP
+            ),
         )
         return outcome.records, outcome
 

@@ -11,6 +11,7 @@ import argparse
 from datetime import UTC, datetime
 from typing import Any
 
+from dispatcher import manage
 from dispatcher.commands import subscriptions as subs
 from dispatcher.commands.cli_common import (
     OneLineParser,
@@ -54,6 +55,15 @@ def add_commands(sub: Any) -> None:
     )
     put.add_argument("--plan", help="the organization's plan (e.g. scale, enterprise)")
     put.add_argument("--description", help='a note shown with the subscription ("" clears it)')
+    rate = put.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--rate-limit",
+        dest="rate_limit_per_s",
+        metavar="PER_S",
+        type=float,
+        help="most deliveries started per second, across all instances (e.g. 5, or 0.5)",
+    )
+    rate.add_argument("--no-rate-limit", action="store_true", help="remove the rate limit")
     secret = put.add_mutually_exclusive_group()
     add_secret_options(
         secret, "the signing secret", "default for a new one: generated and shown once"
@@ -157,6 +167,11 @@ def cmd_put(args: argparse.Namespace, settings: Settings) -> int:
         no_secret=args.no_secret,
         enabled=enabled,
         description=args.description,
+        rate_limit_per_s=(
+            None
+            if args.no_rate_limit
+            else (manage.KEEP if args.rate_limit_per_s is None else args.rate_limit_per_s)
+        ),
     )
     _show(outcome, args.json)
     warn_of_secret_option(args)

@@ -91,6 +91,7 @@ def put(
     no_secret: bool,
     enabled: bool | None,
     description: str | None,
+    rate_limit_per_s: float | manage.Unchanged | None = manage.KEEP,
 ) -> Outcome:
     """Create a subscription, or change only the given fields of an existing one."""
     catalog = known_events(settings)
@@ -109,6 +110,7 @@ def put(
             no_secret=no_secret,
             enabled=enabled,
             description=description,
+            rate_limit_per_s=rate_limit_per_s,
             known_events=catalog,
         )
         return manage.of_change(settings, change)

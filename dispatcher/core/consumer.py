@@ -36,6 +36,9 @@ _BATCH = 500
 #: added to every delivery's latency (bench/, latency phase).
 _POLL_S = 0.01
 _LAG_EVERY_S = 5.0
+#: How often the stage's topics' partition counts are read (a rate limit's share).
+_COUNT_EVERY_S = 30.0
+_COUNT_TIMEOUT_S = 2.0
 #: A client that has not reached the broker this long after the others did is
 #: replaced (see ClientLink.cut_off); well below the 15 s promised after an outage.
 _CUT_OFF_S = 4.0
@@ -57,6 +60,11 @@ class StageFeed(Protocol):
 
     @property
     def failure(self) -> str | None: ...
+
+    @property
+    def partitions_total(self) -> int | None:
+        """Partitions of its topics together, as last read; None until read."""
+        ...
 
     def start(self) -> None: ...
 
@@ -120,6 +128,7 @@ class StageConsumer:
         self._consumer: Consumer = make_consumer(settings, group_id, self._link.config())
         #: Set when the session was lost to an outage, cleared by the next assignment.
         self._lost_session = False
+        self._partitions_total: int | None = None
         self._thread = threading.Thread(target=self._run, name=f"consumer-{stage}", daemon=True)
 
     # --- called from the loop -------------------------------------------------
@@ -157,6 +166,10 @@ class StageConsumer:
         return self._link
 
     @property
+    def partitions_total(self) -> int | None:
+        return self._partitions_total
+
+    @property
     def failure(self) -> str | None:
         """Why the polling thread is gone while nobody asked it to stop, or None."""
         gone = self._started and not self._thread.is_alive() and not self._stop.is_set()
@@ -171,7 +184,7 @@ class StageConsumer:
 
     # --- the polling thread ---------------------------------------------------
     def _run(self) -> None:
-        next_lag = 0.0
+        next_lag = next_count = 0.0
         replaced_at = 0.0
         # One partition's lag at a time, a round every _LAG_EVERY_S: each query is a
         # broker round trip made on this thread, and a dozen in a row held back
@@ -202,6 +215,9 @@ class StageConsumer:
                     continue
                 # Not while the broker is away: each query would hold this thread
                 # (and the rebalance callbacks it serves) for its whole timeout.
+                if now >= next_count and self._link.down_since is None:
+                    self._count_partitions()
+                    next_count = now + _COUNT_EVERY_S
                 if now >= next_lag and self._link.down_since is None:
                     if not due:
                         due.extend(self._consumer.assignment())
@@ -219,6 +235,24 @@ class StageConsumer:
                 self._consumer.close()
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing the consumer of stage %s: %s", self.stage, exc)
+
+    def _count_partitions(self) -> None:
+        """Read how many partitions the stage's topics have (a metadata round trip).
+
+        A topic that cannot be described leaves the last count in place.
+        """
+        total = 0
+        for topic in self.topics:
+            try:
+                meta = self._consumer.list_topics(topic, timeout=_COUNT_TIMEOUT_S)
+            except KafkaException as exc:
+                log.debug("stage %s: partitions of %s not known: %s", self.stage, topic, exc)
+                return
+            described = meta.topics.get(topic)
+            if described is None or described.error is not None or not described.partitions:
+                return
+            total += len(described.partitions)
+        self._partitions_total = total
 
     def _self_fenced(self, exc: KafkaException) -> bool:
         """A fatal error between a lost session and the rejoin, for a static member.

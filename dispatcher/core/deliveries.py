@@ -34,6 +34,15 @@ which each record waits that long), instead of all of it once per retry delay.
 A first deferral waits the usual delay: by then the circuit has usually been
 half-open and judged the endpoint, and a flaky one gets its backlog at its own
 pace rather than the pacing's.
+
+A webhook with ``rate_limit_per_s`` goes through the same lane with the limit as
+its pace: its deliveries start no faster than this instance's share of the limit
+(:mod:`dispatcher.core.ratelimit`); a timer starts the next queued one when the
+limit allows; what does not fit in the queue (what the limit starts in
+``endpoint_queue_wait_s``) is parked in Kafka with reason ``rate_limited``, due
+when its turn comes at the webhook's whole limit (every instance takes its share
+of what comes back). Such a queue never holds its partitions, and waiting, in
+memory or in Kafka, spends no attempt.
 """
 
 from __future__ import annotations
@@ -72,6 +81,8 @@ ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 WEBHOOK_DISABLED = "webhook_disabled"
 #: Deferral reason of a delivery parked in Kafka behind a slow endpoint's full queue.
 ENDPOINT_SLOW = "endpoint_slow"
+#: Deferral reason of a delivery parked in Kafka for its webhook's rate limit.
+RATE_LIMITED = "rate_limited"
 #: A parked delivery waits at least this long: sooner, it would find the queue as
 #: full as it left it, and the hand-over round trip would be spent for nothing.
 MIN_PARK_S = 1.0
@@ -188,6 +199,9 @@ class DeliveryRunner:
         )
         #: Milliseconds between two deferrals of one webhook coming due.
         self.deferral_spacing_ms = 1000 / settings.circuit_deferrals_per_s
+        #: The fraction of each webhook's rate limit this instance takes (its share
+        #: of the partitions, set by the engine; see :mod:`dispatcher.core.ratelimit`).
+        self.share = 1.0
         self.stopping = False
 
     def submit(self, d: Delivery) -> None:
@@ -205,12 +219,16 @@ class DeliveryRunner:
                 stall_s=s.endpoint_stall_s,
             )
             self.endpoints[key] = ep
+        limit = d.sub.rate_limit_per_s
+        ep.set_rate_limit(None if limit is None else limit * self.share)
         before = ep.breaker.state
         admission = ep.admit(d, d.retry)
         self._note_circuit(key, before, ep)
         if admission is Admission.START or admission is Admission.PROBE:
             d.probe = admission is Admission.PROBE
             self.work.start(ticket, self._attempt(ep, d))
+        elif admission is Admission.QUEUED and ep.rate_limit is not None:
+            self._queue_limited(key, ep, d, ticket)
         elif admission is Admission.QUEUED:
             unmeasured = ep.latency is None
             if unmeasured and ep.full and self._lane_room():
@@ -238,6 +256,44 @@ class DeliveryRunner:
         ticket = d.ticket = self.work.open(d.slot, d.delivery_id)
         record = d.record or self._new_record(d)
         self.work.start(ticket, self._dead_letter(d, record, d.refused, datetime.now(UTC)))
+
+    def _queue_limited(self, key: str, ep: Endpoint[Delivery], d: Delivery, ticket: Ticket) -> None:
+        """``d`` waits for its rate-limited webhook: in the queue, or parked in Kafka.
+
+        Never holds the partitions: waiting for a limit is not backpressure, and the
+        other webhooks in them must not wait with it.
+        """
+        if ep.active < ep.limit or ep.next_start_in() > 0:
+            metrics.RATE_LIMIT_WAITS.inc()  # the limit, not only the slots, made it wait
+        wait_s = self._park_for(ep, d)
+        if wait_s is not None:
+            ep.queue.pop()  # the one just queued: it waits in Kafka instead
+            assert ep.rate_limit is not None
+            # Its own pace, if slower than its limit, is what made it wait.
+            limited = ep.service_rate() >= ep.rate_limit.per_s
+            self.work.start(
+                ticket, self._defer(d, RATE_LIMITED if limited else ENDPOINT_SLOW, wait_s=wait_s)
+            )
+            return
+        self.slow_queued += 1
+        self._arm_pacer(key, ep)
+
+    def _arm_pacer(self, key: str, ep: Endpoint[Delivery]) -> None:
+        """Start ``ep``'s next queued delivery when its rate limit allows, once."""
+        if ep.pacer is None and ep.queue and ep.rate_limit is not None:
+            loop = asyncio.get_running_loop()
+            ep.pacer = loop.call_later(ep.next_start_in(), self._paced_start, key, ep)
+
+    def _paced_start(self, key: str, ep: Endpoint[Delivery]) -> None:
+        ep.pacer = None
+        if self.stopping:
+            return
+        while (nxt := ep.take_next()) is not None:
+            if nxt.ticket is not None:
+                self.work.start(nxt.ticket, self._attempt(ep, nxt))
+        if ep.active < ep.limit:
+            # Otherwise a slot's release starts the next one (or arms this again).
+            self._arm_pacer(key, ep)
 
     def _hold(self, key: str, part: PartitionState) -> None:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
@@ -295,6 +351,11 @@ class DeliveryRunner:
         if not park:
             return None
         rate = ep.service_rate()
+        if d.sub.rate_limit_per_s is not None:
+            # Turns at the webhook's whole limit, not this instance's share: what is
+            # parked comes back spread over the retry partitions, to every instance,
+            # each of which starts its share of it.
+            rate = min(rate, d.sub.rate_limit_per_s)
         if rate == float("inf"):
             return MIN_PARK_S
         # Its turn: after what is queued and what was parked before it. One back too
@@ -380,6 +441,8 @@ class DeliveryRunner:
             self.work.start(nxt.ticket, self._attempt(ep, nxt))
         if not ep.closed and ep.queue and not self.stopping:
             self._defer_queue(ep, Admission.CIRCUIT_OPEN.value)
+        if ep.queue and not self.stopping:
+            self._arm_pacer(key, ep)
         self._unblock_if_room(key, ep)
         if ep.idle and ep.breaker.clean and ep.parked_until <= time.monotonic():
             self.endpoints.pop(key, None)
@@ -560,7 +623,7 @@ class DeliveryRunner:
                 slow_queued += len(ep.queue)
             backlog = float(len(ep.queue))
             if ep.parked_until > now:
-                rate = ep.service_rate()
+                rate = ep.start_rate()
                 if rate != float("inf"):
                     backlog += (ep.parked_until - now) * rate
             if backlog:

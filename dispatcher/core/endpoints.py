@@ -23,6 +23,14 @@ The queue bound follows how long its last item would wait, not only a count: an
 endpoint that completes 2,000 requests a second may queue 2,000 x
 ``queue_wait_s`` deliveries, one that completes none (or is not measured yet)
 keeps ``queue_size``.
+
+A webhook with a rate limit (:meth:`Endpoint.set_rate_limit`) starts a delivery
+only when its :class:`~dispatcher.core.ratelimit.StartSpacing` allows it; what
+waits for that waits in the queue, whose bound is then what the limit lets start
+in ``queue_wait_s`` (at least one), and the caller starts it when its time comes
+(:meth:`Endpoint.take_next`). The limit counts as the endpoint's rate: beyond
+that bound it is slow, and what does not fit is parked in Kafka, never held in
+front of the partitions.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from enum import Enum
 from typing import Generic, TypeVar
 
 from dispatcher.core.breaker import Breaker, BreakerPolicy, Permit, State
+from dispatcher.core.ratelimit import StartSpacing
 
 T = TypeVar("T")
 
@@ -66,11 +75,13 @@ class Endpoint(Generic[T]):
         "held_until",
         "latency",
         "limit",
+        "pacer",
         "parked_until",
         "queue",
         "queue_size",
         "queue_wait_s",
         "rate",
+        "rate_limit",
         "stall_s",
     )
 
@@ -107,6 +118,28 @@ class Endpoint(Generic[T]):
         #: Until when it counts as slow for having held its partitions too long
         #: (see :meth:`held`), whatever its measures say.
         self.held_until = 0.0
+        #: Its share of the webhook's rate limit, if it has one.
+        self.rate_limit: StartSpacing | None = None
+        #: The caller's timer that starts the next queued delivery when the rate
+        #: limit allows (opaque here: the endpoint only keeps it).
+        self.pacer: object | None = None
+
+    def set_rate_limit(self, per_s: float | None) -> None:
+        """Starts a second this instance may make now (its share of the limit); None: no limit."""
+        if per_s is None:
+            self.rate_limit = None
+        elif self.rate_limit is None:
+            self.rate_limit = StartSpacing(per_s, self._clock)
+        else:
+            self.rate_limit.set_rate(per_s)
+
+    def _spaced(self) -> bool:
+        """The rate limit, if any, allows a start now."""
+        return self.rate_limit is None or self.rate_limit.ready
+
+    def next_start_in(self) -> float:
+        """Seconds until the rate limit allows the next start (0: now, or no limit)."""
+        return 0.0 if self.rate_limit is None else self.rate_limit.wait()
 
     def admit(self, item: T, retry: bool = False) -> Admission:
         """Take ``item`` now, queue it, or say why it must be deferred.
@@ -114,7 +147,9 @@ class Endpoint(Generic[T]):
         ``retry``: the delivery has failed before (a half-open circuit prefers those).
         """
         if self.breaker.state is not State.CLOSED:
-            if self.active >= self.limit:
+            # Probes keep to the rate limit too; one that may not start now is
+            # deferred like any other the circuit does not let through.
+            if self.active >= self.limit or not self._spaced():
                 return Admission.CIRCUIT_OPEN
             permit = self.breaker.permit(retry)
             if permit is Permit.REFUSE:
@@ -123,7 +158,10 @@ class Endpoint(Generic[T]):
             return Admission.START if permit is Permit.GO else Admission.PROBE
         if self.stalled:
             return Admission.STALLED
-        if self.active < self.limit:
+        # With a rate limit, deliveries may wait while slots are free: a new one
+        # goes behind them.
+        ahead = self.rate_limit is not None and bool(self.queue)
+        if self.active < self.limit and not ahead and self._spaced():
             self._start()
             return Admission.START
         self.queue.append(item)
@@ -133,6 +171,15 @@ class Endpoint(Generic[T]):
         if self.active == 0:
             self._last_progress = self._clock()
         self.active += 1
+        if self.rate_limit is not None:
+            self.rate_limit.take()
+
+    def take_next(self) -> T | None:
+        """The next queued delivery, started, if a slot is free and the rate limit allows."""
+        if not self.queue or not self.closed or self.active >= self.limit or not self._spaced():
+            return None
+        self._start()
+        return self.queue.popleft()
 
     @property
     def closed(self) -> bool:
@@ -158,8 +205,13 @@ class Endpoint(Generic[T]):
         if self.rate is None:
             # Not measured yet: the partitions wait early, which costs nothing but
             # keeps a stalled endpoint from taking the global in-flight places.
-            return self.queue_size
-        return max(self.queue_size, self.rate * self.queue_wait_s)
+            bound = float(self.queue_size)
+        else:
+            bound = max(self.queue_size, self.rate * self.queue_wait_s)
+        if self.rate_limit is not None:
+            # What the limit starts in ``queue_wait_s``: more would only wait here.
+            bound = min(bound, max(1.0, self.rate_limit.per_s * self.queue_wait_s))
+        return bound
 
     def observe(self, duration_s: float) -> None:
         """One attempt's duration, for :meth:`service_rate` before a window measured it."""
@@ -191,10 +243,15 @@ class Endpoint(Generic[T]):
             return max(self.rate, little, 1e-3)
         return little
 
+    def start_rate(self) -> float:
+        """Deliveries a second it starts: :meth:`service_rate`, within the rate limit."""
+        rate = self.service_rate()
+        return rate if self.rate_limit is None else min(rate, self.rate_limit.per_s)
+
     def expected_wait(self, extra: int = 0) -> float:
         """Seconds the last queued delivery (and ``extra`` more) would wait for a slot."""
         waiting = len(self.queue) + extra
-        return waiting / self.service_rate() if waiting else 0.0
+        return waiting / self.start_rate() if waiting else 0.0
 
     def overloaded(self) -> bool:
         """Its queue holds more than ``queue_wait_s`` of its work, or it held its
@@ -244,10 +301,7 @@ class Endpoint(Generic[T]):
         self.breaker.record(ok, Permit.PROBE if probe else Permit.GO, retry)
         if not self.closed:
             return None
-        if self.queue and self.active < self.limit:
-            self.active += 1
-            return self.queue.popleft()
-        return None
+        return self.take_next()
 
     def drain_queue(self) -> list[T]:
         """Everything waiting (to defer it when the circuit opens or the endpoint stalls)."""
@@ -257,4 +311,5 @@ class Endpoint(Generic[T]):
 
     @property
     def idle(self) -> bool:
-        return self.active == 0 and not self.queue and self.closed
+        """Nothing running or waiting, and nothing to remember (a rate limit's spacing)."""
+        return self.active == 0 and not self.queue and self.closed and self._spaced()

@@ -39,6 +39,7 @@ from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
 from dispatcher.core.links import first_problem
 from dispatcher.core.partitions import PartitionState, Phase, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
+from dispatcher.core.ratelimit import partition_share
 from dispatcher.core.watchdog import stuck_partitions
 from dispatcher.core.work import Ticket, Work
 from dispatcher.errors import Unusable
@@ -383,6 +384,7 @@ class Engine:
         try:
             while not self._stopping:
                 await asyncio.sleep(TICK_S)
+                self.runner.share = self._rate_limit_share()
                 self.runner.check_endpoints()
                 self.runner.deferrals.flush()
                 self.stuck = stuck_partitions(
@@ -393,6 +395,14 @@ class Engine:
             metrics.INTERNAL_ERRORS.labels("tick").inc()
             self._failure = f"the engine's supervision tick failed: {exc!r}"
             log.exception("the engine's supervision tick failed")
+
+    def _rate_limit_share(self) -> float:
+        """This instance's share of every webhook's rate limit: of the partitions of
+        every stage, the fraction it consumes (see :mod:`dispatcher.core.ratelimit`)."""
+        owned = sum(1 for ps in self.partitions.values() if ps.phase is Phase.ACTIVE)
+        share = partition_share(owned, (c.partitions_total for c in self.consumers))
+        metrics.RATE_LIMIT_SHARE.set(share)
+        return share
 
     # --- completion and offsets -----------------------------------------------
     def _finish_slot(self, slot: Slot) -> None:
