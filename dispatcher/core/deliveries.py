@@ -338,6 +338,13 @@ class DeliveryRunner:
         in the queue; a new one takes room in a queue that runs low, so the slots
         never wait for the parked ones.
         """
+        if ep.latency is None and ep.rate_limit is None and not ep.overloaded_by_hold():
+            # Not one answer yet and no limit to pace it: nothing says it is slow.
+            # Parked now, a burst to a fast endpoint would wait in a delay topic
+            # behind whatever else waits there (another webhook's rate-limited
+            # turns, up to a stage's delay); its partitions wait instead, until its
+            # first answers measure it or the hold judges it slow (_held_too_long).
+            return None
         returning = d.record is not None and d.record.deferrals > 0
         now = time.monotonic()
         behind = not returning and ep.parked_until > now

@@ -258,6 +258,10 @@ class Endpoint(Generic[T]):
         partitions too long lately."""
         return self._clock() < self.held_until or self.expected_wait() > self.queue_wait_s
 
+    def overloaded_by_hold(self) -> bool:
+        """Judged slow for holding its partitions too long lately (see :meth:`held`)."""
+        return self._clock() < self.held_until
+
     @property
     def slow(self) -> bool:
         """Its queue is full and it is :meth:`overloaded`.
