@@ -29,7 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.errors import SubscriptionError
 from dispatcher.kafka import Outgoing
-from dispatcher.models import PreviousSecret, Subscription, require_https, short_errors
+from dispatcher.models import (
+    PreviousSecret,
+    Subscription,
+    check_text,
+    require_https,
+    short_errors,
+)
 from dispatcher.outbound.egress import IPAddress, blocked_reason
 from dispatcher.outbound.signing import SECRET_PREFIX, generate_secret, standard_webhooks_key
 from dispatcher.settings import Settings
@@ -48,6 +54,7 @@ RefusalKind = Literal[
     "plan-unset",  # the organization has no plan yet
     "plan-not-entitled",  # the plan has no webhooks
     "stale",  # If-Match names a version that is no longer current
+    "conflict",  # the input is valid but the state in force refuses it; ``field`` names it
 ]
 
 
@@ -293,6 +300,10 @@ def build(
     }
     base.update({k: v for k, v in fields.items() if v is not None})
     if description is not None:
+        try:
+            check_text(description)
+        except ValueError as exc:  # the message names the character, never shows it
+            raise Refusal(f"invalid description: {exc}", field="description") from None
         base["description"] = description or None
     base.setdefault("events", DEFAULT_EVENTS)
     base["updated_at"] = now
@@ -343,7 +354,7 @@ def rotate(settings: Settings, sub: Subscription, secret: str | None) -> Change:
         check_secret(secret)
         if secret in sub.active_secrets(now):
             raise Refusal(
-                "invalid secret: the new secret must differ from active ones", field="secret"
+                "the new secret must differ from the secrets in force", "conflict", "secret"
             )
     new_secret = secret or generate_secret()
     previous = [p for p in sub.previous_secrets if p.expires_at > now]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from dispatcher.commands.subscriptions import get as get_subscription
+from dispatcher.commands.subscriptions import write
 from tests.cli_support import PUT_URL, Cli, put_args, run_subprocess
 from tests.receiver import HttpsReceiver
 from tests.support import SEED_EVENT, Namespace, metric_value, wait_until
@@ -243,3 +244,20 @@ def test_growth_plan_refused_by_put_and_not_delivered_by_the_dispatcher(
     )
     assert receiver.requests_to("/growth") == []
     assert [r.path for r in receiver.requests] == ["/scale"]
+
+
+def test_stored_control_characters_are_never_printed_raw(cli: Cli, ns: Namespace) -> None:
+    """A description written before control characters were refused (or by another
+    writer) is shown escaped: it can neither move the cursor nor reorder a line."""
+    sub = ns.subscribe(PUT_URL).model_copy(
+        update={"description": "ok\x1b[2J\r\nfake: line \u202eexe.txt\x00", "version": 5}
+    )
+    write(ns.settings, sub.webhook_id, sub)
+    wait_until(lambda: get_subscription(ns.settings, sub.webhook_id).version == 5, 10, "the record")
+    for args in (("get", sub.webhook_id), ("get", sub.webhook_id, "--json"), ("list",)):
+        shown = cli(ns, "subscriptions", *args)
+        assert shown.code == 0, shown.err
+        output = shown.out + shown.err
+        assert not any(ch in output for ch in "\x1b\r\x00\u202e"), repr(output)
+    plain = cli(ns, "subscriptions", "get", sub.webhook_id).out
+    assert "ok\\x1b[2J\\r\\nfake: line \\u202eexe.txt\\x00" in plain

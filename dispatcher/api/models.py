@@ -5,20 +5,76 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dispatcher.models import EVENT_NAME, Subscription
+from dispatcher.models import EVENT_NAME, TEXT_PATTERN, Subscription, check_text
 
 Status = Literal["succeeded", "failing", "dead_lettered", "pending"]
 ORG_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+
+
+# What the document promises about input, as patterns (ECMA-262, as OpenAPI reads
+# them). The server checks the same rules with messages that say what is wrong
+# (dispatcher.manage, dispatcher.outbound.urls); these let a client, or a test
+# generating requests from the document, know what will be accepted. Where a rule
+# depends on the deployment (plans, events, plain HTTP), the document is completed
+# at start-up from the settings and the catalog (dispatcher.api.contract).
+
+#: An https URL as delivered to: a DNS name (its last label starting with a letter)
+#: or an IPv4 address, an optional port 1-65535, a path and query of URL characters.
+#: Addresses outside the public internet are refused unless the deployment allows
+#: them (DISPATCHER_ALLOWED_NETWORKS).
+_HOST = (
+    r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))"
+)
+_PORT = (
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+    r"|[1-9][0-9]{0,3}))?"
+)
+_URL_CHAR = r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~!$&'()*+,;=:@/-])"
+_PATH = rf"(?:/{_URL_CHAR}*)?(?:\?(?:{_URL_CHAR}|\?)*)?"
+URL_PATTERN = rf"^https://{_HOST}{_PORT}{_PATH}$"
+#: A secret chosen by the caller: printable ASCII, no space at either end, and a
+#: ``whsec_`` one holds canonical standard base64 after the prefix.
+SECRET_PATTERN = (
+    r"^(?:whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+    r"|(?!whsec_)[!-~](?:[ -~]*[!-~])?)$"
+)
+_URL_TEXT = (
+    "An https URL of the endpoint, on a public address (private, loopback and other "
+    "special addresses are refused unless the deployment allows them)."
+)
+_SECRET_TEXT = (
+    "At least 24 characters (a `whsec_` secret: standard base64 after the prefix). "
+    "Default: a generated whsec_ secret."
+)
+_DESCRIPTION_TEXT = (
+    "A note shown with the webhook; no control characters (NUL, ESC, CR, LF...) "
+    "and no bidirectional overrides."
+)
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _no_control(value: str | None) -> str | None:
+    if value is not None:
+        check_text(value)
+    return value
+
+
 class WebhookCreate(_In):
-    url: str = Field(min_length=1, max_length=2048, examples=["https://hooks.example.com/bullseye"])
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description=_URL_TEXT,
+        examples=["https://hooks.example.com/bullseye"],
+        json_schema_extra={"pattern": URL_PATTERN},
+    )
     events: list[str] = Field(
         default_factory=lambda: ["visitor.identified"],
         min_length=1,
@@ -29,18 +85,43 @@ class WebhookCreate(_In):
         None,
         min_length=24,
         max_length=256,
-        description="At least 24 characters (a `whsec_` secret: standard base64 after "
-        "the prefix). Default: a generated whsec_ secret.",
+        description=_SECRET_TEXT,
+        json_schema_extra={"pattern": SECRET_PATTERN},
     )
-    description: str | None = Field(None, max_length=500)
+    description: str | None = Field(
+        None,
+        max_length=500,
+        description=_DESCRIPTION_TEXT,
+        json_schema_extra={"pattern": TEXT_PATTERN},
+    )
     enabled: bool = True
+
+    _description = field_validator("description")(_no_control)
 
 
 class WebhookPatch(_In):
-    url: str | None = Field(None, min_length=1, max_length=2048)
-    events: list[str] | None = Field(None, min_length=1, max_length=50)
-    description: str | None = Field(None, max_length=500, description='"" clears it.')
+    url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description=_URL_TEXT,
+        json_schema_extra={"pattern": URL_PATTERN},
+    )
+    events: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=50,
+        json_schema_extra={"items": {"type": "string", "pattern": EVENT_NAME.pattern}},
+    )
+    description: str | None = Field(
+        None,
+        max_length=500,
+        description=_DESCRIPTION_TEXT + ' "" clears it.',
+        json_schema_extra={"pattern": TEXT_PATTERN},
+    )
     enabled: bool | None = None
+
+    _description = field_validator("description")(_no_control)
 
 
 class RotateRequest(_In):
@@ -48,13 +129,18 @@ class RotateRequest(_In):
         None,
         min_length=24,
         max_length=256,
-        description="At least 24 characters (a `whsec_` secret: standard base64 after "
-        "the prefix). Default: a generated whsec_ secret.",
+        description=_SECRET_TEXT,
+        json_schema_extra={"pattern": SECRET_PATTERN},
     )
 
 
 class PlanRequest(_In):
-    plan: str = Field(min_length=1, max_length=64, examples=["scale"])
+    plan: str = Field(
+        min_length=1,
+        max_length=64,
+        examples=["scale"],
+        description="One of the deployment's plans (DISPATCHER_KNOWN_PLANS).",
+    )
 
 
 class Webhook(BaseModel):
@@ -103,7 +189,10 @@ class Webhook(BaseModel):
 
 
 class WebhookList(BaseModel):
-    data: list[Webhook]
+    data: list[Webhook] = Field(description="Oldest first (by creation time, then id).")
+    next_cursor: str | None = Field(
+        None, description="Pass as ?cursor= for the next page; null on the last page."
+    )
 
 
 class Plan(BaseModel):
