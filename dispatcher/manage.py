@@ -139,9 +139,9 @@ def check_secret(secret: str) -> None:
     characters: a signature and its body are seen by whoever reads a request, and
     a short secret is found from them offline in moments.
     """
-    if secret != secret.strip() or not secret.isprintable():
+    if secret != secret.strip() or not all(" " <= ch <= "~" for ch in secret):
         raise Refusal(
-            "invalid secret: it must not start or end with spaces or hold control characters",
+            "invalid secret: it must be printable ASCII, without spaces at either end",
             field="secret",
         )
     if secret.startswith(SECRET_PREFIX):
@@ -399,13 +399,19 @@ def current(
     sub = state.subscription(webhook_id)
     if sub is None or (organization_id is not None and sub.organization_id != organization_id):
         raise Refusal(f"no subscription with webhook id {webhook_id!r}", "not-found", "webhook_id")
+    check_precondition(sub, if_match)
+    return sub
+
+
+def check_precondition(sub: Subscription, if_match: Sequence[str] | None) -> None:
+    """Refuse a change whose If-Match names another version (checked, as RFC 9110 says,
+    after the request's own checks: bad input is a 422 whatever the version)."""
     if not matches(sub, if_match):
         raise Refusal(
-            f"webhook {webhook_id} is at version {sub.version}, not the one If-Match names; "
-            "read it again and retry",
+            f"webhook {sub.webhook_id} is at version {sub.version}, not the one If-Match "
+            "names; read it again and retry",
             "stale",
         )
-    return sub
 
 
 def record_of(settings: Settings, sub: Subscription) -> Outgoing:
@@ -471,7 +477,7 @@ def update(
     description: str | None = None,
 ) -> Outcome:
     """Only the named fields change; everything else stays as it is now."""
-    sub = current(state, webhook_id, organization_id, if_match)
+    sub = current(state, webhook_id, organization_id)
     change = build(
         settings,
         existing=sub,
@@ -485,6 +491,7 @@ def update(
         description=description,
         known_events=known_events,
     )
+    check_precondition(sub, if_match)
     return of_change(settings, change)
 
 
@@ -509,7 +516,10 @@ def rotate_secret(
     if_match: Sequence[str] | None = None,
 ) -> Outcome:
     """Only the secret changes; the one in force now keeps signing for the grace period."""
-    sub = current(state, webhook_id, organization_id, if_match)
+    sub = current(state, webhook_id, organization_id)
+    if secret is not None:
+        check_secret(secret)
+    check_precondition(sub, if_match)
     return of_change(settings, rotate(settings, sub, secret))
 
 

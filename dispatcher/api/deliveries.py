@@ -32,6 +32,7 @@ from dispatcher.api.models import (
     DeliveryPage,
     DeliverySummary,
     HourlySummary,
+    IsoTime,
     Recovered,
     RecoverRequest,
     Resent,
@@ -87,8 +88,8 @@ async def list_deliveries(
     _: Reader,
     status: Status | None = None,
     event: Annotated[str | None, Query(max_length=128, description="Event type.")] = None,
-    since: Annotated[datetime | None, Query(description="Created at or after (ISO 8601).")] = None,
-    until: Annotated[datetime | None, Query(description="Created before (ISO 8601).")] = None,
+    since: Annotated[IsoTime | None, Query(description="Created at or after (ISO 8601).")] = None,
+    until: Annotated[IsoTime | None, Query(description="Created before (ISO 8601).")] = None,
     session_id: Annotated[str | None, Query(max_length=256)] = None,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -312,9 +313,9 @@ async def webhook_hourly_summary(
     ctx: Ctx,
     _: Reader,
     since: Annotated[
-        datetime | None, Query(description="From (ISO 8601); default: the retention window.")
+        IsoTime | None, Query(description="From (ISO 8601); default: the retention window.")
     ] = None,
-    until: Annotated[datetime | None, Query(description="Before (ISO 8601); default: now.")] = None,
+    until: Annotated[IsoTime | None, Query(description="Before (ISO 8601); default: now.")] = None,
 ) -> HourlySummary:
     """Per hour with attempts: successes, failures and latency percentiles (the
     dashboard's health chart), over the retention window by default."""

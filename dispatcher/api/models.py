@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from dispatcher.models import EVENT_NAME, TEXT_PATTERN, Subscription, check_text
 
@@ -57,6 +58,24 @@ _DESCRIPTION_TEXT = (
 )
 
 
+_ISO_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:[Zz]|[+-]\d{2}:?\d{2})?"
+)
+
+
+def _iso_time(value: object) -> object:
+    """Only a date and time as text (RFC 3339, a zone optional: UTC): pydantic alone
+    would also take a number of seconds (``0.5``) or a bare date, which the document
+    does not offer."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _ISO_TIME.fullmatch(value)):
+        return value
+    raise ValueError("expected a date and time like 2026-01-15T10:30:00Z")
+
+
+#: A time in a request (query or body).
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
+
+
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +113,7 @@ class WebhookCreate(_In):
         description=_DESCRIPTION_TEXT,
         json_schema_extra={"pattern": TEXT_PATTERN},
     )
-    enabled: bool = True
+    enabled: StrictBool = True
 
     _description = field_validator("description")(_no_control)
 
@@ -119,7 +138,7 @@ class WebhookPatch(_In):
         description=_DESCRIPTION_TEXT + ' "" clears it.',
         json_schema_extra={"pattern": TEXT_PATTERN},
     )
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
 
     _description = field_validator("description")(_no_control)
 
@@ -272,7 +291,7 @@ class DeliveryDetail(DeliverySummary):
 
 
 class RecoverRequest(_In):
-    since: datetime = Field(description="Deliveries first attempted at or after (ISO 8601).")
+    since: IsoTime = Field(description="Deliveries first attempted at or after (ISO 8601).")
 
 
 class Recovered(BaseModel):

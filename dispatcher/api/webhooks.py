@@ -115,7 +115,7 @@ CONFLICT: Responses = {
 
 
 def with_etag(description: str) -> Responses:
-    return {200: {"description": description, "headers": ETAG_HEADER, "links": WEBHOOK_LINKS}}
+    return {200: {"description": description, "headers": ETAG_HEADER}}
 
 
 def _link(operation: str, webhook_id: str = "$response.body#/id") -> dict[str, Any]:
@@ -510,7 +510,22 @@ async def test_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer
     return TestResult.model_validate(report.as_dict())
 
 
-@router.put(BASE + "/plan", response_model=Plan, tags=["organizations"], responses=WRITE)
+@router.put(
+    BASE + "/plan",
+    response_model=Plan,
+    tags=["organizations"],
+    responses={
+        **WRITE,
+        200: {
+            "description": "The plan in force",
+            # With a plan set, the organization's webhooks can be created and listed.
+            "links": {
+                name: {"operationId": name, "parameters": {"org": "$request.path.org"}}
+                for name in ("createWebhook", "listWebhooks")
+            },
+        },
+    },
+)
 async def put_plan(
     org: Org, body: PlanRequest, response: Response, ctx: Ctx, caller: Writer
 ) -> Plan:
