@@ -195,8 +195,13 @@ def test_schemathesis_all_phases_find_no_server_error_and_no_valid_request_refus
             "none",
             "--no-color",
         ],
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"},
-        cwd=REPO,
+        # Run from the test's directory: the tool keeps a cache where it runs.
+        env={
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+            "PYTHONPATH": str(REPO),
+        },
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=280,
