@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.api import docs_page
+from dispatcher.api import cursors, docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
 from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
 from dispatcher.api.idempotency import webhook_id_for
+from dispatcher.api.problems import Problem
 from dispatcher.attempts import AttemptRecord
 from dispatcher.config_state import answer_key
 from dispatcher.errors import ConfigError
@@ -279,3 +280,24 @@ def test_docs_page_names_schemas_as_the_document_does() -> None:
     assert name({"type": "string", "format": "date-time"}) == "string (date-time)"
     assert name({"enum": ["read", "read-write"]}) == "'read' | 'read-write'"
     assert name(None) == "any"
+
+
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.text(min_size=1, max_size=100))
+def test_cursor_gives_back_its_key(number: int, key: str) -> None:
+    made = cursors.encode(number, key)
+    assert re.fullmatch(cursors.PATTERN, made) and len(made) >= cursors.MIN_LENGTH
+    assert cursors.decode(made) == (number, key.encode().decode("utf-8", "replace"))
+
+
+@given(st.from_regex(cursors.PATTERN, fullmatch=True).filter(lambda c: len(c) >= 12))
+def test_every_cursor_of_the_documented_form_is_a_position(cursor: str) -> None:
+    number, key = cursors.decode(cursor)
+    assert isinstance(number, int) and key
+
+
+def test_a_cursor_of_another_form_is_a_422_on_the_cursor() -> None:
+    for bad in ("AAAAAAAAAAAAA", "short", "é" * 12):
+        with pytest.raises(Problem) as refused:
+            cursors.decode(bad)
+        assert refused.value.status == 422
+        assert refused.value.errors is not None and refused.value.errors[0].path == "query.cursor"
