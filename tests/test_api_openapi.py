@@ -133,6 +133,16 @@ def test_statuses_headers_and_constraints_are_in_the_document() -> None:
     assert len(cursors) == 2 and all(c["pattern"] == cursors[0]["pattern"] for c in cursors)
 
 
+def test_the_document_follows_the_deployment() -> None:
+    settings = Settings(allow_http=True, known_plans=["basic", "scale"], entitled_plans=["scale"])
+    document = create_app(build_context(settings), start_readers=False).openapi()
+    schemas = document["components"]["schemas"]
+    assert schemas["PlanRequest"]["properties"]["plan"]["enum"] == ["basic", "scale"]
+    url = re.compile(schemas["WebhookPatch"]["properties"]["url"]["anyOf"][0]["pattern"])
+    assert url.fullmatch("http://hooks.example.com/x") and url.fullmatch("https://a.io/")
+    assert not url.fullmatch("ftp://hooks.example.com/x")
+
+
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 #: Statuses a request valid under the document may still get from the state it
 #: meets: an id nobody made (404), no plan yet or a webhook disabled (409), a stale
