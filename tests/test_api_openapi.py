@@ -20,7 +20,7 @@ from openapi_spec_validator import validate
 
 from dispatcher.api.app import build_context, create_app
 from dispatcher.settings import Settings
-from tests.api_support import ApiProcess
+from tests.api_support import ORG, ApiProcess
 from tests.support import REPO, Namespace, free_port
 
 
@@ -34,7 +34,7 @@ def live_api(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     ns = Namespace()
     api = ApiProcess(ns, tmp_path_factory.mktemp("api") / "api.log").start()
     with api.admin() as http:
-        assert http.put("/v1/organizations/org_abc123/plan", json={"plan": "scale"}).is_success
+        assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).is_success
     yield api
     api.stop()
     ns.drop_topics()
@@ -158,6 +158,7 @@ def test_schemathesis_all_phases_find_no_server_error_and_no_valid_request_refus
     """Every phase, the stateful one included (it follows the document's links from a
     plan to a webhook to the operations on it), every check, against the real process."""
     document = httpx.get(live_api.url + "/openapi.json", timeout=10).json()
+    (tmp_path / "served.json").write_text(json.dumps(document))
     # Endpoints the API accepts and that exist only here: a loopback address (this
     # deployment allows it) on a port nothing listens on. A generated host name
     # would be looked up in DNS, off this machine.
@@ -172,11 +173,16 @@ def test_schemathesis_all_phases_find_no_server_error_and_no_valid_request_refus
     (tmp_path / "schemathesis.toml").write_text(
         f'[auth.openapi.bearerAuth]\nbearer = "{live_api.admin_key}"\n'
         f"[checks.positive_data_acceptance]\nexpected-statuses = {json.dumps(STATE_STATUSES)}\n"
-        # Scenarios long enough to go from a plan to a webhook to the calls on it.
+        # Scenarios long enough to go from a new webhook through calls on it; requests
+        # valid under the document only (the other phases send invalid ones too).
         "[phases.stateful]\nmax-steps = 20\n"
         # The document's own links only, none guessed.
         "[phases.stateful.inference]\nalgorithms = []\n"
-        "[phases.stateful.generation]\nmax-examples = 60\n"
+        '[phases.stateful.generation]\nmax-examples = 60\nmode = "positive"\n'
+        # Webhooks are made in the organization whose plan the fixture set (any
+        # other has none: a 409), so that the links from them lead somewhere.
+        '[[operations]]\ninclude-operation-id = "createWebhook"\n'
+        f'parameters = {{ org = "{ORG}" }}\n'
     )
     run = subprocess.run(
         [
@@ -209,6 +215,7 @@ def test_schemathesis_all_phases_find_no_server_error_and_no_valid_request_refus
         env={
             **os.environ,
             "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+            "SERVED_DOCUMENT": str(tmp_path / "served.json"),
             "PYTHONPATH": str(REPO),
         },
         cwd=tmp_path,

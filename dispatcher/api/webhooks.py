@@ -118,30 +118,37 @@ def with_etag(description: str) -> Responses:
     return {200: {"description": description, "headers": ETAG_HEADER}}
 
 
-def _link(operation: str, webhook_id: str = "$response.body#/id") -> dict[str, Any]:
-    return {
-        "operationId": operation,
-        "parameters": {"org": "$request.path.org", "webhook_id": webhook_id},
-    }
+def _link(operation: str, conditional: bool) -> dict[str, Any]:
+    parameters = {"org": "$request.path.org", "webhook_id": "$response.body#/id"}
+    if conditional:  # the answer's ETag makes the next change conditional on it
+        parameters["header.If-Match"] = "$response.header.ETag"
+    return {"operationId": operation, "parameters": parameters}
 
 
-#: Where a webhook in an answer leads: the operations on it (for generated clients,
-#: and for tests that chain calls).
+#: Where a new webhook leads: the operations on it (for generated clients, and for
+#: tests that chain calls), changes made conditional on the version just answered.
 WEBHOOK_LINKS = {
-    name: _link(name)
-    for name in (
-        "getWebhook",
-        "updateWebhook",
-        "deleteWebhook",
-        "enableWebhook",
-        "disableWebhook",
-        "rotateSecret",
-        "testWebhook",
-        "listDeliveries",
-        "recoverWebhook",
-        "getWebhookSummary",
-        "getWebhookHourlySummary",
-    )
+    **{
+        name: _link(name, conditional=False)
+        for name in (
+            "getWebhook",
+            "testWebhook",
+            "listDeliveries",
+            "recoverWebhook",
+            "getWebhookSummary",
+            "getWebhookHourlySummary",
+        )
+    },
+    **{
+        name: _link(name, conditional=True)
+        for name in (
+            "updateWebhook",
+            "deleteWebhook",
+            "enableWebhook",
+            "disableWebhook",
+            "rotateSecret",
+        )
+    },
 }
 
 
