@@ -117,7 +117,12 @@ def test_statuses_headers_and_constraints_are_in_the_document() -> None:
     url = re.compile(create_body["url"]["pattern"])
     for good in ("https://hooks.example.com/x?a=1", "https://127.0.0.1:8443/", "https://a.io"):
         assert url.fullmatch(good), good
-    for bad in ("http://hooks.example.com/", "https://user@host.com/", "https://h.com/a b"):
+    assert url.fullmatch("https://" + ".".join(["a" * 63] * 3) + ".io:1/")
+    for bad in (
+        "http://hooks.example.com/",
+        "https://user@host.com/",
+        "https://h.com/a b",
+    ):
         assert not url.fullmatch(bad), bad
     patch_description = schemas["WebhookPatch"]["properties"]["description"]["anyOf"][0]
     text = re.compile(patch_description["pattern"])

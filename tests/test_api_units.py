@@ -7,19 +7,24 @@ import re
 from datetime import UTC, datetime, timedelta
 from html import escape
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.api import cursors, docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
 from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
 from dispatcher.api.idempotency import webhook_id_for
+from dispatcher.api.models import SECRET_PATTERN, URL_PATTERN
 from dispatcher.api.problems import Problem
 from dispatcher.attempts import AttemptRecord
 from dispatcher.config_state import answer_key
 from dispatcher.errors import ConfigError
+from dispatcher.manage import check_secret
+from dispatcher.models import TEXT_PATTERN, check_text
+from dispatcher.outbound.urls import normalize_url
 from dispatcher.settings import Settings
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -301,3 +306,19 @@ def test_a_cursor_of_another_form_is_a_422_on_the_cursor() -> None:
             cursors.decode(bad)
         assert refused.value.status == 422
         assert refused.value.errors is not None and refused.value.errors[0].path == "query.cursor"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(URL_PATTERN, fullmatch=True))
+def test_every_url_the_document_allows_reads_alike_to_both_parsers(url: str) -> None:
+    """A URL valid under the document is never refused for its form (only, at create
+    time, for where it points, or for a host over 253 characters)."""
+    assume(len(urlsplit(url).hostname or "") <= 253)
+    assert normalize_url(url) == url
+
+
+@given(st.from_regex(TEXT_PATTERN, fullmatch=True), st.from_regex(SECRET_PATTERN, fullmatch=True))
+def test_text_and_secrets_the_document_allows_are_accepted(text: str, secret: str) -> None:
+    check_text(text)
+    if len(secret) >= 24:
+        check_secret(secret)

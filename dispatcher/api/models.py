@@ -25,18 +25,20 @@ ORG_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 #: or an IPv4 address, an optional port 1-65535, a path and query of URL characters.
 #: Addresses outside the public internet are refused unless the deployment allows
 #: them (DISPATCHER_ALLOWED_NETWORKS).
-_HOST = (
-    r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"|(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
-    r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9]))"
-)
+#: No label with "--" in its 3rd and 4th characters: those are reserved for IDNA
+#: (``xn--``), and one that is not valid punycode cannot be read.
+_LABEL = r"(?![A-Za-z0-9]{2}--)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LAST_LABEL = r"(?![A-Za-z0-9]{2}--)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_HOST = rf"(?:(?:{_LABEL}\.)*{_LAST_LABEL}|(?:{_OCTET}\.){{3}}{_OCTET})"
 _PORT = (
     r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
     r"|[1-9][0-9]{0,3}))?"
 )
 _URL_CHAR = r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~!$&'()*+,;=:@/-])"
 _PATH = rf"(?:/{_URL_CHAR}*)?(?:\?(?:{_URL_CHAR}|\?)*)?"
+#: A host over 253 characters is refused too, which a pattern says only with a
+#: lookahead, one that generators from the document would spend most tries on.
 URL_PATTERN = rf"^https://{_HOST}{_PORT}{_PATH}$"
 #: A secret chosen by the caller: printable ASCII, no space at either end, and a
 #: ``whsec_`` one holds canonical standard base64 after the prefix.
