@@ -68,6 +68,7 @@ RefusalKind = Literal[
     "plan-unset",  # the organization has no plan yet
     "plan-not-entitled",  # the plan has no webhooks
     "stale",  # If-Match names a version that is no longer current
+    "conflict",  # the input is valid but the state in force refuses it; ``field`` names it
 ]
 
 

@@ -30,7 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.errors import Refusal, SubscriptionError
 from dispatcher.kafka import Outgoing
-from dispatcher.models import PreviousSecret, Subscription, require_https, short_errors
+from dispatcher.models import (
+    PreviousSecret,
+    Subscription,
+    check_text,
+    require_https,
+    short_errors,
+)
 from dispatcher.outbound.egress import IPAddress, blocked_reason
 from dispatcher.outbound.signing import SECRET_PREFIX, generate_secret, standard_webhooks_key
 from dispatcher.settings import Settings
@@ -125,9 +131,9 @@ def check_secret(secret: str) -> None:
     characters: a signature and its body are seen by whoever reads a request, and
     a short secret is found from them offline in moments.
     """
-    if secret != secret.strip() or not secret.isprintable():
+    if secret != secret.strip() or not all(" " <= ch <= "~" for ch in secret):
         raise Refusal(
-            "invalid secret: it must not start or end with spaces or hold control characters",
+            "invalid secret: it must be printable ASCII, without spaces at either end",
             field="secret",
         )
     if secret.startswith(SECRET_PREFIX):
@@ -289,6 +295,10 @@ def build(
     if enabled is not None:
         base.update(_disabling(existing, enabled, "manual", now))
     if description is not None:
+        try:
+            check_text(description)
+        except ValueError as exc:  # the message names the character, never shows it
+            raise Refusal(f"invalid description: {exc}", field="description") from None
         base["description"] = description or None
     if rate_limit_per_s is not KEEP:
         base["rate_limit_per_s"] = rate_limit_per_s
@@ -360,7 +370,7 @@ def rotate(settings: Settings, sub: Subscription, secret: str | None) -> Change:
         check_secret(secret)
         if secret in sub.active_secrets(now):
             raise Refusal(
-                "invalid secret: the new secret must differ from active ones", field="secret"
+                "the new secret must differ from the secrets in force", "conflict", "secret"
             )
     new_secret = secret or generate_secret()
     previous = [p for p in sub.previous_secrets if p.expires_at > now]
@@ -405,13 +415,19 @@ def current(
     sub = state.subscription(webhook_id)
     if sub is None or (organization_id is not None and sub.organization_id != organization_id):
         raise Refusal(f"no subscription with webhook id {webhook_id!r}", "not-found", "webhook_id")
+    check_precondition(sub, if_match)
+    return sub
+
+
+def check_precondition(sub: Subscription, if_match: Sequence[str] | None) -> None:
+    """Refuse a change whose If-Match names another version (checked, as RFC 9110 says,
+    after the request's own checks: bad input is a 422 whatever the version)."""
     if not matches(sub, if_match):
         raise Refusal(
-            f"webhook {webhook_id} is at version {sub.version}, not the one If-Match names; "
-            "read it again and retry",
+            f"webhook {sub.webhook_id} is at version {sub.version}, not the one If-Match "
+            "names; read it again and retry",
             "stale",
         )
-    return sub
 
 
 def record_of(settings: Settings, sub: Subscription) -> Outgoing:
@@ -480,7 +496,7 @@ def update(
     rate_limit_per_s: float | Unchanged | None = KEEP,
 ) -> Outcome:
     """Only the named fields change; everything else stays as it is now."""
-    sub = current(state, webhook_id, organization_id, if_match)
+    sub = current(state, webhook_id, organization_id)
     change = build(
         settings,
         existing=sub,
@@ -495,6 +511,7 @@ def update(
         known_events=known_events,
         rate_limit_per_s=rate_limit_per_s,
     )
+    check_precondition(sub, if_match)
     return of_change(settings, change)
 
 
@@ -529,7 +546,10 @@ def rotate_secret(
     if_match: Sequence[str] | None = None,
 ) -> Outcome:
     """Only the secret changes; the one in force now keeps signing for the grace period."""
-    sub = current(state, webhook_id, organization_id, if_match)
+    sub = current(state, webhook_id, organization_id)
+    if secret is not None:
+        check_secret(secret)
+    check_precondition(sub, if_match)
     return of_change(settings, rotate(settings, sub, secret))
 
 

@@ -36,6 +36,23 @@ IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 #: concurrency slots are the only limit that matters.
 MAX_RATE_LIMIT_PER_S: Final = 10_000
 
+#: Text shown to people (a webhook's description): no C0 or C1 control character
+#: (NUL, ESC, CR, LF...), no line or paragraph separator and no bidirectional
+#: embedding, override or isolate, any of which could rewrite what a terminal or a
+#: page shows around it.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
+_TEXT = re.compile(TEXT_PATTERN)
+_TEXT_CHAR = re.compile(TEXT_PATTERN[1:-2])  # one allowed character
+
+
+def check_text(value: str) -> None:
+    """ValueError when ``value`` holds a character :data:`TEXT_PATTERN` excludes."""
+    if not _TEXT.fullmatch(value):  # fullmatch: `$` alone would let a final LF through
+        bad = next(ch for ch in value if not _TEXT_CHAR.fullmatch(ch))
+        raise ValueError(
+            f"must not hold control characters or bidirectional overrides (found U+{ord(bad):04X})"
+        )
+
 
 def parse_timestamp(value: str) -> datetime:
     """Parse an ISO 8601 timestamp that carries a time zone."""

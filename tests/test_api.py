@@ -50,7 +50,7 @@ def test_keys_health_and_problems(
         assert r2.status_code == 401
         assert r2.json()["detail"] == r.json()["detail"]  # nothing says what was wrong
     with api.viewer() as viewer:
-        assert viewer.get(webhooks(api)).json() == {"data": []}
+        assert viewer.get(webhooks(api)).json() == {"data": [], "next_cursor": None}
         refused = viewer.post(webhooks(api), json={"url": receiver.url("/hook")})
         assert refused.status_code == 403
         assert refused.headers["content-type"] == PROBLEM
@@ -96,7 +96,10 @@ def test_keys_health_and_problems(
             headers={"content-type": "application/json"},
         )
         assert small_chunks.status_code == 422  # read whole, then validated as usual
-        assert http.get(webhooks(api)).json() == {"data": []}  # nothing was written
+        assert http.get(webhooks(api)).json() == {
+            "data": [],
+            "next_cursor": None,
+        }  # nothing was written
 
     log_lines = [json.loads(line) for line in api.logs().splitlines() if line.startswith("{")]
     audit = [line for line in log_lines if line.get("logger") == "dispatcher.api.audit"]
@@ -169,7 +172,7 @@ def test_webhook_lifecycle(
 
         assert http.delete(one).status_code == 204
         assert http.get(one).status_code == 404
-        assert http.get(webhooks(api)).json() == {"data": []}
+        assert http.get(webhooks(api)).json() == {"data": [], "next_cursor": None}
 
     # The dispatcher's own table reads what the API wrote: one code path, one topic.
     records = ns.read_all(ns.settings.subscriptions_topic)
@@ -212,6 +215,72 @@ def test_webhook_rate_limit_is_set_shown_changed_and_removed(
     ]
     assert [v.get("rate_limit_per_s") for v in values] == [5, 5, 2.5, None]
     assert "rate_limit_per_s" not in values[-1]
+
+
+def test_list_pages_methods_allowed_and_descriptions(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver, cli: Cli
+) -> None:
+    api = run_api(ns)
+    set_plan(api, "scale")
+    with api.client() as anon:
+        anon.headers["Authorization"] = f"bearer {api.admin_key}"  # the scheme in any case
+        made = [anon.post(webhooks(api), json={"url": receiver.url(f"/h{i}")}) for i in range(5)]
+        assert all(m.status_code == 201 for m in made), [m.text for m in made]
+        ids = [m.json()["id"] for m in made]
+
+    with api.viewer() as http:
+        seen: list[str] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            params: dict[str, str | int] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = http.get(webhooks(api), params=params)
+            assert page.status_code == 200, page.text
+            seen += [h["id"] for h in page.json()["data"]]
+            pages += 1
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == 3 and sorted(seen) == sorted(ids) and len(set(seen)) == 5
+        whole = http.get(webhooks(api)).json()
+        assert [h["id"] for h in whole["data"]] == seen and whole["next_cursor"] is None
+        for bad in ("not a cursor", "AAAA", "x" * 300):
+            refused = http.get(webhooks(api), params={"cursor": bad})
+            assert refused.status_code == 422, (bad, refused.text)
+            assert refused.json()["errors"][0]["path"] == "query.cursor"
+
+        # 405 names every method the path serves, not only one of them.
+        one = f"{webhooks(api)}/{ids[0]}"
+        for path, allowed in (
+            (one, {"GET", "PATCH", "DELETE"}),
+            (webhooks(api), {"GET", "POST"}),
+            (f"{one}/rotate-secret", {"POST"}),
+        ):
+            wrong = http.put(path, json={})
+            assert wrong.status_code == 405, wrong.text
+            assert wrong.headers["content-type"] == PROBLEM
+            assert {m.strip() for m in wrong.headers["allow"].split(",")} == allowed
+
+    with api.admin() as http:
+        for text in ("a\x00b", "red \x1b[31m", "line\r\nInjected: 1", "abc\u202egnp.exe", "x\n"):
+            for answer in (
+                http.post(webhooks(api), json={"url": receiver.url("/d"), "description": text}),
+                http.patch(one, json={"description": text}),
+            ):
+                assert answer.status_code == 422, (text, answer.text)
+                assert answer.json()["errors"][0]["path"] == "body.description"
+        kept = http.patch(one, json={"description": "Ünïcode and emoji 🚀 are fine"})
+        assert kept.status_code == 200, kept.text
+        # A secret already in force is a conflict with the state, not bad input.
+        chosen = "c" * 30
+        assert http.post(f"{one}/rotate-secret", json={"secret": chosen}).status_code == 200
+        again = http.post(f"{one}/rotate-secret", json={"secret": chosen})
+        assert again.status_code == 409 and again.json()["errors"][0]["path"] == "body.secret"
+
+    # The command line refuses the same descriptions, and never prints one raw.
+    refused_cli = cli(ns, "subscriptions", "put", "--id", ids[1], "--description", "a\x1b[2Jb")
+    assert refused_cli.code != 0 and "\x1b" not in refused_cli.err + refused_cli.out
+    assert "description" in refused_cli.err
 
 
 def test_idempotency_key_creates_one_webhook(
@@ -282,7 +351,7 @@ def test_waits_for_its_topics_alive_and_not_ready(
     try:
         api.wait_ready()
         with api.viewer() as http:
-            assert http.get(webhooks(api)).json() == {"data": []}
+            assert http.get(webhooks(api)).json() == {"data": [], "next_cursor": None}
     finally:
         api.stop()
         ns.drop_topics()

@@ -92,7 +92,7 @@ def test_generated_python_client_drives_the_api(
 def drive(client: Any, models: ModuleType, op: Any) -> None:
 
     plan = op("organizations", "set_plan").sync_detailed(
-        ORG, client=client, body=models.PlanRequest(plan="scale")
+        ORG, client=client, body=models.PlanRequest(plan=models.PlanRequestPlan("scale"))
     )
     assert plan.status_code == 200, plan.content
 

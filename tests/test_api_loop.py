@@ -50,7 +50,12 @@ def test_every_route_and_dependency_runs_on_the_event_loop() -> None:
         assert inspect.iscoroutinefunction(endpoint), f"{route}: plain def runs on the pool"
         if isinstance(route, APIRoute):
             for call in calls(route.dependant):
-                assert inspect.iscoroutinefunction(call), f"{route.path}: {call}"
+                # A callable object (the bearer scheme's) counts by its __call__, as
+                # FastAPI decides where to run it.
+                method = getattr(call, "__call__", None)  # noqa: B004
+                assert inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(method), (
+                    f"{route.path}: {call}"
+                )
         seen.add(getattr(route, "path", ""))
     assert {"/healthz", "/readyz", "/v1/organizations/{org}/webhooks/{webhook_id}/test"} <= seen
 

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from html import escape
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.api import docs_page
+from dispatcher.api import cursors, docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
 from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
 from dispatcher.api.idempotency import webhook_id_for
+from dispatcher.api.models import SECRET_PATTERN, URL_PATTERN
+from dispatcher.api.problems import Problem
 from dispatcher.attempts import AttemptRecord
 from dispatcher.config_state import answer_key
 from dispatcher.errors import ConfigError
+from dispatcher.manage import check_secret
+from dispatcher.models import TEXT_PATTERN, check_text
+from dispatcher.outbound.urls import normalize_url
 from dispatcher.settings import Settings
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -33,14 +40,19 @@ def test_keys_are_matched_by_hash_and_named() -> None:
     )
     assert ring.identify(f"Bearer {admin}").name == "admin"  # type: ignore[union-attr]
     assert ring.identify(f"Bearer {viewer}").can_write is False  # type: ignore[union-attr]
-    for bad in (None, "", admin, f"Basic {admin}", f"Bearer {admin}x", "Bearer  " + admin):
+    # The scheme is case-insensitive and may be followed by several spaces (RFC 9110).
+    for spelling in ("bearer", "BEARER", "bEaReR"):
+        assert ring.identify(f"{spelling} {admin}").name == "admin"  # type: ignore[union-attr]
+    assert ring.identify(f"Bearer   {admin}").name == "admin"  # type: ignore[union-attr]
+    for bad in (None, "", admin, f"Basic {admin}", f"Bearer {admin}x", f"Bearer {admin.upper()}"):
         assert ring.identify(bad) is None
 
 
 @given(st.text(max_size=300))
 def test_any_authorization_header_is_refused_or_known(header: str) -> None:
     ring = KeyRing([KeyEntry(name="k", sha256=hash_key("secret-key"), access="read")])
-    assert ring.identify(header) is None or header == "Bearer secret-key"
+    known = re.fullmatch(r"(?i:bearer) +secret-key", header)
+    assert ring.identify(header) is None or known
 
 
 def test_keys_from_a_file_and_bad_entries(tmp_path: Path) -> None:
@@ -273,3 +285,40 @@ def test_docs_page_names_schemas_as_the_document_does() -> None:
     assert name({"type": "string", "format": "date-time"}) == "string (date-time)"
     assert name({"enum": ["read", "read-write"]}) == "'read' | 'read-write'"
     assert name(None) == "any"
+
+
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.text(min_size=1, max_size=100))
+def test_cursor_gives_back_its_key(number: int, key: str) -> None:
+    made = cursors.encode(number, key)
+    assert re.fullmatch(cursors.PATTERN, made) and len(made) >= cursors.MIN_LENGTH
+    assert cursors.decode(made) == (number, key.encode().decode("utf-8", "replace"))
+
+
+@given(st.from_regex(cursors.PATTERN, fullmatch=True).filter(lambda c: len(c) >= 12))
+def test_every_cursor_of_the_documented_form_is_a_position(cursor: str) -> None:
+    number, key = cursors.decode(cursor)
+    assert isinstance(number, int) and key
+
+
+def test_a_cursor_of_another_form_is_a_422_on_the_cursor() -> None:
+    for bad in ("AAAAAAAAAAAAA", "short", "é" * 12):
+        with pytest.raises(Problem) as refused:
+            cursors.decode(bad)
+        assert refused.value.status == 422
+        assert refused.value.errors is not None and refused.value.errors[0].path == "query.cursor"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(URL_PATTERN, fullmatch=True))
+def test_every_url_the_document_allows_reads_alike_to_both_parsers(url: str) -> None:
+    """A URL valid under the document is never refused for its form (only, at create
+    time, for where it points, or for a host over 253 characters)."""
+    assume(len(urlsplit(url).hostname or "") <= 253)
+    assert normalize_url(url) == url
+
+
+@given(st.from_regex(TEXT_PATTERN, fullmatch=True), st.from_regex(SECRET_PATTERN, fullmatch=True))
+def test_text_and_secrets_the_document_allows_are_accepted(text: str, secret: str) -> None:
+    check_text(text)
+    if len(secret) >= 24:
+        check_secret(secret)

@@ -105,7 +105,7 @@ def test_delete_racing_patch_stays_deleted(
         assert w.get(one).status_code == 404  # and it stays gone
         with pytest.raises(SubscriptionError):  # the dispatcher's table agrees
             get_subscription(ns.settings, hook["id"])
-    assert f.get(HOOKS).json() == {"data": []}
+    assert f.get(HOOKS).json() == {"data": [], "next_cursor": None}
 
 
 def test_rotate_racing_rotate_leaves_the_last_answered_secret(

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from dispatcher.commands.subscriptions import get as get_subscription
+from dispatcher.commands.subscriptions import write
 from tests.cli_support import PUT_URL, Cli, put_args, run_subprocess
 from tests.receiver import HttpsReceiver
-from tests.support import Namespace
+from tests.support import Namespace, wait_until
 
 URL = PUT_URL
 
@@ -252,3 +253,20 @@ def test_growth_plan_refused_by_put(cli: Cli, ns: Namespace, receiver: HttpsRece
     refused = cli(ns, *put_args(url=receiver.url("/growth"), plan="growth"))
     refused.assert_one_line_error(2, "does not include webhooks")
     assert cli(ns, "subscriptions", "list", "--json").json() == []
+
+
+def test_stored_control_characters_are_never_printed_raw(cli: Cli, ns: Namespace) -> None:
+    """A description written before control characters were refused (or by another
+    writer) is shown escaped: it can neither move the cursor nor reorder a line."""
+    sub = ns.subscribe(PUT_URL).model_copy(
+        update={"description": "ok\x1b[2J\r\nfake: line \u202eexe.txt\x00", "version": 5}
+    )
+    write(ns.settings, sub.webhook_id, sub)
+    wait_until(lambda: get_subscription(ns.settings, sub.webhook_id).version == 5, 10, "the record")
+    for args in (("get", sub.webhook_id), ("get", sub.webhook_id, "--json"), ("list",)):
+        shown = cli(ns, "subscriptions", *args)
+        assert shown.code == 0, shown.err
+        output = shown.out + shown.err
+        assert not any(ch in output for ch in "\x1b\r\x00\u202e"), repr(output)
+    plain = cli(ns, "subscriptions", "get", sub.webhook_id).out
+    assert "ok\\x1b[2J\\r\\nfake: line \\u202eexe.txt\\x00" in plain

@@ -19,18 +19,19 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from prometheus_client import Counter, Histogram
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dispatcher import __version__
-from dispatcher.api import deliveries, docs_page, problems, webhooks
+from dispatcher.api import contract, deliveries, docs_page, problems, webhooks
 from dispatcher.api.auth import KeyRing, load_keys
 from dispatcher.api.context import ApiContext
 from dispatcher.api.forward import Forwarder, is_change
 from dispatcher.api.historyfold import HistoryFolder
 from dispatcher.api.historystore import HistoryReads, HistoryStore
-from dispatcher.api.problems import PROBLEM
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
+from dispatcher.api.webhooks import RETRY_AFTER_HEADER, problem
 from dispatcher.catalog import load_catalog
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.health import Health
@@ -54,18 +55,26 @@ API_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
+#: The answers every operation can give (a route adds its own: 403 for a change,
+#: 409, 412, 429...).
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {**PROBLEM, "description": text}
-    for code, text in {
-        401: "No valid API key",
-        403: "The key may only read",
-        404: "Not found (another organization's webhook too)",
-        409: "Conflicts with the current state (plan, webhook state)",
-        413: "Body too large",
-        422: "Invalid input, with field paths",
-        503: "Not ready, the writer unreachable, or the change not applied (retry); where "
+    401: problem(
+        "No valid API key",
+        headers={
+            "WWW-Authenticate": {
+                "description": "`Bearer`: the scheme to authenticate with",
+                "schema": {"type": "string"},
+            }
+        },
+    ),
+    404: problem("Not found (another organization's webhook too)"),
+    413: problem("Body too large"),
+    422: problem("Invalid input, with field paths"),
+    503: problem(
+        "Not ready, the writer unreachable, or the change not applied (retry); where "
         "the outcome is unknown the problem's type ends in outcome-unknown",
-    }.items()
+        headers=RETRY_AFTER_HEADER,
+    ),
 }
 
 
@@ -230,11 +239,18 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
             response: Response = await call_next(request)
             return response
 
+    # Each path with the methods its routes serve, for the Allow header of a 405.
+    app.state.routes = [
+        (route.path_regex, set(route.methods or ()))
+        for route in [*app.router.routes, *webhooks.router.routes, *deliveries.router.routes]
+        if isinstance(route, Route)
+    ]
     app.add_middleware(Measure)
     app.add_middleware(BodyLimit, max_bytes=ctx.settings.api_max_body_bytes)
     # The document (FastAPI keeps it once built) and the page, built now: the first
     # /openapi.json or /docs would otherwise spend most of a second of CPU on the
     # event loop, in front of every other request. They never change.
+    contract.complete(app.openapi(), ctx.settings, [e.name for e in ctx.catalog])
     app.state.docs_page = docs_page.render(app.openapi())
     return app
 

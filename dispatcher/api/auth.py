@@ -17,9 +17,10 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.errors import ConfigError, Problem
@@ -90,7 +91,21 @@ def load_keys(settings: Settings) -> list[KeyEntry]:
     return keys
 
 
-_BEARER = re.compile(r"^Bearer ([\x21-\x7e]{1,256})$")
+# The scheme name is case-insensitive (RFC 9110, 11.1): "bearer" and "BEARER" are
+# "Bearer" too. The key itself is compared exactly.
+_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]{1,256})$")
+
+#: The security scheme every ``/v1`` operation declares in the OpenAPI document
+#: (through the dependencies below), so a generated client sends the key. It checks
+#: nothing itself (``auto_error=False``): :class:`KeyRing` does.
+BEARER = HTTPBearer(
+    scheme_name="bearerAuth",
+    bearerFormat="API key (bsk_...)",
+    description="An API key: `Authorization: Bearer <key>`. A read key may call the GET "
+    "operations; every change needs a read-write key.",
+    auto_error=False,
+)
+Declared = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
 
 class KeyRing:
@@ -135,12 +150,12 @@ def _caller(request: Request) -> Caller:
 
 # The dependencies are ``async`` (they only hash and compare in memory): FastAPI
 # would run plain functions on its thread pool.
-async def reader(request: Request) -> Caller:
+async def reader(request: Request, _: Declared) -> Caller:
     """Dependency: any valid key."""
     return _caller(request)
 
 
-async def writer(request: Request) -> Caller:
+async def writer(request: Request, _: Declared) -> Caller:
     """Dependency: a read-write key."""
     caller = _caller(request)
     if not caller.can_write:

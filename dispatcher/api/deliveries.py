@@ -8,15 +8,13 @@ budget, and records who asked.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import struct
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from dispatcher.api import cursors
 from dispatcher.api.auth import Caller, audit
 from dispatcher.api.context import ApiContext
 from dispatcher.api.historystore import (
@@ -34,6 +32,7 @@ from dispatcher.api.models import (
     DeliveryPage,
     DeliverySummary,
     HourlySummary,
+    IsoTime,
     Recovered,
     RecoverRequest,
     Resent,
@@ -41,7 +40,18 @@ from dispatcher.api.models import (
     WebhookSummary,
 )
 from dispatcher.api.problems import field_problem, not_found
-from dispatcher.api.webhooks import BASE, Ctx, Org, Reader, WebhookId, Writer, owned
+from dispatcher.api.webhooks import (
+    BASE,
+    CONFLICT,
+    WRITE,
+    Ctx,
+    Cursor,
+    Org,
+    Reader,
+    WebhookId,
+    Writer,
+    owned,
+)
 from dispatcher.attempts import AttemptRecord
 from dispatcher.core.partitions import now_ms
 from dispatcher.errors import Problem, WriteTimeout
@@ -70,28 +80,6 @@ def _summary(row: DeliveryRow) -> DeliverySummary:
     )
 
 
-# A cursor is the sort key of the last delivery of a page, (time, id), packed and
-# encoded: it says nothing the page did not show, and no position or count.
-_CURSOR = struct.Struct(">q")
-
-
-def _cursor(row: DeliveryRow) -> str:
-    raw = _CURSOR.pack(row.created_ms) + row.delivery_id.encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _after(cursor: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        (created_ms,) = _CURSOR.unpack_from(raw)
-        delivery_id = raw[_CURSOR.size :].decode()
-    except (binascii.Error, ValueError, UnicodeDecodeError, struct.error):
-        raise field_problem("query.cursor", "not a cursor from a previous page") from None
-    if created_ms < 0 or not IDENTIFIER.match(delivery_id):
-        raise field_problem("query.cursor", "not a cursor from a previous page")
-    return created_ms, delivery_id
-
-
 @router.get(BASE + "/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage)
 async def list_deliveries(
     org: Org,
@@ -100,10 +88,10 @@ async def list_deliveries(
     _: Reader,
     status: Status | None = None,
     event: Annotated[str | None, Query(max_length=128, description="Event type.")] = None,
-    since: Annotated[datetime | None, Query(description="Created at or after (ISO 8601).")] = None,
-    until: Annotated[datetime | None, Query(description="Created before (ISO 8601).")] = None,
+    since: Annotated[IsoTime | None, Query(description="Created at or after (ISO 8601).")] = None,
+    until: Annotated[IsoTime | None, Query(description="Created before (ISO 8601).")] = None,
     session_id: Annotated[str | None, Query(max_length=256)] = None,
-    cursor: Annotated[str | None, Query(max_length=256)] = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DeliveryPage:
     """Every delivery within retention, newest first (by first attempt time)."""
@@ -115,11 +103,12 @@ async def list_deliveries(
         since_ms=None if since is None else _ms(since, "query.since"),
         until_ms=None if until is None else _ms(until, "query.until"),
     )
-    before = None if cursor is None else _after(cursor)
+    before = None if cursor is None else cursors.decode(cursor)
     page, more = await ctx.reads.call(
         lambda conn: HistoryStore.deliveries(conn, webhook_id, filters, before, limit)
     )
-    next_cursor = _cursor(page[-1]) if more and page else None
+    last = page[-1] if more and page else None
+    next_cursor = None if last is None else cursors.encode(last.created_ms, last.delivery_id)
     return DeliveryPage(data=[_summary(e) for e in page], next_cursor=next_cursor)
 
 
@@ -179,6 +168,7 @@ async def get_delivery(
     BASE + "/webhooks/{webhook_id}/deliveries/{delivery_id}/resend",
     status_code=202,
     response_model=Resent,
+    responses={**WRITE, **CONFLICT},
 )
 async def resend_delivery(
     org: Org, webhook_id: WebhookId, delivery_id: DeliveryId, ctx: Ctx, caller: Writer
@@ -207,7 +197,12 @@ def _resend_delivery(
 RECOVER_MAX = 500
 
 
-@router.post(BASE + "/webhooks/{webhook_id}/recover", status_code=202, response_model=Recovered)
+@router.post(
+    BASE + "/webhooks/{webhook_id}/recover",
+    status_code=202,
+    response_model=Recovered,
+    responses={**WRITE, **CONFLICT},
+)
 async def recover_webhook(
     org: Org, webhook_id: WebhookId, body: RecoverRequest, ctx: Ctx, caller: Writer
 ) -> Recovered:
@@ -318,9 +313,9 @@ async def webhook_hourly_summary(
     ctx: Ctx,
     _: Reader,
     since: Annotated[
-        datetime | None, Query(description="From (ISO 8601); default: the retention window.")
+        IsoTime | None, Query(description="From (ISO 8601); default: the retention window.")
     ] = None,
-    until: Annotated[datetime | None, Query(description="Before (ISO 8601); default: now.")] = None,
+    until: Annotated[IsoTime | None, Query(description="Before (ISO 8601); default: now.")] = None,
 ) -> HourlySummary:
     """Per hour with attempts: successes, failures and latency percentiles (the
     dashboard's health chart), over the retention window by default."""

@@ -2,16 +2,87 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from dispatcher.models import EVENT_NAME, MAX_RATE_LIMIT_PER_S, Subscription
+from dispatcher.models import (
+    EVENT_NAME,
+    MAX_RATE_LIMIT_PER_S,
+    TEXT_PATTERN,
+    Subscription,
+    check_text,
+)
 from dispatcher.webhook_health import WebhookHealth
 
 Status = Literal["succeeded", "failing", "dead_lettered", "pending"]
 ORG_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+
+
+# What the document promises about input, as patterns (ECMA-262, as OpenAPI reads
+# them). The server checks the same rules with messages that say what is wrong
+# (dispatcher.manage, dispatcher.outbound.urls); these let a client, or a test
+# generating requests from the document, know what will be accepted. Where a rule
+# depends on the deployment (plans, events, plain HTTP), the document is completed
+# at start-up from the settings and the catalog (dispatcher.api.contract).
+
+#: An https URL as delivered to: a DNS name (its last label starting with a letter)
+#: or an IPv4 address, an optional port 1-65535, a path and query of URL characters.
+#: Addresses outside the public internet are refused unless the deployment allows
+#: them (DISPATCHER_ALLOWED_NETWORKS).
+#: No label with "--" in its 3rd and 4th characters: those are reserved for IDNA
+#: (``xn--``), and one that is not valid punycode cannot be read.
+_LABEL = r"(?![A-Za-z0-9]{2}--)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LAST_LABEL = r"(?![A-Za-z0-9]{2}--)[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_HOST = rf"(?:(?:{_LABEL}\.)*{_LAST_LABEL}|(?:{_OCTET}\.){{3}}{_OCTET})"
+_PORT = (
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+    r"|[1-9][0-9]{0,3}))?"
+)
+_URL_CHAR = r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~!$&'()*+,;=:@/-])"
+_PATH = rf"(?:/{_URL_CHAR}*)?(?:\?(?:{_URL_CHAR}|\?)*)?"
+#: A host over 253 characters is refused too, which a pattern says only with a
+#: lookahead, one that generators from the document would spend most tries on.
+URL_PATTERN = rf"^https://{_HOST}{_PORT}{_PATH}$"
+#: A secret chosen by the caller: printable ASCII, no space at either end, and a
+#: ``whsec_`` one holds canonical standard base64 after the prefix.
+SECRET_PATTERN = (
+    r"^(?:whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+    r"|(?!whsec_)[!-~](?:[ -~]*[!-~])?)$"
+)
+_URL_TEXT = (
+    "An https URL of the endpoint, on a public address (private, loopback and other "
+    "special addresses are refused unless the deployment allows them)."
+)
+_SECRET_TEXT = (
+    "At least 24 characters (a `whsec_` secret: standard base64 after the prefix). "
+    "Default: a generated whsec_ secret."
+)
+_DESCRIPTION_TEXT = (
+    "A note shown with the webhook; no control characters (NUL, ESC, CR, LF...) "
+    "and no bidirectional overrides."
+)
+
+
+_ISO_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:[Zz]|[+-]\d{2}:?\d{2})?"
+)
+
+
+def _iso_time(value: object) -> object:
+    """Only a date and time as text (RFC 3339, a zone optional: UTC): pydantic alone
+    would also take a number of seconds (``0.5``) or a bare date, which the document
+    does not offer."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _ISO_TIME.fullmatch(value)):
+        return value
+    raise ValueError("expected a date and time like 2026-01-15T10:30:00Z")
+
+
+#: A time in a request (query or body).
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
 
 
 class _In(BaseModel):
@@ -37,8 +108,20 @@ def _rate_limit(doc: str) -> Any:
     )
 
 
+def _no_control(value: str | None) -> str | None:
+    if value is not None:
+        check_text(value)
+    return value
+
+
 class WebhookCreate(_In):
-    url: str = Field(min_length=1, max_length=2048, examples=["https://hooks.example.com/bullseye"])
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description=_URL_TEXT,
+        examples=["https://hooks.example.com/bullseye"],
+        json_schema_extra={"pattern": URL_PATTERN},
+    )
     events: list[str] = Field(
         default_factory=lambda: ["visitor.identified"],
         min_length=1,
@@ -49,20 +132,45 @@ class WebhookCreate(_In):
         None,
         min_length=24,
         max_length=256,
-        description="At least 24 characters (a `whsec_` secret: standard base64 after "
-        "the prefix). Default: a generated whsec_ secret.",
+        description=_SECRET_TEXT,
+        json_schema_extra={"pattern": SECRET_PATTERN},
     )
-    description: str | None = Field(None, max_length=500)
-    enabled: bool = True
+    description: str | None = Field(
+        None,
+        max_length=500,
+        description=_DESCRIPTION_TEXT,
+        json_schema_extra={"pattern": TEXT_PATTERN},
+    )
+    enabled: StrictBool = True
     rate_limit_per_s: float | None = _rate_limit(_RATE_LIMIT_DOC)
+
+    _description = field_validator("description")(_no_control)
 
 
 class WebhookPatch(_In):
-    url: str | None = Field(None, min_length=1, max_length=2048)
-    events: list[str] | None = Field(None, min_length=1, max_length=50)
-    description: str | None = Field(None, max_length=500, description='"" clears it.')
-    enabled: bool | None = None
+    url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description=_URL_TEXT,
+        json_schema_extra={"pattern": URL_PATTERN},
+    )
+    events: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=50,
+        json_schema_extra={"items": {"type": "string", "pattern": EVENT_NAME.pattern}},
+    )
+    description: str | None = Field(
+        None,
+        max_length=500,
+        description=_DESCRIPTION_TEXT + ' "" clears it.',
+        json_schema_extra={"pattern": TEXT_PATTERN},
+    )
+    enabled: StrictBool | None = None
     rate_limit_per_s: float | None = _rate_limit(_RATE_LIMIT_DOC + " `null` removes the limit.")
+
+    _description = field_validator("description")(_no_control)
 
 
 class RotateRequest(_In):
@@ -70,13 +178,18 @@ class RotateRequest(_In):
         None,
         min_length=24,
         max_length=256,
-        description="At least 24 characters (a `whsec_` secret: standard base64 after "
-        "the prefix). Default: a generated whsec_ secret.",
+        description=_SECRET_TEXT,
+        json_schema_extra={"pattern": SECRET_PATTERN},
     )
 
 
 class PlanRequest(_In):
-    plan: str = Field(min_length=1, max_length=64, examples=["scale"])
+    plan: str = Field(
+        min_length=1,
+        max_length=64,
+        examples=["scale"],
+        description="One of the deployment's plans (DISPATCHER_KNOWN_PLANS).",
+    )
 
 
 class Webhook(BaseModel):
@@ -158,7 +271,10 @@ class Webhook(BaseModel):
 
 
 class WebhookList(BaseModel):
-    data: list[Webhook]
+    data: list[Webhook] = Field(description="Oldest first (by creation time, then id).")
+    next_cursor: str | None = Field(
+        None, description="Pass as ?cursor= for the next page; null on the last page."
+    )
 
 
 class Plan(BaseModel):
@@ -238,7 +354,7 @@ class DeliveryDetail(DeliverySummary):
 
 
 class RecoverRequest(_In):
-    since: datetime = Field(description="Deliveries first attempted at or after (ISO 8601).")
+    since: IsoTime = Field(description="Deliveries first attempted at or after (ISO 8601).")
 
 
 class Recovered(BaseModel):

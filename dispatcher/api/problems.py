@@ -8,6 +8,7 @@ resort, an unexpected exception (a 500 that names nothing internal).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -80,6 +81,14 @@ def refusal_problem(exc: Refusal) -> Problem:
     if exc.kind == "plan-not-entitled":
         return Problem(409, "plan-not-entitled", "The organization's plan has no webhooks", message)
     path = _FIELD_PATHS.get(exc.field or "", f"body.{exc.field}" if exc.field else "body")
+    if exc.kind == "conflict":
+        return Problem(
+            409,
+            "conflict",
+            "Conflicts with the current state",
+            message,
+            [FieldError(path=path, message=message)],
+        )
     return field_problem(path, message)
 
 
@@ -104,6 +113,18 @@ def respond(problem: Problem, instance: str | None = None) -> JSONResponse:
 
 def _path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part) for part in loc) or "body"
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (RFC 9110 ``Allow``).
+
+    Starlette names only the methods of the first route that matched the path,
+    and each method of a path is a route of its own here. The routes are the ones
+    the application listed when it was built (``state.routes``).
+    """
+    path = request.url.path
+    routes: list[tuple[re.Pattern[str], set[str]]] = request.app.state.routes
+    return sorted({m for regex, methods in routes if regex.match(path) for m in methods})
 
 
 def install(app: FastAPI) -> None:
@@ -131,12 +152,15 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 400:  # a body that cannot even be parsed (bad bytes)
             return respond(field_problem("body", str(exc.detail)), request.url.path)
         titles = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized"}
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
         problem = Problem(
             exc.status_code,
             {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error"),
             titles.get(exc.status_code, "Request refused"),
             None if exc.status_code in titles else str(exc.detail),
-            headers=dict(exc.headers) if exc.headers else None,
+            headers=headers or None,
         )
         return respond(problem, request.url.path)
 

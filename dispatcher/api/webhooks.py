@@ -16,9 +16,10 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 
 from dispatcher import manage
+from dispatcher.api import cursors
 from dispatcher.api.auth import Caller, audit, reader, writer
 from dispatcher.api.context import ApiContext, context
 from dispatcher.api.idempotency import fingerprint, webhook_id_for
@@ -35,7 +36,7 @@ from dispatcher.api.models import (
     WebhookList,
     WebhookPatch,
 )
-from dispatcher.api.problems import MEDIA_TYPE, PROBLEM, ProblemBody, not_found
+from dispatcher.api.problems import PROBLEM, not_found
 from dispatcher.config_state import Answer, answer_key
 from dispatcher.config_writer import Decide
 from dispatcher.errors import Problem
@@ -56,17 +57,98 @@ IfMatch = Annotated[
         "412 otherwise.",
     ),
 ]
+Cursor = Annotated[
+    str | None,
+    Query(
+        min_length=cursors.MIN_LENGTH,
+        max_length=cursors.MAX_LENGTH,
+        pattern=cursors.PATTERN,
+        description="The `next_cursor` of the previous page.",
+    ),
+]
 BASE = "/v1/organizations/{org}"
 #: Where the writer wrote a change (``topic:partition:offset,...``): a replica that
 #: forwarded the change waits to have read past it before answering.
 POSITION_HEADER = "Config-Position"
 T = TypeVar("T")
 
-_CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    412: {
-        "model": ProblemBody,
-        "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}},
-        "description": "If-Match names a version that is no longer current; nothing changed",
+Responses = dict[int | str, dict[str, Any]]
+
+
+def problem(description: str, **more: Any) -> dict[str, Any]:
+    """An answer whose body is a problem document, for a route's ``responses``."""
+    return {**PROBLEM, "description": description, **more}
+
+
+#: The headers routes send, as the OpenAPI document declares them.
+ETAG_HEADER = {
+    "ETag": {
+        "description": 'The webhook\'s version as an entity tag (`"3"`): send it back in '
+        "If-Match to change the webhook only if nobody changed it since.",
+        "schema": {"type": "string"},
+    }
+}
+REPLAYED_HEADER = {
+    "Idempotent-Replayed": {
+        "description": "`true` when this answers an Idempotency-Key seen before.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
+    }
+}
+
+#: Changes need a read-write key.
+WRITE: Responses = {403: problem("The key may only read")}
+#: A change of one webhook: a read-write key, and If-Match may make it conditional.
+CHANGE: Responses = {
+    **WRITE,
+    412: problem("If-Match names a version that is no longer current; nothing changed"),
+}
+#: The state in force refuses the change (no plan, a plan without webhooks, a
+#: webhook disabled, a secret already in use...).
+CONFLICT: Responses = {
+    409: problem("Conflicts with the current state (the plan, the webhook's state or secrets)")
+}
+
+
+def with_etag(description: str) -> Responses:
+    return {200: {"description": description, "headers": ETAG_HEADER}}
+
+
+def _link(operation: str, conditional: bool) -> dict[str, Any]:
+    parameters = {"org": "$request.path.org", "webhook_id": "$response.body#/id"}
+    if conditional:  # the answer's ETag makes the next change conditional on it
+        parameters["header.If-Match"] = "$response.header.ETag"
+    return {"operationId": operation, "parameters": parameters}
+
+
+#: Where a new webhook leads: the operations on it (for generated clients, and for
+#: tests that chain calls), changes made conditional on the version just answered.
+WEBHOOK_LINKS = {
+    **{
+        name: _link(name, conditional=False)
+        for name in (
+            "getWebhook",
+            "testWebhook",
+            "listDeliveries",
+            "recoverWebhook",
+            "getWebhookSummary",
+            "getWebhookHourlySummary",
+        )
+    },
+    **{
+        name: _link(name, conditional=True)
+        for name in (
+            "updateWebhook",
+            "deleteWebhook",
+            "enableWebhook",
+            "disableWebhook",
+            "rotateSecret",
+        )
     },
 }
 
@@ -112,9 +194,28 @@ def answered(response: Response, hook: Webhook) -> Webhook:
 
 
 @router.get(BASE + "/webhooks", response_model=WebhookList, tags=["webhooks"])
-async def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
-    """The organization's webhooks, oldest first (secrets never shown)."""
-    return WebhookList(data=[view(ctx, s) for s in ctx.store.for_organization(org)])
+async def list_webhooks(
+    org: Org,
+    ctx: Ctx,
+    _: Reader,
+    cursor: Cursor = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Webhooks per page.")] = 100,
+) -> WebhookList:
+    """The organization's webhooks, oldest first (secrets never shown), a page at a time:
+    while `next_cursor` is not null, pass it as `?cursor=` for the next page."""
+    found = ctx.store.for_organization(org)
+    if cursor is not None:
+        after = cursors.decode(cursor)
+        found = [s for s in found if (_micros(s), s.webhook_id) > after]
+    page = found[:limit]
+    more = len(found) > limit
+    next_cursor = cursors.encode(_micros(page[-1]), page[-1].webhook_id) if more else None
+    return WebhookList(data=[view(ctx, s) for s in page], next_cursor=next_cursor)
+
+
+def _micros(sub: Subscription) -> int:
+    """The creation time in microseconds: the order of the list, exactly."""
+    return int(sub.created_at.timestamp()) * 1_000_000 + sub.created_at.microsecond
 
 
 @router.post(
@@ -123,15 +224,24 @@ async def list_webhooks(org: Org, ctx: Ctx, _: Reader) -> WebhookList:
     response_model=Webhook,
     tags=["webhooks"],
     responses={
+        **WRITE,
+        **CONFLICT,
         200: {
             "model": Webhook,
             "description": "The webhook an Idempotency-Key made before its answer was "
             "recorded or after that answer expired (no secret; header Idempotent-Replayed)",
+            "headers": {**ETAG_HEADER, **REPLAYED_HEADER},
+            "links": WEBHOOK_LINKS,
         },
         201: {
             "description": "Created; a replay of a keyed create answers exactly as the first "
-            "time, the secret included (header Idempotent-Replayed: true)"
+            "time, the secret included (header Idempotent-Replayed: true)",
+            "headers": {**ETAG_HEADER, **REPLAYED_HEADER},
+            "links": WEBHOOK_LINKS,
         },
+        422: problem(
+            "Invalid input, with field paths; or an Idempotency-Key already used with another body"
+        ),
     },
 )
 async def create_webhook(
@@ -222,7 +332,12 @@ def replay(ctx: ApiContext, found: Answer, fp: str) -> tuple[int, dict[str, Any]
     return found.status, found.body
 
 
-@router.get(BASE + "/webhooks/{webhook_id}", response_model=Webhook, tags=["webhooks"])
+@router.get(
+    BASE + "/webhooks/{webhook_id}",
+    response_model=Webhook,
+    tags=["webhooks"],
+    responses=with_etag("The webhook"),
+)
 async def get_webhook(
     org: Org, webhook_id: WebhookId, response: Response, ctx: Ctx, _: Reader
 ) -> Webhook:
@@ -233,7 +348,7 @@ async def get_webhook(
     BASE + "/webhooks/{webhook_id}",
     response_model=Webhook,
     tags=["webhooks"],
-    responses=_CHANGE_RESPONSES,
+    responses={**CHANGE, **CONFLICT, **with_etag("The webhook as changed")},
 )
 async def update_webhook(
     org: Org,
@@ -277,7 +392,7 @@ async def update_webhook(
     BASE + "/webhooks/{webhook_id}",
     status_code=204,
     tags=["webhooks"],
-    responses=_CHANGE_RESPONSES,
+    responses=CHANGE,
 )
 async def delete_webhook(
     org: Org,
@@ -322,7 +437,7 @@ async def _set_enabled(
     BASE + "/webhooks/{webhook_id}/enable",
     response_model=Webhook,
     tags=["webhooks"],
-    responses=_CHANGE_RESPONSES,
+    responses={**CHANGE, **CONFLICT, **with_etag("The webhook, enabled")},
 )
 async def enable_webhook(
     org: Org,
@@ -339,7 +454,7 @@ async def enable_webhook(
     BASE + "/webhooks/{webhook_id}/disable",
     response_model=Webhook,
     tags=["webhooks"],
-    responses=_CHANGE_RESPONSES,
+    responses={**CHANGE, **with_etag("The webhook, disabled")},
 )
 async def disable_webhook(
     org: Org,
@@ -356,7 +471,7 @@ async def disable_webhook(
     BASE + "/webhooks/{webhook_id}/rotate-secret",
     response_model=Webhook,
     tags=["webhooks"],
-    responses=_CHANGE_RESPONSES,
+    responses={**CHANGE, **CONFLICT, **with_etag("The webhook with its new secret")},
 )
 async def rotate_secret(
     org: Org,
@@ -387,17 +502,17 @@ async def rotate_secret(
     response_model=TestResult,
     tags=["webhooks"],
     responses={
-        429: {
-            **PROBLEM,
-            "description": "Too many test sends in flight, for the organization or in all"
+        **WRITE,
+        429: problem(
+            "Too many test sends in flight, for the organization or in all"
             " (header Retry-After: seconds)",
-            "headers": {
+            headers={
                 "Retry-After": {
                     "description": "Seconds after which a slot is free at the latest",
                     "schema": {"type": "integer"},
                 }
             },
-        }
+        ),
     },
 )
 async def test_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer) -> TestResult:
@@ -414,7 +529,22 @@ async def test_webhook(org: Org, webhook_id: WebhookId, ctx: Ctx, caller: Writer
     return TestResult.model_validate(report.as_dict())
 
 
-@router.put(BASE + "/plan", response_model=Plan, tags=["organizations"])
+@router.put(
+    BASE + "/plan",
+    response_model=Plan,
+    tags=["organizations"],
+    responses={
+        **WRITE,
+        200: {
+            "description": "The plan in force",
+            # With a plan set, the organization's webhooks can be created and listed.
+            "links": {
+                name: {"operationId": name, "parameters": {"org": "$request.path.org"}}
+                for name in ("createWebhook", "listWebhooks")
+            },
+        },
+    },
+)
 async def put_plan(
     org: Org, body: PlanRequest, response: Response, ctx: Ctx, caller: Writer
 ) -> Plan:

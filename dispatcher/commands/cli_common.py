@@ -47,9 +47,19 @@ def missing_action(name: str, actions: Sequence[str]) -> Any:
     return handler
 
 
+def printable(value: object) -> str:
+    """``value`` as text safe to print on a terminal: a control character (ESC, CR,
+    NUL...), a bidirectional override or a line separator is written as its escape
+    (``\\x1b``), so stored text can neither move the cursor nor reorder a line."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Columns padded to their widest cell; the last column is never padded."""
-    text = [[str(cell) for cell in row] for row in [header, *rows]]
+    text = [[printable(cell) for cell in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in text) for i in range(len(header))]
     for row in text:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -19,6 +19,7 @@ from dispatcher.commands.cli_common import (
     missing_action,
     print_json,
     print_table,
+    printable,
     read_secret,
     warn,
     warn_of_secret_option,
@@ -149,7 +150,7 @@ def _show(change_or_sub: subs.Outcome | Subscription, as_json: bool) -> None:
     for key, value in view.items():
         if isinstance(value, list):
             value = ", ".join(value) or "-"
-        print(f"{key + ':':<24}{value}")
+        print(f"{key + ':':<24}{printable(value)}")
     if secret is not None:
         print("\nStore this secret now: it is not shown again.")
 
