@@ -147,6 +147,42 @@ def test_history_store_resumes_from_its_positions(tmp_path: Path) -> None:
     store.close()
 
 
+def test_history_store_skips_records_that_do_not_fit_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    good = record(
+        "d1",
+        1,
+        True,
+        NOW,
+        body='{"a":1}',
+        request_headers={"Webhook-Signature": "v1,abcdefgh1234", "X-Other": "kept"},
+    )
+    doc = json.loads(good.to_json())
+    misfits = [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({**doc, "at": "yesterday"}).encode(),
+        json.dumps({**doc, "attempt": -1}).encode(),
+        json.dumps({**doc, "ok": "yes"}).encode(),
+        json.dumps({**doc, "source": {"topic": "in"}}).encode(),
+        json.dumps({k: v for k, v in doc.items() if k != "webhook_id"}).encode(),
+        None,
+    ]
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        batch = [(0, n, value) for n, value in enumerate(misfits)]
+        assert store.fold([*batch, (0, len(misfits), good.to_json())]) == {0: len(misfits) + 1}
+        assert store.invalid_records == len(misfits)
+        assert HistoryStore.counts(conn) == (1, 1)
+        row, attempts = HistoryStore.delivery(conn, "wh_1", "d1")  # type: ignore[misc]
+        assert row.status == "succeeded" and attempts[0].body == '{"a":1}'
+        assert attempts[0].headers == {"Webhook-Signature": "v1,…1234", "X-Other": "kept"}
+        assert attempts[0].source == {"topic": "in", "partition": 0, "offset": 1}
+        assert datetime.fromisoformat(attempts[0].event_timestamp or "") == NOW
+        conn.close()
+
+
 def test_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
     with opened(str(tmp_path / "h.db"), "attempts") as store:
         conn = store.connect(readonly=True)
