@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -309,3 +311,33 @@ def test_docs_page_names_schemas_as_the_document_does() -> None:
     assert name({"type": "string", "format": "date-time"}) == "string (date-time)"
     assert name({"enum": ["read", "read-write"]}) == "'read' | 'read-write'"
     assert name(None) == "any"
+
+
+def test_probes_answer_from_memory_before_the_app_runs() -> None:
+    from dispatcher.api.app import Probes
+    from dispatcher.core.health import Health
+
+    reached: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    probes = Probes(app, Health(lambda: (False, "waiting for topic x")))
+
+    def call(method: str, path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path}
+        asyncio.run(probes(scope, None, send))  # type: ignore[arg-type]
+        return sent
+
+    alive, ready = call("GET", "/healthz"), call("GET", "/readyz")
+    assert (alive[0]["status"], alive[1]["body"]) == (200, b"ok\n")
+    assert (ready[0]["status"], ready[1]["body"]) == (503, b"waiting for topic x\n")
+    assert dict(ready[0]["headers"])[b"content-length"] == b"20"
+    assert reached == []
+    assert call("POST", "/healthz") == [] and call("GET", "/v1/x") == []
+    assert reached == ["/healthz", "/v1/x"]
