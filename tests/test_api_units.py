@@ -15,8 +15,17 @@ from hypothesis import strategies as st
 
 from dispatcher.api import docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
-from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
+from dispatcher.api.historystore import (
+    DeliveryRow,
+    Filters,
+    HistoryStore,
+    mask_signature,
+    opened,
+    to_ms,
+)
 from dispatcher.api.idempotency import webhook_id_for
+from dispatcher.api.models import DeliveryPage, DeliverySummary
+from dispatcher.api.pages import page_json, summary_fields
 from dispatcher.attempts import AttemptRecord
 from dispatcher.config_state import answer_key
 from dispatcher.errors import ConfigError
@@ -341,3 +350,32 @@ def test_probes_answer_from_memory_before_the_app_runs() -> None:
     assert reached == []
     assert call("POST", "/healthz") == [] and call("GET", "/v1/x") == []
     assert reached == ["/healthz", "/v1/x"]
+
+
+@given(
+    st.lists(
+        st.builds(
+            DeliveryRow,
+            delivery_id=st.from_regex(r"[A-Za-z0-9_\-]{1,20}", fullmatch=True),
+            event=st.text(max_size=20),
+            session_id=st.none() | st.text(max_size=20),
+            status=st.sampled_from(["pending", "succeeded", "failing", "dead_lettered"]),
+            created_ms=st.integers(0, 4_000_000_000_000),
+            attempt_ms=st.none() | st.integers(0, 4_000_000_000_000),
+            attempts=st.integers(0, 100),
+            last_status_code=st.none() | st.integers(100, 599),
+            last_error_class=st.none() | st.sampled_from(["http", "timeout"]),
+            last_ok=st.none() | st.booleans(),
+            next_retry_ms=st.none() | st.integers(0, 4_000_000_000_000),
+        ),
+        max_size=5,
+    ),
+    st.none() | st.text(max_size=10),
+)
+def test_a_page_of_deliveries_is_the_bytes_of_its_response_model(
+    rows: list[DeliveryRow], cursor: str | None
+) -> None:
+    model = DeliveryPage(
+        data=[DeliverySummary(**summary_fields(r)) for r in rows], next_cursor=cursor
+    )
+    assert page_json(rows, cursor) == model.model_dump_json().encode()
