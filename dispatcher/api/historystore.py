@@ -42,9 +42,10 @@ SCHEMA_VERSION: Final = "1"
 _OFFSET_BITS: Final = 40
 WRITER_CACHE_KB: Final = 65_536
 PAGE_BYTES: Final = 8192
-#: Rows parsed before they are written (within a fold's one transaction): about
-#: 2 KB each with the body and headers, so a 20,000-record fold holds 10 MB, not 40.
-_ROWS_AT_ONCE: Final = 5000
+#: Attempt rows parsed before they are written (within a fold's one transaction):
+#: about 2 KB each with the body and headers, so a 20,000-record fold holds 4 MB of
+#: them, not 40. (Its delivery rows, small, are held whole, to be written sorted.)
+_ROWS_AT_ONCE: Final = 2000
 _MASKED: Final = frozenset({"x-bullseye-signature", "webhook-signature"})
 
 _SCHEMA: Final = """
