@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime, timedelta
 from html import escape
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -15,9 +17,17 @@ from hypothesis import strategies as st
 
 from dispatcher.api import cursors, docs_page
 from dispatcher.api.auth import KeyEntry, KeyRing, hash_key, load_keys, new_key
-from dispatcher.api.historystore import Filters, HistoryStore, mask_signature, opened, to_ms
+from dispatcher.api.historystore import (
+    DeliveryRow,
+    Filters,
+    HistoryStore,
+    mask_signature,
+    opened,
+    to_ms,
+)
 from dispatcher.api.idempotency import webhook_id_for
-from dispatcher.api.models import SECRET_PATTERN, URL_PATTERN
+from dispatcher.api.models import SECRET_PATTERN, URL_PATTERN, DeliveryPage, DeliverySummary
+from dispatcher.api.pages import page_json, summary_fields
 from dispatcher.api.problems import Problem
 from dispatcher.attempts import AttemptRecord
 from dispatcher.config_state import answer_key
@@ -157,6 +167,42 @@ def test_history_store_resumes_from_its_positions(tmp_path: Path) -> None:
     store = HistoryStore(path, "other")
     assert store.open() == {}
     store.close()
+
+
+def test_history_store_skips_records_that_do_not_fit_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    good = record(
+        "d1",
+        1,
+        True,
+        NOW,
+        body='{"a":1}',
+        request_headers={"Webhook-Signature": "v1,abcdefgh1234", "X-Other": "kept"},
+    )
+    doc = json.loads(good.to_json())
+    misfits = [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({**doc, "at": "yesterday"}).encode(),
+        json.dumps({**doc, "attempt": -1}).encode(),
+        json.dumps({**doc, "ok": "yes"}).encode(),
+        json.dumps({**doc, "source": {"topic": "in"}}).encode(),
+        json.dumps({k: v for k, v in doc.items() if k != "webhook_id"}).encode(),
+        None,
+    ]
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        batch = [(0, n, value) for n, value in enumerate(misfits)]
+        assert store.fold([*batch, (0, len(misfits), good.to_json())]) == {0: len(misfits) + 1}
+        assert store.invalid_records == len(misfits)
+        assert HistoryStore.counts(conn) == (1, 1)
+        row, attempts = HistoryStore.delivery(conn, "wh_1", "d1")  # type: ignore[misc]
+        assert row.status == "succeeded" and attempts[0].body == '{"a":1}'
+        assert attempts[0].headers == {"Webhook-Signature": "v1,…1234", "X-Other": "kept"}
+        assert attempts[0].source == {"topic": "in", "partition": 0, "offset": 1}
+        assert datetime.fromisoformat(attempts[0].event_timestamp or "") == NOW
+        conn.close()
 
 
 def test_summary_counts_the_last_24_hours(tmp_path: Path) -> None:
@@ -322,3 +368,62 @@ def test_text_and_secrets_the_document_allows_are_accepted(text: str, secret: st
     check_text(text)
     if len(secret) >= 24:
         check_secret(secret)
+
+
+def test_probes_answer_from_memory_before_the_app_runs() -> None:
+    from dispatcher.api.app import Probes
+    from dispatcher.core.health import Health
+
+    reached: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    probes = Probes(app, Health(lambda: (False, "waiting for topic x")))
+
+    def call(method: str, path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path}
+        asyncio.run(probes(scope, None, send))  # type: ignore[arg-type]
+        return sent
+
+    alive, ready = call("GET", "/healthz"), call("GET", "/readyz")
+    assert (alive[0]["status"], alive[1]["body"]) == (200, b"ok\n")
+    assert (ready[0]["status"], ready[1]["body"]) == (503, b"waiting for topic x\n")
+    assert dict(ready[0]["headers"])[b"content-length"] == b"20"
+    assert reached == []
+    assert call("POST", "/healthz") == [] and call("GET", "/v1/x") == []
+    assert reached == ["/healthz", "/v1/x"]
+
+
+@given(
+    st.lists(
+        st.builds(
+            DeliveryRow,
+            delivery_id=st.from_regex(r"[A-Za-z0-9_\-]{1,20}", fullmatch=True),
+            event=st.text(max_size=20),
+            session_id=st.none() | st.text(max_size=20),
+            status=st.sampled_from(["pending", "succeeded", "failing", "dead_lettered"]),
+            created_ms=st.integers(0, 4_000_000_000_000),
+            attempt_ms=st.none() | st.integers(0, 4_000_000_000_000),
+            attempts=st.integers(0, 100),
+            last_status_code=st.none() | st.integers(100, 599),
+            last_error_class=st.none() | st.sampled_from(["http", "timeout"]),
+            last_ok=st.none() | st.booleans(),
+            next_retry_ms=st.none() | st.integers(0, 4_000_000_000_000),
+        ),
+        max_size=5,
+    ),
+    st.none() | st.text(max_size=10),
+)
+def test_a_page_of_deliveries_is_the_bytes_of_its_response_model(
+    rows: list[DeliveryRow], cursor: str | None
+) -> None:
+    model = DeliveryPage(
+        data=[DeliverySummary(**summary_fields(r)) for r in rows], next_cursor=cursor
+    )
+    assert page_json(rows, cursor) == model.model_dump_json().encode()

@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from dispatcher.api import cursors
 from dispatcher.api.auth import Caller, audit
@@ -30,7 +30,6 @@ from dispatcher.api.models import (
     AttemptDetail,
     DeliveryDetail,
     DeliveryPage,
-    DeliverySummary,
     HourlySummary,
     IsoTime,
     Recovered,
@@ -39,6 +38,7 @@ from dispatcher.api.models import (
     Status,
     WebhookSummary,
 )
+from dispatcher.api.pages import JsonBytes, page_json, summary_fields
 from dispatcher.api.problems import field_problem, not_found
 from dispatcher.api.webhooks import (
     BASE,
@@ -63,23 +63,6 @@ router = APIRouter(tags=["deliveries"])
 DeliveryId = Annotated[str, Path(pattern=IDENTIFIER.pattern, description="Delivery id.")]
 
 
-def _summary(row: DeliveryRow) -> DeliverySummary:
-    return DeliverySummary(
-        id=row.delivery_id,
-        event=row.event,
-        session_id=row.session_id,
-        status=row.status,
-        created_at=from_ms(row.created_ms),
-        last_attempt_at=None if row.attempt_ms is None else from_ms(row.attempt_ms),
-        attempts=row.attempts,
-        last_status_code=row.last_status_code,
-        last_error_class=None if row.last_ok is not False else row.last_error_class,
-        next_retry_at=None
-        if row.next_retry_ms is None or row.status != "failing"
-        else from_ms(row.next_retry_ms),
-    )
-
-
 @router.get(BASE + "/webhooks/{webhook_id}/deliveries", response_model=DeliveryPage)
 async def list_deliveries(
     org: Org,
@@ -93,7 +76,7 @@ async def list_deliveries(
     session_id: Annotated[str | None, Query(max_length=256)] = None,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-) -> DeliveryPage:
+) -> Response:
     """Every delivery within retention, newest first (by first attempt time)."""
     owned(ctx, org, webhook_id)
     filters = Filters(
@@ -109,7 +92,8 @@ async def list_deliveries(
     )
     last = page[-1] if more and page else None
     next_cursor = None if last is None else cursors.encode(last.created_ms, last.delivery_id)
-    return DeliveryPage(data=[_summary(e) for e in page], next_cursor=next_cursor)
+    # The page's bytes at once: the same as DeliveryPage's, without a model per row.
+    return JsonBytes(page_json(page, next_cursor))
 
 
 def _ms(value: datetime, path: str) -> int:
@@ -158,7 +142,7 @@ async def get_delivery(
     row, attempts = found
     first = _with_body(attempts)
     return DeliveryDetail(
-        **_summary(row).model_dump(),
+        **summary_fields(row),
         body=None if first is None else first.body,
         attempt_details=[_detail(a) for a in attempts],
     )

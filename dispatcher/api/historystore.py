@@ -30,9 +30,6 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import orjson
-from pydantic import ValidationError
-
-from dispatcher.attempts import AttemptRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +41,11 @@ SCHEMA_VERSION: Final = "1"
 #: 2**40 offsets per partition is a trillion records, far beyond any retention.
 _OFFSET_BITS: Final = 40
 WRITER_CACHE_KB: Final = 65_536
+PAGE_BYTES: Final = 8192
+#: Attempt rows parsed before they are written (within a fold's one transaction):
+#: about 2 KB each with the body and headers, so a 20,000-record fold holds 4 MB of
+#: them, not 40. (Its delivery rows, small, are held whole, to be written sorted.)
+_ROWS_AT_ONCE: Final = 2000
 _MASKED: Final = frozenset({"x-bullseye-signature", "webhook-signature"})
 
 _SCHEMA: Final = """
@@ -219,6 +221,141 @@ def _delivery(row: Sequence[Any]) -> DeliveryRow:
     )
 
 
+def _delivery_key(row: tuple[Any, ...]) -> tuple[str, str]:
+    return row[0], row[1]
+
+
+def _ms_of(value: Any) -> int:
+    """Milliseconds since the epoch of an RFC 3339 time (UTC when it names no zone)."""
+    if type(value) is not str:
+        raise TypeError("not a time")
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+def _text(doc: dict[str, Any], key: str) -> str:
+    value = doc[key]
+    if type(value) is not str:
+        raise TypeError(key)
+    return value
+
+
+def _optional(doc: dict[str, Any], key: str, kind: type) -> Any:
+    value = doc.get(key)
+    if value is not None and type(value) is not kind:
+        raise TypeError(key)
+    return value
+
+
+def fold_rows(position: int, value: bytes | None) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The ``attempts`` row and the ``deliveries`` upsert of one attempt record.
+
+    Reads only the fields the store keeps, checking each one's type (as
+    ``schemas/attempt-record.schema.json`` has it): a record that does not fit
+    raises ValueError, TypeError or KeyError. Validating the whole record through
+    its pydantic model cost as much CPU as SQLite's writes, and a rebuild folds
+    millions of them; fields the store does not keep are not looked at.
+    """
+    doc = orjson.loads(value or b"")
+    if type(doc) is not dict:
+        raise TypeError("not an object")
+    kind = doc.get("kind", "attempt")
+    if kind != "attempt" and kind != "resend":
+        raise ValueError("kind")
+    webhook_id = _text(doc, "webhook_id")
+    delivery_id = _text(doc, "delivery_id")
+    at_ms = _ms_of(doc["at"])
+    attempt = doc["attempt"]
+    if type(attempt) is not int or attempt < 0:
+        raise ValueError("attempt")
+    duration_ms = doc.get("duration_ms", 0.0)
+    if type(duration_ms) is int:
+        duration_ms = float(duration_ms)
+    elif type(duration_ms) is not float or duration_ms < 0:
+        raise ValueError("duration_ms")
+    ok = doc.get("ok", False)
+    dead_lettered = doc.get("dead_lettered", False)
+    if type(ok) is not bool or type(dead_lettered) is not bool:
+        raise TypeError("ok, dead_lettered")
+    status_code = _optional(doc, "status_code", int)
+    error_class = doc.get("error_class", "none")
+    if type(error_class) is not str:
+        raise TypeError("error_class")
+    next_retry = doc.get("next_retry_at")
+    retry_ms = None if next_retry is None else _ms_of(next_retry)
+    body = _optional(doc, "body", str)
+    source = doc["source"]
+    event_timestamp = doc["event_timestamp"]
+    if body is not None:
+        _ms_of(event_timestamp)
+        if (
+            type(source) is not dict
+            or type(source.get("topic")) is not str
+            or type(source.get("partition")) is not int
+            or type(source.get("offset")) is not int
+        ):
+            raise TypeError("source")
+    headers = doc.get("request_headers")
+    stored_headers = None
+    if headers:
+        if type(headers) is not dict:
+            raise TypeError("request_headers")
+        masked = {}
+        for name, header in headers.items():
+            if type(header) is not str:
+                raise TypeError("request_headers")
+            masked[name] = mask_signature(header) if name.lower() in _MASKED else header
+        stored_headers = orjson.dumps(masked).decode()
+    attempt_row = (
+        position,
+        webhook_id,
+        delivery_id,
+        at_ms,
+        kind,
+        attempt,
+        _text(doc, "stage"),
+        duration_ms,
+        1 if ok else 0,  # ints: sqlite3 binds them directly, a bool through its adapters
+        status_code,
+        error_class,
+        _optional(doc, "error", str),
+        _optional(doc, "response_snippet", str),
+        retry_ms,
+        1 if dead_lettered else 0,
+        stored_headers,
+        body,
+        event_timestamp if body is not None else None,
+        orjson.dumps(source).decode() if body is not None else None,
+        _optional(doc, "requested_by", str),
+    )
+    is_attempt = kind == "attempt"
+    if not is_attempt:
+        status = "pending"
+    elif ok:
+        status = "succeeded"
+    else:
+        status = "dead_lettered" if dead_lettered else "failing"
+    delivery_row = (
+        webhook_id,
+        delivery_id,
+        _text(doc, "organization_id"),
+        _text(doc, "event"),
+        _optional(doc, "session_id", str),
+        at_ms,
+        at_ms,
+        status,
+        1 if is_attempt else 0,
+        at_ms if is_attempt else None,
+        status_code if is_attempt else None,
+        error_class if is_attempt else None,
+        (1 if ok else 0) if is_attempt else None,
+        retry_ms if is_attempt else None,
+    )
+    return attempt_row, delivery_row
+
+
 class HistoryStore:
     """One SQLite file: one writer connection (the folding thread), a connection per reader."""
 
@@ -226,6 +363,8 @@ class HistoryStore:
         self.path = path
         self.topic = topic
         self._writer: sqlite3.Connection | None = None
+        #: The stored position (next offset) of each partition, as of the last commit.
+        self._folded: dict[int, int] = {}
         self.invalid_records = 0
 
     # --- connections ------------------------------------------------------
@@ -244,6 +383,10 @@ class HistoryStore:
         """
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = self.connect()
+        # A new file only (an existing one keeps its size): 8 KB pages made folding
+        # cost about 15% less CPU than the default 4 KB (fewer levels, fewer splits in
+        # the nine B-trees), at the same disk size.
+        conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
         # WAL: readers never wait for the writer. NORMAL sync: a power loss may drop
         # the last transactions, rows and positions together, so folding resumes
         # consistently from the older position.
@@ -262,12 +405,14 @@ class HistoryStore:
             (self.topic, SCHEMA_VERSION),
         )
         self._writer = conn
-        return dict(conn.execute("SELECT partition, next_offset FROM positions").fetchall())
+        self._folded = dict(conn.execute("SELECT partition, next_offset FROM positions").fetchall())
+        return dict(self._folded)
 
     def reset(self) -> None:
         """Forget every row and position (the topic was recreated)."""
         assert self._writer is not None
         self._reset(self._writer)
+        self._folded = {}
 
     @staticmethod
     def _reset(conn: sqlite3.Connection) -> None:
@@ -285,16 +430,42 @@ class HistoryStore:
     def fold(self, records: Iterable[tuple[int, int, bytes | None]]) -> dict[int, int]:
         """Apply records (partition, offset, value) and store the positions, atomically.
 
-        Returns the new position (next offset) of each partition touched.
+        Returns the new position (next offset) of each partition touched. A record
+        below its partition's stored position was folded already (rows and
+        positions are written together) and is skipped.
         """
         conn = self._writer
         assert conn is not None, "history store not open"
+        folded = self._folded
         positions: dict[int, int] = {}
+        attempt_rows: list[tuple[Any, ...]] = []
+        delivery_rows: list[tuple[Any, ...]] = []
+
+        def write() -> None:
+            conn.executemany(_INSERT_ATTEMPT, attempt_rows)
+            attempt_rows.clear()
+
         conn.execute("BEGIN IMMEDIATE")
         try:
             for partition, offset, value in records:
+                if offset < positions.get(partition, folded.get(partition, 0)):
+                    continue
                 positions[partition] = offset + 1
-                self._fold_one(conn, partition, offset, value)
+                try:
+                    rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    self.invalid_records += 1
+                    continue
+                attempt_rows.append(rows[0])
+                delivery_rows.append(rows[1])
+                if len(attempt_rows) == _ROWS_AT_ONCE:
+                    write()
+            write()
+            # In key order (a stable sort: one delivery's records keep theirs): the
+            # deliveries table and its indexes all lead with the webhook, so the batch
+            # goes through each B-tree in one sweep instead of at scattered pages.
+            delivery_rows.sort(key=_delivery_key)
+            conn.executemany(_UPSERT, delivery_rows)
             conn.executemany(
                 "INSERT OR REPLACE INTO positions VALUES (?, ?)", list(positions.items())
             )
@@ -302,72 +473,8 @@ class HistoryStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        folded.update(positions)
         return positions
-
-    def _fold_one(
-        self, conn: sqlite3.Connection, partition: int, offset: int, value: bytes | None
-    ) -> None:
-        try:
-            r = AttemptRecord.model_validate_json(value or b"")
-        except ValidationError:
-            self.invalid_records += 1
-            return
-        at_ms = to_ms(r.at)
-        retry_ms = None if r.next_retry_at is None else to_ms(r.next_retry_at)
-        has_body = r.body is not None
-        cur = conn.execute(
-            _INSERT_ATTEMPT,
-            (
-                (partition << _OFFSET_BITS) | offset,
-                r.webhook_id,
-                r.delivery_id,
-                at_ms,
-                r.kind,
-                r.attempt,
-                r.stage,
-                r.duration_ms,
-                r.ok,
-                r.status_code,
-                r.error_class,
-                r.error,
-                r.response_snippet,
-                retry_ms,
-                r.dead_lettered,
-                orjson.dumps(masked_headers(r.request_headers)) if r.request_headers else None,
-                r.body,
-                r.event_timestamp.isoformat() if has_body else None,
-                r.source.model_dump_json() if has_body else None,
-                r.requested_by,
-            ),
-        )
-        if cur.rowcount != 1:  # already folded: the position says so too
-            return
-        is_attempt = r.kind == "attempt"
-        if not is_attempt:
-            status = "pending"
-        elif r.ok:
-            status = "succeeded"
-        else:
-            status = "dead_lettered" if r.dead_lettered else "failing"
-        conn.execute(
-            _UPSERT,
-            (
-                r.webhook_id,
-                r.delivery_id,
-                r.organization_id,
-                r.event,
-                r.session_id,
-                at_ms,
-                at_ms,
-                status,
-                1 if is_attempt else 0,
-                at_ms if is_attempt else None,
-                r.status_code if is_attempt else None,
-                r.error_class if is_attempt else None,
-                r.ok if is_attempt else None,
-                retry_ms if is_attempt else None,
-            ),
-        )
 
     def expire(self, cutoff_ms: int, batch: int = 2000) -> int:
         """Delete up to ``batch`` deliveries last touched before ``cutoff_ms``, with
