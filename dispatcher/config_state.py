@@ -1,10 +1,11 @@
 """The configuration as one process sees it: subscriptions, plans, answers to keyed creates.
 
-A :class:`~dispatcher.follow.Follower` over the three configuration topics and the
-webhooks' health (:mod:`dispatcher.webhook_health`), read
-``read_committed`` (a change is seen whole or not at all). The one writer decides
-every change against this view (see :mod:`dispatcher.manage`), after reading it to
-the end; the API's replicas answer reads from it.
+A :class:`~dispatcher.follow.Follower` (the reader the dispatcher's subscriptions
+table uses too) over the three configuration topics and the webhooks' health
+(:mod:`dispatcher.webhook_health`), read ``read_committed`` (a change is seen
+whole or not at all). The one writer decides every change against this view (see
+:mod:`dispatcher.manage`), after reading it to the end; the API's replicas answer
+reads from it.
 """
 
 from __future__ import annotations

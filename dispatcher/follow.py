@@ -1,10 +1,17 @@
-"""Reading topics whole, then following them: the base of in-memory views of topics.
+"""Reading topics whole, then following them: the one reader of in-memory views of topics.
 
-Like the dispatcher's subscriptions table (and Kafka Streams' GlobalKTable): note
-each partition's end offset at start, read from the beginning, be *caught up*
-once every partition reached its noted end, and keep applying records after
-that. The position reached in each partition is kept, so a writer can wait until
-its own record has been applied (read-your-writes).
+Like Kafka Streams' GlobalKTable: note each partition's end offset at start,
+read from the beginning, be *caught up* once every partition reached its noted
+end, and keep applying records after that. The position reached in each
+partition is kept, so a writer can wait until its own record has been applied
+(read-your-writes). Subclasses say what a record does (:meth:`Follower.apply`):
+the dispatcher's subscriptions table (:mod:`dispatcher.core.table`) and the
+configuration the API and the writer decide from (:mod:`dispatcher.config_state`).
+
+Three ways to run one: :meth:`~Follower.start` fails at once when a topic is
+missing; :meth:`~Follower.start_when_available` waits for it in the reader
+thread, saying why through :attr:`~Follower.waiting_for`; :meth:`~Follower.load_once`
+reads to the end and stops (for commands).
 """
 
 from __future__ import annotations
@@ -17,16 +24,28 @@ from collections.abc import Sequence
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as TP
 
-from dispatcher.errors import KafkaSetupError
-from dispatcher.kafka import check_topic, describe, table_consumer_config
+from dispatcher.errors import ConfigError, KafkaSetupError
+from dispatcher.kafka import check_topic, describe, make_table_consumer
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: While a topic is missing or the broker unreachable: how often to look again,
+#: and how often to repeat the warning (logged at once whenever the reason changes).
+_REOPEN_EVERY_S = 2.0
+_REOPEN_TIMEOUT_S = 5.0
+_WAIT_LOG_EVERY_S = 60.0
+
 
 class Follower:
-    """One reader thread over ``topics``; subclasses say what a record does (:meth:`apply`)."""
+    """One reader thread over ``topics``; subclasses say what a record does (:meth:`apply`).
 
+    Records are applied by the reader thread only, a batch at a time under
+    ``_applied`` (the condition :meth:`wait_past` waits on); what subclasses
+    expose to other threads must be readable without that lock.
+    """
+
+    #: Names the view in logs, readiness reasons and the reader thread.
     name = "topics"
 
     def __init__(self, settings: Settings, topics: Sequence[str]) -> None:
@@ -38,6 +57,8 @@ class Follower:
         self._caught_up = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._waiting_for: str | None = None
+        #: The error that stopped the reader thread, if it stopped.
         self.failure: BaseException | None = None
 
     def apply(
@@ -45,43 +66,58 @@ class Follower:
     ) -> None:
         raise NotImplementedError
 
+    def summary(self) -> dict[str, object]:
+        """Fields logged with "caught up" (sizes of what was read)."""
+        return {}
+
     @property
     def caught_up(self) -> bool:
         return self._caught_up.is_set()
 
+    @property
+    def waiting_for(self) -> str | None:
+        """Why reading cannot start yet (missing topic, no broker), or None."""
+        return self._waiting_for
+
+    # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Note the end offsets and start reading; a missing topic is a setup error."""
-        consumer = Consumer(table_consumer_config(self.settings))
-        try:
-            parts = []
-            for topic in self.topics:
-                # One line naming the broker when it cannot be reached, or the topic.
-                meta = check_topic(consumer, self.settings, topic, 15)
-                for p in sorted(meta.partitions):
-                    low, high = consumer.get_watermark_offsets(TP(topic, p), timeout=15)
-                    self._positions[(topic, p)] = low
-                    if high > low:
-                        self._pending[(topic, p)] = high
-                    parts.append(TP(topic, p, OFFSET_BEGINNING))
-            consumer.assign(parts)
-        except KafkaSetupError:
-            consumer.close()
-            raise
-        except KafkaException as exc:
-            consumer.close()
-            raise KafkaSetupError(
-                f"cannot read {', '.join(self.topics)}: {describe(exc)}"
-            ) from None
-        if not self._pending:
-            self._caught_up.set()
-        self._thread = threading.Thread(target=self._run, args=(consumer,), daemon=True)
+        consumer = self._open()
+        self._thread = self._spawn(consumer, follow=True)
+
+    def start_when_available(self) -> None:
+        """Start following in a background thread, waiting there for the topics.
+
+        A missing topic or an unreachable broker is waited for, not fatal: a pod
+        started before ``dispatcher topics ensure`` ran stays alive and not ready
+        (saying why, see :attr:`waiting_for`) and starts once the topic exists,
+        instead of crash-looping.
+        """
+        self._thread = threading.Thread(
+            target=self._open_and_follow, name=self._thread_name, daemon=True
+        )
         self._thread.start()
+
+    def load_once(self, timeout_s: float = 30.0) -> None:
+        """Read the topics up to their current end, then stop (for commands)."""
+        consumer = self._open()
+        self._stop.clear()
+        thread = self._spawn(consumer, follow=False)
+        thread.join(timeout_s)
+        topics = ", ".join(self.topics)
+        if self.failure is not None:
+            raise KafkaSetupError(f"cannot read {topics}: {self.failure}")
+        if not self._caught_up.is_set():
+            self._stop.set()
+            thread.join(5)
+            raise KafkaSetupError(f"reading {topics} took longer than {timeout_s:.0f} s")
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
 
+    # --- read-your-writes ----------------------------------------------------
     def wait_past(self, topic: str, partition: int, offset: int, deadline: float) -> bool:
         """Block until the record at ``offset`` has been applied, or the deadline passed."""
         with self._applied:
@@ -96,7 +132,7 @@ class Follower:
         The writer calls this after ``init_transactions``: what an earlier holder
         of the role committed is then below the end, and read before any change.
         """
-        consumer = Consumer(table_consumer_config(self.settings))
+        consumer = make_table_consumer(self.settings)
         try:
             ends = {}
             for where in list(self._positions):
@@ -112,9 +148,87 @@ class Follower:
                 max(deadline - time.monotonic(), 0),
             )
 
-    def _run(self, consumer: Consumer) -> None:
+    # --- the reader thread -----------------------------------------------------
+    @property
+    def _thread_name(self) -> str:
+        return self.name.replace(" ", "-")
+
+    def _spawn(self, consumer: Consumer, follow: bool) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._run, args=(consumer, follow), name=self._thread_name, daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _open(self, timeout_s: float = 15.0) -> Consumer:
+        """A consumer assigned every partition from the beginning, their ends noted."""
+        consumer = make_table_consumer(self.settings)
+        positions: dict[tuple[str, int], int] = {}
+        pending: dict[tuple[str, int], int] = {}
+        parts = []
+        try:
+            for topic in self.topics:
+                # One line naming the broker when it cannot be reached, or the topic.
+                meta = check_topic(consumer, self.settings, topic, timeout_s)
+                try:
+                    for p in sorted(meta.partitions):
+                        low, high = consumer.get_watermark_offsets(TP(topic, p), timeout=timeout_s)
+                        positions[(topic, p)] = low
+                        if high > low:
+                            pending[(topic, p)] = high
+                        parts.append(TP(topic, p, OFFSET_BEGINNING))
+                except KafkaException as exc:
+                    raise KafkaSetupError(
+                        f"cannot read the end offsets of {topic}: {describe(exc)}"
+                    ) from None
+            consumer.assign(parts)
+        except KafkaSetupError:
+            consumer.close()
+            raise
+        except KafkaException as exc:
+            consumer.close()
+            raise KafkaSetupError(
+                f"cannot read {', '.join(self.topics)}: {describe(exc)}"
+            ) from None
+        # Only a complete opening replaces what a failed one may have noted.
+        self._positions, self._pending = positions, pending
+        if not pending:
+            self._mark_caught_up()
+        return consumer
+
+    def _open_and_follow(self) -> None:
+        logged_at = -_WAIT_LOG_EVERY_S
+        while not self._stop.is_set():
+            try:
+                consumer = self._open(_REOPEN_TIMEOUT_S)
+            except KafkaSetupError as exc:
+                reason = str(exc)
+                now = time.monotonic()
+                if reason != self._waiting_for or now - logged_at >= _WAIT_LOG_EVERY_S:
+                    log.warning("%s waiting: %s", self.name, reason)
+                    logged_at = now
+                self._waiting_for = reason
+                self._stop.wait(_REOPEN_EVERY_S)
+                continue
+            except ConfigError as exc:  # a setting to fix: one line, no traceback
+                log.error("%s reader could not start: %s", self.name, exc)
+                self.failure = exc
+                return
+            except Exception as exc:
+                log.exception("%s reader could not start", self.name)
+                self.failure = exc
+                return
+            if self._waiting_for is not None:
+                log.info("%s: %s available", self.name, ", ".join(self.topics))
+                self._waiting_for = None
+            self._run(consumer, follow=True)
+            return
+
+    def _run(self, consumer: Consumer, follow: bool) -> None:
         try:
             while not self._stop.is_set():
+                if not follow and self._caught_up.is_set():
+                    return
                 # poll() returns with the first record, where consume() would wait out its
                 # whole timeout for a full batch: a change is applied (and a writer waiting
                 # to read it back answers) in milliseconds, not a fifth of a second.
@@ -140,6 +254,8 @@ class Follower:
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
                 self._reached((topic, partition), offset)
+                return
+            log.warning("%s: topic error: %s", self.name, err)
             return
         self.apply(topic, partition, offset, msg.key(), msg.value())  # type: ignore[attr-defined]
         self._reached((topic, partition), offset + 1)
@@ -150,5 +266,9 @@ class Follower:
         if end is not None and position >= end:
             del self._pending[where]
             if not self._pending:
-                log.info("%s caught up", self.name)
-                self._caught_up.set()
+                self._mark_caught_up()
+
+    def _mark_caught_up(self) -> None:
+        if not self._caught_up.is_set():
+            log.info("%s caught up", self.name, extra=self.summary())
+            self._caught_up.set()
