@@ -39,6 +39,8 @@ class ApiServer:
                     [{"name": "bench", "sha256": hash_key(key), "access": "read-write"}]
                 ),
                 "DISPATCHER_API_WRITER_URL": writer_url,
+                # Each process its own history store, beside its log, not in the checkout.
+                "DISPATCHER_API_HISTORY_PATH": str(log_path.with_suffix(".history.sqlite3")),
             }
         )
         with log_path.open("ab") as log:
