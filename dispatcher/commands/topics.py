@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from dispatcher.catalog import load_catalog
@@ -117,17 +118,19 @@ class EnsureReport:
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> EnsureReport:
     """Create missing topics and check the configuration of existing ones."""
     conf = common_config(settings)
+    down: list[str] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            down.append(err.str())
+
+    conf["error_cb"] = on_error
     try:
         admin = AdminClient(conf)
     except KafkaException as exc:
         raise client_error(exc, conf, "admin client") from None
     specs = topic_specs(settings)
-    try:
-        existing = admin.list_topics(timeout=min(timeout_s, 10.0)).topics
-    except KafkaException as exc:
-        raise KafkaSetupError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc.args[0]}"
-        ) from None
+    existing = _reach(admin, settings, min(timeout_s, 10.0), down)
 
     report = EnsureReport()
     missing = [s for s in specs if s.name not in existing]
@@ -161,6 +164,30 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> EnsureReport:
     if present:
         _check_existing(admin, present, existing, report, timeout_s)
     return report
+
+
+#: How long every broker may refuse connections before `ensure` gives up: long
+#: enough for a broker that is starting, short enough that a wrong address is one
+#: clear line at once rather than after the whole timeout.
+_ALL_DOWN_GRACE_S = 2.0
+
+
+def _reach(
+    admin: AdminClient, settings: Settings, timeout_s: float, down: list[str]
+) -> dict[str, Any]:
+    """The cluster's topics; one line naming the broker when it cannot be reached."""
+    started = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - started)
+        try:
+            return dict(admin.list_topics(timeout=max(min(left, 1.0), 0.1)).topics)
+        except KafkaException as exc:
+            admin.poll(0)  # serves the error callback
+            given_up = down and time.monotonic() - started >= _ALL_DOWN_GRACE_S
+            if left <= 1.0 or given_up:
+                raise KafkaSetupError(
+                    f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc.args[0]}"
+                ) from None
 
 
 def _wait_for_leaders(admin: AdminClient, report: EnsureReport, timeout_s: float) -> None:
