@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import signal
 import sqlite3
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewPartitions
 
 from dispatcher.attempts import AttemptRecord
+from dispatcher.stages import retry_stages
 from tests.api_support import ORG, ApiProcess
 from tests.receiver import HttpsReceiver
 from tests.support import DispatcherProcess, Namespace, wait_until
@@ -306,3 +308,34 @@ def test_partitions_added_while_running_are_folded(
     api.stop()
     api.start()  # and their positions were saved with them: nothing folded twice
     assert store_counts(api.history_path) == (3, 3, 3)
+
+
+def test_recover_asked_of_two_replicas_at_once_queues_each_delivery_once(
+    ns: Namespace, run_api: Callable[..., ApiProcess], receiver: HttpsReceiver
+) -> None:
+    """Each replica's store says the failures are not pending; the writer, which both
+    recovers go to, queues each one once."""
+    hook = ns.subscribe(receiver.url("/fixed"), organization_id=ORG).webhook_id
+    failed = [f"f{n}" for n in range(20)]
+    publish(ns, [r for d in failed for r in failed_delivery(hook, d, NOW - timedelta(hours=2))])
+    writer = run_api(ns)
+    follower = run_api(ns, same_keys_as=writer, api_writer_url=writer.url)
+    url = f"/v1/organizations/{ORG}/webhooks/{hook}/recover"
+    since = {"since": (NOW - timedelta(days=1)).isoformat()}
+    barrier = threading.Barrier(2)
+    answers: list[httpx.Response] = []
+
+    def ask(api: ApiProcess) -> None:
+        with api.admin() as http:
+            barrier.wait()
+            answers.append(http.post(url, json=since))
+
+    threads = [threading.Thread(target=ask, args=(api,)) for api in (writer, follower)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+    assert sorted(a.json()["queued"] for a in answers) == [0, len(failed)]
+    queued = [m.key().decode() for m in ns.read_all(retry_stages(ns.settings)[0].topic)]
+    assert sorted(queued) == sorted(failed)

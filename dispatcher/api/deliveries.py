@@ -8,6 +8,7 @@ budget, and records who asked.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -197,22 +198,29 @@ async def recover_webhook(
     return await ctx.blocking(_recover_webhook, org, webhook_id, body, ctx, caller)
 
 
+#: One recover at a time in a process: each finds what is not pending and marks it
+#: pending before the next looks, so two calls never queue a delivery twice. Across
+#: replicas the same holds because they forward recover to the writer.
+_RECOVERING = threading.Lock()
+
+
 def _recover_webhook(
     org: str, webhook_id: str, body: RecoverRequest, ctx: ApiContext, caller: Caller
 ) -> Recovered:
     _active(ctx, org, webhook_id)
     since_ms = _ms(body.since, "body.since")
-    found = ctx.reads.run(
-        lambda conn: HistoryStore.failed_since(conn, webhook_id, since_ms, RECOVER_MAX + 1)
-    )
-    more = len(found) > RECOVER_MAX
-    kept = [
-        (row, first)
-        for row, first in found[:RECOVER_MAX]
-        if first is not None and first.body is not None and first.source is not None
-    ]
-    if kept:
-        _resend(ctx, org, webhook_id, caller.name, kept)
+    with _RECOVERING:
+        found = ctx.reads.run(
+            lambda conn: HistoryStore.failed_since(conn, webhook_id, since_ms, RECOVER_MAX + 1)
+        )
+        more = len(found) > RECOVER_MAX
+        kept = [
+            (row, first)
+            for row, first in found[:RECOVER_MAX]
+            if first is not None and first.body is not None and first.source is not None
+        ]
+        if kept:
+            _resend(ctx, org, webhook_id, caller.name, kept)
     audit(caller, "webhook.recover", org, webhook_id)
     return Recovered(queued=len(kept), more=more)
 

@@ -1,8 +1,9 @@
 """A replica that is not the writer: reads are served here, changes go to the writer.
 
 Every change of the configuration (create, change, enable, disable, rotate,
-delete, set the plan) is sent as it came, the caller's credentials included, to
-``DISPATCHER_API_WRITER_URL``, and the writer's answer is returned as it is. The
+delete, set the plan), and a recover, is sent as it came, the caller's
+credentials included, to ``DISPATCHER_API_WRITER_URL``, and the writer's answer
+is returned as it is. The
 writer says where it wrote the change; this replica waits to have read past that
 before answering, so a read here right after sees the change (read-your-writes).
 
@@ -28,8 +29,12 @@ from dispatcher.errors import Problem
 
 log = logging.getLogger(__name__)
 
+#: What goes to the writer: every configuration change, and recover, which must
+#: not queue a delivery twice when two replicas are asked at once (the writer runs
+#: one at a time; see ``api/deliveries.py``).
 _CHANGE_PATH = re.compile(
-    r"^/v1/organizations/[^/]+/(plan|webhooks(/[^/]+(/(enable|disable|rotate-secret))?)?)$"
+    r"^/v1/organizations/[^/]+/"
+    r"(plan|webhooks(/[^/]+(/(enable|disable|rotate-secret|recover))?)?)$"
 )
 _CHANGE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _SENT = ("authorization", "content-type", "idempotency-key", "if-match")
