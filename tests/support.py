@@ -53,6 +53,31 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, interval_s: 
         time.sleep(interval_s)
 
 
+def most_in_any_window(times: list[float], window_s: float) -> int:
+    """The largest number of ``times`` in any half-open window [t, t + window_s)."""
+    times = sorted(times)
+    most = j = 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window_s:
+            j += 1
+        most = max(most, i - j + 1)
+    return most
+
+
+#: What a retry record carries besides its JSON value, each exactly once.
+ROUTING_HEADERS = frozenset(
+    {
+        "dispatcher-due-ms",
+        "dispatcher-attempt",
+        "dispatcher-delivery-id",
+        "dispatcher-webhook-id",
+        "dispatcher-source",
+        "dispatcher-first-failure-ms",
+        "dispatcher-last-error",
+    }
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

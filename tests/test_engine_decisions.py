@@ -16,6 +16,7 @@ import httpx
 
 from dispatcher.records import DeliveryRecord, Source, record_headers
 from tests.engine_fakes import FakeTable, event, running, sample, settings, subscription, until
+from tests.support import ROUTING_HEADERS
 
 HOST = "https://hooks.example.com"
 DEAD_LETTER = "webhooks.dead-letter"
@@ -117,18 +118,6 @@ def test_a_retry_of_a_deleted_subscription_is_skipped_and_of_a_disabled_one_dead
             assert h.engine.work.in_flight == 0
 
     asyncio.run(main())
-
-
-#: What a retry record carries besides its JSON value, each exactly once.
-ROUTING_HEADERS = {
-    "dispatcher-due-ms",
-    "dispatcher-attempt",
-    "dispatcher-delivery-id",
-    "dispatcher-webhook-id",
-    "dispatcher-source",
-    "dispatcher-first-failure-ms",
-    "dispatcher-last-error",
-}
 
 
 def test_retry_headers_are_written_afresh_on_every_hop() -> None:

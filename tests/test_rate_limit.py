@@ -19,6 +19,7 @@ from dispatcher.core.endpoints import Admission, Endpoint
 from dispatcher.core.ratelimit import StartSpacing, partition_share
 from dispatcher.records import DeliveryRecord
 from tests.engine_fakes import FakeTable, event, running, sample, settings, subscription, until
+from tests.support import most_in_any_window
 
 A = "https://hooks.example.com/a"
 B = "https://hooks.example.com/b"  # the same origin: another webhook on the same host
@@ -30,17 +31,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def most_in_any_window(starts: list[float], window_s: float) -> int:
-    """The largest number of ``starts`` in any half-open window [t, t + window_s)."""
-    starts = sorted(starts)
-    most = j = 0
-    for i, t in enumerate(starts):
-        while starts[j] <= t - window_s:
-            j += 1
-        most = max(most, i - j + 1)
-    return most
 
 
 def test_the_first_start_is_free_and_the_next_ones_are_spaced() -> None:

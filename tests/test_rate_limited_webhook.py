@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -31,7 +32,13 @@ import pytest
 from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, ReceivedRequest, Reply
 from tests.streams import Tally, expected_pairs, gauge, publish_spread, stream
-from tests.support import DispatcherProcess, Namespace, free_port, wait_until
+from tests.support import (
+    DispatcherProcess,
+    Namespace,
+    free_port,
+    most_in_any_window,
+    wait_until,
+)
 
 LIMIT = 5
 EVENTS = 300
@@ -49,17 +56,6 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-def most_in_any_window(times: list[float], window_s: float) -> int:
-    """The largest number of ``times`` in a half-open window [t, t + window_s)."""
-    times = sorted(times)
-    most = j = 0
-    for i, t in enumerate(times):
-        while times[j] <= t - window_s:
-            j += 1
-        most = max(most, i - j + 1)
-    return most
-
-
 def arrival_bound(window_s: float, instances: int) -> int:
     """The most arrivals of L in any window of ``window_s`` the README promises."""
     return math.floor(LIMIT * (window_s + JITTER_S)) + instances
@@ -67,6 +63,49 @@ def arrival_bound(window_s: float, instances: int) -> int:
 
 def first_attempts(requests: list[ReceivedRequest]) -> set[str | None]:
     return {r.header("x-bullseye-attempt") for r in requests}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's figures: F's time to its last delivery, L's arrivals."""
+
+    free_s: float
+    limited_then: int
+    arrivals: list[float]
+
+    @property
+    def span(self) -> float:
+        return max(self.arrivals) - min(self.arrivals)
+
+    def most_in(self, window_s: float) -> int:
+        return most_in_any_window(self.arrivals, window_s)
+
+    def describe(self) -> str:
+        rate = (len(self.arrivals) - 1) / self.span
+        return (
+            f"F's {EVENTS} in {self.free_s:.1f} s (L had {self.limited_then} then);"
+            f" L's {EVENTS} over {self.span:.1f} s ({rate:.2f}/s),"
+            f" at most {self.most_in(1.0)} in 1 s and {self.most_in(10.0)} in 10 s"
+        )
+
+
+def publish_and_measure(
+    ns: Namespace, receiver: HttpsReceiver, prefix: str, limited_within_s: float
+) -> Run:
+    """Publish the events at once; wait for all of F's, then all of L's."""
+    events = stream(prefix, 0, EVENTS, org="org_rl")
+    started = time.time()
+    publish_spread(ns, events)
+    free = expected_pairs(["/free"], events)
+    wait_until(lambda: not Tally.of([receiver]).missing(free), 60, "every delivery to F")
+    free_s = max(r.received_at for r in receiver.requests_to("/free")) - started
+    limited_then = len(receiver.requests_to("/limited"))
+    limited = expected_pairs(["/limited"], events)
+    wait_until(
+        lambda: not Tally.of([receiver]).missing(limited), limited_within_s, "every delivery to L"
+    )
+    arrivals = [r.received_at for r in receiver.requests_to("/limited")]
+    return Run(free_s, limited_then, arrivals)
 
 
 def limited_and_free(ns: Namespace, receiver: HttpsReceiver, cli: Cli) -> None:
@@ -91,32 +130,15 @@ def test_a_rate_limited_webhook_gets_its_limit_and_its_neighbour_full_speed(
     limited_and_free(ns, receiver, cli)
     proc: DispatcherProcess = run_dispatcher(ns)
 
-    events = stream("rl", 0, EVENTS, org="org_rl")
-    started = time.time()
-    publish_spread(ns, events)
-    free = expected_pairs(["/free"], events)
-    wait_until(lambda: not Tally.of([receiver]).missing(free), 60, "every delivery to F")
-    free_s = max(r.received_at for r in receiver.requests_to("/free")) - started
-    limited_then = len(receiver.requests_to("/limited"))
-
-    limited = expected_pairs(["/limited"], events)
-    wait_until(lambda: not Tally.of([receiver]).missing(limited), 150, "every delivery to L")
-    arrivals = [r.received_at for r in receiver.requests_to("/limited")]
-    span = max(arrivals) - min(arrivals)
-    per_window = most_in_any_window(arrivals, 1.0)
-    per_10_windows = most_in_any_window(arrivals, 10.0)
+    run = publish_and_measure(ns, receiver, "rl", 150)
     parked = gauge(proc, "dispatcher_deferrals_total", reason="rate_limited")
-    print(
-        f"\n[rate limit] F's {EVENTS} in {free_s:.1f} s (L had {limited_then} then);"
-        f" L's {EVENTS} over {span:.1f} s ({(len(arrivals) - 1) / span:.2f}/s),"
-        f" at most {per_window} in 1 s and {per_10_windows} in 10 s; {parked:.0f} parked"
-    )
+    print(f"\n[rate limit] {run.describe()}; {parked:.0f} parked")
     # F at full speed, not at L's pace.
-    assert free_s <= FREE_WITHIN_S, free_s
+    assert run.free_s <= FREE_WITHIN_S, run.free_s
     # L at its limit, within the tolerance (8 in 1 s, 53 in 10 s), and not below it.
-    assert per_window <= arrival_bound(1.0, 1), per_window
-    assert per_10_windows <= arrival_bound(10.0, 1), per_10_windows
-    assert span >= (EVENTS - 1) / LIMIT - 1.0, span
+    assert run.most_in(1.0) <= arrival_bound(1.0, 1), run.arrivals
+    assert run.most_in(10.0) <= arrival_bound(10.0, 1), run.arrivals
+    assert run.span >= (EVENTS - 1) / LIMIT - 1.0, run.span
     # Every delivery on its first attempt, once: waiting spent no attempt.
     assert first_attempts(receiver.requests_to("/limited")) == {"1"}
     assert Tally.of([receiver]).duplicates == 0
@@ -144,29 +166,16 @@ def test_two_instances_share_the_limit(
 
     split = wait_until(shares, 60, "the two instances to split the partitions")
 
-    events = stream("rl2", 0, EVENTS, org="org_rl")
-    started = time.time()
-    publish_spread(ns, events)
-    free = expected_pairs(["/free"], events)
-    wait_until(lambda: not Tally.of([receiver]).missing(free), 60, "every delivery to F")
-    free_s = max(r.received_at for r in receiver.requests_to("/free")) - started
-    limited = expected_pairs(["/limited"], events)
-    wait_until(lambda: not Tally.of([receiver]).missing(limited), 240, "every delivery to L")
-    arrivals = [r.received_at for r in receiver.requests_to("/limited")]
-    span = max(arrivals) - min(arrivals)
-    per_window = most_in_any_window(arrivals, 1.0)
-    per_10_windows = most_in_any_window(arrivals, 10.0)
+    run = publish_and_measure(ns, receiver, "rl2", 240)
     by_instance = [gauge(p, "dispatcher_delivery_attempts_total", outcome="success") for p in procs]
     print(
-        f"\n[rate limit, 2 instances] shares {split}; F's {EVENTS} in {free_s:.1f} s;"
-        f" L's {EVENTS} over {span:.1f} s ({(len(arrivals) - 1) / span:.2f}/s),"
-        f" at most {per_window} in 1 s and {per_10_windows} in 10 s;"
+        f"\n[rate limit, 2 instances] shares {split}; {run.describe()};"
         f" successes per instance {by_instance}"
     )
-    assert free_s <= FREE_WITHIN_S, free_s
+    assert run.free_s <= FREE_WITHIN_S, run.free_s
     # The limit, one start per instance, and the arrivals' jitter (9 in 1 s, 54 in 10 s).
-    assert per_window <= arrival_bound(1.0, len(procs)), per_window
-    assert per_10_windows <= arrival_bound(10.0, len(procs)), per_10_windows
-    assert span >= (EVENTS - 1) / LIMIT - len(procs), span
+    assert run.most_in(1.0) <= arrival_bound(1.0, len(procs)), run.arrivals
+    assert run.most_in(10.0) <= arrival_bound(10.0, len(procs)), run.arrivals
+    assert run.span >= (EVENTS - 1) / LIMIT - len(procs), run.span
     assert first_attempts(receiver.requests_to("/limited")) == {"1"}
     assert Tally.of([receiver]).duplicates == 0

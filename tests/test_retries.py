@@ -35,6 +35,7 @@ from tests.receiver import HttpsReceiver, ReceivedRequest, Reply
 from tests.support import (
     BOOTSTRAP,
     REPO,
+    ROUTING_HEADERS,
     SEED_EVENT,
     DispatcherProcess,
     Namespace,
@@ -55,16 +56,6 @@ StartDispatcher = Callable[..., DispatcherProcess]
 #: Many failing subscriptions share one receiver, one endpoint: keep its circuit
 #: closed, or deliveries would be deferred instead of attempted.
 NO_BREAKER = {"circuit_failure_threshold": 1000}
-#: What a retry record carries besides its JSON value, each exactly once.
-ROUTING_HEADERS = {
-    "dispatcher-due-ms",
-    "dispatcher-attempt",
-    "dispatcher-delivery-id",
-    "dispatcher-webhook-id",
-    "dispatcher-source",
-    "dispatcher-first-failure-ms",
-    "dispatcher-last-error",
-}
 
 
 # --- the lateness of retries ---------------------------------------------------------
