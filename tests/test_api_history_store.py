@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewPartitions
 
 from dispatcher.attempts import AttemptRecord
 from dispatcher.stages import retry_stages
@@ -278,36 +277,6 @@ def test_recover_resends_every_failure_since_a_time_once(
     kinds = [(a["kind"], a["requested_by"]) for a in detail["attempt_details"]]
     assert kinds[4] == ("resend", "admin") and kinds[-1] == ("attempt", None)
     assert len(receiver.requests_to("/fixed")) == 3
-
-
-def test_partitions_added_while_running_are_folded(
-    ns: Namespace, run_api: Callable[..., ApiProcess]
-) -> None:
-    """An operator grows the attempts topic: records in the new partitions are listed."""
-    hook = ns.subscribe("https://127.0.0.1:9/hook", organization_id=ORG).webhook_id
-    publish(ns, [attempt(hook, "before", NOW - timedelta(minutes=2))])
-    api = run_api(ns)
-    http = api.admin()
-    assert [d["id"] for d in all_pages(http, hook)] == ["before"]
-    topic = ns.settings.attempts_topic
-    admin = AdminClient({"bootstrap.servers": ns.bootstrap})
-    had = len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
-    for done in admin.create_partitions([NewPartitions(topic, had + 2)]).values():
-        done.result(30)
-    producer = Producer({"bootstrap.servers": ns.bootstrap})
-    late = [f"late{p}" for p in (had, had + 1)]
-    for p, delivery_id in zip((had, had + 1), late, strict=True):
-        record = attempt(hook, delivery_id, NOW - timedelta(minutes=1))
-        producer.produce(topic, record.to_json(), delivery_id.encode(), partition=p)
-    assert producer.flush(30) == 0
-    wait_until(
-        lambda: {d["id"] for d in all_pages(http, hook)} == {"before", *late},
-        60,
-        "the records of the new partitions to be listed",
-    )
-    api.stop()
-    api.start()  # and their positions were saved with them: nothing folded twice
-    assert store_counts(api.history_path) == (3, 3, 3)
 
 
 def test_recover_asked_of_two_replicas_at_once_queues_each_delivery_once(

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Final
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as TP
 
 from dispatcher.api.historystore import HistoryStore
@@ -37,9 +37,6 @@ FOLD_WAIT_S: Final = 0.5
 #: How often rows past retention are looked for; deleting them goes in short
 #: batches between folds, so neither folding nor reads wait long for it.
 EXPIRE_EVERY_S: Final = 60.0
-#: How often the topic's partition count is read again: partitions an operator
-#: adds while the API runs are folded from their beginning within this time.
-PARTITIONS_EVERY_S: Final = 10.0
 
 
 class HistoryFolder:
@@ -142,36 +139,11 @@ class HistoryFolder:
                 max(deadline - time.monotonic(), 0),
             )
 
-    def _grow(self, consumer: Consumer) -> None:
-        """Fold partitions added to the topic since they were last counted, from their start.
-
-        The folder assigns partitions itself (it is no group member), so nothing
-        else would tell it. A failed look is only logged: the next one retries.
-        """
-        try:
-            meta = consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
-        except KafkaException as exc:
-            log.warning("cannot count the partitions of %s: %s", self.topic, exc)
-            return
-        if meta is None or meta.error is not None:
-            return
-        with self._applied:
-            added = sorted(set(meta.partitions) - set(self._positions))
-            for p in added:
-                self._positions[p] = 0
-        if added:
-            consumer.incremental_assign([TP(self.topic, p, OFFSET_BEGINNING) for p in added])
-            log.info("attempts topic %s has new partitions %s: folding them", self.topic, added)
-
     def _run(self, consumer: Consumer) -> None:
         next_expiry = time.monotonic()
-        next_count = time.monotonic() + PARTITIONS_EVERY_S
         expiring = False
         try:
             while not self._stop.is_set():
-                if time.monotonic() >= next_count:
-                    self._grow(consumer)
-                    next_count = time.monotonic() + PARTITIONS_EVERY_S
                 msgs = consumer.consume(BATCH, timeout=0.2)
                 first = time.monotonic()
                 more = msgs
