@@ -33,10 +33,13 @@ from typing import TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from dispatcher import metrics
 from dispatcher.config_state import ConfigView
 from dispatcher.errors import Fenced, KafkaSetupError, NotApplied, OutcomeUnknown, Unanswered
 from dispatcher.kafka import Outgoing, describe, make_producer_from, writer_producer_config
+from dispatcher.models import Subscription
 from dispatcher.settings import Settings
+from dispatcher.webhook_health import manual_disable
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,8 @@ class ConfigWriter:
                 records, answer = decide()
                 if not records:
                     return answer, []
+                notices = self._manual_disables(records)
+                records = records + notices
                 try:
                     written = self._commit(records, deadline)
                 except Fenced:
@@ -123,10 +128,57 @@ class ConfigWriter:
                         raise NotApplied("the writer role moved during the change") from None
                     continue
                 except Unanswered:
-                    return answer, self._read_back(records, deadline)
+                    written = self._read_back(records, deadline)
+                    self._count(notices)
+                    return answer, written
+                self._count(notices)
                 self._wait_read_back(written, deadline)
                 return answer, written
         raise AssertionError("unreachable")
+
+    def _manual_disables(self, records: list[Outgoing]) -> list[Outgoing]:
+        """The ``webhook.disabled`` (reason ``manual``) of each enabled webhook a change
+        disables, and its health record, to commit in the same transaction as the change.
+
+        Decided here, from the records about to be written, because every change of
+        the subscriptions topic passes this writer (the API's routes, the command line,
+        a change that sets ``enabled`` among other fields): none can forget the event,
+        and the event cannot be committed without the change or the change without it.
+        A webhook already disabled gives none, nor does one created disabled; the
+        writer's own disables (reason ``failing``) get theirs from the health fold.
+        """
+        extra: list[Outgoing] = []
+        for record in records:
+            if record.topic != self.settings.subscriptions_topic or record.value is None:
+                continue
+            after = Subscription.model_validate_json(record.value)
+            before = self.view.subscription(after.webhook_id)
+            if (
+                before is None
+                or not before.enabled
+                or after.enabled
+                or after.disabled_reason != "manual"
+            ):
+                continue
+            at = after.disabled_at or after.updated_at
+            notice, health = manual_disable(
+                after.webhook_id, after.organization_id, at, self.view.health.get(after.webhook_id)
+            )
+            key = after.webhook_id.encode()
+            if health is not None:
+                extra.append(Outgoing(self.settings.health_topic, health.to_json(), key))
+            extra.append(Outgoing(self.settings.notifications_topic, notice.to_json(), key))
+        return extra
+
+    def _count(self, notices: list[Outgoing]) -> None:
+        """Counted once committed (the health fold counts its own events)."""
+        for record in notices:
+            if record.topic == self.settings.notifications_topic:
+                metrics.NOTIFICATIONS.labels("webhook.disabled").inc()
+                log.info(
+                    "webhook.disabled sent (manual)",
+                    extra={"webhook_id": (record.key or b"").decode()},
+                )
 
     def _commit(self, records: list[Outgoing], deadline: float) -> list[Position]:
         producer = self._producer

@@ -39,6 +39,9 @@ POSITION_KEY = "_position"
 #: write nothing, so a busy healthy webhook costs a record a minute, not one a batch.
 SUCCESS_PRECISION = timedelta(seconds=60)
 
+#: Why a webhook was disabled: by the writer for failing, or by someone.
+DisabledReason = Literal["failing", "manual"]
+
 NoticeType = Literal[
     "webhook.failing", "webhook.recovered", "webhook.disabled", "webhook.dead_letters"
 ]
@@ -60,6 +63,9 @@ class WebhookHealth(BaseModel):
     episode_since: datetime | None = None
     #: When the writer disabled it in this episode; None if it did not.
     auto_disabled_at: datetime | None = None
+    #: When someone disabled it while it was failing; None if nobody did. Enabled
+    #: again, it is judged from then on, as after an auto-disable.
+    disabled_at: datetime | None = None
     #: Deliveries dead-lettered after a failed last attempt, in the digest period
     #: that starts at ``dead_letters_since`` (None: none yet).
     dead_letters: int = Field(0, ge=0)
@@ -99,7 +105,7 @@ class Notification(BaseModel):
     failing_since: datetime | None = None
     last_success_at: datetime | None = None
     last_error: str | None = None
-    reason: Literal["failing"] | None = None
+    reason: DisabledReason | None = None
     #: On ``webhook.dead_letters``: how many, in which period.
     dead_letters: int | None = None
     period_start: datetime | None = None
@@ -179,7 +185,13 @@ def notice_id(kind: NoticeType, webhook_id: str, since: datetime) -> str:
     return "ntf_" + hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def _notice(kind: NoticeType, h: WebhookHealth, at: datetime, since: datetime) -> Notification:
+def _notice(
+    kind: NoticeType,
+    h: WebhookHealth,
+    at: datetime,
+    since: datetime,
+    reason: DisabledReason = "failing",
+) -> Notification:
     return Notification(
         id=notice_id(kind, h.webhook_id, since),
         type=kind,
@@ -190,8 +202,27 @@ def _notice(kind: NoticeType, h: WebhookHealth, at: datetime, since: datetime) -
         failing_since=h.failing_since,
         last_success_at=h.last_success_at,
         last_error=h.last_error,
-        reason="failing" if kind == "webhook.disabled" else None,
+        reason=reason if kind == "webhook.disabled" else None,
     )
+
+
+def manual_disable(
+    webhook_id: str, organization_id: str, at: datetime, health: WebhookHealth | None
+) -> tuple[Notification, WebhookHealth | None]:
+    """Someone disabled an enabled webhook at ``at``: its ``webhook.disabled`` (reason
+    ``manual``, with the health in force), and its health record to write with it
+    (None: nothing to change, as it is not failing).
+
+    A manual disable neither opens nor closes an episode: an open one stays open, so
+    the first successful attempt once the webhook is enabled again still sends
+    ``webhook.recovered``. A failing one is marked, so that once enabled it is judged
+    from then on (no ``webhook.failing`` or auto-disable for the time nobody called
+    it)."""
+    h = health or WebhookHealth(webhook_id=webhook_id, organization_id=organization_id)
+    notice = _notice("webhook.disabled", h, at, at, "manual")
+    if health is None or health.failing_since is None:
+        return notice, None
+    return notice, health.model_copy(update={"disabled_at": at})
 
 
 class HealthFold:
@@ -249,6 +280,7 @@ class HealthFold:
             h.failing_since = None
             h.episode_since = None
             h.auto_disabled_at = None
+            h.disabled_at = None
             return
         if a.dead_lettered and self.limits.digest_every_s > 0:
             h.dead_letters += 1
@@ -306,7 +338,12 @@ class HealthFold:
     def _check_one(self, h: WebhookHealth, now: datetime, on: bool, changed: datetime) -> None:
         assert h.failing_since is not None
         lim = self.limits
-        failing_for = now - h.failing_since
+        # Enabled again after the writer or someone disabled it: judged again from then.
+        since = h.failing_since
+        restarts = [t for t in (h.auto_disabled_at, h.disabled_at) if t is not None]
+        if restarts:
+            since = max(since, *restarts, changed)
+        failing_for = now - since
         if (
             h.episode_since is None
             and on  # disabled by someone: no attempts, and nobody to warn
@@ -316,11 +353,7 @@ class HealthFold:
             self._open(h, now)
         if lim.auto_disable_after_s <= 0 or not on:
             return
-        # Enabled again after the writer disabled it: counted again from then.
-        since = h.failing_since
-        if h.auto_disabled_at is not None:
-            since = max(since, h.auto_disabled_at, changed)
-        if now - since < timedelta(seconds=lim.auto_disable_after_s):
+        if failing_for < timedelta(seconds=lim.auto_disable_after_s):
             return
         if h.episode_since is None:
             self._open(h, now)

@@ -24,6 +24,7 @@ from dispatcher.config_state import ConfigView
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.records import DeliveryRecord
 from tests.api_support import ORG, ApiProcess
+from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, Reply
 from tests.support import SEED_EVENT, Namespace, free_port, metric_value, wait_until
 
@@ -204,3 +205,61 @@ def test_one_event_of_each_kind_per_episode(
         assert metric_value(text, "dispatcher_notifications_total", type=kind) == 1
     failing = metric_value(text, "dispatcher_notifications_total", type="webhook.failing")
     assert failing == (0 if kill == "writer" else 1)
+
+
+def test_a_manual_disable_gives_one_event_in_its_own_transaction(
+    ns_factory: Callable[..., Namespace],
+    receiver: HttpsReceiver,
+    run_api: Callable[..., ApiProcess],
+    cli: Cli,
+) -> None:
+    ns = ns_factory()
+    api = run_api(ns)
+    http = api.admin()
+    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    created = http.post(HOOKS, json={"url": receiver.url("/ok")})
+    assert created.status_code == 201, created.text
+    webhook_id = created.json()["id"]
+
+    off = http.post(f"{HOOKS}/{webhook_id}/disable")
+    assert off.status_code == 200, off.text
+    assert off.json()["disabled_reason"] == "manual"
+    # Committed with the change, so readable as soon as the change is answered.
+    events = notifications(ns)
+    assert [n["type"] for n in events] == ["webhook.disabled"]
+    first = events[0]
+    assert first["reason"] == "manual" and first["webhook_id"] == webhook_id
+    assert first["organization_id"] == ORG and first["consecutive_failures"] == 0
+    assert first["at"][:19] == off.json()["disabled_at"][:19]
+
+    # Disabling a disabled webhook again, by either route, changes no state worth an event.
+    again = http.post(f"{HOOKS}/{webhook_id}/disable")
+    assert again.status_code == 200, again.text
+    assert again.json()["version"] == off.json()["version"] + 1
+    patched = http.patch(f"{HOOKS}/{webhook_id}", json={"enabled": False})
+    assert patched.status_code == 200, patched.text
+    # Enabling sends nothing either: nothing failed, nothing recovered.
+    on = http.post(f"{HOOKS}/{webhook_id}/enable")
+    assert on.status_code == 200 and on.json()["disabled_reason"] is None
+    assert notifications(ns) == [first]
+
+    # A change that disables among other fields is a disable too, as is the command line's.
+    patched = http.patch(f"{HOOKS}/{webhook_id}", json={"enabled": False, "description": "x"})
+    assert patched.status_code == 200, patched.text
+    assert http.post(f"{HOOKS}/{webhook_id}/enable").status_code == 200
+    assert cli(ns, "subscriptions", "disable", webhook_id, "--json").json()["enabled"] is False
+    assert cli(ns, "subscriptions", "disable", webhook_id, "--json").json()["enabled"] is False
+    events = notifications(ns)
+    assert [(n["type"], n["reason"]) for n in events] == [("webhook.disabled", "manual")] * 3
+    assert len({n["id"] for n in events}) == 3
+    # The API took the writer role back after the command line's change, and reads it.
+    shown = wait_until(
+        lambda: (w := webhook(http, webhook_id))["enabled"] is False and w,
+        SETTLE_S,
+        "the API to show the command line's disable",
+    )
+    assert shown["disabled_reason"] == "manual"
+    with httpx.Client(timeout=5) as probe:
+        text = probe.get(f"http://127.0.0.1:{api.probe_port}/metrics").text
+    assert metric_value(text, "dispatcher_notifications_total", type="webhook.disabled") == 2
+    assert metric_value(text, "dispatcher_webhooks_auto_disabled_total") == 0

@@ -11,6 +11,7 @@ from dispatcher.webhook_health import (
     Limits,
     Observed,
     WebhookHealth,
+    manual_disable,
     notice_id,
     observed,
 )
@@ -235,3 +236,40 @@ def test_a_webhook_disabled_by_someone_is_neither_warned_about_nor_disabled() ->
     fold = HealthFold(limits, dict(states))
     fold.check(T0 + timedelta(days=30), {"wh_a": (False, T0)})
     assert kinds(fold) == [] and fold.step.disable == [] and fold.step.health == {}
+
+
+def test_a_manual_disable_is_one_event_and_enabling_again_judges_from_then() -> None:
+    limits = Limits(notify_after_failures=100, notify_after_failing_s=60, auto_disable_after_s=600)
+    states: dict[str, WebhookHealth] = {}
+    # Healthy (no health record): the event, and nothing to write to the health topic.
+    quiet, nothing = manual_disable("wh_b", "org_1", T0, None)
+    assert (quiet.type, quiet.reason, quiet.consecutive_failures) == (
+        "webhook.disabled",
+        "manual",
+        0,
+    )
+    assert nothing is None
+    # Failing for 50 s, no episode yet, when someone disables it.
+    run(states, [fail(T0), fail(T0 + timedelta(seconds=50))], limits)
+    off_at = T0 + timedelta(seconds=50)
+    notice, marked = manual_disable("wh_a", "org_1", off_at, states["wh_a"])
+    assert notice.reason == "manual" and notice.consecutive_failures == 2
+    assert notice.id == notice_id("webhook.disabled", "wh_a", off_at)
+    assert marked is not None and marked.disabled_at == off_at
+    states["wh_a"] = marked
+    # Disabled for a day, then enabled while it still fails: not warned about nor
+    # disabled for the time nobody called it, only from the enable on.
+    enabled_at = T0 + timedelta(days=1)
+    sub = (True, enabled_at)
+    soon = HealthFold(limits, dict(states))
+    soon.check(enabled_at + timedelta(seconds=59), {"wh_a": sub})
+    assert kinds(soon) == [] and soon.step.disable == []
+    later = HealthFold(limits, dict(states))
+    later.check(enabled_at + timedelta(seconds=600), {"wh_a": sub})
+    assert kinds(later) == ["webhook.failing"] and later.step.disable == ["wh_a"]
+    # An episode open when someone disables it stays open: the first success once
+    # enabled again closes it.
+    states["wh_a"] = states["wh_a"].model_copy(update={"episode_since": off_at})
+    back = run(states, [ok(enabled_at + timedelta(seconds=5))], limits)
+    assert kinds(back) == ["webhook.recovered"]
+    assert states["wh_a"].disabled_at is None and states["wh_a"].failing_since is None
