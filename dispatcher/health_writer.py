@@ -1,5 +1,5 @@
-"""The writer's fold of the attempts topic into webhook health, notifications and
-auto-disables, exactly once per episode.
+"""The writer's fold of the attempts and dead-letter topics into webhook health,
+notifications and auto-disables, exactly once per episode.
 
 Runs on a thread of the process that holds the configuration writer role
 (:mod:`dispatcher.config_writer`), which is alone and fenced. It reads the
@@ -8,7 +8,10 @@ health) and, for each batch, commits through the writer's transactional producer
 in **one transaction**: the health records of the webhooks the batch changed, the
 notifications they give, the subscription records of webhooks it disables
 (:func:`dispatcher.manage.disable_failing`), and its own position in the attempts
-topic (a record of the health topic, :data:`~dispatcher.webhook_health.POSITION_KEY`).
+and dead-letter topics (a record of the health topic,
+:data:`~dispatcher.webhook_health.POSITION_KEY`). The dead-letter topic is folded
+for the digest: it holds every dead-lettered delivery, those that never had an
+attempt (``endpoint_unavailable``, ``webhook_disabled``) too, and no secret.
 
 Why exactly once: the health state and the position are read back from the
 health topic (``read_committed``, part of the writer's
@@ -45,12 +48,15 @@ from dispatcher.webhook_health import (
     HealthPosition,
     Limits,
     Step,
+    dead_lettered,
     observed,
 )
 
 log = logging.getLogger(__name__)
 
-#: Attempt records folded per transaction at most.
+#: A position per topic read: the next offset of each partition.
+Positions = dict[str, dict[int, int]]
+#: Records (attempts and dead letters) folded per transaction at most.
 BATCH: Final = 2000
 #: How long records gather before a transaction: the delay of a health event at most
 #: (with ``health_check_every_s`` for the time-based ones).
@@ -75,6 +81,8 @@ class HealthWriter:
         self.view = view
         self.writer = writer
         self.topic = settings.attempts_topic
+        self.dead_letter_topic = settings.dead_letter_topic
+        self.topics = (self.topic, self.dead_letter_topic)
         self.limits = Limits(
             settings.notify_after_failures,
             settings.notify_after_failing_s,
@@ -82,9 +90,9 @@ class HealthWriter:
             settings.dead_letter_digest_s,
         )
         #: The committed position this reader started from (None: none committed yet).
-        self._base: dict[int, int] | None = None
-        #: The next offset to read in each partition.
-        self._next: dict[int, int] = {}
+        self._base: Positions | None = None
+        #: The next offset to read in each partition of each topic.
+        self._next: Positions = {}
         self._position_written = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,29 +118,37 @@ class HealthWriter:
         deadline = time.monotonic() + self.settings.api_write_timeout_s
         if not self.view.wait_until_end(deadline):
             raise KafkaSetupError("cannot read the health topic to its end")
-        stored = self.view.health_position
-        base = stored.positions if stored and stored.attempts_topic == self.topic else None
-        meta = check_topic(consumer, self.settings, self.topic, 15)
-        parts, nxt = [], {}
-        for p in sorted(meta.partitions):
-            try:
-                low, high = consumer.get_watermark_offsets(TP(self.topic, p), timeout=15)
-            except KafkaException as exc:
-                raise KafkaSetupError(f"cannot read {self.topic}: {exc}") from None
-            # None committed yet: from now on (a new writer does not judge the past);
-            # past retention: from what the topic still holds.
-            start = max(base.get(p, high) if base is not None else high, low)
-            nxt[p] = start
-            parts.append(TP(self.topic, p, start))
+        base = self._committed()
+        parts: list[TP] = []
+        nxt: Positions = {}
+        for topic in self.topics:
+            meta = check_topic(consumer, self.settings, topic, 15)
+            stored = (base or {}).get(topic)
+            nxt[topic] = {}
+            for p in sorted(meta.partitions):
+                try:
+                    low, high = consumer.get_watermark_offsets(TP(topic, p), timeout=15)
+                except KafkaException as exc:
+                    raise KafkaSetupError(f"cannot read {topic}: {exc}") from None
+                # None committed yet: from now on (a new writer does not judge the past);
+                # past retention: from what the topic still holds.
+                start = max(stored.get(p, high) if stored is not None else high, low)
+                nxt[topic][p] = start
+                parts.append(TP(topic, p, start))
         consumer.assign(parts)
-        self._base = dict(base) if base is not None else None
+        self._base = base
         self._next = nxt
         self.positioned.set()
+
+    def _committed(self) -> Positions | None:
+        """The committed position in the topics read now (None: none committed yet)."""
+        stored = self.view.health_position
+        return None if stored is None else stored.of(self.topic, self.dead_letter_topic)
 
     def _run(self) -> None:
         consumer: Consumer | None = None
         next_check = 0.0
-        batch: list[bytes | None] = []
+        batch: list[tuple[str, bytes | None]] = []
         try:
             while not self._stop.is_set():
                 if consumer is None:
@@ -168,7 +184,7 @@ class HealthWriter:
             if consumer is not None:
                 consumer.close()
 
-    def _read(self, consumer: Consumer, batch: list[bytes | None]) -> None:
+    def _read(self, consumer: Consumer, batch: list[tuple[str, bytes | None]]) -> None:
         """Add to ``batch`` what comes within ``COMMIT_EVERY_S`` (or until it is full):
         a transaction per interval at most, not one per record, while attempts stream in
         (each holds the writer's lock, which the API's changes wait for)."""
@@ -178,14 +194,15 @@ class HealthWriter:
             if left <= 0:
                 return
             for msg in consumer.consume(BATCH - len(batch), timeout=left):
-                partition, offset = msg.partition(), msg.offset()
-                if msg.error() is not None or partition is None or offset is None:
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if msg.error() is not None or None in (topic, partition, offset):
                     continue
-                batch.append(msg.value())
-                self._next[partition] = offset + 1
+                assert topic is not None and partition is not None and offset is not None
+                batch.append((topic, msg.value()))
+                self._next[topic][partition] = offset + 1
 
     # --- deciding and committing ----------------------------------------------------
-    def _commit(self, batch: list[bytes | None], check: bool) -> bool:
+    def _commit(self, batch: list[tuple[str, bytes | None]], check: bool) -> bool:
         """Fold and commit; False when the batch must be read again."""
         try:
             step, written = self.writer.apply(lambda: self._decide(batch, check))[0]
@@ -199,9 +216,9 @@ class HealthWriter:
             return False
         metrics.HEALTH_WRITE_FAILING.set(0)
         if written:
-            self._base = dict(self._next)
+            self._base = {topic: dict(parts) for topic, parts in self._next.items()}
             self.commits += 1
-            metrics.HEALTH_FOLDED.inc(len(batch))
+            metrics.HEALTH_FOLDED.inc(sum(1 for topic, _ in batch if topic == self.topic))
             # Counted once committed: a decision may be taken again (after a fencing).
             for notice in step.notices:
                 metrics.NOTIFICATIONS.labels(notice.type).inc()
@@ -216,19 +233,20 @@ class HealthWriter:
         return True
 
     def _decide(
-        self, batch: list[bytes | None], check: bool
+        self, batch: list[tuple[str, bytes | None]], check: bool
     ) -> tuple[list[Outgoing], tuple[Step, int]]:
         """Under the writer's lock, against the committed state: the records of one batch."""
-        stored = self.view.health_position
-        current = stored.positions if stored and stored.attempts_topic == self.topic else None
-        if current != self._base:
+        if self._committed() != self._base:
             raise _Stale()
         now = datetime.now(UTC)
         fold = HealthFold(self.limits, dict(self.view.health), now)
-        for value in batch:
-            a = observed(value)
-            if a is not None:
-                fold.attempt(a)
+        for topic, value in batch:
+            if topic == self.topic:
+                a = observed(value)
+                if a is not None:
+                    fold.attempt(a)
+            elif (d := dead_lettered(value)) is not None:
+                fold.dead_letter(d)
         records: list[Outgoing] = []
         if check:
             subs = {
@@ -258,7 +276,12 @@ class HealthWriter:
         moved = self._next != self._base
         due = time.monotonic() - self._position_written >= POSITION_EVERY_S
         if records or (moved and due):
-            position = HealthPosition(attempts_topic=self.topic, positions=dict(self._next))
+            position = HealthPosition(
+                attempts_topic=self.topic,
+                positions=dict(self._next[self.topic]),
+                dead_letter_topic=self.dead_letter_topic,
+                dead_letter_positions=dict(self._next[self.dead_letter_topic]),
+            )
             records.append(Outgoing(topic, position.to_json(), POSITION_KEY.encode()))
             self._position_written = time.monotonic()
         return records, (step, len(records))

@@ -348,7 +348,7 @@ class Settings(BaseSettings):
         3600.0,
         ge=0,
         description="Period of the `webhook.dead_letters` digest: one per webhook and period "
-        "with any delivery dead-lettered after its last attempt failed; 0 = no digests.",
+        "with any delivery dead-lettered (after its last attempt, or without one); 0 = no digests.",
     )
     health_check_every_s: float = Field(
         5.0,

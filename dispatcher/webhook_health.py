@@ -1,9 +1,10 @@
-"""Each webhook's health, folded from the attempts topic, and the events it gives.
+"""Each webhook's health, folded from the attempts and dead-letter topics, and the
+events it gives.
 
-Pure logic, no Kafka: :class:`HealthFold` takes attempt records and the time, and
-says which health records, notifications and auto-disables follow. The writer
+Pure logic, no Kafka: :class:`HealthFold` takes attempt and dead-letter records and
+the time, and says which health records, notifications and auto-disables follow. The writer
 (:mod:`dispatcher.health_writer`) runs it and commits what it says, together with
-its position in the attempts topic, in one transaction.
+its position in both topics, in one transaction.
 
 What counts: every HTTP **attempt** (first tries and retries alike, whatever
 delivery it belongs to). ``consecutive_failures`` counts failed attempts since the
@@ -14,9 +15,10 @@ webhook's last successful one; ``failing_since`` is the first of them. An
 attempt, with ``webhook.recovered``. A webhook failing for
 ``auto_disable_after_s`` without a success is disabled (``webhook.disabled``,
 reason ``failing``), counted again from that moment if someone enables it while
-it still fails. Deliveries dead-lettered after their last attempt failed are
-counted per digest period (``digest_every_s``, from the first of them), and one
-``webhook.dead_letters`` says how many once the period is over. Deferrals (an
+it still fails. Dead-lettered deliveries (read from the dead-letter topic, so
+with or without an attempt) are counted per digest period (``digest_every_s``,
+from the first of them), and one ``webhook.dead_letters`` says how many once the
+period is over. Deferrals (an
 open circuit) are not attempts and change nothing; the circuit's half-open
 probes are attempts.
 """
@@ -66,7 +68,7 @@ class WebhookHealth(BaseModel):
     #: When someone disabled it while it was failing; None if nobody did. Enabled
     #: again, it is judged from then on, as after an auto-disable.
     disabled_at: datetime | None = None
-    #: Deliveries dead-lettered after a failed last attempt, in the digest period
+    #: Deliveries dead-lettered (with or without an attempt), in the digest period
     #: that starts at ``dead_letters_since`` (None: none yet).
     dead_letters: int = Field(0, ge=0)
     dead_letters_since: datetime | None = None
@@ -76,12 +78,25 @@ class WebhookHealth(BaseModel):
 
 
 class HealthPosition(BaseModel):
-    """Value of :data:`POSITION_KEY`: the next offset to fold in each partition."""
+    """Value of :data:`POSITION_KEY`: the next offset to fold in each partition of the
+    attempts topic and of the dead-letter topic (absent in a record written before
+    dead letters were folded: read from the end of that topic then)."""
 
     model_config = ConfigDict(extra="forbid")
 
     attempts_topic: str
     positions: dict[int, int]
+    dead_letter_topic: str | None = None
+    dead_letter_positions: dict[int, int] = Field(default_factory=dict)
+
+    def of(self, attempts_topic: str, dead_letter_topic: str) -> dict[str, dict[int, int]]:
+        """The positions stored for these two topics (a topic renamed since: none)."""
+        found: dict[str, dict[int, int]] = {}
+        if self.attempts_topic == attempts_topic:
+            found[attempts_topic] = dict(self.positions)
+        if self.dead_letter_topic == dead_letter_topic:
+            found[dead_letter_topic] = dict(self.dead_letter_positions)
+        return found
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
@@ -124,7 +139,31 @@ class Observed:
     at: datetime
     ok: bool
     error: str | None
-    dead_lettered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """What the fold reads from one dead-letter record."""
+
+    webhook_id: str
+    organization_id: str
+
+
+def dead_lettered(value: bytes | None) -> DeadLettered | None:
+    """The delivery in a dead-letter record; None for anything else the topic holds (a
+    replay marker) or a record that does not parse (skipped, never fatal)."""
+    if not value:
+        return None
+    try:
+        doc: Any = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or not doc.get("dead_lettered_at"):
+        return None
+    webhook_id, organization_id = doc.get("webhook_id"), doc.get("organization_id")
+    if not isinstance(webhook_id, str) or not isinstance(organization_id, str):
+        return None
+    return DeadLettered(webhook_id, organization_id)
 
 
 def observed(value: bytes | None) -> Observed | None:
@@ -147,7 +186,6 @@ def observed(value: bytes | None) -> Observed | None:
             datetime.fromisoformat(str(doc["at"])).astimezone(UTC),
             ok,
             error,
-            bool(doc.get("dead_lettered", False)),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
@@ -282,15 +320,22 @@ class HealthFold:
             h.auto_disabled_at = None
             h.disabled_at = None
             return
-        if a.dead_lettered and self.limits.digest_every_s > 0:
-            h.dead_letters += 1
-            h.dead_letters_since = h.dead_letters_since or self.now
         h.consecutive_failures += 1
         h.failing_since = h.failing_since or a.at
         h.last_failure_at = a.at
         h.last_error = a.error
         if h.episode_since is None and h.consecutive_failures >= self.limits.notify_after_failures:
             self._open(h, a.at)
+
+    def dead_letter(self, d: DeadLettered) -> None:
+        """One delivery dead-lettered, whatever the reason (its last attempt failed, or
+        it never had one: ``endpoint_unavailable``, ``webhook_disabled``): counted in the
+        digest period open now."""
+        if self.limits.digest_every_s <= 0:
+            return
+        h = self._get(d.webhook_id, d.organization_id)
+        h.dead_letters += 1
+        h.dead_letters_since = h.dead_letters_since or self.now
 
     def _open(self, h: WebhookHealth, at: datetime) -> None:
         h.episode_since = at

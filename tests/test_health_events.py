@@ -13,6 +13,7 @@ and when another process takes the writer role for a moment (fencing the writer)
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -31,11 +32,28 @@ from tests.support import SEED_EVENT, Namespace, free_port, metric_value, wait_u
 HOOKS = f"/v1/organizations/{ORG}/webhooks"
 EVENTS = 5
 SETTLE_S = 60.0
+PATHS = ("exhausted", "disabled")
 
 
 def notifications(ns: Namespace) -> list[dict[str, Any]]:
     """Every committed health event, in the order of its partition (one per webhook)."""
     return [json.loads(m.value()) for m in ns.read_all(ns.settings.notifications_topic)]
+
+
+def digests(ns: Namespace, webhook_id: str) -> list[dict[str, Any]]:
+    return [
+        n
+        for n in notifications(ns)
+        if n["type"] == "webhook.dead_letters" and n["webhook_id"] == webhook_id
+    ]
+
+
+def counted(ns: Namespace, webhook_id: str) -> int:
+    """Dead letters of the webhook in its committed health (the last record of its key)
+    and in the digests already sent."""
+    health = [m for m in ns.read_all(ns.settings.health_topic) if m.key() == webhook_id.encode()]
+    pending = json.loads(health[-1].value() or b"{}").get("dead_letters", 0) if health else 0
+    return int(pending) + sum(n["dead_letters"] for n in digests(ns, webhook_id))
 
 
 def types_of(ns: Namespace) -> list[str]:
@@ -263,3 +281,87 @@ def test_a_manual_disable_gives_one_event_in_its_own_transaction(
         text = probe.get(f"http://127.0.0.1:{api.probe_port}/metrics").text
     assert metric_value(text, "dispatcher_notifications_total", type="webhook.disabled") == 2
     assert metric_value(text, "dispatcher_webhooks_auto_disabled_total") == 0
+
+
+def test_dead_letter_digest_counts_every_dead_letter_once_across_a_kill(
+    ns_factory: Callable[..., Namespace],
+    receiver: HttpsReceiver,
+    run_dispatcher: Callable[..., Any],
+    run_api: Callable[..., ApiProcess],
+) -> None:
+    """Deliveries dead-lettered after their last attempt, and others dead-lettered
+    without one (their webhook disabled while they waited for a retry), each counted
+    once in the digest, with the writer killed (``kill -9``) after folding them and
+    before the digest is due."""
+    ns = ns_factory(
+        # One retry, due long enough after the first attempt for the disable to be read.
+        retry_delays_s=[8],
+        circuit_failure_threshold=1000,
+        notify_after_failures=1000,
+        dead_letter_digest_s=6,
+        health_check_every_s=0.5,
+    )
+    receiver.respond("/exhausted", Reply(500))
+    receiver.respond("/disabled", Reply(500))
+    api = run_api(ns)
+    http = api.admin()
+    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    made = {path: http.post(HOOKS, json={"url": receiver.url(f"/{path}")}) for path in PATHS}
+    assert all(r.status_code == 201 for r in made.values()), [r.text for r in made.values()]
+    ids = {path: r.json()["id"] for path, r in made.items()}
+    secrets = [r.json()["secret"] for r in made.values()]
+    run_dispatcher(ns)
+
+    ns.publish(*[SEED_EVENT] * EVENTS)
+    receiver.wait_for_requests(EVENTS, path="/disabled", timeout_s=SETTLE_S)
+    off = http.post(f"{HOOKS}/{ids['disabled']}/disable")
+    assert off.status_code == 200, off.text
+
+    def letters() -> dict[str, list[DeliveryRecord]]:
+        found: dict[str, list[DeliveryRecord]] = {p: [] for p in PATHS}
+        for m in ns.read_all(ns.settings.dead_letter_topic):
+            r = DeliveryRecord.model_validate_json(m.value() or b"")
+            found[next(p for p, i in ids.items() if i == r.webhook_id)].append(r)
+        return found
+
+    dead = wait_until(
+        lambda: (f := letters()) and all(len(v) >= EVENTS for v in f.values()) and f,
+        SETTLE_S,
+        "every delivery dead-lettered",
+        interval_s=0.3,
+    )
+    assert {r.dead_letter_reason for r in dead["disabled"]} == {"webhook_disabled"}
+    assert all(r.attempts_made == 1 for r in dead["disabled"])
+    assert all(r.attempts_made == 2 for r in dead["exhausted"])
+    # Folded and committed (most likely before their digest is due): the writer dies now.
+    wait_until(
+        lambda: all(counted(ns, i) >= EVENTS for i in ids.values()),
+        SETTLE_S,
+        "the dead letters folded",
+        interval_s=0.2,
+    )
+    api.kill()
+    api = run_api(ns, same_keys_as=api)
+
+    for path, webhook_id in ids.items():
+        sent = wait_until(
+            lambda webhook_id=webhook_id: (
+                (d := digests(ns, webhook_id)) and sum(n["dead_letters"] for n in d) >= EVENTS and d
+            ),
+            SETTLE_S,
+            f"the digest of {path}",
+            interval_s=0.3,
+        )
+        assert sum(n["dead_letters"] for n in sent) == len(dead[path]) == EVENTS, sent
+        assert {n["organization_id"] for n in sent} == {ORG}
+        # Periods of one webhook never overlap; each digest once.
+        spans = sorted((n["period_start"], n["period_end"]) for n in sent)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
+        assert len({n["id"] for n in sent}) == len(sent)
+    # No secret in the records the digest was made from, nor in the events.
+    raw = b"".join(
+        m.value() or b""
+        for topic in (ns.settings.dead_letter_topic, ns.settings.notifications_topic)
+        for m in ns.read_all(topic)
+    )
+    assert not any(s.encode() in raw for s in secrets)

@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from dispatcher.webhook_health import (
+    DeadLettered,
     HealthFold,
     Limits,
     Observed,
     WebhookHealth,
+    dead_lettered,
     manual_disable,
     notice_id,
     observed,
@@ -194,10 +196,10 @@ def test_attempt_records_are_read_and_others_ignored() -> None:
 def test_one_dead_letter_digest_per_period_once_it_is_over() -> None:
     limits = Limits(3, 0, 0, digest_every_s=3600)
     states: dict[str, WebhookHealth] = {}
-    dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
+    dead = DeadLettered("wh_a", "org_1")
     first = HealthFold(limits, dict(states), T0)
     for _ in range(4):
-        first.attempt(dead)
+        first.dead_letter(dead)
     first.attempt(ok(T0))  # a success later does not forget them
     commit(states, first)
     assert states["wh_a"].dead_letters == 4
@@ -206,7 +208,7 @@ def test_one_dead_letter_digest_per_period_once_it_is_over() -> None:
     assert kinds(early) == []
     # Counted in the period open when folded, whatever the record's own time.
     late_record = HealthFold(limits, dict(states), T0 + timedelta(seconds=3000))
-    late_record.attempt(dead)
+    late_record.dead_letter(dead)
     commit(states, late_record)
     end = T0 + timedelta(seconds=3600)
     due = HealthFold(limits, dict(states), end)
@@ -224,9 +226,39 @@ def test_one_dead_letter_digest_per_period_once_it_is_over() -> None:
 
 def test_no_digest_when_digests_are_off() -> None:
     states: dict[str, WebhookHealth] = {}
-    dead = Observed("wh_a", "org_1", T0, False, "timeout", dead_lettered=True)
-    run(states, [dead])
-    assert states["wh_a"].dead_letters == 0
+    fold = HealthFold(LIMITS, dict(states), T0)
+    fold.dead_letter(DeadLettered("wh_a", "org_1"))
+    assert fold.step.health == {}
+
+
+def test_dead_letter_records_are_read_and_replay_markers_ignored() -> None:
+    letter = {
+        "delivery_id": "d1",
+        "webhook_id": "wh_a",
+        "organization_id": "org_1",
+        "attempts_made": 0,
+        "deferrals": 9,
+        "dead_lettered_at": "2026-01-01T00:00:00Z",
+        "dead_letter_reason": "endpoint_unavailable",
+    }
+    assert dead_lettered(orjson.dumps(letter)) == DeadLettered("wh_a", "org_1")
+    marker = {"replay_of": "t/0/5", "delivery_id": "d1", "replayed_at": "2026-01-01T00:00:00Z"}
+    assert dead_lettered(orjson.dumps(marker)) is None
+    assert dead_lettered(orjson.dumps({**letter, "webhook_id": 5})) is None
+    assert dead_lettered(b"[1") is None and dead_lettered(None) is None
+
+
+def test_a_dead_letter_digest_for_a_webhook_without_health() -> None:
+    # A webhook never failing an attempt (disabled, or only deferred) gets a digest too.
+    limits = Limits(3, 0, 0, digest_every_s=60)
+    states: dict[str, WebhookHealth] = {}
+    fold = HealthFold(limits, dict(states), T0)
+    fold.dead_letter(DeadLettered("wh_z", "org_1"))
+    commit(states, fold)
+    due = HealthFold(limits, dict(states), T0 + timedelta(seconds=60))
+    due.check(T0 + timedelta(seconds=60), {"wh_z": ON})
+    assert kinds(due) == ["webhook.dead_letters"] and due.step.notices[0].dead_letters == 1
+    assert due.step.notices[0].consecutive_failures == 0
 
 
 def test_a_webhook_disabled_by_someone_is_neither_warned_about_nor_disabled() -> None:
