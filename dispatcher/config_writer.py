@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from pydantic import ValidationError
 
 from dispatcher import metrics
 from dispatcher.config_state import ConfigView
@@ -151,7 +152,10 @@ class ConfigWriter:
         for record in records:
             if record.topic != self.settings.subscriptions_topic or record.value is None:
                 continue
-            after = Subscription.model_validate_json(record.value)
+            try:
+                after = Subscription.model_validate_json(record.value)
+            except ValidationError:
+                continue  # not a webhook the dispatchers load: nothing to disable
             before = self.view.subscription(after.webhook_id)
             if (
                 before is None
