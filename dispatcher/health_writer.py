@@ -72,7 +72,8 @@ class _Stale(Exception):
 
 
 class HealthWriter:
-    """Folds the attempts topic into health and commits it with the writer's producer."""
+    """Folds the attempts and dead-letter topics into health and commits it with the
+    writer's producer."""
 
     name = "webhook health"
 

@@ -28,6 +28,7 @@ from tests.api_support import ORG, ApiProcess
 from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, Reply
 from tests.support import SEED_EVENT, Namespace, free_port, metric_value, wait_until
+from tests.test_produce_refused import limit_record_size
 
 HOOKS = f"/v1/organizations/{ORG}/webhooks"
 EVENTS = 5
@@ -365,3 +366,45 @@ def test_dead_letter_digest_counts_every_dead_letter_once_across_a_kill(
         for m in ns.read_all(topic)
     )
     assert not any(s.encode() in raw for s in secrets)
+
+
+def test_a_disable_whose_event_kafka_refuses_is_not_applied(
+    ns_factory: Callable[..., Namespace],
+    receiver: HttpsReceiver,
+    run_api: Callable[..., ApiProcess],
+) -> None:
+    """The event and the change are one transaction: the notifications topic refusing
+    the event (a record larger than it takes) refuses the change too, answered 503,
+    and nothing of it is visible; once the topic takes it, the disable and its one
+    event are written together."""
+    ns = ns_factory(api_write_timeout_s=5)
+    api = run_api(ns)
+    http = api.admin()
+    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    created = http.post(HOOKS, json={"url": receiver.url("/ok")})
+    assert created.status_code == 201, created.text
+    webhook_id = created.json()["id"]
+    topic = ns.settings.notifications_topic
+    # Room for a transaction marker, not for an event.
+    limit_record_size(topic, 200)
+
+    refused = http.post(f"{HOOKS}/{webhook_id}/disable")
+    assert refused.status_code == 503, refused.text
+    shown = webhook(http, webhook_id)
+    assert shown["enabled"] is True and shown["version"] == created.json()["version"]
+    assert notifications(ns) == []
+    assert [
+        json.loads(m.value())["enabled"]
+        for m in ns.read_all(ns.settings.subscriptions_topic)
+        if m.key() == webhook_id.encode()
+    ] == [True]
+
+    limit_record_size(topic, 1_000_000)
+    # The broker applies a topic's new config a moment after it answered the change.
+    wait_until(
+        lambda: http.post(f"{HOOKS}/{webhook_id}/disable").status_code == 200,
+        SETTLE_S,
+        "the disable to be taken once the topic takes its event",
+        interval_s=0.5,
+    )
+    assert [(n["type"], n["reason"]) for n in notifications(ns)] == [("webhook.disabled", "manual")]
