@@ -182,6 +182,11 @@ class Receiver:
     def count(self, prefix: str) -> int:
         return sum(n for path, n in self.counts().items() if path.startswith(prefix))
 
+    def later_attempts(self, prefix: str) -> int:
+        """Requests under ``prefix`` that were not their delivery's first attempt."""
+        later = self._call("GET", "/count").get("later_attempts") or {}
+        return sum(int(n) for path, n in later.items() if path.startswith(prefix))
+
     def window(self, prefix: str, skip: int, tail: int) -> Window:
         data = self._call("GET", f"/window?prefix={prefix}&skip={skip}&tail={tail}")
         return Window(
@@ -348,6 +353,34 @@ class Namespace:
         if producer.flush(60) != 0:
             raise BenchError("the paced events were not acknowledged by Kafka")
         return sent
+
+    def publish_stamped(self, count: int, orgs: list[str], kind: str = "lat") -> None:
+        """``count`` events at once, organizations in turn, stamped with their produce time.
+
+        Each run of ``len(orgs)`` consecutive events (one per organization) goes to
+        the same partition, the runs round-robin over the partitions, so that
+        every partition carries the organizations' events interleaved. Session
+        ids are ``<kind>_<unix ns>_<n>``, as in :meth:`publish_paced`.
+        """
+        producer = Producer(
+            {"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "compression.type": "lz4"}
+        )
+        template = json.dumps(event("SESSION", "ORG"))
+        partitions = int(self.settings.topic_partitions)
+        for i in range(count):
+            session = f"{kind}_{time.time_ns()}_{i}"
+            text = template.replace("SESSION", session).replace("ORG", orgs[i % len(orgs)])
+            value, key = text.encode(), session.encode()
+            partition = (i // len(orgs)) % partitions
+            while True:
+                try:
+                    producer.produce(self.settings.input_topic, value, key, partition=partition)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+        if producer.flush(60) != 0:
+            raise BenchError("the stamped events were not acknowledged by Kafka")
 
     def publish(self, count: int, orgs: list[str]) -> None:
         """``count`` events, organizations taken in turn, keyed by session."""

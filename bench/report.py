@@ -178,6 +178,26 @@ def _writes(w: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _neighbours(nb: dict[str, Any]) -> list[Row]:
+    alone, beside, slow = nb["fast_alone"], nb["fast_beside_slow"], nb["slow"]
+    ratio = "n/a" if nb["ratio"] is None else f"{nb['ratio']:.3f}"
+    return [
+        (
+            "10 neighbours: F beside slow S",
+            f"{beside['per_s']:.0f} /s",
+            f"p99 {beside.get('p99_ms', 0):.0f} ms; F alone {alone['per_s']:.0f} /s, "
+            f"p99 {alone.get('p99_ms', 0):.0f} ms",
+        ),
+        ("10 neighbours: ratio", ratio, "target >= 0.9"),
+        (
+            "10 neighbours: S completed",
+            f"{slow['delivered']:.0f} of {nb['events_per_organization']}",
+            f"in {slow['seconds']:.0f} s (at best {slow['best_seconds']:.0f} s), "
+            f"{slow['later_attempts']} later attempts, {slow['deferred']:.0f} deferred",
+        ),
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
     rows = _engines(results)
     for key, part in (
@@ -190,6 +210,7 @@ def table(results: dict[str, Any]) -> str:
         ("memory", _memory),
         ("history", _history),
         ("writes", _writes),
+        ("neighbours", _neighbours),
     ):
         if key in results:
             rows += part(results[key])

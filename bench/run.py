@@ -28,6 +28,10 @@ start of a tail share of the deliveries); CPU time from the processes' own.
    ``/healthz`` latencies under concurrent clients (``bench/history.py``).
 9. Writes: PATCH latency at the API's writer and through a replica that forwards
    the change to it (``bench/writes.py``).
+10. Neighbours: organization S's webhook answering after ``--neighbours-slow-ms``
+   (2.5 s), F's at once, their events interleaved in the same partitions: F's
+   rate and latency next to S over F alone in the same run, and S's completion
+   (``bench/scenarios.py``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ PHASES = (
     "memory",
     "history",
     "writes",
+    "neighbours",
 )
 #: Every size at once for CI: each phase runs, none measures anything worth reading.
 SMOKE = {
@@ -94,6 +99,8 @@ SMOKE = {
     "history_clients": [5],
     "history_load_s": 2.0,
     "write_count": 20,
+    "neighbours_events": 20,
+    "neighbours_slow_ms": 500,
 }
 
 
@@ -158,6 +165,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--write-count", type=int, default=300, help="PATCHes at each API process (writes)"
+    )
+    p.add_argument(
+        "--neighbours-events",
+        type=int,
+        default=300,
+        help="events per organization in the neighbours phase (and F alone)",
+    )
+    p.add_argument(
+        "--neighbours-slow-ms", type=int, default=2_500, help="the slow webhook's answer time"
     )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = p.parse_args(argv)
@@ -417,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["history"] = history.run(args, bench.tmp, bench.certs.ca_file)
             if "writes" in phases:
                 results["writes"] = bench.writes()
+            if "neighbours" in phases:
+                results["neighbours"] = bench.neighbours()
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1

@@ -14,6 +14,7 @@
 5. Large table: ``--table-size`` subscriptions (100,000) in the compacted topic;
    the time from start until the dispatcher is ready and its RSS then.
 7. Memory: a backlog behind a stalled endpoint (see :meth:`Scenarios.memory`).
+10. Neighbours: a slow organization next to a fast one (see :meth:`Scenarios.neighbours`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import time
 from typing import Any
 
 from bench.harness import BenchError, Receiver
-from bench.measure import deferrals, wait_progress
+from bench.measure import deferrals, rate_window, wait_progress
 from dispatcher.settings import Settings
 
 DEFAULTS = Settings()
 
 #: Events produced before the measured ones: connections opened, caches warm.
 LATENCY_WARMUP_S = 3.0
+#: Events to the fast webhook before the measured ones: its connections opened.
+NEIGHBOURS_WARMUP = 20
 #: Seconds waited for the receiver to see every idle connection closed.
 IDLE_CLOSE_DEADLINE_S = 30.0
 
@@ -266,4 +269,86 @@ class Scenarios:
                 "median": statistics.median(samples) if samples else 0.0,
                 "max": max(samples, default=0.0),
             },
+        }
+
+    # --- 10. neighbours ---------------------------------------------------------
+    def neighbours(self) -> dict[str, Any]:
+        """A slow organization's webhook next to a fast one's, in the same partitions.
+
+        One dispatcher; organization F's webhook answers at once, S's after
+        ``--neighbours-slow-ms`` (2.5 s), on two ports. First ``--neighbours-events``
+        events for F alone (the baseline), then as many for each of S and F,
+        alternating in every partition. Each batch is published at once to the
+        ready dispatcher, stamped with its produce time: F's rate from the
+        receiver's clock (warm-up and tail shares left out, as everywhere), F's
+        latency from produce to receipt; then the wait for all of S's, and whether
+        any of them needed a second attempt.
+        """
+        n, delay_ms = self.args.neighbours_events, self.args.neighbours_slow_ms
+        rx = self.receiver
+        rx.reset()
+        self.say(
+            f"neighbours: {n} events to a fast webhook alone, then {n} more interleaved "
+            f"with {n} to a webhook answering after {delay_ms} ms"
+        )
+        ns = self.namespace()
+        slots = int(ns.settings.max_in_flight_per_endpoint)
+        try:
+            ns.subscribe_many(
+                [
+                    (rx.url(0, "/lat/nf"), "org_nf", "wh_nf"),
+                    (rx.url(1, f"/delay/{delay_ms}/ns"), "org_ns", "wh_ns"),
+                ]
+            )
+            with self.dispatcher(ns) as proc:
+                proc.wait_ready()
+                ns.publish_stamped(NEIGHBOURS_WARMUP, ["org_nf"], kind="warm")
+                wait_progress(lambda: rx.count("/lat/nf"), NEIGHBOURS_WARMUP, 60, "warm-up")
+                rx.reset()
+                alone = self._fast_batch(ns, ["org_nf"], n)
+                rx.reset()
+                t0 = time.monotonic()
+                beside = self._fast_batch(ns, ["org_ns", "org_nf"], 2 * n)
+                # S's deliveries take n x delay / slots at best; three times that.
+                bound = 60 + 3 * n * delay_ms / 1000 / slots
+                slow_got = wait_progress(lambda: rx.count("/delay/"), n, bound, "S's deliveries")
+                slow_s = time.monotonic() - t0
+                extra = deferrals(proc)
+                later = rx.later_attempts("/delay/")
+        finally:
+            ns.delete()
+        best = n * delay_ms / 1000 / slots
+        return {
+            "topology": f"2 organizations x 1 subscription on 2 endpoints, one answering "
+            f"after {delay_ms} ms, events interleaved in {ns.settings.topic_partitions} "
+            "partitions",
+            "events_per_organization": n,
+            "fast_alone": alone,
+            "fast_beside_slow": beside,
+            "ratio": round(beside["per_s"] / alone["per_s"], 3) if alone["per_s"] else None,
+            "slow": {
+                "delivered": slow_got,
+                "complete": slow_got >= n,
+                "later_attempts": later,
+                "seconds": round(slow_s, 1),
+                "best_seconds": round(best, 1),
+                **extra,
+            },
+        }
+
+    def _fast_batch(self, ns: Any, orgs: list[str], count: int) -> dict[str, Any]:
+        """Publish ``count`` stamped events over ``orgs``; F's rate and latency figures."""
+        fast = count // len(orgs)
+        t0 = time.monotonic()
+        ns.publish_stamped(count, orgs)
+        got = wait_progress(lambda: self.receiver.count("/lat/nf"), fast, 300, "F's deliveries")
+        wall = time.monotonic() - t0
+        w = rate_window(self.receiver, "/lat/nf", fast)
+        stats = self.receiver.latency()
+        return {
+            "arrived": got,
+            "per_s": round(w.rate, 1),
+            "wall_seconds": round(wall, 3),
+            "per_s_publish_to_last": round(fast / wall, 1) if wall else None,
+            **{k: round(v, 2) for k, v in stats.items()},
         }
