@@ -248,6 +248,7 @@ class Namespace:
             "idempotency_topic": f"{prefix}.webhooks.idempotency",
             "health_topic": f"{prefix}.webhooks.health",
             "notifications_topic": f"{prefix}.webhooks.notifications",
+            "backlog_topic": f"{prefix}.webhooks.backlog",
             "topic_partitions": partitions,
             "allowed_networks": ["127.0.0.0/8"],
             "http_ca_file": str(ca_file),
@@ -354,24 +355,25 @@ class Namespace:
             raise BenchError("the paced events were not acknowledged by Kafka")
         return sent
 
-    def publish_stamped(self, count: int, orgs: list[str], kind: str = "lat") -> None:
-        """``count`` events at once, organizations in turn, stamped with their produce time.
+    def publish_stamped(self, orgs: list[str], group: int = 1, kind: str = "lat") -> None:
+        """One event per item of ``orgs`` (its organization), at once, stamped with its
+        produce time.
 
-        Each run of ``len(orgs)`` consecutive events (one per organization) goes to
-        the same partition, the runs round-robin over the partitions, so that
-        every partition carries the organizations' events interleaved. Session
-        ids are ``<kind>_<unix ns>_<n>``, as in :meth:`publish_paced`.
+        Each run of ``group`` consecutive events goes to one partition, the runs
+        round-robin over the partitions: a sequence that mixes organizations within
+        each run puts them interleaved in every partition. Session ids are
+        ``<kind>_<unix ns>_<n>``, as in :meth:`publish_paced`.
         """
         producer = Producer(
             {"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "compression.type": "lz4"}
         )
         template = json.dumps(event("SESSION", "ORG"))
         partitions = int(self.settings.topic_partitions)
-        for i in range(count):
+        for i, org in enumerate(orgs):
             session = f"{kind}_{time.time_ns()}_{i}"
-            text = template.replace("SESSION", session).replace("ORG", orgs[i % len(orgs)])
+            text = template.replace("SESSION", session).replace("ORG", org)
             value, key = text.encode(), session.encode()
-            partition = (i // len(orgs)) % partitions
+            partition = (i // group) % partitions
             while True:
                 try:
                     producer.produce(self.settings.input_topic, value, key, partition=partition)

@@ -183,17 +183,18 @@ def _neighbours(nb: dict[str, Any]) -> list[Row]:
     ratio = "n/a" if nb["ratio"] is None else f"{nb['ratio']:.3f}"
     return [
         (
-            "10 neighbours: F beside slow S",
+            f"10 neighbours: F's {nb['fast_events']} beside slow S",
             f"{beside['per_s']:.0f} /s",
             f"p99 {beside.get('p99_ms', 0):.0f} ms; F alone {alone['per_s']:.0f} /s, "
             f"p99 {alone.get('p99_ms', 0):.0f} ms",
         ),
         ("10 neighbours: ratio", ratio, "target >= 0.9"),
         (
-            "10 neighbours: S completed",
-            f"{slow['delivered']:.0f} of {nb['events_per_organization']}",
-            f"in {slow['seconds']:.0f} s (at best {slow['best_seconds']:.0f} s), "
-            f"{slow['later_attempts']} later attempts, {slow['deferred']:.0f} deferred",
+            "10 neighbours: S's requests",
+            f"{slow['delivered']:.0f} of {nb['slow_events']}",
+            f"the last after {slow['last_request_s']:.0f} s (at the earliest "
+            f"{slow['earliest_last_request_s']:.0f} s), {slow['later_attempts']} later "
+            f"attempts, {slow['deferred']:.0f} deferred",
         ),
     ]
 

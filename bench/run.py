@@ -29,7 +29,7 @@ start of a tail share of the deliveries); CPU time from the processes' own.
 9. Writes: PATCH latency at the API's writer and through a replica that forwards
    the change to it (``bench/writes.py``).
 10. Neighbours: organization S's webhook answering after ``--neighbours-slow-ms``
-   (2.5 s), F's at once, their events interleaved in the same partitions: F's
+   (2.5 s), F's at once, S's events spread among F's in the same partitions: F's
    rate and latency next to S over F alone in the same run, and S's completion
    (``bench/scenarios.py``).
 """
@@ -99,7 +99,8 @@ SMOKE = {
     "history_clients": [5],
     "history_load_s": 2.0,
     "write_count": 20,
-    "neighbours_events": 20,
+    "neighbours_events": 40,
+    "neighbours_slow_events": 10,
     "neighbours_slow_ms": 500,
 }
 
@@ -169,8 +170,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--neighbours-events",
         type=int,
+        default=3_000,
+        help="the fast organization's events in the neighbours phase (alone, then beside S)",
+    )
+    p.add_argument(
+        "--neighbours-slow-events",
+        type=int,
         default=300,
-        help="events per organization in the neighbours phase (and F alone)",
+        help="the slow organization's events, spread among the fast one's",
     )
     p.add_argument(
         "--neighbours-slow-ms", type=int, default=2_500, help="the slow webhook's answer time"

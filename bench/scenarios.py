@@ -276,21 +276,33 @@ class Scenarios:
         """A slow organization's webhook next to a fast one's, in the same partitions.
 
         One dispatcher; organization F's webhook answers at once, S's after
-        ``--neighbours-slow-ms`` (2.5 s), on two ports. First ``--neighbours-events``
-        events for F alone (the baseline), then as many for each of S and F,
-        alternating in every partition. Each batch is published at once to the
-        ready dispatcher, stamped with its produce time: F's rate from the
-        receiver's clock (warm-up and tail shares left out, as everywhere), F's
-        latency from produce to receipt; then the wait for all of S's, and whether
-        any of them needed a second attempt.
+        ``--neighbours-slow-ms`` (2.5 s), on two ports. First F's
+        ``--neighbours-events`` alone (the baseline), then as many again with S's
+        ``--neighbours-slow-events`` spread evenly among them: each run of F's
+        events followed by one of S's, the runs round-robin over the partitions,
+        so every partition carries both, interleaved, the same layout as F alone.
+        Each batch is published at once to the ready dispatcher, stamped with its
+        produce time: F's rate from the receiver's clock (warm-up and tail shares
+        left out, as everywhere), F's latency from produce to receipt (the batch's
+        own queue included, the same in both); then the wait for all of S's, and
+        whether any of them took a second attempt.
         """
-        n, delay_ms = self.args.neighbours_events, self.args.neighbours_slow_ms
+        n, n_slow = self.args.neighbours_events, self.args.neighbours_slow_events
+        delay_ms = self.args.neighbours_slow_ms
         rx = self.receiver
         rx.reset()
         self.say(
-            f"neighbours: {n} events to a fast webhook alone, then {n} more interleaved "
-            f"with {n} to a webhook answering after {delay_ms} ms"
+            f"neighbours: {n} events to a fast webhook alone, then {n} more with {n_slow} "
+            f"to a webhook answering after {delay_ms} ms among them"
         )
+        # F's events per S event; a run of them and one of S's share a partition.
+        every = max(n // max(n_slow, 1), 1)
+        mixed: list[str] = []
+        for i in range(n):
+            mixed.append("org_nf")
+            if (i + 1) % every == 0 and len(mixed) - (i + 1) < n_slow:
+                mixed.append("org_ns")
+        mixed += ["org_ns"] * (n + n_slow - len(mixed))
         ns = self.namespace()
         slots = int(ns.settings.max_in_flight_per_endpoint)
         try:
@@ -302,45 +314,52 @@ class Scenarios:
             )
             with self.dispatcher(ns) as proc:
                 proc.wait_ready()
-                ns.publish_stamped(NEIGHBOURS_WARMUP, ["org_nf"], kind="warm")
+                ns.publish_stamped(["org_nf"] * NEIGHBOURS_WARMUP, kind="warm")
                 wait_progress(lambda: rx.count("/lat/nf"), NEIGHBOURS_WARMUP, 60, "warm-up")
                 rx.reset()
-                alone = self._fast_batch(ns, ["org_nf"], n)
+                alone = self._fast_batch(ns, ["org_nf"] * n, every + 1)
                 rx.reset()
                 t0 = time.monotonic()
-                beside = self._fast_batch(ns, ["org_ns", "org_nf"], 2 * n)
-                # S's deliveries take n x delay / slots at best; three times that.
-                bound = 60 + 3 * n * delay_ms / 1000 / slots
-                slow_got = wait_progress(lambda: rx.count("/delay/"), n, bound, "S's deliveries")
+                beside = self._fast_batch(ns, mixed, every + 1)
+                # S's deliveries take n_slow x delay / slots at best; three times that.
+                bound = 60 + 3 * n_slow * delay_ms / 1000 / slots
+                slow_got = wait_progress(
+                    lambda: rx.count("/delay/"), n_slow, bound, "S's deliveries"
+                )
                 slow_s = time.monotonic() - t0
                 extra = deferrals(proc)
                 later = rx.later_attempts("/delay/")
         finally:
             ns.delete()
-        best = n * delay_ms / 1000 / slots
+        # The earliest S's last request can arrive: its slots busy all the time.
+        earliest = max(n_slow - slots, 0) * delay_ms / 1000 / slots
         return {
             "topology": f"2 organizations x 1 subscription on 2 endpoints, one answering "
-            f"after {delay_ms} ms, events interleaved in {ns.settings.topic_partitions} "
-            "partitions",
-            "events_per_organization": n,
+            f"after {delay_ms} ms, one of its events after every {every} of the other's "
+            f"in each of {ns.settings.topic_partitions} partitions",
+            "fast_events": n,
+            "slow_events": n_slow,
             "fast_alone": alone,
             "fast_beside_slow": beside,
             "ratio": round(beside["per_s"] / alone["per_s"], 3) if alone["per_s"] else None,
+            "p99_ratio": round(beside["p99_ms"] / alone["p99_ms"], 3)
+            if alone.get("p99_ms") and beside.get("p99_ms")
+            else None,
             "slow": {
                 "delivered": slow_got,
-                "complete": slow_got >= n,
+                "complete": slow_got >= n_slow,
                 "later_attempts": later,
-                "seconds": round(slow_s, 1),
-                "best_seconds": round(best, 1),
+                "last_request_s": round(slow_s, 1),
+                "earliest_last_request_s": round(earliest, 1),
                 **extra,
             },
         }
 
-    def _fast_batch(self, ns: Any, orgs: list[str], count: int) -> dict[str, Any]:
-        """Publish ``count`` stamped events over ``orgs``; F's rate and latency figures."""
-        fast = count // len(orgs)
+    def _fast_batch(self, ns: Any, orgs: list[str], group: int) -> dict[str, Any]:
+        """Publish one stamped event per item of ``orgs``; F's rate and latency figures."""
+        fast = orgs.count("org_nf")
         t0 = time.monotonic()
-        ns.publish_stamped(count, orgs)
+        ns.publish_stamped(orgs, group)
         got = wait_progress(lambda: self.receiver.count("/lat/nf"), fast, 300, "F's deliveries")
         wall = time.monotonic() - t0
         w = rate_window(self.receiver, "/lat/nf", fast)
@@ -348,6 +367,7 @@ class Scenarios:
         return {
             "arrived": got,
             "per_s": round(w.rate, 1),
+            "window_seconds": round(w.seconds, 3),
             "wall_seconds": round(wall, 3),
             "per_s_publish_to_last": round(fast / wall, 1) if wall else None,
             **{k: round(v, 2) for k, v in stats.items()},
