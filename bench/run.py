@@ -170,13 +170,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--neighbours-events",
         type=int,
-        default=3_000,
+        default=10_000,
         help="the fast organization's events in the neighbours phase (alone, then beside S)",
     )
     p.add_argument(
         "--neighbours-slow-events",
         type=int,
-        default=300,
+        default=500,
         help="the slow organization's events, spread among the fast one's",
     )
     p.add_argument(

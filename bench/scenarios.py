@@ -323,8 +323,11 @@ class Scenarios:
                 beside = self._fast_batch(ns, mixed, every + 1)
                 # S's deliveries take n_slow x delay / slots at best; three times that.
                 bound = 60 + 3 * n_slow * delay_ms / 1000 / slots
+                # Parked deliveries come back within the first retry stage's delay:
+                # S may get nothing for that long and still get everything.
+                quiet = ns.settings.retry_delays_s[0] + 30
                 slow_got = wait_progress(
-                    lambda: rx.count("/delay/"), n_slow, bound, "S's deliveries"
+                    lambda: rx.count("/delay/"), n_slow, bound, "S's deliveries", quiet
                 )
                 slow_s = time.monotonic() - t0
                 extra = deferrals(proc)
