@@ -229,6 +229,16 @@ def print_report(results: dict[str, Any]) -> None:
         f"{results['load_average_after']} after"
     )
     print(table(results))
+    nb = results.get("neighbours", {})
+    for label, key in (("F alone", "fast_alone"), ("F beside S", "fast_beside_slow")):
+        prof = nb.get(key, {}).get("profile")
+        if prof:
+            print(
+                f"\nNeighbours, {label}: where the dispatcher's time went (py-spy, "
+                f"{prof['samples']} samples holding the GIL at 200/s):"
+            )
+            for name, pct in prof["components"][:12]:
+                print(f"  {pct:5.1f}%  {name}")
     profile = results.get("throughput", {}).get("profile")
     if profile:
         print("\nWhere the dispatcher's time went (py-spy, samples holding the GIL):")

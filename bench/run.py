@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         type=Path,
-        help="record the dispatcher with py-spy in the throughput phase, into DIR",
+        help="record the dispatcher with py-spy in the throughput and neighbours phases, into DIR",
     )
     p.add_argument(
         "--set",

@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.harness import BenchError, Receiver
 from bench.measure import deferrals, rate_window, wait_progress
+from bench.profile import Profiler, summarize
 from dispatcher.settings import Settings
 
 DEFAULTS = Settings()
@@ -317,10 +318,10 @@ class Scenarios:
                 ns.publish_stamped(["org_nf"] * NEIGHBOURS_WARMUP, kind="warm")
                 wait_progress(lambda: rx.count("/lat/nf"), NEIGHBOURS_WARMUP, 60, "warm-up")
                 rx.reset()
-                alone = self._fast_batch(ns, ["org_nf"] * n, every + 1)
+                alone = self._fast_batch(ns, proc, ["org_nf"] * n, every + 1, "alone")
                 rx.reset()
                 t0 = time.monotonic()
-                beside = self._fast_batch(ns, mixed, every + 1)
+                beside = self._fast_batch(ns, proc, mixed, every + 1, "beside")
                 # S's deliveries take n_slow x delay / slots at best; three times that.
                 bound = 60 + 3 * n_slow * delay_ms / 1000 / slots
                 # Parked deliveries come back within the first retry stage's delay:
@@ -358,13 +359,26 @@ class Scenarios:
             },
         }
 
-    def _fast_batch(self, ns: Any, orgs: list[str], group: int) -> dict[str, Any]:
-        """Publish one stamped event per item of ``orgs``; F's rate and latency figures."""
+    def _fast_batch(
+        self, ns: Any, proc: Any, orgs: list[str], group: int, label: str
+    ) -> dict[str, Any]:
+        """Publish one stamped event per item of ``orgs``; F's rate and latency figures.
+
+        With ``--profile DIR``, py-spy records the dispatcher until F's last
+        delivery, into ``DIR/neighbours-<label>.txt``.
+        """
         fast = orgs.count("org_nf")
+        profiler = raw = None
+        if self.args.profile is not None:
+            self.args.profile.mkdir(parents=True, exist_ok=True)
+            raw = self.args.profile / f"neighbours-{label}.txt"
+            profiler = Profiler(proc.proc.pid, raw)
         t0 = time.monotonic()
         ns.publish_stamped(orgs, group)
         got = wait_progress(lambda: self.receiver.count("/lat/nf"), fast, 300, "F's deliveries")
         wall = time.monotonic() - t0
+        if profiler is not None:
+            profiler.stop()
         w = rate_window(self.receiver, "/lat/nf", fast)
         stats = self.receiver.latency()
         return {
@@ -374,4 +388,5 @@ class Scenarios:
             "wall_seconds": round(wall, 3),
             "per_s_publish_to_last": round(fast / wall, 1) if wall else None,
             **{k: round(v, 2) for k, v in stats.items()},
+            **({"profile": summarize(raw)} if raw is not None else {}),
         }
