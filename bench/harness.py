@@ -182,6 +182,11 @@ class Receiver:
     def count(self, prefix: str) -> int:
         return sum(n for path, n in self.counts().items() if path.startswith(prefix))
 
+    def later_attempts(self, prefix: str) -> int:
+        """Requests under ``prefix`` that were not their delivery's first attempt."""
+        later = self._call("GET", "/count").get("later_attempts") or {}
+        return sum(int(n) for path, n in later.items() if path.startswith(prefix))
+
     def window(self, prefix: str, skip: int, tail: int) -> Window:
         data = self._call("GET", f"/window?prefix={prefix}&skip={skip}&tail={tail}")
         return Window(
@@ -243,6 +248,7 @@ class Namespace:
             "idempotency_topic": f"{prefix}.webhooks.idempotency",
             "health_topic": f"{prefix}.webhooks.health",
             "notifications_topic": f"{prefix}.webhooks.notifications",
+            "backlog_topic": f"{prefix}.webhooks.backlog",
             "topic_partitions": partitions,
             "allowed_networks": ["127.0.0.0/8"],
             "http_ca_file": str(ca_file),
@@ -348,6 +354,35 @@ class Namespace:
         if producer.flush(60) != 0:
             raise BenchError("the paced events were not acknowledged by Kafka")
         return sent
+
+    def publish_stamped(self, orgs: list[str], group: int = 1, kind: str = "lat") -> None:
+        """One event per item of ``orgs`` (its organization), at once, stamped with its
+        produce time.
+
+        Each run of ``group`` consecutive events goes to one partition, the runs
+        round-robin over the partitions: a sequence that mixes organizations within
+        each run puts them interleaved in every partition. Session ids are
+        ``<kind>_<unix ns>_<n>``, as in :meth:`publish_paced`.
+        """
+        producer = Producer(
+            {"bootstrap.servers": BOOTSTRAP, "linger.ms": 5, "compression.type": "lz4"}
+        )
+        template = json.dumps(event("SESSION", "ORG"))
+        partitions = int(self.settings.topic_partitions)
+        for i, org in enumerate(orgs):
+            session = f"{kind}_{time.time_ns()}_{i}"
+            text = template.replace("SESSION", session).replace("ORG", org)
+            value, key = text.encode(), session.encode()
+            partition = (i // group) % partitions
+            while True:
+                try:
+                    producer.produce(self.settings.input_topic, value, key, partition=partition)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+        if producer.flush(60) != 0:
+            raise BenchError("the stamped events were not acknowledged by Kafka")
 
     def publish(self, count: int, orgs: list[str]) -> None:
         """``count`` events, organizations taken in turn, keyed by session."""

@@ -24,16 +24,19 @@ def say(text: str) -> None:
     print(f"bench: {text}", flush=True)
 
 
-def wait_progress(done: Progress, target: float, deadline_s: float, what: str) -> float:
-    """Wait until ``done()`` reaches ``target``, or stops moving; returns the last value."""
+def wait_progress(
+    done: Progress, target: float, deadline_s: float, what: str, stall_s: float = NO_PROGRESS_S
+) -> float:
+    """Wait until ``done()`` reaches ``target``, or stops moving for ``stall_s``; returns
+    the last value."""
     start = last_move = time.monotonic()
     last = done()
     while last < target:
         now = time.monotonic()
         if now - start > deadline_s:
             raise BenchError(f"{what}: only {last:g} of {target:g} after {deadline_s:g} s")
-        if now - last_move > NO_PROGRESS_S:
-            say(f"{what}: stopped at {last:g} of {target:g} (no progress for {NO_PROGRESS_S:g} s)")
+        if now - last_move > stall_s:
+            say(f"{what}: stopped at {last:g} of {target:g} (no progress for {stall_s:g} s)")
             return last
         time.sleep(0.25)
         value = done()

@@ -178,6 +178,27 @@ def _writes(w: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _neighbours(nb: dict[str, Any]) -> list[Row]:
+    alone, beside, slow = nb["fast_alone"], nb["fast_beside_slow"], nb["slow"]
+    ratio = "n/a" if nb["ratio"] is None else f"{nb['ratio']:.3f}"
+    return [
+        (
+            f"10 neighbours: F's {nb['fast_events']} beside slow S",
+            f"{beside['per_s']:.0f} /s",
+            f"p99 {beside.get('p99_ms', 0):.0f} ms; F alone {alone['per_s']:.0f} /s, "
+            f"p99 {alone.get('p99_ms', 0):.0f} ms",
+        ),
+        ("10 neighbours: ratio", ratio, "target >= 0.9"),
+        (
+            "10 neighbours: S's requests",
+            f"{slow['delivered']:.0f} of {nb['slow_events']}",
+            f"the last after {slow['last_request_s']:.0f} s (at the earliest "
+            f"{slow['earliest_last_request_s']:.0f} s), {slow['later_attempts']} later "
+            f"attempts, {slow['deferred']:.0f} deferred",
+        ),
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
     rows = _engines(results)
     for key, part in (
@@ -190,6 +211,7 @@ def table(results: dict[str, Any]) -> str:
         ("memory", _memory),
         ("history", _history),
         ("writes", _writes),
+        ("neighbours", _neighbours),
     ):
         if key in results:
             rows += part(results[key])
@@ -207,6 +229,16 @@ def print_report(results: dict[str, Any]) -> None:
         f"{results['load_average_after']} after"
     )
     print(table(results))
+    nb = results.get("neighbours", {})
+    for label, key in (("F alone", "fast_alone"), ("F beside S", "fast_beside_slow")):
+        prof = nb.get(key, {}).get("profile")
+        if prof:
+            print(
+                f"\nNeighbours, {label}: where the dispatcher's time went (py-spy, "
+                f"{prof['samples']} samples holding the GIL at 200/s):"
+            )
+            for name, pct in prof["components"][:12]:
+                print(f"  {pct:5.1f}%  {name}")
     profile = results.get("throughput", {}).get("profile")
     if profile:
         print("\nWhere the dispatcher's time went (py-spy, samples holding the GIL):")

@@ -28,6 +28,10 @@ start of a tail share of the deliveries); CPU time from the processes' own.
    ``/healthz`` latencies under concurrent clients (``bench/history.py``).
 9. Writes: PATCH latency at the API's writer and through a replica that forwards
    the change to it (``bench/writes.py``).
+10. Neighbours: organization S's webhook answering after ``--neighbours-slow-ms``
+   (2.5 s), F's at once, S's events spread among F's in the same partitions: F's
+   rate and latency next to S over F alone in the same run, and S's completion
+   (``bench/scenarios.py``).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ PHASES = (
     "memory",
     "history",
     "writes",
+    "neighbours",
 )
 #: Every size at once for CI: each phase runs, none measures anything worth reading.
 SMOKE = {
@@ -94,6 +99,9 @@ SMOKE = {
     "history_clients": [5],
     "history_load_s": 2.0,
     "write_count": 20,
+    "neighbours_events": 40,
+    "neighbours_slow_events": 10,
+    "neighbours_slow_ms": 500,
 }
 
 
@@ -147,7 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         type=Path,
-        help="record the dispatcher with py-spy in the throughput phase, into DIR",
+        help="record the dispatcher with py-spy in the throughput and neighbours phases, into DIR",
     )
     p.add_argument(
         "--set",
@@ -158,6 +166,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--write-count", type=int, default=300, help="PATCHes at each API process (writes)"
+    )
+    p.add_argument(
+        "--neighbours-events",
+        type=int,
+        default=10_000,
+        help="the fast organization's events in the neighbours phase (alone, then beside S)",
+    )
+    p.add_argument(
+        "--neighbours-slow-events",
+        type=int,
+        default=500,
+        help="the slow organization's events, spread among the fast one's",
+    )
+    p.add_argument(
+        "--neighbours-slow-ms", type=int, default=2_500, help="the slow webhook's answer time"
     )
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = p.parse_args(argv)
@@ -417,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["history"] = history.run(args, bench.tmp, bench.certs.ca_file)
             if "writes" in phases:
                 results["writes"] = bench.writes()
+            if "neighbours" in phases:
+                results["neighbours"] = bench.neighbours()
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1

@@ -14,6 +14,7 @@
 5. Large table: ``--table-size`` subscriptions (100,000) in the compacted topic;
    the time from start until the dispatcher is ready and its RSS then.
 7. Memory: a backlog behind a stalled endpoint (see :meth:`Scenarios.memory`).
+10. Neighbours: a slow organization next to a fast one (see :meth:`Scenarios.neighbours`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import time
 from typing import Any
 
 from bench.harness import BenchError, Receiver
-from bench.measure import deferrals, wait_progress
+from bench.measure import deferrals, rate_window, wait_progress
+from bench.profile import Profiler, summarize
 from dispatcher.settings import Settings
 
 DEFAULTS = Settings()
 
 #: Events produced before the measured ones: connections opened, caches warm.
 LATENCY_WARMUP_S = 3.0
+#: Events to the fast webhook before the measured ones: its connections opened.
+NEIGHBOURS_WARMUP = 20
 #: Seconds waited for the receiver to see every idle connection closed.
 IDLE_CLOSE_DEADLINE_S = 30.0
 
@@ -266,4 +270,123 @@ class Scenarios:
                 "median": statistics.median(samples) if samples else 0.0,
                 "max": max(samples, default=0.0),
             },
+        }
+
+    # --- 10. neighbours ---------------------------------------------------------
+    def neighbours(self) -> dict[str, Any]:
+        """A slow organization's webhook next to a fast one's, in the same partitions.
+
+        One dispatcher; organization F's webhook answers at once, S's after
+        ``--neighbours-slow-ms`` (2.5 s), on two ports. First F's
+        ``--neighbours-events`` alone (the baseline), then as many again with S's
+        ``--neighbours-slow-events`` spread evenly among them: each run of F's
+        events followed by one of S's, the runs round-robin over the partitions,
+        so every partition carries both, interleaved, the same layout as F alone.
+        Each batch is published at once to the ready dispatcher, stamped with its
+        produce time: F's rate from the receiver's clock (warm-up and tail shares
+        left out, as everywhere), F's latency from produce to receipt (the batch's
+        own queue included, the same in both); then the wait for all of S's, and
+        whether any of them took a second attempt.
+        """
+        n, n_slow = self.args.neighbours_events, self.args.neighbours_slow_events
+        delay_ms = self.args.neighbours_slow_ms
+        rx = self.receiver
+        rx.reset()
+        self.say(
+            f"neighbours: {n} events to a fast webhook alone, then {n} more with {n_slow} "
+            f"to a webhook answering after {delay_ms} ms among them"
+        )
+        # F's events per S event; a run of them and one of S's share a partition.
+        every = max(n // max(n_slow, 1), 1)
+        mixed: list[str] = []
+        for i in range(n):
+            mixed.append("org_nf")
+            if (i + 1) % every == 0 and len(mixed) - (i + 1) < n_slow:
+                mixed.append("org_ns")
+        mixed += ["org_ns"] * (n + n_slow - len(mixed))
+        ns = self.namespace()
+        slots = int(ns.settings.max_in_flight_per_endpoint)
+        try:
+            ns.subscribe_many(
+                [
+                    (rx.url(0, "/lat/nf"), "org_nf", "wh_nf"),
+                    (rx.url(1, f"/delay/{delay_ms}/ns"), "org_ns", "wh_ns"),
+                ]
+            )
+            with self.dispatcher(ns) as proc:
+                proc.wait_ready()
+                ns.publish_stamped(["org_nf"] * NEIGHBOURS_WARMUP, kind="warm")
+                wait_progress(lambda: rx.count("/lat/nf"), NEIGHBOURS_WARMUP, 60, "warm-up")
+                rx.reset()
+                alone = self._fast_batch(ns, proc, ["org_nf"] * n, every + 1, "alone")
+                rx.reset()
+                t0 = time.monotonic()
+                beside = self._fast_batch(ns, proc, mixed, every + 1, "beside")
+                # S's deliveries take n_slow x delay / slots at best; three times that.
+                bound = 60 + 3 * n_slow * delay_ms / 1000 / slots
+                # Parked deliveries come back within the first retry stage's delay:
+                # S may get nothing for that long and still get everything.
+                quiet = ns.settings.retry_delays_s[0] + 30
+                slow_got = wait_progress(
+                    lambda: rx.count("/delay/"), n_slow, bound, "S's deliveries", quiet
+                )
+                slow_s = time.monotonic() - t0
+                extra = deferrals(proc)
+                later = rx.later_attempts("/delay/")
+        finally:
+            ns.delete()
+        # The earliest S's last request can arrive: its slots busy all the time.
+        earliest = max(n_slow - slots, 0) * delay_ms / 1000 / slots
+        return {
+            "topology": f"2 organizations x 1 subscription on 2 endpoints, one answering "
+            f"after {delay_ms} ms, one of its events after every {every} of the other's "
+            f"in each of {ns.settings.topic_partitions} partitions",
+            "fast_events": n,
+            "slow_events": n_slow,
+            "fast_alone": alone,
+            "fast_beside_slow": beside,
+            "ratio": round(beside["per_s"] / alone["per_s"], 3) if alone["per_s"] else None,
+            "p99_ratio": round(beside["p99_ms"] / alone["p99_ms"], 3)
+            if alone.get("p99_ms") and beside.get("p99_ms")
+            else None,
+            "slow": {
+                "delivered": slow_got,
+                "complete": slow_got >= n_slow,
+                "later_attempts": later,
+                "last_request_s": round(slow_s, 1),
+                "earliest_last_request_s": round(earliest, 1),
+                **extra,
+            },
+        }
+
+    def _fast_batch(
+        self, ns: Any, proc: Any, orgs: list[str], group: int, label: str
+    ) -> dict[str, Any]:
+        """Publish one stamped event per item of ``orgs``; F's rate and latency figures.
+
+        With ``--profile DIR``, py-spy records the dispatcher until F's last
+        delivery, into ``DIR/neighbours-<label>.txt``.
+        """
+        fast = orgs.count("org_nf")
+        profiler = raw = None
+        if self.args.profile is not None:
+            self.args.profile.mkdir(parents=True, exist_ok=True)
+            raw = self.args.profile / f"neighbours-{label}.txt"
+            profiler = Profiler(proc.proc.pid, raw)
+        t0 = time.monotonic()
+        ns.publish_stamped(orgs, group)
+        got = wait_progress(lambda: self.receiver.count("/lat/nf"), fast, 300, "F's deliveries")
+        wall = time.monotonic() - t0
+        if profiler is not None:
+            profiler.stop()
+        w = rate_window(self.receiver, "/lat/nf", fast)
+        stats = self.receiver.latency()
+        return {
+            "arrived": got,
+            "per_s": round(w.rate, 1),
+            "window_seconds": round(w.seconds, 3),
+            "wall_seconds": round(wall, 3),
+            "per_s_publish_to_last": round(fast / wall, 1) if wall else None,
+            **{k: round(v, 2) for k, v in stats.items()},
+            **({"profile": summarize(raw)} if raw is not None else {}),
         }

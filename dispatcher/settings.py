@@ -290,6 +290,13 @@ class Settings(BaseSettings):
         description="Webhooks with a series of their own in `dispatcher_webhook_deferrals_total` "
         '(the first ones deferred); the rest count under `webhook_id="other"`.',
     )
+    backlog_report_every_s: float = Field(
+        5.0,
+        ge=0.5,
+        le=3600,
+        description="How often each instance writes its webhooks' backlogs to the backlog "
+        "topic (the API's `backlog` field); a snapshot older than three intervals is stale.",
+    )
     max_event_bytes: int = Field(
         1_048_576, ge=1024, description="Largest input message accepted, in bytes."
     )
@@ -322,6 +329,17 @@ class Settings(BaseSettings):
         description="Topic of the health events (`webhook.failing`, `webhook.recovered`, "
         "`webhook.disabled`, `webhook.dead_letters`), keyed by webhook id, written by the "
         "API's writer.",
+    )
+    backlog_topic: str = Field(
+        "webhooks.backlog",
+        description="Compacted topic of each `dispatcher run` instance's latest snapshot of "
+        "its webhooks' backlogs, keyed by instance; the API shows their sum per webhook.",
+    )
+    backlog_retention_ms: int = Field(
+        86_400_000,
+        ge=-1,
+        description="`retention.ms` of the backlog topic (compacted and deleted): stopped "
+        "instances' last snapshots go after this long.",
     )
     notifications_retention_ms: int = Field(
         30 * 86_400_000, ge=-1, description="`retention.ms` of the notifications topic."

@@ -72,6 +72,7 @@ def namespaced(namespace: str) -> dict[str, str]:
         "DISPATCHER_IDEMPOTENCY_TOPIC": f"{namespace}.webhooks.idempotency",
         "DISPATCHER_HEALTH_TOPIC": f"{namespace}.webhooks.health",
         "DISPATCHER_NOTIFICATIONS_TOPIC": f"{namespace}.webhooks.notifications",
+        "DISPATCHER_BACKLOG_TOPIC": f"{namespace}.webhooks.backlog",
     }
 
 

@@ -100,6 +100,7 @@ def namespace_settings(**overrides: Any) -> dict[str, Any]:
         "idempotency_topic": f"{ns}.webhooks.idempotency",
         "health_topic": f"{ns}.webhooks.health",
         "notifications_topic": f"{ns}.webhooks.notifications",
+        "backlog_topic": f"{ns}.webhooks.backlog",
         "topic_partitions": 3,
         "retry_delays_s": [2, 4, 6],
         "retry_retention_ms": 3_600_000,

@@ -313,3 +313,23 @@ def test_disabled_subscription_record_agrees_and_an_enabled_one_omits_the_fields
     # An enabled webhook's record is what earlier versions wrote (they forbid unknown keys).
     written = json.loads(Subscription.model_validate(doc).to_json())
     assert "disabled_reason" not in written and "disabled_at" not in written
+
+
+def test_backlog_snapshot_model_output_matches_schema() -> None:
+    from dispatcher.backlog import BacklogSnapshot, snapshot
+
+    snap = snapshot("dispatcher-0", 5.0, {"wh_1": 12, "wh_2": 0, "wh_3": 1})
+    validator = jsonschema.Draft202012Validator(
+        schema("backlog-snapshot.schema.json"), format_checker=jsonschema.FormatChecker()
+    )
+    doc = json.loads(snap.to_json())
+    validator.validate(doc)
+    assert doc["webhooks"] == {"wh_1": 12, "wh_3": 1}
+    for bad in (
+        {k: v for k, v in doc.items() if k != "every_s"},
+        dict(doc, every_s=0),
+        dict(doc, at="yesterday"),
+    ):
+        assert not validator.is_valid(bad), bad
+        with pytest.raises(ValueError):
+            BacklogSnapshot.model_validate(bad)

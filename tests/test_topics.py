@@ -37,8 +37,8 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     assert first.returncode == 0, first.stderr
     created = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("created")]
     # input, subscriptions, 3 retry stages, dead letter, invalid, attempts, organizations,
-    # idempotency, health, notifications
-    assert len(created) == 12
+    # idempotency, health, notifications, backlog
+    assert len(created) == 13
     second = ensure(env)
     assert second.returncode == 0, second.stderr
     assert "created" not in second.stdout
@@ -71,6 +71,10 @@ def test_ensure_creates_everything_then_is_idempotent(broker: str) -> None:
     configs = admin.describe_configs([resource])[resource].result()
     assert configs["cleanup.policy"].value == "delete"
     assert configs["retention.ms"].value == str(30 * 86_400_000)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, str(values["backlog_topic"]))
+    configs = admin.describe_configs([resource])[resource].result()
+    assert configs["cleanup.policy"].value == "compact,delete"
+    assert configs["retention.ms"].value == str(86_400_000)
 
 
 def test_ensure_reports_a_non_compacted_subscriptions_topic(broker: str) -> None:

@@ -3,12 +3,14 @@
 // that answers every POST at once with 204, except under /stall/, where it
 // answers only when released or shut down, and under /delay/MS/, where it
 // answers after MS milliseconds. It records the arrival time of every POST per
-// path; under /lat/ it also records the latency from the moment encoded in the
+// path, and counts those whose X-Bullseye-Attempt header says they are not a
+// delivery's first attempt; under /lat/ it also records the latency from the moment encoded in the
 // body's session_id ("lat_<unix ns>_...") to the arrival. A plain-HTTP control
 // port reports counts, rates, latencies and connections:
 //
 //	GET  /count                          {"total": n, "paths": {"/ok/0": n, ...},
-//	                                      "conns_opened": n, "conns_open": n}
+//	                                      "conns_opened": n, "conns_open": n,
+//	                                      "later_attempts": {"/ok/0": n, ...}}
 //	GET  /latency                        {"count": n, "p50_ms": ..., "p95_ms": ...,
 //	                                      "p99_ms": ..., "max_ms": ...}
 //	GET  /window?prefix=/ok/&skip=W&tail=T
@@ -43,6 +45,7 @@ type recorder struct {
 	mu          sync.Mutex
 	start       time.Time
 	times       map[string][]int64
+	later       map[string]int
 	latencies   []int64
 	release     chan struct{}
 	connsOpened int
@@ -50,7 +53,7 @@ type recorder struct {
 }
 
 func newRecorder() *recorder {
-	return &recorder{start: time.Now(), times: map[string][]int64{}, release: make(chan struct{})}
+	return &recorder{start: time.Now(), times: map[string][]int64{}, later: map[string]int{}, release: make(chan struct{})}
 }
 
 // connState counts connections as they open and close (idle ones included).
@@ -84,10 +87,15 @@ func (r *recorder) recordLatency(body []byte, arrived time.Time) {
 	r.mu.Unlock()
 }
 
-func (r *recorder) record(path string) {
+func (r *recorder) record(path string, attempt string) {
 	now := time.Since(r.start).Nanoseconds()
 	r.mu.Lock()
 	r.times[path] = append(r.times[path], now)
+	// A retry of a delivery, not a new one: an endpoint's share of them says
+	// whether its deliveries needed more than one attempt.
+	if attempt != "" && attempt != "1" {
+		r.later[path]++
+	}
 	r.mu.Unlock()
 }
 
@@ -108,7 +116,7 @@ func (r *recorder) serveHook(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	arrived := time.Now()
-	r.record(req.URL.Path)
+	r.record(req.URL.Path, req.Header.Get("X-Bullseye-Attempt"))
 	path := req.URL.Path
 	switch {
 	case strings.HasPrefix(path, "/stall/"):
@@ -142,10 +150,15 @@ func (r *recorder) serveControl(w http.ResponseWriter, req *http.Request) {
 			paths[p] = len(ts)
 			total += len(ts)
 		}
+		later := make(map[string]int, len(r.later))
+		for p, n := range r.later {
+			later[p] = n
+		}
 		opened, open := r.connsOpened, r.connsOpen
 		r.mu.Unlock()
 		writeJSON(w, map[string]any{
 			"total": total, "paths": paths, "conns_opened": opened, "conns_open": open,
+			"later_attempts": later,
 		})
 	case req.URL.Path == "/latency" && req.Method == http.MethodGet:
 		r.mu.Lock()
@@ -188,6 +201,7 @@ func (r *recorder) serveControl(w http.ResponseWriter, req *http.Request) {
 	case req.URL.Path == "/reset" && req.Method == http.MethodPost:
 		r.mu.Lock()
 		r.times = map[string][]int64{}
+		r.later = map[string]int{}
 		r.latencies = nil
 		r.connsOpened = 0
 		r.mu.Unlock()

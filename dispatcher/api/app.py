@@ -32,6 +32,7 @@ from dispatcher.api.historystore import HistoryReads, HistoryStore
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
 from dispatcher.api.webhooks import RETRY_AFTER_HEADER, problem
+from dispatcher.backlog import BacklogView
 from dispatcher.catalog import load_catalog
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.core.health import Health
@@ -228,6 +229,7 @@ def create_app(ctx: ApiContext, start_readers: bool = True) -> FastAPI:
                     await asyncio.to_thread(ctx.writer.close)
                 await asyncio.to_thread(ctx.history.stop)
                 await asyncio.to_thread(ctx.store.stop)
+                await asyncio.to_thread(ctx.backlog.stop)
             await asyncio.to_thread(ctx.reads.close)
             ctx.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -326,6 +328,7 @@ def build_context(settings: Settings) -> ApiContext:
         keys=KeyRing(load_keys(settings)),
         catalog=load_catalog(settings),
         sample_sends=SampleSends(settings),
+        backlog=BacklogView(settings),
         # No writer URL: this process is the writer (a single API, the chart's writer).
         writer=None if settings.api_writer_url else ConfigWriter(settings, store),
     )
@@ -343,6 +346,8 @@ async def _start_readers(ctx: ApiContext, every_s: float = 2.0) -> None:
     Like the dispatcher, a pod started before ``dispatcher topics ensure`` ran, or
     while Kafka is unreachable, waits instead of crash-looping.
     """
+    # Waits for its topic in a thread of its own; readiness does not wait for it.
+    ctx.backlog.start_when_available()
     for part in (ctx.store, ctx.history):
         while True:
             try:

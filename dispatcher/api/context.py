@@ -24,6 +24,7 @@ from dispatcher.api.historyfold import HistoryFolder
 from dispatcher.api.historystore import HistoryReads
 from dispatcher.api.sample_sends import SampleSends
 from dispatcher.api.store import Store
+from dispatcher.backlog import BacklogView
 from dispatcher.catalog import EventType
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.errors import Problem
@@ -54,6 +55,9 @@ class ApiContext:
     keys: KeyRing
     catalog: list[EventType]
     sample_sends: SampleSends
+    #: The dispatcher instances' backlog snapshots (the webhooks' ``backlog`` field).
+    #: Not part of readiness: until it has read them, the field is null.
+    backlog: BacklogView
     #: Where blocking work runs (see :meth:`blocking`).
     pool: ThreadPoolExecutor = field(default_factory=_blocking_pool)
     #: The one writer, in the process that holds the role; None in a replica that

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
+from dispatcher.backlog import Backlog
 from dispatcher.models import (
     EVENT_NAME,
     MAX_RATE_LIMIT_PER_S,
@@ -232,6 +233,19 @@ class Webhook(BaseModel):
     last_error: str | None = Field(
         None, description="What its last failed attempt came to (class and status)."
     )
+    backlog: int | None = Field(
+        None,
+        description="Deliveries waiting for it (queued for its connections, or parked in "
+        "Kafka while it is slow), summed over the dispatcher instances that reported in the "
+        "last three of their reporting intervals (DISPATCHER_BACKLOG_REPORT_EVERY_S); 0: none "
+        "waiting; null: no instance reported lately. Parked deliveries are estimated from "
+        "their turns and the endpoint's pace.",
+    )
+    backlog_as_of: datetime | None = Field(
+        None,
+        description="The oldest of the reports summed in `backlog`: it is at least this "
+        "recent; null with it.",
+    )
 
     @classmethod
     def of(
@@ -240,6 +254,7 @@ class Webhook(BaseModel):
         entitled: bool,
         secret: str | None = None,
         health: WebhookHealth | None = None,
+        backlog: Backlog | None = None,
     ) -> Webhook:
         now = datetime.now(UTC)
         failing = health is not None and health.consecutive_failures > 0
@@ -267,6 +282,8 @@ class Webhook(BaseModel):
             failing_since=health.failing_since if health else None,
             last_success_at=health.last_success_at if health else None,
             last_error=health.last_error if health and failing else None,
+            backlog=backlog.deliveries if backlog else None,
+            backlog_as_of=backlog.as_of if backlog else None,
         )
 
 

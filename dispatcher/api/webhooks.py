@@ -163,7 +163,8 @@ def owned(ctx: ApiContext, org: str, webhook_id: str) -> Subscription:
 
 def view(ctx: ApiContext, sub: Subscription, secret: str | None = None) -> Webhook:
     health = ctx.store.health.get(sub.webhook_id)
-    return Webhook.of(sub, sub.plan in ctx.settings.entitled_plans, secret, health)
+    backlog = ctx.backlog.of(sub.webhook_id)
+    return Webhook.of(sub, sub.plan in ctx.settings.entitled_plans, secret, health, backlog)
 
 
 def tags(if_match: str | None) -> list[str] | None:

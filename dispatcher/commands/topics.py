@@ -94,6 +94,16 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(settings.health_topic, "webhooks' health", n, {"cleanup.policy": "compact"}),
         TopicSpec(
+            settings.backlog_topic,
+            "webhooks' backlogs",
+            n,
+            # One key per instance; deleted too, so stopped instances' keys go away.
+            {
+                "cleanup.policy": "compact,delete",
+                "retention.ms": str(settings.backlog_retention_ms),
+            },
+        ),
+        TopicSpec(
             settings.notifications_topic,
             "health events",
             n,

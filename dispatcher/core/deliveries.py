@@ -188,6 +188,9 @@ class DeliveryRunner:
         self.slow_queued = 0
         #: Webhook ids that ``dispatcher_endpoint_backlog`` reports now.
         self._backlog_shown: set[str] = set()
+        #: Every webhook's backlog here as of the last check, zeros left out (the
+        #: snapshot the engine writes for the API, :mod:`dispatcher.backlog`).
+        self.backlogs: dict[str, int] = {}
         self.deferrals = DeferralLog(webhook_series=settings.metrics_webhook_series)
         self.breaker_policy = BreakerPolicy(
             failure_threshold=settings.circuit_failure_threshold,
@@ -636,6 +639,7 @@ class DeliveryRunner:
             if backlog:
                 backlogs.append((backlog, key))
         self.slow_queued = slow_queued
+        self.backlogs = {key: round(n) for n, key in backlogs if round(n) > 0}
         self._show_backlogs(backlogs)
 
     def _show_backlogs(self, backlogs: list[tuple[float, str]]) -> None:

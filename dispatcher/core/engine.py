@@ -30,6 +30,7 @@ from collections import deque
 from confluent_kafka import Message, TopicPartition
 
 from dispatcher import metrics
+from dispatcher.backlog import instance_id, snapshot
 from dispatcher.catalog import Catalog
 from dispatcher.core.backpressure import Backpressure
 from dispatcher.core.consumer import ConsumerFactory, StageConsumer, StageFeed
@@ -98,6 +99,10 @@ class Engine:
         self._failure: str | None = None
         #: Partitions reported stuck by the watchdog ("topic/partition for N s").
         self.stuck: list[str] = []
+        #: This instance's key in the backlog topic, and when it last wrote there
+        #: (the first snapshot one interval after start, once endpoints were seen).
+        self._instance = instance_id(settings)
+        self._backlog_written = time.monotonic()
 
     # --- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +167,7 @@ class Engine:
                 await asyncio.wait(pending, timeout=5)
         self._flush()
         self.runner.deferrals.flush(force=True)
+        self._write_backlog(stopping=True)
         await asyncio.to_thread(self.producer.close)
         for consumer in self.consumers:
             await asyncio.to_thread(consumer.close)
@@ -386,6 +392,7 @@ class Engine:
                 await asyncio.sleep(TICK_S)
                 self.runner.share = self._rate_limit_share()
                 self.runner.check_endpoints()
+                self._write_backlog()
                 self.runner.deferrals.flush()
                 self.stuck = stuck_partitions(
                     self.partitions.values(), self.settings, len(self.stuck)
@@ -395,6 +402,24 @@ class Engine:
             metrics.INTERNAL_ERRORS.labels("tick").inc()
             self._failure = f"the engine's supervision tick failed: {exc!r}"
             log.exception("the engine's supervision tick failed")
+
+    def _write_backlog(self, stopping: bool = False) -> None:
+        """Every DISPATCHER_BACKLOG_REPORT_EVERY_S, this instance's backlogs for the API.
+
+        Written even when empty, so the API tells "none here" from "no word from
+        this instance" (a stale snapshot); on shutdown an empty one, as what this
+        instance held is handed on. Queued without waiting: a lost snapshot is
+        replaced by the next one.
+        """
+        now = time.monotonic()
+        every_s = self.settings.backlog_report_every_s
+        if not stopping and now - self._backlog_written < every_s:
+            return
+        self._backlog_written = now
+        snap = snapshot(self._instance, every_s, {} if stopping else self.runner.backlogs)
+        self.producer.produce_nowait(
+            self.settings.backlog_topic, snap.to_json(), self._instance.encode()
+        )
 
     def _rate_limit_share(self) -> float:
         """This instance's share of every webhook's rate limit: of the partitions of
