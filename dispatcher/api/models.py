@@ -232,6 +232,12 @@ class Webhook(BaseModel):
     last_error: str | None = Field(
         None, description="What its last failed attempt came to (class and status)."
     )
+    circuit_open_since: datetime | None = Field(
+        None,
+        description="Since when a dispatcher instance has found its circuit open (its "
+        "deliveries there deferred, without an attempt, until a probe succeeds), no "
+        "request having succeeded through a closed circuit since; null: not open.",
+    )
 
     @classmethod
     def of(
@@ -267,6 +273,7 @@ class Webhook(BaseModel):
             failing_since=health.failing_since if health else None,
             last_success_at=health.last_success_at if health else None,
             last_error=health.last_error if health and failing else None,
+            circuit_open_since=health.circuit_open_since if health else None,
         )
 
 
