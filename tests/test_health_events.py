@@ -9,6 +9,9 @@ gives one ``webhook.recovered``. The same counts when the writer is killed
 (``kill -9``) in the middle of the episode and a new one takes over, and with two
 dispatcher instances sharing the webhook's traffic, one of them killed mid-episode,
 and when another process takes the writer role for a moment (fencing the writer).
+An endpoint failing every request opens the dispatchers' circuits, which the
+attempt records report and the API's health shows (``circuit_open_since``), with
+one instance and with two; once it answers again, a probe's success clears it.
 """
 
 from __future__ import annotations
