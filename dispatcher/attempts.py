@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dispatcher.records import Source
 
+#: A circuit's state as one dispatcher instance saw it (``core.breaker.State`` values).
+CircuitState = Literal["closed", "open", "half_open"]
+
 
 class AttemptRecord(BaseModel):
     """One attempt (``kind="attempt"``) or a resend request (``kind="resend"``)."""
@@ -50,6 +53,11 @@ class AttemptRecord(BaseModel):
     response_snippet: str | None = None
     next_retry_at: datetime | None = None
     dead_lettered: bool = False
+    circuit: CircuitState | None = Field(
+        None,
+        description="The webhook's circuit in the instance that made the attempt, once "
+        "its breaker had counted the answer; absent in records of earlier releases.",
+    )
     request_headers: dict[str, str] = Field(default_factory=dict)
     body: str | None = Field(None, description="The exact body, on a delivery's first attempt.")
     requested_by: str | None = Field(None, description="API key name, on a resend.")

@@ -21,6 +21,20 @@ from the first of them), and one ``webhook.dead_letters`` says how many once the
 period is over. Deferrals (an
 open circuit) are not attempts and change nothing; the circuit's half-open
 probes are attempts.
+
+Each attempt record also says what the webhook's circuit became in the instance
+that made it, once its breaker counted the answer (``circuit``; absent from
+records of earlier releases). Every instance has a breaker of its own, so
+``circuit_open_since`` means: *some instance found the circuit open, and no
+instance has had a request succeed through a closed circuit since*. It is set by
+the first record saying ``open`` (kept by later ones), and cleared by a
+successful attempt whose circuit is ``closed`` (or not reported). A success
+through a half-open circuit (a probe that has not closed it yet) leaves it: that
+circuit may still open again. One instance: exactly the time its circuit spent
+open or half-open, from the answer that opened it to the probe that closed it.
+Several: it may be cleared while another instance's circuit is still open, once
+one of them has had a success, and that one's next probes (after its cool-down)
+then close it or set the field again.
 """
 
 from __future__ import annotations
@@ -28,10 +42,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dispatcher.attempts import CircuitState
 
 #: Key of the record holding the writer's position in the attempts topic. Webhook ids
 #: start with a letter or a digit, so it never names one.
@@ -40,6 +56,9 @@ POSITION_KEY = "_position"
 #: How stale ``last_success_at`` of a healthy webhook may be: successes within it
 #: write nothing, so a busy healthy webhook costs a record a minute, not one a batch.
 SUCCESS_PRECISION = timedelta(seconds=60)
+
+#: The values of an attempt record's ``circuit``.
+CIRCUIT_STATES: frozenset[str] = frozenset(get_args(CircuitState))
 
 #: Why a webhook was disabled: by the writer for failing, or by someone.
 DisabledReason = Literal["failing", "manual"]
@@ -72,9 +91,18 @@ class WebhookHealth(BaseModel):
     #: that starts at ``dead_letters_since`` (None: none yet).
     dead_letters: int = Field(0, ge=0)
     dead_letters_since: datetime | None = None
+    #: When an instance found its circuit open, none having succeeded through a
+    #: closed circuit since (see the module's docstring); None: not open.
+    circuit_open_since: datetime | None = None
 
     def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
+        # Fields added since the first release are written only when set, so that an
+        # API of an earlier release, which does not know them, still reads the records
+        # of webhooks that use none of them.
+        leave = {
+            name for name in ("disabled_at", "circuit_open_since") if getattr(self, name) is None
+        }
+        return self.model_dump_json(exclude=leave or None).encode()
 
 
 class HealthPosition(BaseModel):
@@ -120,6 +148,9 @@ class Notification(BaseModel):
     failing_since: datetime | None = None
     last_success_at: datetime | None = None
     last_error: str | None = None
+    #: Since when a dispatcher instance has found the webhook's circuit open (its
+    #: deliveries deferred there, without an attempt); None: not open.
+    circuit_open_since: datetime | None = None
     reason: DisabledReason | None = None
     #: On ``webhook.dead_letters``: how many, in which period.
     dead_letters: int | None = None
@@ -139,6 +170,8 @@ class Observed:
     at: datetime
     ok: bool
     error: str | None
+    #: The circuit in the instance that made it, after the answer; None: not reported.
+    circuit: CircuitState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +213,15 @@ def observed(value: bytes | None) -> Observed | None:
         if not ok:
             code = doc.get("status_code")
             error = str(doc.get("error_class", "error")) + (f" {code}" if code else "")
+        circuit = doc.get("circuit")
         return Observed(
             str(doc["webhook_id"]),
             str(doc["organization_id"]),
             datetime.fromisoformat(str(doc["at"])).astimezone(UTC),
             ok,
             error,
+            # A state this release does not know says nothing it can use.
+            circuit if circuit in CIRCUIT_STATES else None,
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
@@ -240,6 +276,7 @@ def _notice(
         failing_since=h.failing_since,
         last_success_at=h.last_success_at,
         last_error=h.last_error,
+        circuit_open_since=h.circuit_open_since,
         reason=reason if kind == "webhook.disabled" else None,
     )
 
@@ -298,17 +335,19 @@ class HealthFold:
         return self.states.get(webhook_id)
 
     def attempt(self, a: Observed) -> None:
-        if a.ok:
+        if a.ok and a.circuit != "open":
             seen = self._peek(a.webhook_id)
             if (
                 seen is not None
                 and seen.consecutive_failures == 0
+                and seen.circuit_open_since is None
                 and seen.last_success_at is not None
                 and a.at - seen.last_success_at < SUCCESS_PRECISION
             ):
                 # Healthy and recently seen so: nothing worth a record.
                 return
         h = self._get(a.webhook_id, a.organization_id)
+        self._circuit(h, a)
         if a.ok:
             if h.episode_since is not None:
                 self.step.notices.append(_notice("webhook.recovered", h, a.at, h.episode_since))
@@ -326,6 +365,15 @@ class HealthFold:
         h.last_error = a.error
         if h.episode_since is None and h.consecutive_failures >= self.limits.notify_after_failures:
             self._open(h, a.at)
+
+    @staticmethod
+    def _circuit(h: WebhookHealth, a: Observed) -> None:
+        """What ``a`` says of the circuit (see the module's docstring); before the
+        events it may give, so that they carry it."""
+        if a.circuit == "open":
+            h.circuit_open_since = h.circuit_open_since or a.at
+        elif a.ok and a.circuit in ("closed", None):
+            h.circuit_open_since = None
 
     def dead_letter(self, d: DeadLettered) -> None:
         """One delivery dead-lettered, whatever the reason (its last attempt failed, or

@@ -9,6 +9,9 @@ gives one ``webhook.recovered``. The same counts when the writer is killed
 (``kill -9``) in the middle of the episode and a new one takes over, and with two
 dispatcher instances sharing the webhook's traffic, one of them killed mid-episode,
 and when another process takes the writer role for a moment (fencing the writer).
+An endpoint failing every request opens the dispatchers' circuits, which the
+attempt records report and the API's health shows (``circuit_open_since``), with
+one instance and with two; once it answers again, a probe's success clears it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -24,6 +28,7 @@ import pytest
 from dispatcher.config_state import ConfigView
 from dispatcher.config_writer import ConfigWriter
 from dispatcher.records import DeliveryRecord
+from dispatcher.webhook_health import POSITION_KEY
 from tests.api_support import ORG, ApiProcess
 from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, Reply
@@ -408,3 +413,136 @@ def test_a_disable_whose_event_kafka_refuses_is_not_applied(
         interval_s=0.5,
     )
     assert [(n["type"], n["reason"]) for n in notifications(ns)] == [("webhook.disabled", "manual")]
+
+
+def circuit_reports(ns: Namespace, webhook_id: str) -> list[dict[str, Any]]:
+    """The webhook's attempt records, each with what its instance's circuit became."""
+    docs = [json.loads(m.value()) for m in ns.read_all(ns.settings.attempts_topic)]
+    return [d for d in docs if d.get("kind") == "attempt" and d["webhook_id"] == webhook_id]
+
+
+def folded_past(ns: Namespace, records: list[Any]) -> bool:
+    """Whether the writer's committed position is past ``records`` (of the attempts topic)."""
+    stored = [m for m in ns.read_all(ns.settings.health_topic) if m.key() == POSITION_KEY.encode()]
+    if not stored:
+        return False
+    position = json.loads(stored[-1].value())["positions"]
+    return all(int(position.get(str(m.partition()), 0)) > m.offset() for m in records)
+
+
+def when(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_an_open_circuit_shows_in_the_health_until_a_request_succeeds_through_a_closed_one(
+    instances: int,
+    ns_factory: Callable[..., Namespace],
+    receiver: HttpsReceiver,
+    run_dispatcher: Callable[..., Any],
+    run_api: Callable[..., ApiProcess],
+) -> None:
+    """Each instance's circuit opens on the failures it sees; the attempt records say
+    so, and the writer's health shows since when. Once the endpoint answers again, a
+    probe closes a circuit, its success clears it, and no instance opens it again."""
+    ns = ns_factory(
+        retry_delays_s=[2, 4, 30],
+        circuit_failure_threshold=3,
+        circuit_window_s=10.0,
+        circuit_cooldown_s=1.0,
+        # One successful probe closes the circuit.
+        circuit_half_open_probes=2,
+        circuit_deferrals_per_s=50.0,
+        notify_after_failures=3,
+        auto_disable_after_s=0,
+        health_check_every_s=0.5,
+    )
+    receiver.respond("/flaky", Reply(500))
+    writer = run_api(ns)
+    http = writer.admin()
+    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    created = http.post(HOOKS, json={"url": receiver.url("/flaky")})
+    assert created.status_code == 201, created.text
+    webhook_id = created.json()["id"]
+    assert created.json()["circuit_open_since"] is None
+    dispatchers = [run_dispatcher(ns)]
+    dispatchers += [run_dispatcher(ns, http_port=free_port()) for _ in range(instances - 1)]
+    if instances > 1:
+        wait_until(
+            lambda: all(
+                0 < metric_value(p.metrics(), "dispatcher_rate_limit_share") < 1
+                for p in dispatchers
+            ),
+            SETTLE_S,
+            "the instances to split the partitions",
+            interval_s=0.5,
+        )
+
+    # Events keyed over every partition, so that each instance sees failures of its own.
+    for i in range(12 * instances):
+        ns.publish({**SEED_EVENT, "session_id": f"s-{i}"}, key=f"k-{i}".encode())
+    opened = wait_until(
+        lambda: (w := webhook(http, webhook_id))["circuit_open_since"] and w,
+        SETTLE_S,
+        "the API to show the circuit open",
+        interval_s=0.3,
+    )
+    since = when(opened["circuit_open_since"])
+    reports = circuit_reports(ns, webhook_id)
+    # The first answers leave a circuit closed; the one that opens it says open.
+    assert any(r["circuit"] == "closed" and not r["ok"] for r in reports)
+    opening = {when(r["at"]) for r in reports if r["circuit"] == "open"}
+    assert since in opening, (since, sorted(opening))
+    assert opened["consecutive_failures"] >= 3 and opened["failing_since"] is not None
+    # What the open circuits did with the rest: deferred, without an attempt.
+    wait_until(
+        lambda: (
+            sum(
+                metric_value(p.metrics(), "dispatcher_deferrals_total", reason="circuit_open")
+                for p in dispatchers
+            )
+            >= instances
+        ),
+        SETTLE_S,
+        "deliveries deferred by the open circuits",
+    )
+    for proc in dispatchers:
+        assert "circuit open (was closed)" in proc.logs()
+    failing = wait_until(
+        lambda: [n for n in notifications(ns) if n["type"] == "webhook.failing"],
+        SETTLE_S,
+        "webhook.failing",
+        interval_s=0.3,
+    )
+    # The event carries the circuit as the fold had it then: not open yet, or open
+    # since the same report (never another time).
+    assert failing[0]["circuit_open_since"] in (None, opened["circuit_open_since"])
+
+    recovered_from = len(circuit_reports(ns, webhook_id))
+    receiver.respond("/flaky", Reply(200))
+    # Deferred deliveries come back as probes; new events keep coming meanwhile.
+    cleared = wait_until(
+        lambda: (
+            ((w := webhook(http, webhook_id))["circuit_open_since"] is None and w)
+            or ns.publish(SEED_EVENT)
+        ),
+        SETTLE_S,
+        "the API to show the circuit closed",
+        interval_s=1.0,
+    )
+    assert cleared["consecutive_failures"] == 0 and cleared["last_success_at"] is not None
+    after = circuit_reports(ns, webhook_id)[recovered_from:]
+    assert any(r["ok"] and r["circuit"] == "closed" for r in after)
+    # Every instance gets through its backlog with its circuit closed: nothing sets
+    # it again (a success through a circuit found open would).
+    for proc in dispatchers:
+        wait_until(
+            lambda p=proc: "circuit closed (was half_open)" in p.logs(),
+            SETTLE_S,
+            "every instance's circuit to close",
+        )
+    assert "webhook.recovered" in types_of(ns)
+    # Once the writer has folded every attempt made, the circuit is still closed.
+    made = ns.read_all(ns.settings.attempts_topic)
+    wait_until(lambda: folded_past(ns, made), SETTLE_S, "the writer to fold every attempt")
+    assert webhook(http, webhook_id)["circuit_open_since"] is None

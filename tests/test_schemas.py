@@ -209,6 +209,7 @@ def test_attempt_record_model_output_matches_schema() -> None:
         error_class="http",
         response_snippet="oops",
         next_retry_at=datetime.now(UTC),
+        circuit="open",
         request_headers={"X-Bullseye-Signature": "ab12"},
         body=json.dumps(SEED_EVENT),
     )
@@ -216,11 +217,16 @@ def test_attempt_record_model_output_matches_schema() -> None:
         schema("attempt-record.schema.json"), format_checker=jsonschema.FormatChecker()
     )
     validator.validate(json.loads(record.to_json()))
-    bad = json.loads(record.to_json())
-    bad["secret"] = "whsec_x"
-    assert not validator.is_valid(bad)
-    with pytest.raises(ValueError):
-        AttemptRecord.model_validate(bad)
+    # A record of an earlier release, without the circuit, still reads.
+    older = json.loads(record.to_json())
+    del older["circuit"]
+    validator.validate(older)
+    assert AttemptRecord.model_validate(older).circuit is None
+    for key, value in {"secret": "whsec_x", "circuit": "ajar"}.items():
+        bad = dict(json.loads(record.to_json()), **{key: value})
+        assert not validator.is_valid(bad), key
+        with pytest.raises(ValueError):
+            AttemptRecord.model_validate(bad)
 
 
 def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> None:
@@ -228,6 +234,7 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
 
     from dispatcher.attempts import AttemptRecord, attempt_json, session_of
     from dispatcher.core.attempt_log import attempt_doc
+    from dispatcher.core.breaker import State
     from dispatcher.core.routing import NextHop
     from dispatcher.models import parse_event
     from dispatcher.outbound.delivery import AttemptResult, build_headers
@@ -259,6 +266,7 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
         error="HTTP 500",
         snippet='é \u2028 "quoted" \x00\x7f </tag> \\',
     )
+    circuits = {1: State.CLOSED, 2: State.OPEN, 3: State.HALF_OPEN, 4: None}
     for attempt, result, hop in (
         (1, AttemptResult(ok=True, duration_s=0.01, status_code=200, snippet=""), None),
         (2, failed, NextHop(RetryStage(1, "5m", "t", 300), 1_790_000_000_000)),
@@ -266,7 +274,8 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
         (4, failed, NextHop(None, 0)),
     ):
         headers = build_headers("msg_1", attempt, body, [secret])
-        record = attempt_doc(delivery, attempt, headers, result, hop)  # type: ignore[arg-type]
+        circuit = circuits[attempt]
+        record = attempt_doc(delivery, attempt, headers, result, hop, circuit=circuit)  # type: ignore[arg-type]
         out = attempt_json(record)
         # The same bytes as the model writes for the validated record.
         assert out == AttemptRecord.model_validate(record).to_json()
@@ -277,6 +286,7 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
         assert ("body" in doc) == (attempt == 1)
         assert doc["dead_lettered"] == (attempt == 4)
         assert ("next_retry_at" in doc) == (attempt in (2, 3))
+        assert doc.get("circuit") == (None if circuit is None else circuit.value)
 
 
 def test_notification_model_output_matches_schema() -> None:
@@ -292,13 +302,20 @@ def test_notification_model_output_matches_schema() -> None:
         consecutive_failures=12,
         failing_since=at,
         last_error="http 500",
+        circuit_open_since=at,
         reason="failing",
     )
     validator = jsonschema.Draft202012Validator(
         schema("notification.schema.json"), format_checker=jsonschema.FormatChecker()
     )
     validator.validate(json.loads(notice.to_json()))
-    for key, value in {"type": "webhook.gone", "id": "x", "extra": 1}.items():
+    validator.validate(json.loads(notice.model_copy(update={"circuit_open_since": None}).to_json()))
+    for key, value in {
+        "type": "webhook.gone",
+        "id": "x",
+        "extra": 1,
+        "circuit_open_since": "yesterday",
+    }.items():
         bad = dict(json.loads(notice.to_json()), **{key: value})
         assert not validator.is_valid(bad), key
         with pytest.raises(ValueError):

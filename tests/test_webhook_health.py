@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
+from dispatcher.attempts import CircuitState
 from dispatcher.webhook_health import (
     DeadLettered,
     HealthFold,
@@ -13,6 +14,7 @@ from dispatcher.webhook_health import (
     Observed,
     WebhookHealth,
     dead_lettered,
+    decode_health,
     manual_disable,
     notice_id,
     observed,
@@ -305,3 +307,112 @@ def test_a_manual_disable_is_one_event_and_enabling_again_judges_from_then() -> 
     back = run(states, [ok(enabled_at + timedelta(seconds=5))], limits)
     assert kinds(back) == ["webhook.recovered"]
     assert states["wh_a"].disabled_at is None and states["wh_a"].failing_since is None
+
+
+# --- the circuit ------------------------------------------------------------------
+def at(s: int) -> datetime:
+    return T0 + timedelta(seconds=s)
+
+
+def tried(s: int, good: bool, circuit: CircuitState | None, webhook_id: str = "wh_a") -> Observed:
+    """An attempt at ``T0 + s`` whose record says the circuit became ``circuit``."""
+    error = None if good else "http 500"
+    return Observed(webhook_id, "org_1", at(s), good, error, circuit)
+
+
+def test_one_instance_open_from_the_answer_that_opens_it_to_the_probe_that_closes_it() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [tried(0, False, "closed"), tried(1, False, "closed")])
+    assert states["wh_a"].circuit_open_since is None
+    run(states, [tried(2, False, "open"), tried(3, False, "open")])
+    assert states["wh_a"].circuit_open_since == at(2)  # the first report, kept
+    # Probes: a failed one, then a success that does not close it yet. The success
+    # ends the failures (and the episode) but not the circuit's opening.
+    run(states, [tried(40, False, "half_open"), tried(41, True, "half_open")])
+    h = states["wh_a"]
+    assert h.circuit_open_since == at(2) and h.consecutive_failures == 0
+    # Opened again by the probes, still since the first opening; closed by a success.
+    run(states, [tried(42, False, "open"), tried(80, True, "half_open")])
+    assert states["wh_a"].circuit_open_since == at(2)
+    closing = run(states, [tried(81, True, "closed")])
+    assert states["wh_a"].circuit_open_since is None
+    assert closing.step.health["wh_a"] is not None  # a change worth a record
+
+
+def test_several_instances_a_success_through_a_closed_circuit_clears_it() -> None:
+    states: dict[str, WebhookHealth] = {}
+    # Instance A's circuit opens; B's, still closed, fails (says nothing of A's).
+    run(states, [tried(0, False, "open"), tried(1, False, "closed")])
+    assert states["wh_a"].circuit_open_since == at(0)
+    # B's request succeeds through its closed circuit: the endpoint answers again.
+    run(states, [tried(2, True, "closed")])
+    assert states["wh_a"].circuit_open_since is None
+    # A's probes fail after its cool-down: open again, since then.
+    run(states, [tried(31, False, "half_open"), tried(32, False, "open")])
+    assert states["wh_a"].circuit_open_since == at(32)
+
+
+def test_records_of_earlier_releases_change_the_circuit_only_by_a_success() -> None:
+    states: dict[str, WebhookHealth] = {}
+    run(states, [tried(0, False, "open"), tried(1, False, None)])
+    assert states["wh_a"].circuit_open_since == at(0)
+    run(states, [tried(2, True, None)])
+    assert states["wh_a"].circuit_open_since is None
+
+
+def test_a_success_through_an_open_circuit_is_not_taken_for_a_healthy_one() -> None:
+    """A request started before its circuit opened may succeed after: the circuit is
+    open all the same, and a webhook just seen healthy must not skip the record."""
+    states: dict[str, WebhookHealth] = {}
+    run(states, [tried(0, True, "closed")])
+    late = run(states, [tried(10, True, "open")])
+    assert late.step.health["wh_a"] is not None
+    assert states["wh_a"].circuit_open_since == at(10)
+    cleared = run(states, [tried(20, True, "closed")])
+    assert cleared.step.health["wh_a"] is not None
+    assert states["wh_a"].circuit_open_since is None
+
+
+def test_the_events_carry_the_circuit_as_it_stands() -> None:
+    states: dict[str, WebhookHealth] = {}
+    # The third failure (LIMITS: the episode opens at 3) is the one that opens it.
+    fold = run(
+        states, [tried(0, False, "closed"), tried(1, False, "closed"), tried(2, False, "open")]
+    )
+    assert kinds(fold) == ["webhook.failing"]
+    assert fold.step.notices[0].circuit_open_since == at(2)
+    # Recovered at the first success, through the half-open circuit: still open there.
+    back = run(states, [tried(40, True, "half_open")])
+    assert kinds(back) == ["webhook.recovered"]
+    assert back.step.notices[0].circuit_open_since == at(2)
+    # An episode that opens while every circuit is closed says so.
+    other = run(states, [tried(s, False, "closed", "wh_b") for s in range(3)])
+    assert [n.circuit_open_since for n in other.step.notices] == [None]
+
+
+def test_the_circuit_is_read_from_attempt_records() -> None:
+    doc = {
+        "kind": "attempt",
+        "webhook_id": "wh_a",
+        "organization_id": "org_1",
+        "at": "2026-01-01T00:00:00Z",
+        "ok": False,
+        "status_code": 503,
+        "error_class": "http",
+    }
+    for circuit in ("closed", "open", "half_open"):
+        seen = observed(orjson.dumps({**doc, "circuit": circuit}))
+        assert seen is not None and seen.circuit == circuit
+    # Absent (an earlier release) or unknown (a later one): not reported.
+    for other in ({}, {"circuit": "ajar"}, {"circuit": 1}):
+        seen = observed(orjson.dumps({**doc, **other}))
+        assert seen is not None and seen.circuit is None and seen.error == "http 503"
+
+
+def test_a_health_record_names_the_circuit_only_when_open() -> None:
+    closed = WebhookHealth(webhook_id="wh_a", organization_id="org_1", consecutive_failures=2)
+    assert b"circuit_open_since" not in closed.to_json()
+    assert decode_health(closed.to_json()) == closed
+    opened = closed.model_copy(update={"circuit_open_since": T0})
+    assert orjson.loads(opened.to_json())["circuit_open_since"] == "2026-01-01T00:00:00Z"
+    assert decode_health(opened.to_json()) == opened

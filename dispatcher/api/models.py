@@ -233,6 +233,12 @@ class Webhook(BaseModel):
     last_error: str | None = Field(
         None, description="What its last failed attempt came to (class and status)."
     )
+    circuit_open_since: datetime | None = Field(
+        None,
+        description="Since when a dispatcher instance has found its circuit open (its "
+        "deliveries there deferred, without an attempt, until a probe succeeds), no "
+        "request having succeeded through a closed circuit since; null: not open.",
+    )
     backlog: int | None = Field(
         None,
         description="Deliveries waiting for it (queued for its connections, or parked in "
@@ -282,6 +288,7 @@ class Webhook(BaseModel):
             failing_since=health.failing_since if health else None,
             last_success_at=health.last_success_at if health else None,
             last_error=health.last_error if health and failing else None,
+            circuit_open_since=health.circuit_open_since if health else None,
             backlog=backlog.deliveries if backlog else None,
             backlog_as_of=backlog.as_of if backlog else None,
         )

@@ -11,7 +11,8 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dispatcher.attempts import attempt_json, session_of
+from dispatcher.attempts import CircuitState, attempt_json, session_of
+from dispatcher.core.breaker import State
 from dispatcher.models import Subscription
 from dispatcher.records import Source
 
@@ -47,6 +48,13 @@ class Delivery(Protocol):
 #: this keeps it so if one is ever added).
 _NEVER_RECORDED = frozenset({"authorization", "proxy-authorization", "cookie"})
 
+#: The breaker's states as the record names them.
+_CIRCUIT: dict[State, CircuitState] = {
+    State.CLOSED: "closed",
+    State.OPEN: "open",
+    State.HALF_OPEN: "half_open",
+}
+
 
 def attempt_doc(
     d: Delivery,
@@ -55,9 +63,10 @@ def attempt_doc(
     result: AttemptResult,
     hop: NextHop | None,
     now: datetime | None = None,
+    circuit: State | None = None,
 ) -> dict[str, Any]:
     """The record of one finished attempt as a plain document; ``hop`` is None after a
-    success.
+    success, ``circuit`` the webhook's circuit once the breaker counted the answer.
 
     Built without pydantic: every value comes typed from the delivery in hand, and
     this runs on every attempt. The keys are :class:`AttemptRecord`'s fields in
@@ -92,6 +101,8 @@ def attempt_doc(
     if hop is not None and hop.stage is not None:
         doc["next_retry_at"] = datetime.fromtimestamp(hop.due_ms / 1000, UTC)
     doc["dead_lettered"] = hop is not None and hop.stage is None
+    if circuit is not None:
+        doc["circuit"] = _CIRCUIT[circuit]
     doc["request_headers"] = {k: v for k, v in headers.items() if k.lower() not in _NEVER_RECORDED}
     if attempt == 1:
         doc["body"] = d.body.decode("utf-8")
@@ -106,10 +117,11 @@ def emit_attempt(
     headers: dict[str, str],
     result: AttemptResult,
     hop: NextHop | None,
+    circuit: State | None = None,
 ) -> None:
     """Queue the attempt's record; a failure to write it is logged, never raised."""
     try:
-        value = attempt_json(attempt_doc(d, attempt, headers, result, hop))
+        value = attempt_json(attempt_doc(d, attempt, headers, result, hop, circuit=circuit))
         producer.produce_nowait(topic, value, d.delivery_id.encode())
     except Exception:
         log.exception("attempt record not written", extra={"delivery_id": d.delivery_id})

@@ -398,17 +398,20 @@ class DeliveryRunner:
                 self._finish(d)
             else:
                 hop = await self._after_failure(d, result)
-            emit_attempt(
-                self.producer,
-                self.settings.attempts_topic,
-                d,
-                d.attempts_made + 1,
-                headers,
-                result,
-                hop,
-            )
         finally:
             self._release(ep, d, None if result is None else result.ok)
+        # Recorded once the breaker has counted the answer: the record says what the
+        # circuit became, which the writer's health fold reads.
+        emit_attempt(
+            self.producer,
+            self.settings.attempts_topic,
+            d,
+            d.attempts_made + 1,
+            headers,
+            result,
+            hop,
+            ep.breaker.state,
+        )
 
     async def _post(self, d: Delivery) -> tuple[AttemptResult, dict[str, str]]:
         """One attempt and the headers it sent; an exception nobody foresaw is a failed
