@@ -313,7 +313,7 @@ class DeliveryRunner:
         if ep is None or self.backpressure.since(key) != started:
             return  # the partitions went on meanwhile
         patience = HOLD_MAX_S
-        known = ep.known_latency()
+        known = ep.known_latency() if ep.measured else None
         if known is not None:
             patience = min(max(patience, HOLD_LATENCIES * known), HOLD_PATIENCE_MAX_S)
         held_long = time.monotonic() - started >= patience

@@ -120,7 +120,9 @@ class Endpoint(Generic[T]):
         #: one. They paid for the start, not only for the endpoint: new connections
         #: and their TLS handshakes, a process busy reading its backlog after a
         #: restart. A healthy 50 ms webhook's first answers took 0.4 s so, on a
-        #: loaded machine, and taken for its pace they had it parked as slow.
+        #: loaded machine, and taken for its pace at once they had it parked as
+        #: slow; they are taken for it only when nothing better came in as long
+        #: (see :attr:`measured`).
         self.cold_latency: float | None = None
         #: When it first answered, and last did (clock s); None and -inf before that.
         self._first_answer_at: float | None = None
@@ -243,8 +245,14 @@ class Endpoint(Generic[T]):
 
     @property
     def measured(self) -> bool:
-        """An attempt started after its first answer has completed: its pace is known."""
-        return self.latency is not None
+        """Its pace is known: an attempt started after its first answer has completed,
+        or, with none yet, those attempts have run as long as the first ones took
+        (then what made those slow was not the start)."""
+        if self.latency is not None:
+            return True
+        if self.cold_latency is None or self._first_answer_at is None:
+            return False
+        return self._clock() - self._first_answer_at >= self.cold_latency
 
     def known_latency(self) -> float | None:
         """Its answers' average duration; only its first answers' while it has no other."""
