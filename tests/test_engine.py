@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -41,6 +42,8 @@ A = "https://hooks.example.com/a"
 B = "https://hooks.example.com/b"  # the same origin as A: another webhook, same host
 STAGE_1 = "webhooks.retry.1m"
 STAGE_2 = "webhooks.retry.5m"
+HOST = "https://hooks.example.com"
+SLOTS = 8
 
 
 def reply(status: int) -> httpx.Response:
@@ -302,11 +305,14 @@ def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_de
         taken = 4 + max(queue, 1)  # the slots, and the queue up to its bound (one at least)
         async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
             h.input.assign(0)
-            # One answer measures it (a webhook with none yet may queue more, see
-            # the next tests), and one request held open keeps it from going idle.
+            # An answer to a request sent after its first answer measures it (a webhook
+            # not measured yet may queue more, see the next tests), and one request
+            # held open keeps it from going idle.
             gate.set()
             h.input.feed([event("keep"), event("first")])
             await until(lambda: len(seen) == 1, what="the first answer")
+            h.input.feed([event("second")])
+            await until(lambda: len(seen) == 2, what="the measuring answer")
             gate.clear()
             h.input.feed([event(f"s{i:03d}") for i in range(10)])
             # 4 running + a full queue: then the partition waits for the webhook...
@@ -323,8 +329,8 @@ def test_a_busy_webhook_within_its_queue_wait_pauses_its_partition_instead_of_de
             assert h.producer.sent == []
             gate.set()
             keep.set()
-            await until(lambda: h.input.stored.get(0) == 42, what="every offset stored")
-            assert len(set(sessions(seen))) == 42
+            await until(lambda: h.input.stored.get(0) == 43, what="every offset stored")
+            assert len(set(sessions(seen))) == 43
             assert h.producer.sent == [], "a busy but answering webhook was deferred"
             assert 0 not in h.input.paused
 
@@ -426,13 +432,64 @@ def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_
     asyncio.run(main())
 
 
+def test_a_healthy_webhook_whose_first_answers_pay_for_a_cold_start_is_not_parked() -> None:
+    """Right after a restart, with a backlog: three 20 ms webhooks on one host, whose
+    first answers (one per slot, each on a new connection) take 0.6 s."""
+    served: Counter[str] = Counter()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        served[path] += 1
+        await asyncio.sleep(0.6 if served[path] <= SLOTS else 0.02)
+        return ok(request)
+
+    async def main() -> None:
+        # As in test_crash.py: the slots and queues of three webhooks take more than
+        # the in-flight places, so no queue fills and the lanes' share is spent.
+        s = settings(
+            endpoint_stall_s=60,
+            max_in_flight=128,
+            max_in_flight_per_endpoint=SLOTS,
+            endpoint_queue_size=64,
+            partition_buffer_high=40,
+            partition_buffer_low=10,
+        )
+        paths = ("a", "b", "c")
+        table = FakeTable(*(subscription(f"wh_{p}", f"{HOST}/{p}", org=f"org_{p}") for p in paths))
+        before = sample("dispatcher_deferrals_total", reason="endpoint_slow")
+        async with running(s, table, handler) as h:
+            h.input.assign(0, 1, 2)
+            for partition in range(3):
+                h.input.feed(
+                    [
+                        event(f"{p}{partition}-{i:03d}", org=f"org_{p}")
+                        for i in range(60)
+                        for p in paths
+                    ],
+                    partition=partition,
+                )
+            await until(
+                lambda: all(h.input.stored.get(p) == 180 for p in range(3)),
+                timeout_s=20,
+                what="every offset stored",
+            )
+            # Queued 8 to 1 against its slots, a 0.6 s answer would be a 4.5 s wait:
+            # slow, were those answers its pace. The next ones show it is not.
+            deferred = sample("dispatcher_deferrals_total", reason="endpoint_slow") - before
+            assert deferred == 0, f"a healthy webhook had {deferred:g} deliveries parked"
+            assert h.producer.sent == []
+            assert served == {f"/{p}": 180 for p in paths}
+
+    asyncio.run(main())
+
+
 def test_new_deliveries_queue_behind_parked_ones_and_returning_ones_go_first() -> None:
     keep, first, rest = asyncio.Event(), asyncio.Event(), asyncio.Event()
     seen: list[httpx.Request] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
         session = json.loads(request.content)["session_id"]
-        if session == "warm":
+        if session.startswith("warm"):
             await asyncio.sleep(0.2)  # measured: 4 slots at 0.2 s, 20 a second
         else:
             await {"keep": keep, "s000": first}.get(session, rest).wait()
@@ -445,7 +502,10 @@ def test_new_deliveries_queue_behind_parked_ones_and_returning_ones_go_first() -
         async with running(s, FakeTable(subscription("wh_a", A)), handler) as h:
             h.input.assign(0)
             h.input.feed([event("keep"), event("warm")])
-            await until(lambda: len(seen) == 1, what="the measuring answer")
+            await until(lambda: len(seen) == 1, what="the first answer")
+            # Sent after its first answer, so it measures the webhook, not its start.
+            h.input.feed([event("warm-again")])
+            await until(lambda: len(seen) == 2, what="the measuring answer")
             ep = h.engine.runner.endpoints["wh_a"]
             h.input.feed([event(f"s{i:03d}") for i in range(9)])
             # 3 free slots, a queue of 4, and the last two parked.
@@ -472,7 +532,7 @@ def test_new_deliveries_queue_behind_parked_ones_and_returning_ones_go_first() -
             await until(lambda: stage.stored.get(0) == 1, what="the returning one delivered")
             session = json.loads(back.json()["body"])["session_id"]
             assert session in sessions(seen)
-            assert len(seen) == 2 + 7 + 1
+            assert len(seen) == 3 + 7 + 1
 
     asyncio.run(main())
 

@@ -231,6 +231,39 @@ def test_a_zero_queue_is_full_with_its_first_item_and_free_once_it_started() -> 
     assert not ep.full
 
 
+def test_first_answers_measure_an_endpoint_only_once_nothing_later_came_in_as_long() -> None:
+    """Requests sent before an endpoint's first answer paid for its start."""
+    clock = Clock()
+    ep = _endpoint(clock, limit=4, queue=64)
+    for x in "abcd":
+        ep.admit(x)
+    clock.now += 0.6
+    for _ in range(4):
+        ep.observe(0.6)  # new connections, a busy process: 0.6 s
+        ep.release(True)
+    assert not ep.measured and ep.latency is None and ep.cold_latency == pytest.approx(0.6)
+    assert ep.answered_since(clock.now - 0.1)
+    # The next ones, sent after that first answer, take 20 ms: that is its pace.
+    clock.now += 0.03
+    ep.observe(0.02)
+    assert ep.measured and ep.latency == pytest.approx(0.02)
+    # A first answer that arrives late does not move it.
+    ep.observe(0.7)
+    assert ep.latency == pytest.approx(0.02)
+
+    # Another one whose next requests run as long as its first answers took, with
+    # no answer: its first answers were its pace, not its start.
+    slow = _endpoint(clock, limit=4, queue=64)
+    slow.admit("a")
+    clock.now += 2.5
+    slow.observe(2.5)
+    assert not slow.measured
+    clock.now += 2.4
+    assert not slow.measured
+    clock.now += 0.1
+    assert slow.measured and slow.known_latency() == pytest.approx(2.5)
+
+
 def test_an_endpoint_with_requests_and_no_answer_for_the_stall_time_is_stalled() -> None:
     clock = Clock()
     ep = Endpoint[str](1, 4, BreakerPolicy(), clock=clock, stall_s=5.0)

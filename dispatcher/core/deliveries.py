@@ -16,11 +16,12 @@ would wait in anyway, with reason ``endpoint_slow`` and a due time paced to the
 endpoint's own rate, so that it comes back while the queue still has work and
 the slots never run dry. A full queue that holds its partitions is judged every
 ``HOLD_MAX_S``: without an answer since, while others answered, it is slow. An
-endpoint with no answer yet (not measured) keeps a burst in its queue instead,
-within the half of the in-flight places that slow and unmeasured endpoints'
-queues share. The partitions go on for every other webhook; the offsets of what
-waits in a queue stay uncommitted (a few seconds of the endpoint's work), and
-what is parked was durably written first.
+endpoint not measured yet (no answer to a request sent after its first answer:
+the first ones pay for new connections, see ``Endpoint.cold_latency``) keeps a
+burst in its queue instead, within the half of the in-flight places that slow
+and unmeasured endpoints' queues share. The partitions go on for every other
+webhook; the offsets of what waits in a queue stay uncommitted (a few seconds of
+the endpoint's work), and what is parked was durably written first.
 A stalled endpoint or an open circuit defers everything, and a delivery
 deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
 ``endpoint_unavailable``.
@@ -233,9 +234,9 @@ class DeliveryRunner:
         elif admission is Admission.QUEUED and ep.rate_limit is not None:
             self._queue_limited(key, ep, d, ticket)
         elif admission is Admission.QUEUED:
-            unmeasured = ep.latency is None
+            unmeasured = not ep.measured
             if unmeasured and ep.full and self._lane_room():
-                # Not one answer yet: nothing says whether it is slow. What a burst
+                # Not measured yet: nothing says whether it is slow. What a burst
                 # brings waits here, in the half of the in-flight places kept for
                 # such lanes, rather than holding the partitions or going to Kafka.
                 self.slow_queued += 1
@@ -315,8 +316,9 @@ class DeliveryRunner:
         if ep is None or self.backpressure.since(key) != started:
             return  # the partitions went on meanwhile
         patience = HOLD_MAX_S
-        if ep.latency is not None:
-            patience = min(max(patience, HOLD_LATENCIES * ep.latency), HOLD_PATIENCE_MAX_S)
+        known = ep.known_latency() if ep.measured else None
+        if known is not None:
+            patience = min(max(patience, HOLD_LATENCIES * known), HOLD_PATIENCE_MAX_S)
         held_long = time.monotonic() - started >= patience
         if held_long and not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
@@ -341,8 +343,9 @@ class DeliveryRunner:
         in the queue; a new one takes room in a queue that runs low, so the slots
         never wait for the parked ones.
         """
-        if ep.latency is None and ep.rate_limit is None and not ep.overloaded_by_hold():
-            # Not one answer yet and no limit to pace it: nothing says it is slow.
+        if not ep.measured and ep.rate_limit is None and not ep.overloaded_by_hold():
+            # Not measured yet (its first answers paid for its start, new connections
+            # and their handshakes) and no limit to pace it: nothing says it is slow.
             # Parked now, a burst to a fast endpoint would wait in a delay topic
             # behind whatever else waits there (another webhook's rate-limited
             # turns, up to a stage's delay); its partitions wait instead, until its
@@ -632,7 +635,7 @@ class DeliveryRunner:
                 # Its window has slid empty since its last answer; nothing is parked.
                 self.endpoints.pop(key, None)
                 continue
-            if ep.queue and (ep.latency is None or ep.overloaded()):
+            if ep.queue and (not ep.measured or ep.overloaded()):
                 slow_queued += len(ep.queue)
             backlog = float(len(ep.queue))
             if ep.parked_until > now:

@@ -65,12 +65,15 @@ class Endpoint(Generic[T]):
     """Slots, queue and breaker of one endpoint; items are opaque to it."""
 
     __slots__ = (
+        "_answered_at",
         "_clock",
+        "_first_answer_at",
         "_last_progress",
         "_window_count",
         "_window_start",
         "active",
         "breaker",
+        "cold_latency",
         "deferral_slot",
         "held_until",
         "latency",
@@ -110,8 +113,20 @@ class Endpoint(Generic[T]):
         self.stall_s = stall_s
         #: When a request last completed, or started on an idle endpoint.
         self._last_progress = clock()
-        #: Moving average of attempt durations (s); None until one completed.
+        #: Moving average of the durations of attempts that started after its first
+        #: answer (s); None until one completed: until then it is not measured.
         self.latency: float | None = None
+        #: The same of attempts that started before its first answer (s), None before
+        #: one. They paid for the start, not only for the endpoint: new connections
+        #: and their TLS handshakes, a process busy reading its backlog after a
+        #: restart. A healthy 50 ms webhook's first answers took 0.4 s so, on a
+        #: loaded machine, and taken for its pace at once they had it parked as
+        #: slow; they are taken for it only when nothing better came in as long
+        #: (see :attr:`measured`).
+        self.cold_latency: float | None = None
+        #: When it first answered, and last did (clock s); None and -inf before that.
+        self._first_answer_at: float | None = None
+        self._answered_at = float("-inf")
         #: When the last delivery parked in Kafka for being slow gets its turn (clock s);
         #: until then new deliveries queue behind it, in Kafka too.
         self.parked_until = 0.0
@@ -214,11 +229,34 @@ class Endpoint(Generic[T]):
         return bound
 
     def observe(self, duration_s: float) -> None:
-        """One attempt's duration, for :meth:`service_rate` before a window measured it."""
-        if self.latency is None:
-            self.latency = duration_s
+        """One attempt's duration, for :meth:`service_rate` before a window measured it.
+
+        An attempt that started before the endpoint's first answer goes into
+        ``cold_latency``, any later one into ``latency`` (see both).
+        """
+        now = self._clock()
+        if self._first_answer_at is None:
+            self._first_answer_at = now
+        self._answered_at = now
+        if now - duration_s < self._first_answer_at:
+            self.cold_latency = _average(self.cold_latency, duration_s)
         else:
-            self.latency += LATENCY_WEIGHT * (duration_s - self.latency)
+            self.latency = _average(self.latency, duration_s)
+
+    @property
+    def measured(self) -> bool:
+        """Its pace is known: an attempt started after its first answer has completed,
+        or, with none yet, those attempts have run as long as the first ones took
+        (then what made those slow was not the start)."""
+        if self.latency is not None:
+            return True
+        if self.cold_latency is None or self._first_answer_at is None:
+            return False
+        return self._clock() - self._first_answer_at >= self.cold_latency
+
+    def known_latency(self) -> float | None:
+        """Its answers' average duration; only its first answers' while it has no other."""
+        return self.cold_latency if self.latency is None else self.latency
 
     def service_rate(self) -> float:
         """Deliveries a second this endpoint takes; ``inf`` while nothing says otherwise.
@@ -232,12 +270,13 @@ class Endpoint(Generic[T]):
         a fast one.
         """
         self._roll_window()
-        latency = self.latency or 0.0
+        known = self.known_latency()
+        latency = known or 0.0
         if self.active:
             running = self._clock() - self._last_progress
             # With no answer yet, the best guess for a request that has run for t is
             # that it runs about as long again.
-            latency = max(latency, running if self.latency is not None else 2 * running)
+            latency = max(latency, running if known is not None else 2 * running)
         little = self.limit / latency if latency > 0 else float("inf")
         if self.rate is not None:
             return max(self.rate, little, 1e-3)
@@ -273,7 +312,7 @@ class Endpoint(Generic[T]):
 
     def answered_since(self, when: float) -> bool:
         """Whether a request completed after ``when`` (clock seconds)."""
-        return self.latency is not None and self._last_progress > when
+        return self._answered_at > when
 
     def held(self, for_s: float) -> None:
         """Its full queue held partitions too long: count it as slow for ``for_s``.
@@ -317,3 +356,8 @@ class Endpoint(Generic[T]):
     def idle(self) -> bool:
         """Nothing running or waiting, and nothing to remember (a rate limit's spacing)."""
         return self.active == 0 and not self.queue and self.closed and self._spaced()
+
+
+def _average(mean: float | None, sample: float) -> float:
+    """``mean`` moved towards ``sample`` by ``LATENCY_WEIGHT``; ``sample`` if no mean yet."""
+    return sample if mean is None else mean + LATENCY_WEIGHT * (sample - mean)
