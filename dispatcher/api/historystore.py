@@ -365,6 +365,8 @@ class HistoryStore:
         self._writer: sqlite3.Connection | None = None
         #: The stored position (next offset) of each partition, as of the last commit.
         self._folded: dict[int, int] = {}
+        #: The positions the open transaction reached (stored at its commit).
+        self._positions: dict[int, int] = {}
         self.invalid_records = 0
 
     # --- connections ------------------------------------------------------
@@ -434,10 +436,33 @@ class HistoryStore:
         below its partition's stored position was folded already (rows and
         positions are written together) and is skipped.
         """
+        self.begin()
+        try:
+            self.apply(records)
+        except BaseException:
+            self.rollback()
+            raise
+        return self.commit()
+
+    def begin(self) -> None:
+        """Open a transaction that :meth:`apply` adds to and :meth:`commit` ends.
+
+        One transaction may take several batches: each commit writes every page
+        it touched (to the WAL, later to the file), and a batch of thousands of
+        records touches pages all over the webhook-keyed indexes, so folding a
+        backlog in a few large transactions writes each page a few times instead
+        of once per batch.
+        """
+        assert self._writer is not None, "history store not open"
+        self._writer.execute("BEGIN IMMEDIATE")
+        self._positions = {}
+
+    def apply(self, records: Iterable[tuple[int, int, bytes | None]]) -> None:
+        """Add records to the open transaction (nothing is visible before commit)."""
         conn = self._writer
         assert conn is not None, "history store not open"
         folded = self._folded
-        positions: dict[int, int] = {}
+        positions = self._positions
         attempt_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
 
@@ -445,36 +470,49 @@ class HistoryStore:
             conn.executemany(_INSERT_ATTEMPT, attempt_rows)
             attempt_rows.clear()
 
-        conn.execute("BEGIN IMMEDIATE")
+        for partition, offset, value in records:
+            if offset < positions.get(partition, folded.get(partition, 0)):
+                continue
+            positions[partition] = offset + 1
+            try:
+                rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                self.invalid_records += 1
+                continue
+            attempt_rows.append(rows[0])
+            delivery_rows.append(rows[1])
+            if len(attempt_rows) == _ROWS_AT_ONCE:
+                write()
+        write()
+        # In key order (a stable sort: one delivery's records keep theirs): the
+        # deliveries table and its indexes all lead with the webhook, so the batch
+        # goes through each B-tree in one sweep instead of at scattered pages.
+        delivery_rows.sort(key=_delivery_key)
+        conn.executemany(_UPSERT, delivery_rows)
+
+    def commit(self) -> dict[int, int]:
+        """Store the positions with the rows and commit; the positions written."""
+        conn = self._writer
+        assert conn is not None, "history store not open"
+        positions = self._positions
         try:
-            for partition, offset, value in records:
-                if offset < positions.get(partition, folded.get(partition, 0)):
-                    continue
-                positions[partition] = offset + 1
-                try:
-                    rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
-                except (ValueError, TypeError, KeyError, AttributeError):
-                    self.invalid_records += 1
-                    continue
-                attempt_rows.append(rows[0])
-                delivery_rows.append(rows[1])
-                if len(attempt_rows) == _ROWS_AT_ONCE:
-                    write()
-            write()
-            # In key order (a stable sort: one delivery's records keep theirs): the
-            # deliveries table and its indexes all lead with the webhook, so the batch
-            # goes through each B-tree in one sweep instead of at scattered pages.
-            delivery_rows.sort(key=_delivery_key)
-            conn.executemany(_UPSERT, delivery_rows)
             conn.executemany(
                 "INSERT OR REPLACE INTO positions VALUES (?, ?)", list(positions.items())
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self.rollback()
             raise
-        folded.update(positions)
+        self._folded.update(positions)
+        self._positions = {}
         return positions
+
+    def rollback(self) -> None:
+        """Forget the open transaction's rows and positions."""
+        assert self._writer is not None, "history store not open"
+        if self._writer.in_transaction:
+            self._writer.execute("ROLLBACK")
+        self._positions = {}
 
     def expire(self, cutoff_ms: int, batch: int = 2000) -> int:
         """Delete up to ``batch`` deliveries last touched before ``cutoff_ms``, with
