@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from typing import Any, Final
+from typing import Any
 
 from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings
-
-#: How long a thread holding the GIL keeps it while another waits (CPython: 5 ms).
-API_SWITCH_INTERVAL_S: Final = 0.0005
 
 
 def add_commands(sub: Any) -> None:
@@ -59,13 +55,6 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.logs import configure_logging
 
     configure_logging(settings.log_level)
-    # The event loop shares the GIL with the history reader threads and the folding
-    # thread. Each socket read or write releases it, and getting it back could take
-    # up to the 5 ms switch interval while those threads run Python code, several
-    # times per request: with 50 clients a `/healthz` probe waited for that. At
-    # 0.5 ms, back-to-back runs with 50 clients gave a probe p99 of 38 and 83 ms
-    # instead of 53 and 131 ms, and 11 to 18% more requests served.
-    sys.setswitchinterval(API_SWITCH_INTERVAL_S)
     ctx = build_context(settings)
     if not ctx.keys.count:
         logging.getLogger("dispatcher.api").warning(
