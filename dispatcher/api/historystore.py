@@ -45,6 +45,7 @@ SCHEMA_VERSION: Final = "2"
 _OFFSET_BITS: Final = 40
 WRITER_CACHE_KB: Final = 65_536
 PAGE_BYTES: Final = 8192
+WAL_KEPT_BYTES: Final = 64 << 20
 #: Attempt rows parsed before they are written (within a fold's one transaction):
 #: about 2 KB each with the body and headers, so a 20,000-record fold holds 4 MB of
 #: them, not 40. (Its delivery rows, small, are held whole, to be written sorted.)
@@ -412,9 +413,13 @@ class HistoryStore:
         # consistently from the older position.
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        # Folding touches eight B-trees at scattered keys: with SQLite's default 2 MB
+        # Folding touches six B-trees at scattered keys: with SQLite's default 2 MB
         # page cache the rate fell by half past a few hundred thousand attempts.
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KB}")
+        # A rebuild's large transactions grow the WAL to hundreds of MB (368 MB at
+        # 1 M attempts); SQLite reuses the file but keeps its size unless told to
+        # cut it back after a checkpoint, which would hold that disk for good.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
