@@ -443,6 +443,13 @@ class Settings(BaseSettings):
     api_history_readers: int = Field(
         4, ge=1, le=64, description="Threads (each with its own connection) reading history."
     )
+    api_history_backlog_tx: int = Field(
+        200_000,
+        ge=1,
+        le=10_000_000,
+        description="Attempt records one history store transaction takes at most while a "
+        "backlog is folded (a rebuild): larger folds faster, holds more in the WAL.",
+    )
 
     # --- Operations -------------------------------------------------------
     http_host: str = Field("0.0.0.0", description="Address of the metrics and health server.")

@@ -180,7 +180,8 @@ def test_kill_9_while_folding_loses_and_doubles_nothing(
     ns = ns_factory(topic_partitions=6)
     hook = ns.subscribe("https://127.0.0.1:9/hook", organization_id=ORG).webhook_id
     records: list[AttemptRecord] = []
-    # Several fold transactions' worth (they hold up to 20,000 records each).
+    # Several fold transactions' worth: one transaction takes up to 20,000 records
+    # (a batch) here, far fewer than a rebuild's default.
     for n in range(30_000):
         at = NOW - timedelta(seconds=20 * n)  # all within retention
         if n % 3 == 0:
@@ -189,7 +190,7 @@ def test_kill_9_while_folding_loses_and_doubles_nothing(
             records.append(attempt(hook, f"k{n:05d}", at))
     publish(ns, records)
 
-    api = run_api(ns, wait_ready=False)
+    api = run_api(ns, wait_ready=False, api_history_backlog_tx=1)
     assert api.proc is not None
 
     def mid_fold() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from html import escape
 from pathlib import Path
@@ -228,6 +229,80 @@ def test_retention_deletes_deliveries_and_their_attempts(tmp_path: Path) -> None
         fold(store, (record("new", 1, True, NOW), 1))
         assert store.expire(to_ms(NOW - timedelta(days=14))) == 1
         assert HistoryStore.counts(conn) == (1, 1)
+        conn.close()
+
+
+def test_retention_goes_webhook_by_webhook_in_batches_and_keeps_recent_deliveries(
+    tmp_path: Path,
+) -> None:
+    cutoff = NOW - timedelta(days=14)
+    old = NOW - timedelta(days=20)
+    records = []
+    for hook in range(5):
+        for n in range(3):  # old, each with two attempts
+            records += [
+                record(f"o{hook}{n}", 1, False, old, webhook_id=f"wh_{hook}"),
+                record(f"o{hook}{n}", 2, True, old + timedelta(minutes=5), webhook_id=f"wh_{hook}"),
+            ]
+        records.append(record(f"n{hook}", 1, True, NOW, webhook_id=f"wh_{hook}"))
+    # First attempted before the cutoff, last after it: kept.
+    records += [
+        record("straddles", 1, False, cutoff - timedelta(hours=1), webhook_id="wh_2"),
+        record("straddles", 2, True, cutoff + timedelta(hours=1), webhook_id="wh_2"),
+    ]
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        fold(store, *((r, offset) for offset, r in enumerate(records)))
+        gone = []
+        while (n := store.expire(to_ms(cutoff), batch=4)) > 0:
+            assert n <= 4
+            gone.append(n)
+        assert sum(gone) == 15
+        assert HistoryStore.counts(conn) == (6, 7)
+        for hook in range(5):
+            page, _ = HistoryStore.deliveries(conn, f"wh_{hook}", Filters(), None, 10)
+            kept = {d.delivery_id for d in page}
+            assert kept == ({f"n{hook}", "straddles"} if hook == 2 else {f"n{hook}"})
+        row, attempts = HistoryStore.delivery(conn, "wh_2", "straddles")  # type: ignore[misc]
+        assert row.attempts == 2 and [a.attempt for a in attempts] == [1, 2]
+        conn.close()
+
+
+def test_a_file_of_the_earlier_schema_is_rebuilt(tmp_path: Path) -> None:
+    path = str(tmp_path / "h.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('topic', 'attempts'), ('schema', '1');"
+        "CREATE TABLE positions (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL);"
+        "INSERT INTO positions VALUES (0, 5);"
+        "CREATE TABLE attempts (position INTEGER PRIMARY KEY, webhook_id TEXT, delivery_id TEXT);"
+        "CREATE INDEX attempts_of_delivery ON attempts (webhook_id, delivery_id);"
+    )
+    conn.close()
+    store = HistoryStore(path, "attempts")
+    assert store.open() == {}  # nothing continued from the old positions
+    fold(store, (record("d0", 1, True, NOW), 0))
+    store.close()
+    store = HistoryStore(path, "attempts")
+    assert store.open() == {0: 1}
+    conn = store.connect(readonly=True)
+    names = {n for (n,) in conn.execute("SELECT name FROM sqlite_schema")}
+    assert "attempts_of_delivery" not in names and "deliveries_by_status" in names
+    assert HistoryStore.counts(conn) == (1, 1)
+    conn.close()
+    store.close()
+
+
+def test_a_status_filter_other_than_succeeded_reads_the_status_index(tmp_path: Path) -> None:
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        conn = store.connect(readonly=True)
+        seen: list[str] = []
+        conn.set_trace_callback(seen.append)
+        HistoryStore.deliveries(conn, "wh_1", Filters(status="failing"), None, 10)
+        conn.set_trace_callback(None)
+        plan = " ".join(str(r) for r in conn.execute(f"EXPLAIN QUERY PLAN {seen[-1]}"))
+        assert "deliveries_by_status" in plan
         conn.close()
 
 

@@ -34,6 +34,14 @@ BATCH: Final = 2000
 #: a page per record in each index, so a rebuild folds in large transactions.
 FOLD_MAX: Final = 20_000
 FOLD_WAIT_S: Final = 0.5
+#: While a backlog is folded (a rebuild, a restart after a while down), one
+#: transaction takes several such batches, up to DISPATCHER_API_HISTORY_BACKLOG_TX
+#: records or this long: at 1 M attempts, committing every 20,000 records spent a
+#: third of folding writing the same index pages again at each commit; every
+#: 200,000 cut that to a tenth. Nothing waits for these commits yet (the API is
+#: not ready, or readers are behind anyway), and a kill loses at most the open
+#: transaction, which is folded again from the stored positions.
+BACKLOG_TX_S: Final = 10.0
 #: How often rows past retention are looked for; deleting them goes in short
 #: batches between folds, so neither folding nor reads wait long for it.
 EXPIRE_EVERY_S: Final = 60.0
@@ -142,6 +150,12 @@ class HistoryFolder:
     def _run(self, consumer: Consumer) -> None:
         next_expiry = time.monotonic()
         expiring = False
+        store = self.store
+        # The open transaction: records in it, when it began, and the positions it
+        # reached (end-of-partition marks included), made known only at its commit.
+        in_tx = 0
+        tx_began = 0.0
+        reached: dict[int, int] = {}
         try:
             while not self._stop.is_set():
                 msgs = consumer.consume(BATCH, timeout=0.2)
@@ -155,7 +169,6 @@ class HistoryFolder:
                     more = consumer.consume(BATCH, timeout=0.05)
                     msgs += more
                 batch: list[tuple[int, int, bytes | None]] = []
-                reached: dict[int, int] = {}
                 for msg in msgs:
                     err = msg.error()
                     partition, offset = msg.partition(), msg.offset()
@@ -171,25 +184,44 @@ class HistoryFolder:
                         continue
                     batch.append((partition, offset, msg.value()))
                 if batch:
-                    reached.update(self.store.fold(batch))
+                    if not in_tx:
+                        store.begin()
+                        tx_began = time.monotonic()
+                    store.apply(batch)
+                    in_tx += len(batch)
                     self.folded += len(batch)
-                if reached:
+                # A full batch means more is waiting: keep the transaction open,
+                # up to its bounds. Otherwise (caught up with the topic) commit now.
+                backlog = len(msgs) >= FOLD_MAX
+                if in_tx and (
+                    not backlog
+                    or in_tx >= self.settings.api_history_backlog_tx
+                    or time.monotonic() - tx_began >= BACKLOG_TX_S
+                ):
+                    reached.update(store.commit())
+                    in_tx = 0
+                if reached and not in_tx:
                     self._reached(reached)
+                    reached = {}
                 # Retention: only once caught up (a rebuild folds first), in batches.
-                if self.caught_up and self.settings.attempts_retention_ms > 0:
+                if not in_tx and self.caught_up and self.settings.attempts_retention_ms > 0:
                     now = time.monotonic()
                     if expiring or now >= next_expiry:
                         cutoff = int(time.time() * 1000) - self.settings.attempts_retention_ms
-                        gone = self.store.expire(cutoff)
+                        gone = store.expire(cutoff)
                         expiring = gone > 0
                         if not expiring:
                             next_expiry = now + EXPIRE_EVERY_S
+            if in_tx:  # stopping: keep what the open transaction folded
+                store.commit()
         except Exception as exc:  # surfaced through readiness
             log.exception("%s folding stopped", self.name)
             self.failure = exc
         finally:
+            # An open transaction is rolled back (closing does it): its records are
+            # folded again from the stored positions at the next start.
             consumer.close()
-            self.store.close()
+            store.close()
 
     def _reached(self, positions: dict[int, int]) -> None:
         with self._applied:

@@ -36,12 +36,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HOUR_MS: Final = 3_600_000
-SCHEMA_VERSION: Final = "1"
+#: Version 2: no index of attempts by delivery (a delivery row lists its attempts'
+#: row ids) nor of deliveries by age, and the status index holds unsucceeded
+#: deliveries only. A file of another version is rebuilt from the topic (``open``).
+SCHEMA_VERSION: Final = "2"
 #: A record's position as one integer (its row id): partition in the high bits.
 #: 2**40 offsets per partition is a trillion records, far beyond any retention.
 _OFFSET_BITS: Final = 40
 WRITER_CACHE_KB: Final = 65_536
 PAGE_BYTES: Final = 8192
+WAL_KEPT_BYTES: Final = 64 << 20
 #: Attempt rows parsed before they are written (within a fold's one transaction):
 #: about 2 KB each with the body and headers, so a 20,000-record fold holds 4 MB of
 #: them, not 40. (Its delivery rows, small, are held whole, to be written sorted.)
@@ -69,18 +73,25 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error_class TEXT,
     last_ok INTEGER,
     next_retry_ms INTEGER,
+    -- The row ids of its attempts, comma-separated: the detail and retention find
+    -- them by id, so no index of attempts by delivery is written per attempt.
+    positions TEXT NOT NULL,
     PRIMARY KEY (webhook_id, delivery_id)
 ) WITHOUT ROWID;
+-- Folding writes every B-tree below at a key led by the webhook, scattered over
+-- the file: each one costs every attempt folded, so there are as few as the
+-- queries allow. Retention finds old rows through the time index, per webhook.
 CREATE INDEX IF NOT EXISTS deliveries_by_time
     ON deliveries (webhook_id, created_ms, delivery_id);
+-- Unsucceeded only (most deliveries succeed): a filter on `succeeded` reads the
+-- time index, one on another status adds the same condition to use this one.
 CREATE INDEX IF NOT EXISTS deliveries_by_status
-    ON deliveries (webhook_id, status, created_ms, delivery_id);
+    ON deliveries (webhook_id, status, created_ms, delivery_id) WHERE status <> 'succeeded';
 -- No index by event: a webhook has few event types, so the time index serves a
--- filter on one at nearly the same cost, without a sixth B-tree to write per attempt.
+-- filter on one at nearly the same cost, without another B-tree to write per attempt.
 CREATE INDEX IF NOT EXISTS deliveries_by_session
     ON deliveries (webhook_id, session_id, created_ms, delivery_id)
     WHERE session_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS deliveries_by_age ON deliveries (latest_ms);
 CREATE TABLE IF NOT EXISTS attempts (
     position INTEGER PRIMARY KEY,
     webhook_id TEXT NOT NULL,
@@ -103,7 +114,6 @@ CREATE TABLE IF NOT EXISTS attempts (
     source TEXT,
     requested_by TEXT
 );
-CREATE INDEX IF NOT EXISTS attempts_of_delivery ON attempts (webhook_id, delivery_id, at_ms);
 -- Covers the summaries: counts and latencies per webhook and time, no row lookups.
 CREATE INDEX IF NOT EXISTS attempts_by_time
     ON attempts (webhook_id, at_ms, kind, ok, duration_ms);
@@ -114,8 +124,9 @@ CREATE INDEX IF NOT EXISTS attempts_failed
 # The latest record by time sets the status; the latest *attempt* by time sets
 # the attempt columns. SQLite evaluates every SET expression on the old row.
 _UPSERT: Final = """
-INSERT INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (webhook_id, delivery_id) DO UPDATE SET
+    positions = positions || ',' || excluded.positions,
     session_id = coalesce(session_id, excluded.session_id),
     created_ms = min(created_ms, excluded.created_ms),
     status = CASE WHEN excluded.latest_ms >= latest_ms THEN excluded.status ELSE status END,
@@ -219,6 +230,11 @@ def _delivery(row: Sequence[Any]) -> DeliveryRow:
         None if row[9] is None else bool(row[9]),
         row[10],
     )
+
+
+def _time_and_position(row: Sequence[Any]) -> tuple[int, int]:
+    """An attempt's time, then its position (a delivery without attempts first)."""
+    return (row[13], row[28]) if row[13] is not None else (-1, -1)
 
 
 def _delivery_key(row: tuple[Any, ...]) -> tuple[str, str]:
@@ -352,6 +368,7 @@ def fold_rows(position: int, value: bytes | None) -> tuple[tuple[Any, ...], tupl
         error_class if is_attempt else None,
         (1 if ok else 0) if is_attempt else None,
         retry_ms if is_attempt else None,
+        str(position),
     )
     return attempt_row, delivery_row
 
@@ -365,6 +382,10 @@ class HistoryStore:
         self._writer: sqlite3.Connection | None = None
         #: The stored position (next offset) of each partition, as of the last commit.
         self._folded: dict[int, int] = {}
+        #: The positions the open transaction reached (stored at its commit).
+        self._positions: dict[int, int] = {}
+        #: Retention looks at webhooks in order: those up to this one are done.
+        self._expire_after = ""
         self.invalid_records = 0
 
     # --- connections ------------------------------------------------------
@@ -392,13 +413,30 @@ class HistoryStore:
         # consistently from the older position.
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        # Folding touches eight B-trees at scattered keys: with SQLite's default 2 MB
+        # Folding touches six B-trees at scattered keys: with SQLite's default 2 MB
         # page cache the rate fell by half past a few hundred thousand attempts.
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KB}")
-        conn.executescript(_SCHEMA)
+        # A rebuild's large transactions grow the WAL to hundreds of MB (368 MB at
+        # 1 M attempts); SQLite reuses the file but keeps its size unless told to
+        # cut it back after a checkpoint, which would hold that disk for good.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        if meta and (meta.get("topic") != self.topic or meta.get("schema") != SCHEMA_VERSION):
-            log.warning("history store %s was for another topic or version: rebuilt", self.path)
+        if meta.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+            # Another layout (tables, indexes): dropped whole, then rebuilt from the
+            # topic like a new file, as its rows could not be converted in place any
+            # faster than folded again.
+            log.warning(
+                "history store %s has schema version %s, not %s: rebuilt from the topic",
+                self.path,
+                meta.get("schema"),
+                SCHEMA_VERSION,
+            )
+            self._drop(conn)
+            meta = {}
+        conn.executescript(_SCHEMA)
+        if meta and meta.get("topic") != self.topic:
+            log.warning("history store %s was for another topic: rebuilt", self.path)
             self._reset(conn)
         conn.execute(
             "INSERT OR REPLACE INTO meta VALUES ('topic', ?), ('schema', ?)",
@@ -413,6 +451,18 @@ class HistoryStore:
         assert self._writer is not None
         self._reset(self._writer)
         self._folded = {}
+
+    @staticmethod
+    def _drop(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        for kind, name in conn.execute(
+            "SELECT type, name FROM sqlite_schema WHERE type IN ('table', 'index') "
+            "AND name NOT LIKE 'sqlite_%' AND sql IS NOT NULL"
+        ).fetchall():
+            if kind == "table":  # its indexes go with it
+                conn.execute(f'DROP TABLE "{name}"')
+        conn.execute("COMMIT")
+        conn.execute("VACUUM")  # give the old layout's pages back
 
     @staticmethod
     def _reset(conn: sqlite3.Connection) -> None:
@@ -434,10 +484,33 @@ class HistoryStore:
         below its partition's stored position was folded already (rows and
         positions are written together) and is skipped.
         """
+        self.begin()
+        try:
+            self.apply(records)
+        except BaseException:
+            self.rollback()
+            raise
+        return self.commit()
+
+    def begin(self) -> None:
+        """Open a transaction that :meth:`apply` adds to and :meth:`commit` ends.
+
+        One transaction may take several batches: each commit writes every page
+        it touched (to the WAL, later to the file), and a batch of thousands of
+        records touches pages all over the webhook-keyed indexes, so folding a
+        backlog in a few large transactions writes each page a few times instead
+        of once per batch.
+        """
+        assert self._writer is not None, "history store not open"
+        self._writer.execute("BEGIN IMMEDIATE")
+        self._positions = {}
+
+    def apply(self, records: Iterable[tuple[int, int, bytes | None]]) -> None:
+        """Add records to the open transaction (nothing is visible before commit)."""
         conn = self._writer
         assert conn is not None, "history store not open"
         folded = self._folded
-        positions: dict[int, int] = {}
+        positions = self._positions
         attempt_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
 
@@ -445,57 +518,92 @@ class HistoryStore:
             conn.executemany(_INSERT_ATTEMPT, attempt_rows)
             attempt_rows.clear()
 
-        conn.execute("BEGIN IMMEDIATE")
+        for partition, offset, value in records:
+            if offset < positions.get(partition, folded.get(partition, 0)):
+                continue
+            positions[partition] = offset + 1
+            try:
+                rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                self.invalid_records += 1
+                continue
+            attempt_rows.append(rows[0])
+            delivery_rows.append(rows[1])
+            if len(attempt_rows) == _ROWS_AT_ONCE:
+                write()
+        write()
+        # In key order (a stable sort: one delivery's records keep theirs): the
+        # deliveries table and its indexes all lead with the webhook, so the batch
+        # goes through each B-tree in one sweep instead of at scattered pages.
+        delivery_rows.sort(key=_delivery_key)
+        conn.executemany(_UPSERT, delivery_rows)
+
+    def commit(self) -> dict[int, int]:
+        """Store the positions with the rows and commit; the positions written."""
+        conn = self._writer
+        assert conn is not None, "history store not open"
+        positions = self._positions
         try:
-            for partition, offset, value in records:
-                if offset < positions.get(partition, folded.get(partition, 0)):
-                    continue
-                positions[partition] = offset + 1
-                try:
-                    rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
-                except (ValueError, TypeError, KeyError, AttributeError):
-                    self.invalid_records += 1
-                    continue
-                attempt_rows.append(rows[0])
-                delivery_rows.append(rows[1])
-                if len(attempt_rows) == _ROWS_AT_ONCE:
-                    write()
-            write()
-            # In key order (a stable sort: one delivery's records keep theirs): the
-            # deliveries table and its indexes all lead with the webhook, so the batch
-            # goes through each B-tree in one sweep instead of at scattered pages.
-            delivery_rows.sort(key=_delivery_key)
-            conn.executemany(_UPSERT, delivery_rows)
             conn.executemany(
                 "INSERT OR REPLACE INTO positions VALUES (?, ?)", list(positions.items())
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self.rollback()
             raise
-        folded.update(positions)
+        self._folded.update(positions)
+        self._positions = {}
         return positions
+
+    def rollback(self) -> None:
+        """Forget the open transaction's rows and positions."""
+        assert self._writer is not None, "history store not open"
+        if self._writer.in_transaction:
+            self._writer.execute("ROLLBACK")
+        self._positions = {}
 
     def expire(self, cutoff_ms: int, batch: int = 2000) -> int:
         """Delete up to ``batch`` deliveries last touched before ``cutoff_ms``, with
-        their attempts; how many went. Short transactions: folding goes on between."""
+        their attempts; how many went. Short transactions: folding goes on between.
+
+        Old rows are found webhook by webhook through the time index (a delivery's
+        first attempt is no later than its last), resuming where the last call
+        stopped: 0 means none was left from there to the last webhook.
+        """
         conn = self._writer
         assert conn is not None, "history store not open"
         conn.execute("BEGIN IMMEDIATE")
         try:
-            keys = conn.execute(
-                "SELECT webhook_id, delivery_id FROM deliveries WHERE latest_ms < ? LIMIT ?",
-                (cutoff_ms, batch),
-            ).fetchall()
-            conn.executemany("DELETE FROM attempts WHERE webhook_id = ? AND delivery_id = ?", keys)
+            found: list[tuple[str, str, str]] = []
+            while len(found) < batch:
+                row = conn.execute(
+                    "SELECT min(webhook_id) FROM deliveries WHERE webhook_id > ?",
+                    (self._expire_after,),
+                ).fetchone()
+                if row[0] is None:  # a pass over every webhook ended: the next starts over
+                    self._expire_after = ""
+                    break
+                found += conn.execute(
+                    "SELECT webhook_id, delivery_id, positions FROM deliveries "
+                    "INDEXED BY deliveries_by_time "
+                    "WHERE webhook_id = ? AND created_ms < ? AND latest_ms < ? LIMIT ?",
+                    (row[0], cutoff_ms, cutoff_ms, batch - len(found)),
+                ).fetchall()
+                if len(found) < batch:  # none left in this webhook (else it is looked at again)
+                    self._expire_after = row[0]
             conn.executemany(
-                "DELETE FROM deliveries WHERE webhook_id = ? AND delivery_id = ?", keys
+                "DELETE FROM attempts WHERE position = ?",
+                [(int(p),) for _, _, positions in found for p in positions.split(",")],
+            )
+            conn.executemany(
+                "DELETE FROM deliveries WHERE webhook_id = ? AND delivery_id = ?",
+                [(w, d) for w, d, _ in found],
             )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return len(keys)
+        return len(found)
 
     # --- queries (any connection) ------------------------------------------
     @staticmethod
@@ -509,6 +617,10 @@ class HistoryStore:
         """Newest first by first attempt time (then id); the page and whether more follow."""
         where = ["webhook_id = ?"]
         args: list[Any] = [webhook_id]
+        if filters.status is not None and filters.status != "succeeded":
+            # Implied by the status, written out so that the planner can use the
+            # status index (which holds only these rows).
+            where.append("status <> 'succeeded'")
         for column, value in (
             ("status", filters.status),
             ("event", filters.event),
@@ -542,14 +654,17 @@ class HistoryStore:
             f"SELECT {', '.join('d.' + c for c in _DELIVERY_COLUMNS.split(', '))}, "
             "a.kind, a.attempt, a.at_ms, a.stage, a.duration_ms, a.ok, a.status_code, "
             "a.error_class, a.error, a.snippet, a.next_retry_ms, a.dead_lettered, a.headers, "
-            "a.body, a.event_timestamp, a.source, a.requested_by "
-            "FROM deliveries d LEFT JOIN attempts a "
-            "ON a.webhook_id = d.webhook_id AND a.delivery_id = d.delivery_id "
-            "WHERE d.webhook_id = ? AND d.delivery_id = ? ORDER BY a.at_ms, a.position",
+            "a.body, a.event_timestamp, a.source, a.requested_by, a.position "
+            "FROM deliveries d, json_each('[' || d.positions || ']') p "
+            "LEFT JOIN attempts a ON a.position = p.value "
+            "WHERE d.webhook_id = ? AND d.delivery_id = ?",
             (webhook_id, delivery_id),
         ).fetchall()
         if not rows:
             return None
+        # Sorted here, not by an ORDER BY: SQLite's sorter copied the bodies and
+        # headers along and took twice the rest of the query's time.
+        rows.sort(key=_time_and_position)
         attempts = [
             AttemptRow(
                 r[11],
@@ -582,8 +697,9 @@ class HistoryStore:
         """Failing and dead-lettered deliveries first attempted since ``since_ms``,
         oldest first, each with its latest record carrying the body (None if gone)."""
         rows = conn.execute(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries "
-            "WHERE webhook_id = ? AND status IN ('failing', 'dead_lettered') AND created_ms >= ? "
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries INDEXED BY deliveries_by_status "
+            "WHERE webhook_id = ? AND status IN ('failing', 'dead_lettered') "
+            "AND status <> 'succeeded' AND created_ms >= ? "
             "ORDER BY created_ms, delivery_id LIMIT ?",
             (webhook_id, since_ms, limit),
         ).fetchall()
