@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -52,6 +53,9 @@ class Work:
         self.refused: str | None = None
         self._on_finished = on_finished
         self._on_freed = on_freed
+        # Read when scraped, not set on every change: two gauge writes (a lock each)
+        # per delivery otherwise.
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
     @contextlib.contextmanager
     def message(self, slot: Slot) -> Iterator[None]:
@@ -92,14 +96,29 @@ class Work:
     def start(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run one ticket's work as a task, kept in its partition's tasks until it ends
         (a revoke or the shutdown waits for those)."""
-        task = asyncio.get_running_loop().create_task(_logged(ticket, coro))
-        tasks = ticket.slot.part.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        # A done callback runs even for a task cancelled before its first step,
+        task = asyncio.get_running_loop().create_task(coro)
+        ticket.slot.part.tasks.add(task)
+        # One done callback, not one per duty: each is a turn of the event loop on
+        # every delivery. It runs even for a task cancelled before its first step,
         # which never enters its own ``finally``.
-        task.add_done_callback(lambda _task: self.release(ticket))
+        task.add_done_callback(functools.partial(self._ended, ticket))
         return task
+
+    def _ended(self, ticket: Ticket, task: asyncio.Task[None]) -> None:
+        """A ticket's task is done: forget it, log what escaped it, release the ticket."""
+        ticket.slot.part.tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, Exception):
+                # Whatever escapes a ticket's work is logged once and counted, never
+                # lost silently.
+                metrics.INTERNAL_ERRORS.labels("task").inc()
+                log.error(
+                    "unexpected error in %s; its message will be read again",
+                    ticket.label,
+                    exc_info=exc,
+                )
+        self.release(ticket)
 
     def _done_with(self, slot: Slot) -> None:
         slot.remaining -= 1
@@ -108,13 +127,3 @@ class Work:
 
     def _add(self, n: int) -> None:
         self.in_flight += n
-        metrics.IN_FLIGHT.set(self.in_flight)
-
-
-async def _logged(ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:
-    """Whatever escapes a ticket's work is logged once and counted, never lost silently."""
-    try:
-        await coro
-    except Exception:
-        metrics.INTERNAL_ERRORS.labels("task").inc()
-        log.exception("unexpected error in %s; its message will be read again", ticket.label)
