@@ -21,10 +21,9 @@ can leak a count.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dispatcher import metrics
@@ -57,14 +56,9 @@ class Work:
         # per delivery otherwise.
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
-    @contextlib.contextmanager
-    def message(self, slot: Slot) -> Iterator[None]:
+    def message(self, slot: Slot) -> _Fanning:
         """Hold ``slot`` open while it fans out, so it is finished only once all is counted."""
-        slot.remaining += 1
-        try:
-            yield
-        finally:
-            self._done_with(slot)
+        return _Fanning(self, slot)
 
     def open(self, slot: Slot, label: str) -> Ticket:
         slot.remaining += 1
@@ -127,3 +121,20 @@ class Work:
 
     def _add(self, n: int) -> None:
         self.in_flight += n
+
+
+class _Fanning:
+    """:meth:`Work.message`'s context: a class rather than a generator, as it is
+    entered for every message."""
+
+    __slots__ = ("_slot", "_work")
+
+    def __init__(self, work: Work, slot: Slot) -> None:
+        self._work = work
+        self._slot = slot
+
+    def __enter__(self) -> None:
+        self._slot.remaining += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._work._done_with(self._slot)
