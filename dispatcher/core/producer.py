@@ -44,6 +44,10 @@ PERMANENT: Final = frozenset(
         KafkaError._INVALID_ARG,
     }
 )
+#: How long records nobody waits for (attempt records, backlog snapshots) gather
+#: into batches before they are sent, unless ``linger.ms`` is set in the Kafka
+#: settings: the history and the health they feed run this much later.
+QUIET_LINGER_MS: Final = 100
 #: Of those, the ones that refuse a record for its size.
 TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
@@ -116,6 +120,11 @@ class AsyncProducer:
         if quiet is None:
             conf = producer_config(self._settings)
             conf["delivery.report.only.error"] = True
+            if "linger.ms" not in self._settings.kafka_extra_config:
+                # One record per attempt, keyed over every partition: at 5 ms each
+                # batch held one or two records, and the broker (and this process's
+                # network thread) handled a request for each. Nobody waits for these.
+                conf["linger.ms"] = QUIET_LINGER_MS
             conf["on_delivery"] = _log_unwritten
             quiet = self._quiet = make_producer_from(conf)
         while True:
