@@ -78,10 +78,15 @@ def session_of(body: bytes) -> str | None:
     match = _SESSION.search(body)
     if match is None:
         return None
+    text = match.group(1)
     try:
-        value = json.loads(match.group(1))
-    except ValueError:
-        return None
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # orjson refuses a lone surrogate escape, which the body may hold.
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
     return value if isinstance(value, str) else None
 
 

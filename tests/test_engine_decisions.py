@@ -165,3 +165,42 @@ def test_retry_headers_are_written_afresh_on_every_hop() -> None:
             assert h.producer.to(DEAD_LETTER) == []
 
     asyncio.run(main())
+
+
+def test_a_ticket_whose_work_fails_or_is_cancelled_is_released_logged_and_never_finished() -> None:
+    from confluent_kafka import TopicPartition
+
+    from dispatcher import metrics
+    from dispatcher.core.partitions import PartitionState, Slot
+    from dispatcher.core.work import Work
+
+    finished: list[Slot] = []
+
+    async def boom() -> None:
+        raise RuntimeError("nobody foresaw this")
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        work = Work(finished.append, lambda: None)
+        part = PartitionState(None, TopicPartition("t", 0), None)  # type: ignore[arg-type]
+        slot = Slot(part, 7)
+        before = sample("dispatcher_internal_errors_total", where="task")
+        with work.message(slot):
+            failing = work.start(work.open(slot, "d1"), boom())
+            cancelled_ticket = work.open(slot, "d2")
+            cancelled = work.start(cancelled_ticket, never())
+            cancelled.cancel()  # before its first step: its own code never runs
+        assert work.in_flight == 2 and len(part.tasks) == 2
+        await asyncio.wait({failing, cancelled})
+        await until(lambda: work.in_flight == 0, what="both tickets released")
+        assert not part.tasks
+        assert finished == [] and slot.remaining == 2  # the message waits for a redelivery
+        assert sample("dispatcher_internal_errors_total", where="task") == before + 1
+        assert metrics.REGISTRY.get_sample_value("dispatcher_in_flight_deliveries") == 0
+        # A ticket ends once: finishing a released one changes nothing.
+        work.finish(cancelled_ticket)
+        assert work.in_flight == 0 and slot.remaining == 2 and finished == []
+
+    asyncio.run(main())

@@ -125,3 +125,14 @@ def test_every_client_reports_its_statistics_and_reconnects_within_a_second() ->
         assert conf["reconnect.backoff.max.ms"] == RECONNECT_BACKOFF_MAX_MS == 1000
     assert link.config()["statistics.interval.ms"] == links.STATS_INTERVAL_MS
     assert link.config()["stats_cb"] == link.on_stats
+
+
+def test_records_nobody_waits_for_are_batched_unless_the_operator_set_linger() -> None:
+    from dispatcher.core.producer import QUIET_LINGER_MS, quiet_producer_config
+
+    conf = quiet_producer_config(Settings())
+    assert conf["linger.ms"] == QUIET_LINGER_MS > producer_config(Settings())["linger.ms"]
+    assert conf["delivery.report.only.error"] is True
+    assert conf["enable.idempotence"] is True and conf["acks"] == "all"
+    tuned = Settings(kafka_extra_config={"linger.ms": "7"})
+    assert quiet_producer_config(tuned)["linger.ms"] == "7"

@@ -289,6 +289,38 @@ def test_attempt_records_as_the_dispatcher_writes_them_match_the_schema() -> Non
         assert doc.get("circuit") == (None if circuit is None else circuit.value)
 
 
+def test_attempt_records_leave_out_credential_headers_whatever_was_recorded_before() -> None:
+    from types import SimpleNamespace
+
+    from dispatcher.attempts import session_of
+    from dispatcher.core.attempt_log import attempt_doc
+    from dispatcher.outbound.delivery import AttemptResult, build_headers
+    from dispatcher.records import Source
+
+    # A lone surrogate escape, which orjson refuses, is still read back.
+    assert session_of(b'{"event":"x","session_id":"a\\ud800"}') == "a\ud800"
+    assert session_of(b'{"event":"x","session_id":"a"') == "a"
+    assert session_of(b'{"event":"x"}') is None
+    delivery = SimpleNamespace(
+        delivery_id="msg_1",
+        sub=SimpleNamespace(webhook_id="wh_1", organization_id="org_abc123"),
+        event="visitor.identified",
+        body=b"{}",
+        event_time=datetime.now(UTC),
+        source=Source(topic="visitor.identified", partition=0, offset=5),
+        stage="1m",
+    )
+    result = AttemptResult(ok=True, duration_s=0.01, status_code=200)
+    plain = build_headers("msg_1", 1, b"{}", ["s3cret"])
+    for _ in range(2):  # the second time, the names' verdict is remembered
+        doc = attempt_doc(delivery, 1, plain, result, None)  # type: ignore[arg-type]
+        assert doc["request_headers"] == plain and doc["request_headers"] is not plain
+        for name in ("Authorization", "cookie", "Proxy-Authorization"):
+            headers = {**plain, name: "Bearer s3cret"}
+            doc = attempt_doc(delivery, 1, headers, result, None)  # type: ignore[arg-type]
+            assert doc["request_headers"] == plain
+
+
 def test_notification_model_output_matches_schema() -> None:
     from dispatcher.webhook_health import Notification, notice_id
 

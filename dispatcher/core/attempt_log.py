@@ -103,10 +103,29 @@ def attempt_doc(
     doc["dead_lettered"] = hop is not None and hop.stage is None
     if circuit is not None:
         doc["circuit"] = _CIRCUIT[circuit]
-    doc["request_headers"] = {k: v for k, v in headers.items() if k.lower() not in _NEVER_RECORDED}
+    doc["request_headers"] = _recordable(headers)
     if attempt == 1:
         doc["body"] = d.body.decode("utf-8")
     return doc
+
+
+#: Whether a set of header names (attempts send the same few) is free of any that is
+#: never recorded; bounded, as the names come from the code, not from requests.
+_CLEAN_NAMES: dict[tuple[str, ...], bool] = {}
+_CLEAN_NAMES_MAX = 64
+
+
+def _recordable(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` without those that could carry a credential (a copy)."""
+    names = tuple(headers)
+    clean = _CLEAN_NAMES.get(names)
+    if clean is None:
+        clean = not any(k.lower() in _NEVER_RECORDED for k in names)
+        if len(_CLEAN_NAMES) < _CLEAN_NAMES_MAX:
+            _CLEAN_NAMES[names] = clean
+    if clean:
+        return dict(headers)
+    return {k: v for k, v in headers.items() if k.lower() not in _NEVER_RECORDED}
 
 
 def emit_attempt(

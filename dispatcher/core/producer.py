@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -44,6 +44,10 @@ PERMANENT: Final = frozenset(
         KafkaError._INVALID_ARG,
     }
 )
+#: How long records nobody waits for (attempt records, backlog snapshots) gather
+#: into batches before they are sent, unless ``linger.ms`` is set in the Kafka
+#: settings: the history and the health they feed run this much later.
+QUIET_LINGER_MS: Final = 100
 #: Of those, the ones that refuse a record for its size.
 TOO_LARGE: Final = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
@@ -114,8 +118,7 @@ class AsyncProducer:
         """
         quiet = self._quiet
         if quiet is None:
-            conf = producer_config(self._settings)
-            conf["delivery.report.only.error"] = True
+            conf = quiet_producer_config(self._settings)
             conf["on_delivery"] = _log_unwritten
             quiet = self._quiet = make_producer_from(conf)
         while True:
@@ -187,6 +190,19 @@ class AsyncProducer:
             finally:
                 self._stop.set()
                 self._thread.join(5)
+
+
+def quiet_producer_config(settings: Settings) -> dict[str, Any]:
+    """The producer of records nobody waits for: failures reported only, and batched
+    for :data:`QUIET_LINGER_MS` unless the Kafka settings name ``linger.ms``."""
+    conf = producer_config(settings)
+    conf["delivery.report.only.error"] = True
+    if "linger.ms" not in settings.kafka_extra_config:
+        # One record per attempt, keyed over every partition: at 5 ms each batch
+        # held one or two records, and the broker (and this process's network
+        # thread) handled a request for each.
+        conf["linger.ms"] = QUIET_LINGER_MS
+    return conf
 
 
 def _log_unwritten(err: KafkaError | None, msg: Message) -> None:

@@ -21,9 +21,9 @@ can leak a count.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dispatcher import metrics
@@ -52,15 +52,13 @@ class Work:
         self.refused: str | None = None
         self._on_finished = on_finished
         self._on_freed = on_freed
+        # Read when scraped, not set on every change: two gauge writes (a lock each)
+        # per delivery otherwise.
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
-    @contextlib.contextmanager
-    def message(self, slot: Slot) -> Iterator[None]:
+    def message(self, slot: Slot) -> _Fanning:
         """Hold ``slot`` open while it fans out, so it is finished only once all is counted."""
-        slot.remaining += 1
-        try:
-            yield
-        finally:
-            self._done_with(slot)
+        return _Fanning(self, slot)
 
     def open(self, slot: Slot, label: str) -> Ticket:
         slot.remaining += 1
@@ -92,14 +90,29 @@ class Work:
     def start(self, ticket: Ticket, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run one ticket's work as a task, kept in its partition's tasks until it ends
         (a revoke or the shutdown waits for those)."""
-        task = asyncio.get_running_loop().create_task(_logged(ticket, coro))
-        tasks = ticket.slot.part.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        # A done callback runs even for a task cancelled before its first step,
+        task = asyncio.get_running_loop().create_task(coro)
+        ticket.slot.part.tasks.add(task)
+        # One done callback, not one per duty: each is a turn of the event loop on
+        # every delivery. It runs even for a task cancelled before its first step,
         # which never enters its own ``finally``.
-        task.add_done_callback(lambda _task: self.release(ticket))
+        task.add_done_callback(functools.partial(self._ended, ticket))
         return task
+
+    def _ended(self, ticket: Ticket, task: asyncio.Task[None]) -> None:
+        """A ticket's task is done: forget it, log what escaped it, release the ticket."""
+        ticket.slot.part.tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, Exception):
+                # Whatever escapes a ticket's work is logged once and counted, never
+                # lost silently.
+                metrics.INTERNAL_ERRORS.labels("task").inc()
+                log.error(
+                    "unexpected error in %s; its message will be read again",
+                    ticket.label,
+                    exc_info=exc,
+                )
+        self.release(ticket)
 
     def _done_with(self, slot: Slot) -> None:
         slot.remaining -= 1
@@ -108,13 +121,20 @@ class Work:
 
     def _add(self, n: int) -> None:
         self.in_flight += n
-        metrics.IN_FLIGHT.set(self.in_flight)
 
 
-async def _logged(ticket: Ticket, coro: Coroutine[Any, Any, None]) -> None:
-    """Whatever escapes a ticket's work is logged once and counted, never lost silently."""
-    try:
-        await coro
-    except Exception:
-        metrics.INTERNAL_ERRORS.labels("task").inc()
-        log.exception("unexpected error in %s; its message will be read again", ticket.label)
+class _Fanning:
+    """:meth:`Work.message`'s context: a class rather than a generator, as it is
+    entered for every message."""
+
+    __slots__ = ("_slot", "_work")
+
+    def __init__(self, work: Work, slot: Slot) -> None:
+        self._work = work
+        self._slot = slot
+
+    def __enter__(self) -> None:
+        self._slot.remaining += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._work._done_with(self._slot)
