@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from dispatcher.commands.subscriptions import write
 from dispatcher.commands.topics import ensure_topics, topic_specs
@@ -338,3 +338,14 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def limit_record_size(topic: str, max_bytes: int) -> None:
+    """Set the topic's ``max.message.bytes``: the broker then refuses larger records."""
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    entry = ConfigEntry(
+        "max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET
+    )
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)

@@ -32,8 +32,14 @@ from dispatcher.webhook_health import POSITION_KEY
 from tests.api_support import ORG, ApiProcess
 from tests.cli_support import Cli
 from tests.receiver import HttpsReceiver, Reply
-from tests.support import SEED_EVENT, Namespace, free_port, metric_value, wait_until
-from tests.test_produce_refused import limit_record_size
+from tests.support import (
+    SEED_EVENT,
+    Namespace,
+    free_port,
+    limit_record_size,
+    metric_value,
+    wait_until,
+)
 
 HOOKS = f"/v1/organizations/{ORG}/webhooks"
 EVENTS = 5

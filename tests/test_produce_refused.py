@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from dispatcher.core.invalid import H_INVALID_DROPPED, H_INVALID_REASON
 from dispatcher.core.producer import AsyncProducer
@@ -24,25 +23,15 @@ from dispatcher.records import H_SOURCE, header_value
 from dispatcher.stages import retry_stages
 from tests.receiver import HttpsReceiver, Reply
 from tests.streams import committed_events, make_event
-from tests.support import BOOTSTRAP, Namespace, metric_value, wait_until
+from tests.support import Namespace, limit_record_size, metric_value, wait_until
 
 #: Records are compressed: what they hold is random, so that they stay this large.
 LIMIT = 1200
 
 
-def limit_record_size(topic: str, max_bytes: int = LIMIT) -> None:
-    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    entry = ConfigEntry(
-        "max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET
-    )
-    resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
-    for future in admin.incremental_alter_configs([resource]).values():
-        future.result(timeout=30)
-
-
 def test_a_record_too_large_for_its_topic_fails_the_send(ns: Namespace) -> None:
     topic = ns.settings.invalid_topic
-    limit_record_size(topic)
+    limit_record_size(topic, LIMIT)
 
     async def scenario() -> ProduceRefused:
         producer = AsyncProducer(ns.settings, asyncio.get_running_loop())
@@ -66,7 +55,7 @@ def test_a_record_nobody_waits_for_is_logged_when_refused(
     # Attempt records go through a producer that reports failures only: a refused
     # one is logged, and the producer goes on.
     topic = ns.settings.attempts_topic
-    limit_record_size(topic)
+    limit_record_size(topic, LIMIT)
     caplog.set_level(logging.WARNING, logger="dispatcher.core.producer")
 
     def refusals() -> list[str]:
@@ -92,7 +81,7 @@ def test_an_invalid_event_too_large_for_the_invalid_topic_still_lands(
     ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any
 ) -> None:
     ns: Namespace = ns_factory(max_event_bytes=2000, topic_partitions=1)
-    limit_record_size(ns.settings.invalid_topic)
+    limit_record_size(ns.settings.invalid_topic, LIMIT)
     ns.subscribe(receiver.url("/hook"))
     big = json.dumps({**make_event("big"), "pad": os.urandom(1500).hex()}).encode()
     ns.publish(make_event("before"))
