@@ -232,6 +232,27 @@ def test_retention_deletes_deliveries_and_their_attempts(tmp_path: Path) -> None
         conn.close()
 
 
+def test_retention_search_leaves_no_read_open_that_would_hold_the_wal(tmp_path: Path) -> None:
+    # Retention searches through a connection of its own: a read left open there
+    # would keep every checkpoint from reaching the WAL's end, and the WAL growing.
+    with opened(str(tmp_path / "h.db"), "attempts") as store:
+        for n in range(3):
+            fold(
+                store,
+                (record(f"old{n}", 1, True, NOW - timedelta(days=20), webhook_id=f"wh_{n}"), n),
+            )
+        fold(store, (record("new", 1, True, NOW), 3))
+        assert store.expire(to_ms(NOW - timedelta(days=14)), batch=2) == 2
+        assert store.expire(to_ms(NOW - timedelta(days=14)), batch=2) == 1
+        assert store.expire(to_ms(NOW - timedelta(days=14)), batch=2) == 0
+        writer = store._writer
+        assert writer is not None
+        busy, _, _ = writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+        assert (tmp_path / "h.db-wal").stat().st_size == 0
+        assert HistoryStore.counts(writer) == (1, 1)
+
+
 def test_retention_goes_webhook_by_webhook_in_batches_and_keeps_recent_deliveries(
     tmp_path: Path,
 ) -> None:
