@@ -52,6 +52,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -207,6 +208,10 @@ class DeliveryRunner:
         #: of the partitions, set by the engine; see :mod:`dispatcher.core.ratelimit`).
         self.share = 1.0
         self.stopping = False
+        #: Whether the event loop runs late (set by the engine to its measure,
+        #: :class:`~dispatcher.core.loop_lag.LoopLag`): then every answer is measured
+        #: late by as much, and no endpoint is judged slow from its answers.
+        self.loop_lagging: Callable[[], bool] = lambda: False
 
     def submit(self, d: Delivery) -> None:
         """Start, queue or defer one delivery; its message waits for it."""
@@ -320,7 +325,14 @@ class DeliveryRunner:
         if known is not None:
             patience = min(max(patience, HOLD_LATENCIES * known), HOLD_PATIENCE_MAX_S)
         held_long = time.monotonic() - started >= patience
-        if held_long and not ep.answered_since(started) and self._last_answer > started:
+        # A loop that lags is late with every answer and with this check alike.
+        lagging = self.loop_lagging()
+        if (
+            held_long
+            and not lagging
+            and not ep.answered_since(started)
+            and self._last_answer > started
+        ):
             ep.held(HELD_FOR_S)
             self._unblock_if_room(key, ep)
         if self.backpressure.since(key) == started:
@@ -342,7 +354,14 @@ class DeliveryRunner:
         full, so that it goes behind them. One coming back from Kafka takes any room
         in the queue; a new one takes room in a queue that runs low, so the slots
         never wait for the parked ones.
+
+        While the event loop lags (:attr:`loop_lagging`) nothing is parked for being
+        slow: the answers were measured late, this process is the bottleneck, and
+        what was parked would wait a delay stage for nothing. The queue holds its
+        partitions as a busy endpoint's does. A rate limit still parks.
         """
+        if ep.rate_limit is None and self.loop_lagging():
+            return None
         if not ep.measured and ep.rate_limit is None and not ep.overloaded_by_hold():
             # Not measured yet (its first answers paid for its start, new connections
             # and their handshakes) and no limit to pace it: nothing says it is slow.
@@ -480,8 +499,10 @@ class DeliveryRunner:
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
         """Let partitions waiting for ``key`` go on: its queue has room, or it turned
         slow, and what does not fit is now parked in Kafka instead."""
-        if not self.backpressure.holding(key) or (ep is not None and ep.full and not ep.slow):
+        if not self.backpressure.holding(key):
             return
+        if ep is not None and ep.full and not (ep.slow and not self.loop_lagging()):
+            return  # busy, or slow by a measure the lagging loop took: it waits
         self.backpressure.release(key)
 
     async def _after_failure(self, d: Delivery, result: AttemptResult) -> NextHop:
