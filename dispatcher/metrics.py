@@ -84,6 +84,12 @@ RATE_LIMIT_SHARE = Gauge(
     "of every stage (1 while it does not know them all).",
     registry=REGISTRY,
 )
+EVENT_LOOP_LAG = Gauge(
+    "dispatcher_event_loop_lag_seconds",
+    "How late the event loop wakes from the supervision tick's sleep, smoothed; beyond "
+    "0.1 s the process is starved and endpoints are not judged slow from their answer times.",
+    registry=REGISTRY,
+)
 CIRCUIT_OPEN = Gauge(
     "dispatcher_circuit_open_endpoints",
     "Endpoints (webhooks) whose circuit breaker is open or half-open.",

@@ -483,6 +483,66 @@ def test_a_healthy_webhook_whose_first_answers_pay_for_a_cold_start_is_not_parke
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("lagging", [False, True], ids=["punctual_loop", "lagging_loop"])
+def test_while_the_event_loop_lags_a_webhook_measured_slow_is_not_parked(lagging: bool) -> None:
+    """A webhook whose answers measure 0.2 s: a queue of 4 is 0.2 s of its work, more
+    than the 0.1 s queue wait, so it is slow and its overflow is parked; unless the
+    loop lags, when the measure says more about this process than about it."""
+    served: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        served.append(request)
+        return ok(request)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=60, endpoint_queue_wait_s=0.1, partition_buffer_high=100)
+        table = FakeTable(subscription("wh_a", A))
+        before = sample("dispatcher_deferrals_total", reason="endpoint_slow")
+        async with running(s, table, handler) as h:
+            h.engine.runner.loop_lagging = lambda: lagging
+            h.input.assign(0)
+            h.input.feed([event(f"warm{i}") for i in range(8)])
+            await until(
+                lambda: (
+                    "wh_a" in h.engine.runner.endpoints
+                    and h.engine.runner.endpoints["wh_a"].measured
+                ),
+                what="the webhook measured",
+            )
+            h.input.feed([event(f"s{i:03d}") for i in range(24)])
+            if not lagging:
+                await until(lambda: h.producer.to(STAGE_1), what="a parked delivery")
+                parked = sample("dispatcher_deferrals_total", reason="endpoint_slow") - before
+                assert parked > 0
+                assert {r.webhook_id for r in records_to(h, STAGE_1)} == {"wh_a"}
+                return
+            await until(lambda: h.input.stored.get(0) == 32, what="every offset stored")
+            assert sample("dispatcher_deferrals_total", reason="endpoint_slow") == before
+            assert h.producer.sent == [], "a delivery was parked while the loop lagged"
+            assert len(served) == 32
+
+    asyncio.run(main())
+
+
+def test_the_engine_measures_its_event_loop_lag_and_gets_over_it() -> None:
+    async def main() -> None:
+        async with running(settings(), FakeTable(), ok) as h:
+            lag = h.engine.loop_lag
+            # Its supervision tick is asleep once it has measured a first sleep.
+            await until(lambda: lag.measures >= 1, what="a first tick")
+            assert not h.engine.runner.loop_lagging()
+            # The loop is held, as a starved process's is: the tick wakes late.
+            time.sleep(0.4)  # the lag under test, not a wait for anything
+            await until(h.engine.runner.loop_lagging, what="the lag noticed")
+            assert sample("dispatcher_event_loop_lag_seconds") > 0.1
+            # Punctual ticks again: the smoothed lag falls below the bound.
+            await until(lambda: not h.engine.runner.loop_lagging(), what="the lag gone")
+            assert sample("dispatcher_event_loop_lag_seconds") <= 0.1
+
+    asyncio.run(main())
+
+
 def test_new_deliveries_queue_behind_parked_ones_and_returning_ones_go_first() -> None:
     keep, first, rest = asyncio.Event(), asyncio.Event(), asyncio.Event()
     seen: list[httpx.Request] = []

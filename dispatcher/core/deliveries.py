@@ -52,6 +52,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -207,6 +208,10 @@ class DeliveryRunner:
         #: of the partitions, set by the engine; see :mod:`dispatcher.core.ratelimit`).
         self.share = 1.0
         self.stopping = False
+        #: Whether the event loop runs late (set by the engine to its measure,
+        #: :class:`~dispatcher.core.loop_lag.LoopLag`): then every answer is measured
+        #: late by as much, and no endpoint is judged slow from its answers.
+        self.loop_lagging: Callable[[], bool] = lambda: False
 
     def submit(self, d: Delivery) -> None:
         """Start, queue or defer one delivery; its message waits for it."""
@@ -320,11 +325,20 @@ class DeliveryRunner:
         if known is not None:
             patience = min(max(patience, HOLD_LATENCIES * known), HOLD_PATIENCE_MAX_S)
         held_long = time.monotonic() - started >= patience
+        # Not a measure of its pace but a comparison with the others': a loop that
+        # lags is late with every endpoint's answers alike, and this verdict stands.
         if held_long and not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
             self._unblock_if_room(key, ep)
         if self.backpressure.since(key) == started:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
+
+    def _slow(self, ep: Endpoint[Delivery]) -> bool:
+        """``ep.slow``, unless only its answers' durations say so while the loop lags
+        (see :meth:`_park_for`): then it is busy, and its partitions wait."""
+        if ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging():
+            return False
+        return ep.slow
 
     def _lane_room(self) -> bool:
         """Whether slow or unmeasured endpoints' queues may take one more delivery:
@@ -342,7 +356,16 @@ class DeliveryRunner:
         full, so that it goes behind them. One coming back from Kafka takes any room
         in the queue; a new one takes room in a queue that runs low, so the slots
         never wait for the parked ones.
+
+        While the event loop lags (:attr:`loop_lagging`) an endpoint is not judged
+        slow from its answers' durations: they were measured late, this process is
+        the bottleneck, and what was parked would wait a delay stage for nothing.
+        The queue holds its partitions as a busy endpoint's does. A rate limit, and
+        the verdict of a full queue that held its partitions without an answer while
+        others answered (:meth:`_held_too_long`), still park.
         """
+        if ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging():
+            return None
         if not ep.measured and ep.rate_limit is None and not ep.overloaded_by_hold():
             # Not measured yet (its first answers paid for its start, new connections
             # and their handshakes) and no limit to pace it: nothing says it is slow.
@@ -480,7 +503,9 @@ class DeliveryRunner:
     def _unblock_if_room(self, key: str, ep: Endpoint[Delivery] | None) -> None:
         """Let partitions waiting for ``key`` go on: its queue has room, or it turned
         slow, and what does not fit is now parked in Kafka instead."""
-        if not self.backpressure.holding(key) or (ep is not None and ep.full and not ep.slow):
+        if not self.backpressure.holding(key):
+            return
+        if ep is not None and ep.full and not self._slow(ep):
             return
         self.backpressure.release(key)
 

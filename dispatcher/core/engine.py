@@ -38,6 +38,7 @@ from dispatcher.core.deliveries import DeliveryRunner
 from dispatcher.core.fanout import Fanout, Subscriptions
 from dispatcher.core.invalid import Headers, invalid_headers, write_invalid
 from dispatcher.core.links import first_problem
+from dispatcher.core.loop_lag import LoopLag
 from dispatcher.core.partitions import PartitionState, Phase, Slot, now_ms, position_of
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.ratelimit import partition_share
@@ -87,6 +88,10 @@ class Engine:
         self.runner = DeliveryRunner(
             settings, sender, producer, self.stages, self.work, self.backpressure
         )
+        #: How late the loop runs (measured by the tick): the runner asks it before
+        #: judging an endpoint slow from its answers' durations.
+        self.loop_lag = LoopLag()
+        self.runner.loop_lagging = lambda: self.loop_lag.lagging
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
         self._flush_pending = False
@@ -389,7 +394,9 @@ class Engine:
         """Stalled endpoints, deferral counts and partition progress, a few times a second."""
         try:
             while not self._stopping:
+                asleep = self._loop.time()
                 await asyncio.sleep(TICK_S)
+                self.loop_lag.observe(self._loop.time() - asleep, TICK_S)
                 self.runner.share = self._rate_limit_share()
                 self.runner.check_endpoints()
                 self._write_backlog()
