@@ -79,6 +79,15 @@ def webhook(http: httpx.Client, webhook_id: str) -> dict[str, Any]:
     return body
 
 
+def created_webhook(http: httpx.Client, url: str) -> dict[str, Any]:
+    """A webhook created for ORG (on a plan that allows it), as the API answered it."""
+    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
+    created = http.post(HOOKS, json={"url": url})
+    assert created.status_code == 201, created.text
+    answer: dict[str, Any] = created.json()
+    return answer
+
+
 def disabled_letters(ns: Namespace) -> list[DeliveryRecord]:
     letters = [
         DeliveryRecord.model_validate_json(m.value() or b"")
@@ -117,10 +126,8 @@ def test_one_event_of_each_kind_per_episode(
     receiver.respond("/down", Reply(500))
     writer = run_api(ns)
     http = writer.admin()
-    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
-    created = http.post(HOOKS, json={"url": receiver.url("/down")})
-    assert created.status_code == 201, created.text
-    webhook_id = created.json()["id"]
+    created = created_webhook(http, receiver.url("/down"))
+    webhook_id = created["id"]
     dispatcher = run_dispatcher(ns)
     if kill == "dispatcher":
         # Two instances share the webhook's traffic; one is killed mid-episode.
@@ -246,10 +253,8 @@ def test_a_manual_disable_gives_one_event_in_its_own_transaction(
     ns = ns_factory()
     api = run_api(ns)
     http = api.admin()
-    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
-    created = http.post(HOOKS, json={"url": receiver.url("/ok")})
-    assert created.status_code == 201, created.text
-    webhook_id = created.json()["id"]
+    created = created_webhook(http, receiver.url("/ok"))
+    webhook_id = created["id"]
 
     off = http.post(f"{HOOKS}/{webhook_id}/disable")
     assert off.status_code == 200, off.text
@@ -391,10 +396,8 @@ def test_a_disable_whose_event_kafka_refuses_is_not_applied(
     ns = ns_factory(api_write_timeout_s=5)
     api = run_api(ns)
     http = api.admin()
-    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
-    created = http.post(HOOKS, json={"url": receiver.url("/ok")})
-    assert created.status_code == 201, created.text
-    webhook_id = created.json()["id"]
+    created = created_webhook(http, receiver.url("/ok"))
+    webhook_id = created["id"]
     topic = ns.settings.notifications_topic
     # Room for a transaction marker, not for an event.
     limit_record_size(topic, 200)
@@ -402,7 +405,7 @@ def test_a_disable_whose_event_kafka_refuses_is_not_applied(
     refused = http.post(f"{HOOKS}/{webhook_id}/disable")
     assert refused.status_code == 503, refused.text
     shown = webhook(http, webhook_id)
-    assert shown["enabled"] is True and shown["version"] == created.json()["version"]
+    assert shown["enabled"] is True and shown["version"] == created["version"]
     assert notifications(ns) == []
     assert [
         json.loads(m.value())["enabled"]
@@ -466,11 +469,9 @@ def test_an_open_circuit_shows_in_the_health_until_a_request_succeeds_through_a_
     receiver.respond("/flaky", Reply(500))
     writer = run_api(ns)
     http = writer.admin()
-    assert http.put(f"/v1/organizations/{ORG}/plan", json={"plan": "scale"}).status_code == 200
-    created = http.post(HOOKS, json={"url": receiver.url("/flaky")})
-    assert created.status_code == 201, created.text
-    webhook_id = created.json()["id"]
-    assert created.json()["circuit_open_since"] is None
+    created = created_webhook(http, receiver.url("/flaky"))
+    webhook_id = created["id"]
+    assert created["circuit_open_since"] is None
     dispatchers = [run_dispatcher(ns)]
     dispatchers += [run_dispatcher(ns, http_port=free_port()) for _ in range(instances - 1)]
     if instances > 1:

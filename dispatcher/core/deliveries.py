@@ -333,12 +333,14 @@ class DeliveryRunner:
         if self.backpressure.since(key) == started:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
 
+    def _lag_excuses(self, ep: Endpoint[Delivery]) -> bool:
+        """Whether only its answers' durations, measured late while the loop lags,
+        could judge ``ep`` slow (see :meth:`_park_for`): then it is busy, not slow."""
+        return ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging()
+
     def _slow(self, ep: Endpoint[Delivery]) -> bool:
-        """``ep.slow``, unless only its answers' durations say so while the loop lags
-        (see :meth:`_park_for`): then it is busy, and its partitions wait."""
-        if ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging():
-            return False
-        return ep.slow
+        """``ep.slow``, unless the loop's lag excuses it: then its partitions wait."""
+        return ep.slow and not self._lag_excuses(ep)
 
     def _lane_room(self) -> bool:
         """Whether slow or unmeasured endpoints' queues may take one more delivery:
@@ -364,7 +366,7 @@ class DeliveryRunner:
         the verdict of a full queue that held its partitions without an answer while
         others answered (:meth:`_held_too_long`), still park.
         """
-        if ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging():
+        if self._lag_excuses(ep):
             return None
         if not ep.measured and ep.rate_limit is None and not ep.overloaded_by_hold():
             # Not measured yet (its first answers paid for its start, new connections
