@@ -45,6 +45,10 @@ def test_non_finite_numbers_are_not_json(constant: str) -> None:
 def test_integers_past_64_bits_keep_every_digit() -> None:
     raw = b'{"big":123456789012345678901234567890,"small":-9223372036854775808}'
     assert jsonio.dumps(jsonio.loads(raw)) == raw
+    # Just below -2**63: nineteen digits, which orjson would read as a float.
+    below = b'{"n":-9223372036854775809}'
+    assert jsonio.loads(below) == {"n": -9223372036854775809}
+    assert jsonio.dumps(jsonio.loads(below)) == below
 
 
 def test_a_lone_surrogate_cannot_be_written_back() -> None:
