@@ -229,6 +229,11 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
+# Kafka's 50 partitions each for offsets and transactions are for spreading
+# coordinators over many brokers. On one node they are only load time: after a
+# restart every group waits for its coordinator partition to be read back.
+offsets.topic.num.partitions=4
+transaction.state.log.num.partitions=4
 
 # Tests join groups constantly; the default 3 s delay is pure waiting here.
 group.initial.rebalance.delay.ms=0

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from tests.support import REPO, free_port, wait_until
 
@@ -53,15 +54,19 @@ class PrivateBroker:
         assert done.returncode == 0, f"kafka.sh {command} failed:\n{done.stdout}{done.stderr}"
 
     def start(self) -> PrivateBroker:
-        """Start (or restart, keeping its data) and wait until every partition has a leader.
+        """Start (or restart, keeping its data) and wait until it serves again: every
+        partition has a leader and the group coordinator has read its groups back.
 
         After a restart the broker answers before it leads its partitions again
-        (NOT_LEADER_FOR_PARTITION for a moment); a test should not see that window.
+        (NOT_LEADER_FOR_PARTITION for a moment) and before its coordinator has
+        loaded the groups (COORDINATOR_LOAD_IN_PROGRESS); a test timing what a
+        client does once the broker is back should not count either window.
         """
         self._script("start")
         consumer = Consumer(
             {"bootstrap.servers": self.bootstrap, "group.id": "private-broker-probe"}
         )
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
 
         def leading() -> bool:
             try:
@@ -75,8 +80,16 @@ class PrivateBroker:
                 return False
             return True
 
+        def groups_loaded() -> bool:
+            try:
+                listed = admin.list_consumer_groups(request_timeout=5).result()
+            except KafkaException:
+                return False
+            return not listed.errors
+
         try:
             wait_until(leading, 60, "the private broker to lead its partitions", interval_s=0.2)
+            wait_until(groups_loaded, 60, "the private broker to load its groups", interval_s=0.2)
         finally:
             consumer.close()
         return self
