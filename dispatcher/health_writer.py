@@ -216,10 +216,13 @@ class HealthWriter:
             log.warning("webhook health not written: %s", exc)
             return False
         metrics.HEALTH_WRITE_FAILING.set(0)
+        # Folded, whether the batch changed a webhook's health or not (a healthy
+        # webhook's successes are written at most once a minute): a batch that is
+        # read again after a failure is not counted the first time.
+        metrics.HEALTH_FOLDED.inc(sum(1 for topic, _ in batch if topic == self.topic))
         if written:
             self._base = {topic: dict(parts) for topic, parts in self._next.items()}
             self.commits += 1
-            metrics.HEALTH_FOLDED.inc(sum(1 for topic, _ in batch if topic == self.topic))
             # Counted once committed: a decision may be taken again (after a fencing).
             for notice in step.notices:
                 metrics.NOTIFICATIONS.labels(notice.type).inc()

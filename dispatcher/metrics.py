@@ -185,7 +185,7 @@ HEALTH_WRITE_FAILING = Gauge(
 )
 HEALTH_FOLDED = Counter(
     "dispatcher_health_attempts_folded",
-    "Attempt records folded into webhook health and committed.",
+    "Attempt records folded into webhook health (the decision committed, or nothing to change).",
     registry=REGISTRY,
 )
 NOTIFICATION_TYPES = (

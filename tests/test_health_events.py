@@ -242,6 +242,20 @@ def test_one_event_of_each_kind_per_episode(
         assert metric_value(text, "dispatcher_notifications_total", type=kind) == 1
     failing = metric_value(text, "dispatcher_notifications_total", type="webhook.failing")
     assert failing == (0 if kill == "writer" else 1)
+    if kill is None:
+        # Successes of a healthy webhook change nothing to write for a minute; they
+        # are folded all the same, and counted.
+        folded = metric_value(text, "dispatcher_health_attempts_folded_total")
+        before = len(receiver.requests_to("/down"))
+        ns.publish(*[SEED_EVENT] * 5)
+        receiver.wait_for_requests(before + 5, path="/down", timeout_s=SETTLE_S)
+
+        def counted() -> bool:
+            with httpx.Client(timeout=5) as probe:
+                text = probe.get(f"http://127.0.0.1:{writer.probe_port}/metrics").text
+            return metric_value(text, "dispatcher_health_attempts_folded_total") >= folded + 5
+
+        wait_until(counted, SETTLE_S, "the five successes to be counted as folded")
 
 
 def test_a_manual_disable_gives_one_event_in_its_own_transaction(
