@@ -265,7 +265,13 @@ def _optional(doc: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def fold_rows(position: int, value: bytes | None) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+#: One record's rows (:func:`fold_rows`): its attempt row and its delivery upsert.
+FoldRows = tuple[tuple[Any, ...], tuple[Any, ...]]
+#: A record parsed: its partition, its offset, and its rows (None if it did not fit).
+Parsed = tuple[int, int, FoldRows | None]
+
+
+def fold_rows(position: int, value: bytes | None) -> FoldRows:
     """The ``attempts`` row and the ``deliveries`` upsert of one attempt record.
 
     Reads only the fields the store keeps, checking each one's type (as
@@ -373,6 +379,18 @@ def fold_rows(position: int, value: bytes | None) -> tuple[tuple[Any, ...], tupl
     return attempt_row, delivery_row
 
 
+def parse_records(records: Iterable[tuple[int, int, bytes | None]]) -> Iterator[Parsed]:
+    """Each record (partition, offset, value) with its rows, None for one that does
+    not fit: the pure half of folding, which may run on another thread than the
+    writer (:meth:`HistoryStore.write` is the other half)."""
+    for partition, offset, value in records:
+        try:
+            rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            rows = None
+        yield partition, offset, rows
+
+
 class HistoryStore:
     """One SQLite file: one writer connection (the folding thread), a connection per reader."""
 
@@ -386,6 +404,8 @@ class HistoryStore:
         self._folded: dict[int, int] = {}
         #: The positions the open transaction reached (stored at its commit).
         self._positions: dict[int, int] = {}
+        #: The open transaction's delivery upserts not yet written (see :meth:`flush`).
+        self._deliveries: list[tuple[Any, ...]] = []
         #: Retention looks at webhooks in order: those up to this one are done.
         self._expire_after = ""
         self.invalid_records = 0
@@ -514,34 +534,46 @@ class HistoryStore:
         assert self._writer is not None, "history store not open"
         self._writer.execute("BEGIN IMMEDIATE")
         self._positions = {}
+        self._deliveries = []
 
     def apply(self, records: Iterable[tuple[int, int, bytes | None]]) -> None:
         """Add records to the open transaction (nothing is visible before commit)."""
+        self.write(parse_records(records))
+        self.flush()
+
+    def write(self, parsed: Iterable[Parsed]) -> None:
+        """Add parsed records (:func:`parse_records`) to the open transaction.
+
+        A record below its partition's position was folded already and is
+        skipped; one that did not fit is counted. Attempt rows are inserted now;
+        the deliveries' upserts wait for :meth:`flush` (or the commit), to go in
+        key order over all the records written since.
+        """
         conn = self._writer
         assert conn is not None, "history store not open"
         folded = self._folded
         positions = self._positions
+        delivery_rows = self._deliveries
         attempt_rows: list[tuple[Any, ...]] = []
-        delivery_rows: list[tuple[Any, ...]] = []
-
-        def write() -> None:
-            conn.executemany(_INSERT_ATTEMPT, attempt_rows)
-            attempt_rows.clear()
-
-        for partition, offset, value in records:
+        for partition, offset, rows in parsed:
             if offset < positions.get(partition, folded.get(partition, 0)):
                 continue
             positions[partition] = offset + 1
-            try:
-                rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
-            except (ValueError, TypeError, KeyError, AttributeError):
+            if rows is None:
                 self.invalid_records += 1
                 continue
             attempt_rows.append(rows[0])
             delivery_rows.append(rows[1])
             if len(attempt_rows) == _ROWS_AT_ONCE:
-                write()
-        write()
+                conn.executemany(_INSERT_ATTEMPT, attempt_rows)
+                attempt_rows.clear()
+        conn.executemany(_INSERT_ATTEMPT, attempt_rows)
+
+    def flush(self) -> None:
+        """Upsert the deliveries of the records written since the last flush."""
+        conn = self._writer
+        assert conn is not None, "history store not open"
+        delivery_rows, self._deliveries = self._deliveries, []
         # In key order (a stable sort: one delivery's records keep theirs): the
         # deliveries table and its indexes all lead with the webhook, so the batch
         # goes through each B-tree in one sweep instead of at scattered pages.
@@ -554,6 +586,7 @@ class HistoryStore:
         assert conn is not None, "history store not open"
         positions = self._positions
         try:
+            self.flush()
             conn.executemany(
                 "INSERT OR REPLACE INTO positions VALUES (?, ?)", list(positions.items())
             )
@@ -571,6 +604,7 @@ class HistoryStore:
         if self._writer.in_transaction:
             self._writer.execute("ROLLBACK")
         self._positions = {}
+        self._deliveries = []
 
     def expire(self, cutoff_ms: int, batch: int = 2000) -> int:
         """Delete up to ``batch`` deliveries last touched before ``cutoff_ms``, with
