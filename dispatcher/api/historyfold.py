@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Final
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as TP
 
-from dispatcher.api.historystore import HistoryStore
+from dispatcher.api.historystore import HistoryStore, parse_records
 from dispatcher.errors import KafkaSetupError
 from dispatcher.kafka import table_consumer_config
 from dispatcher.settings import Settings
@@ -64,6 +64,7 @@ class HistoryFolder:
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.folded = 0
+        self.transactions = 0
         self.started_at = 0.0
         self.caught_up_s: float | None = None
 
@@ -158,47 +159,45 @@ class HistoryFolder:
         reached: dict[int, int] = {}
         try:
             while not self._stop.is_set():
-                msgs = consumer.consume(BATCH, timeout=0.2)
+                # Up to FOLD_MAX records within FOLD_WAIT_S, each chunk parsed and its
+                # attempt rows written as it comes: holding the read records until the
+                # batch was full kept up to 20,000 of them (and their bodies) in memory
+                # at a rebuild's peak. The deliveries' upserts still wait for the whole
+                # batch (flush), to go through the indexes in key order.
+                chunk = consumer.consume(BATCH, timeout=0.2)
                 first = time.monotonic()
-                more = msgs
-                while (
-                    len(more) == BATCH
-                    and len(msgs) < FOLD_MAX
-                    and time.monotonic() - first < FOLD_WAIT_S
-                ):
-                    more = consumer.consume(BATCH, timeout=0.05)
-                    msgs += more
-                batch: list[tuple[int, int, bytes | None]] = []
-                for msg in msgs:
-                    err = msg.error()
-                    partition, offset = msg.partition(), msg.offset()
-                    if partition is None or offset is None:
-                        if err is not None:
-                            log.warning("attempts topic: %s", err.str())
-                        continue
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            reached[partition] = offset
-                        else:
-                            log.warning("attempts topic: %s", err.str())
-                        continue
-                    batch.append((partition, offset, msg.value()))
-                if batch:
-                    if not in_tx:
-                        store.begin()
-                        tx_began = time.monotonic()
-                    store.apply(batch)
-                    in_tx += len(batch)
-                    self.folded += len(batch)
-                # A full batch means more is waiting: keep the transaction open,
-                # up to its bounds. Otherwise (caught up with the topic) commit now.
-                backlog = len(msgs) >= FOLD_MAX
+                read = 0
+                while True:
+                    records = self._records(chunk, reached)
+                    if records:
+                        if not in_tx:
+                            store.begin()
+                            tx_began = time.monotonic()
+                        store.write(parse_records(records))
+                        in_tx += len(records)
+                        self.folded += len(records)
+                    read += len(chunk)
+                    if (
+                        len(chunk) < BATCH
+                        or read >= FOLD_MAX
+                        or time.monotonic() - first >= FOLD_WAIT_S
+                    ):
+                        break
+                    chunk = consumer.consume(BATCH, timeout=0.05)
+                if in_tx:
+                    store.flush()
+                # More is waiting (a full last chunk, or a rebuild still reading
+                # towards the ends it noted at start, where a chunk often comes
+                # short of BATCH): keep the transaction open, up to its bounds.
+                # Otherwise (caught up with the topic) commit now.
+                backlog = len(chunk) == BATCH or (read > 0 and not self.caught_up)
                 if in_tx and (
                     not backlog
                     or in_tx >= self.settings.api_history_backlog_tx
                     or time.monotonic() - tx_began >= BACKLOG_TX_S
                 ):
                     reached.update(store.commit())
+                    self.transactions += 1
                     in_tx = 0
                 if reached and not in_tx:
                     self._reached(reached)
@@ -223,6 +222,29 @@ class HistoryFolder:
             consumer.close()
             store.close()
 
+    @staticmethod
+    def _records(
+        msgs: list[Message], reached: dict[int, int]
+    ) -> list[tuple[int, int, bytes | None]]:
+        """The records among ``msgs`` (partition, offset, value); end-of-partition marks
+        go to ``reached``, other errors to the log."""
+        records: list[tuple[int, int, bytes | None]] = []
+        for msg in msgs:
+            err = msg.error()
+            partition, offset = msg.partition(), msg.offset()
+            if partition is None or offset is None:
+                if err is not None:
+                    log.warning("attempts topic: %s", err.str())
+                continue
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    reached[partition] = offset
+                else:
+                    log.warning("attempts topic: %s", err.str())
+                continue
+            records.append((partition, offset, msg.value()))
+        return records
+
     def _reached(self, positions: dict[int, int]) -> None:
         with self._applied:
             for partition, position in positions.items():
@@ -237,6 +259,10 @@ class HistoryFolder:
     def _mark_caught_up(self) -> None:
         self.caught_up_s = time.monotonic() - self.started_at
         log.info(
-            "%s caught up: %d records folded in %.1f s", self.name, self.folded, self.caught_up_s
+            "%s caught up: %d records folded in %.1f s, %d transactions",
+            self.name,
+            self.folded,
+            self.caught_up_s,
+            self.transactions,
         )
         self._caught_up.set()
