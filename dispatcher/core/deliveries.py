@@ -185,8 +185,9 @@ class DeliveryRunner:
         self.backpressure = backpressure
         #: When any endpoint last answered (monotonic s).
         self._last_answer = 0.0
-        #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
-        #: recounted on every check (:meth:`check_endpoints`).
+        #: In-flight places that slow and unmeasured endpoints' lanes hold: what
+        #: waits in their queues and what runs in their slots. Counted up as they
+        #: queue, recounted on every check (:meth:`check_endpoints`).
         self.slow_queued = 0
         #: Webhook ids that ``dispatcher_endpoint_backlog`` reports now.
         self._backlog_shown: set[str] = set()
@@ -244,7 +245,7 @@ class DeliveryRunner:
                 # Not measured yet: nothing says whether it is slow. What a burst
                 # brings waits here, in the half of the in-flight places kept for
                 # such lanes, rather than holding the partitions or going to Kafka.
-                self.slow_queued += 1
+                self._into_lane(ep)
                 return
             wait_s = self._park_for(ep, d)
             if wait_s is not None:
@@ -252,8 +253,8 @@ class DeliveryRunner:
                 self.work.start(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
                 return
             if unmeasured or ep.overloaded():
-                self.slow_queued += 1
-            if ep.full:
+                self._into_lane(ep)
+            if self._full(ep):
                 self._hold(key, d.slot.part)
         else:
             self.work.start(ticket, self._defer(d, admission.value, ep))
@@ -284,7 +285,7 @@ class DeliveryRunner:
                 ticket, self._defer(d, RATE_LIMITED if limited else ENDPOINT_SLOW, wait_s=wait_s)
             )
             return
-        self.slow_queued += 1
+        self._into_lane(ep)
         self._arm_pacer(key, ep)
 
     def _arm_pacer(self, key: str, ep: Endpoint[Delivery]) -> None:
@@ -339,12 +340,39 @@ class DeliveryRunner:
         return ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging()
 
     def _slow(self, ep: Endpoint[Delivery]) -> bool:
-        """``ep.slow``, unless the loop's lag excuses it: then its partitions wait."""
-        return ep.slow and not self._lag_excuses(ep)
+        """Its queue is full (:meth:`_full`) and it is overloaded, unless the loop's lag
+        excuses it: then its partitions wait."""
+        return self._full(ep) and ep.overloaded() and not self._lag_excuses(ep)
+
+    def _full(self, ep: Endpoint[Delivery]) -> bool:
+        """Whoever feeds ``ep`` should wait (or, were it slow, park): its queue reached
+        its bound, or, not measured yet, holds anything once the lanes' half is spent.
+
+        Without the second case an unmeasured endpoint met while another's lane holds
+        that half would queue up to its bound outside it: a second webhook as slow as
+        the first then took, with its slots, the rest of the in-flight places, and
+        every other webhook waited for the first one's answers. Now its partitions
+        wait for it, and the hold judges it within ``HOLD_MAX_S`` (slow if it has
+        not answered while others have, see :meth:`_held_too_long`): its overflow is
+        then parked, and a healthy one's first answers let the partitions go on.
+        """
+        if ep.full:
+            return True
+        return (
+            bool(ep.queue) and ep.rate_limit is None and not ep.measured and not self._lane_room()
+        )
+
+    def _into_lane(self, ep: Endpoint[Delivery]) -> None:
+        """Count a delivery just queued at a slow or unmeasured endpoint in the lanes'
+        half; the first one queued brings the endpoint's busy slots along."""
+        self.slow_queued += 1 + (ep.active if len(ep.queue) == 1 else 0)
 
     def _lane_room(self) -> bool:
-        """Whether slow or unmeasured endpoints' queues may take one more delivery:
-        together they hold at most half the in-flight places."""
+        """Whether slow or unmeasured endpoints' lanes may take one more delivery:
+        together they hold at most half the in-flight places. Their slots count,
+        not only their queues: each slow endpoint's busy slots hold in-flight
+        places as long as its answers take, and the other half is for every other
+        webhook."""
         return self.slow_queued < self.settings.max_in_flight // 2
 
     def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
@@ -507,7 +535,7 @@ class DeliveryRunner:
         slow, and what does not fit is now parked in Kafka instead."""
         if not self.backpressure.holding(key):
             return
-        if ep is not None and ep.full and not self._slow(ep):
+        if ep is not None and self._full(ep) and not self._slow(ep):
             return
         self.backpressure.release(key)
 
@@ -663,7 +691,7 @@ class DeliveryRunner:
                 self.endpoints.pop(key, None)
                 continue
             if ep.queue and (not ep.measured or ep.overloaded()):
-                slow_queued += len(ep.queue)
+                slow_queued += len(ep.queue) + ep.active
             backlog = float(len(ep.queue))
             if ep.parked_until > now:
                 rate = ep.start_rate()
