@@ -19,8 +19,9 @@ the slots never run dry. A full queue that holds its partitions is judged every
 endpoint not measured yet (no answer to a request sent after its first answer:
 the first ones pay for new connections, see ``Endpoint.cold_latency``) keeps a
 burst in its queue instead, within the half of the in-flight places that slow
-and unmeasured endpoints' queues share. The partitions go on for every other
-webhook; the offsets of what waits in a queue stay uncommitted (a few seconds of
+and unmeasured endpoints' lanes (their queues and busy slots) share; beyond
+that half its queue counts as full, so the hold judges it. The partitions go on
+for every other webhook; the offsets of what waits in a queue stay uncommitted (a few seconds of
 the endpoint's work), and what is parked was durably written first.
 A stalled endpoint or an open circuit defers everything, and a delivery
 deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
