@@ -19,10 +19,10 @@ the slots never run dry. A full queue that holds its partitions is judged every
 endpoint not measured yet (no answer to a request sent after its first answer:
 the first ones pay for new connections, see ``Endpoint.cold_latency``) keeps a
 burst in its queue instead, within the half of the in-flight places that slow
-and unmeasured endpoints' lanes (their queues and busy slots) share; beyond
-that half its queue counts as full, so the hold judges it. The partitions go on
-for every other webhook; the offsets of what waits in a queue stay uncommitted (a few seconds of
-the endpoint's work), and what is parked was durably written first.
+and unmeasured endpoints' lanes (their queues and busy slots) share. The
+partitions go on for every other webhook; the offsets of what waits in a queue
+stay uncommitted (a few seconds of the endpoint's work), and what is parked was
+durably written first.
 A stalled endpoint or an open circuit defers everything, and a delivery
 deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
 ``endpoint_unavailable``.
@@ -255,7 +255,7 @@ class DeliveryRunner:
                 return
             if unmeasured or ep.overloaded():
                 self._into_lane(ep)
-            if self._full(ep):
+            if ep.full:
                 self._hold(key, d.slot.part)
         else:
             self.work.start(ticket, self._defer(d, admission.value, ep))
@@ -341,27 +341,8 @@ class DeliveryRunner:
         return ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging()
 
     def _slow(self, ep: Endpoint[Delivery]) -> bool:
-        """Its queue is full (:meth:`_full`) and it is overloaded, unless the loop's lag
-        excuses it: then its partitions wait."""
-        return self._full(ep) and ep.overloaded() and not self._lag_excuses(ep)
-
-    def _full(self, ep: Endpoint[Delivery]) -> bool:
-        """Whoever feeds ``ep`` should wait (or, were it slow, park): its queue reached
-        its bound, or, not measured yet, holds anything once the lanes' half is spent.
-
-        Without the second case an unmeasured endpoint met while another's lane holds
-        that half would queue up to its bound outside it: a second webhook as slow as
-        the first then took, with its slots, the rest of the in-flight places, and
-        every other webhook waited for the first one's answers. Now its partitions
-        wait for it, and the hold judges it within ``HOLD_MAX_S`` (slow if it has
-        not answered while others have, see :meth:`_held_too_long`): its overflow is
-        then parked, and a healthy one's first answers let the partitions go on.
-        """
-        if ep.full:
-            return True
-        return (
-            bool(ep.queue) and ep.rate_limit is None and not ep.measured and not self._lane_room()
-        )
+        """``ep.slow``, unless the loop's lag excuses it: then its partitions wait."""
+        return ep.slow and not self._lag_excuses(ep)
 
     def _into_lane(self, ep: Endpoint[Delivery]) -> None:
         """Count a delivery just queued at a slow or unmeasured endpoint in the lanes'
@@ -370,10 +351,15 @@ class DeliveryRunner:
 
     def _lane_room(self) -> bool:
         """Whether slow or unmeasured endpoints' lanes may take one more delivery:
-        together they hold at most half the in-flight places. Their slots count,
-        not only their queues: each slow endpoint's busy slots hold in-flight
-        places as long as its answers take, and the other half is for every other
-        webhook."""
+        together they hold at most half the in-flight places.
+
+        Their slots count, not only their queues: a slow endpoint's busy slots hold
+        in-flight places as long as its answers take. Counting only the queues, a
+        first slow webhook's queue took the whole half, and a second one met then
+        (not measured, so its queue is bounded by its size, not parked) took the
+        rest with its slots and queue: every other webhook waited for the first
+        one's answers. Counted so, the second one's slots and queue fit in the other
+        half beside what the first one's slots left there."""
         return self.slow_queued < self.settings.max_in_flight // 2
 
     def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
@@ -536,7 +522,7 @@ class DeliveryRunner:
         slow, and what does not fit is now parked in Kafka instead."""
         if not self.backpressure.holding(key):
             return
-        if ep is not None and self._full(ep) and not self._slow(ep):
+        if ep is not None and ep.full and not self._slow(ep):
             return
         self.backpressure.release(key)
 
