@@ -215,8 +215,8 @@ def test_a_slow_webhook_next_to_a_fast_one_loses_nothing_across_kill_9(
 
 #: The long variant: S answers just within an HTTP timeout of 30 s.
 LONG_S = 29.0
-#: S's events: its slots, its queue up to the lanes' half of the in-flight places
-#: (128), and some parked beyond: four rounds of its slots, about 2 min.
+#: S's events: its slots and queue up to the lanes' half of the in-flight places
+#: (128, slots counted), and some parked beyond: four rounds of its slots, about 2 min.
 LONG_PER_ORG = 200
 
 
@@ -224,8 +224,8 @@ LONG_PER_ORG = 200
 def test_a_webhook_answering_after_29_s_keeps_neither_pace_nor_latency_from_its_neighbour(
     ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any
 ) -> None:
-    """One trial: a second such S, met while the first fills its slots and the lanes'
-    half, is not covered (their queues then take every in-flight place)."""
+    """One trial; a second such S, met while the first fills its slots and the lanes'
+    half, is the next test."""
     # S's requests run 29 s: within the HTTP timeout, and not taken for a stall.
     ns: Namespace = ns_factory(**{**SETTINGS, "http_timeout_s": 45.0, "endpoint_stall_s": 60.0})
     receiver.respond("/slow", Reply(200, delay_s=LONG_S))
@@ -282,6 +282,8 @@ PAIR_S = 10.0
 #: (128) and some parked beyond, however that half is counted: four rounds of its
 #: slots.
 PAIR_PER_ORG = 200
+#: F's pace next to S1 and S2 against F alone (see the assertion).
+PAIR_MIN_PACE_RATIO = 0.4
 
 
 @pytest.mark.alone
@@ -332,25 +334,32 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_keeps_nothing_
     fast = stream("pair-f2", 0, PER_ORG, org="org_fast")
     events = [e for i in range(PAIR_PER_ORG) for e in (slow[2][i], *fast[2 * i : 2 * i + 2])]
     mixed = fast_run(receiver, ns, events)
+    ratio = mixed[0] / alone[0]
+    print(
+        f"\n[two slow neighbours] F alone {alone[0]:.0f}/s p99 {alone[1] * 1000:.0f} ms;"
+        f" with S1 and S2 {mixed[0]:.0f}/s p99 {mixed[1] * 1000:.0f} ms (ratio {ratio:.2f});"
+        f" parked by then {parked(1):g} of S1, {parked(2):g} of S2"
+    )
     # No answer from S1 or S2 yet: F's pace was not theirs having answered.
     for n in (1, 2):
         assert len(receiver.requests_to(f"/slow{n}")) <= SLOTS, n
-    assert parked(2) > 0, "nothing of S2 was parked: the test proves nothing"
+    # S2's overflow is parked once the hold has judged its full queue (the test
+    # proves nothing otherwise); its requests meanwhile still wait for their answers.
+    wait_until(lambda: parked(2) > 0, 5, "S2's overflow parked")
     wanted = expected_pairs(["/slow1"], slow[1]) | expected_pairs(["/slow2"], slow[2])
     wait_until(lambda: not Tally.of([receiver]).missing(wanted), 90, "every delivery to S1 and S2")
     attempts = {
         r.header("x-bullseye-attempt") for n in (1, 2) for r in receiver.requests_to(f"/slow{n}")
     }
     assert attempts == {"1"}, f"waiting spent an attempt: {attempts}"
-    ratio = mixed[0] / alone[0]
-    print(
-        f"\n[two slow neighbours] F alone {alone[0]:.0f}/s p99 {alone[1] * 1000:.0f} ms;"
-        f" with S1 and S2 {mixed[0]:.0f}/s p99 {mixed[1] * 1000:.0f} ms (ratio {ratio:.2f});"
-        f" parked {parked(1):g} of S1, {parked(2):g} of S2"
-    )
-    # The bound of the 2.5 s variant, for the same reasons (see there). Before S2's
-    # queue counted in the lanes' half, F waited for S1's answers: p99 27-56 s.
-    assert ratio >= MIN_PACE_RATIO, (mixed, alone)
+    print(f"[two slow neighbours] parked in all {parked(1):g} of S1, {parked(2):g} of S2")
+    # Before the lanes' half counted S1's slots, S2's slots and queue took the
+    # places S1's lane left, and F waited for S1's answers (p99 27-56 s, a ratio
+    # near 0.05). Now S1's lane and S2's slots and queue leave F about 14 of the
+    # 256 places, which can bound its pace when it runs fast alone (0.52 once, F
+    # alone at 887/s; 0.81-1.03 otherwise): a lower bound than the one-S tests',
+    # which still tells isolation from none in one trial.
+    assert ratio >= PAIR_MIN_PACE_RATIO, (mixed, alone)
     # One trial, not the best of three: on a loaded machine F alone may miss the
     # second itself (1.11 s once); waiting for S1 would cost its 10 s.
     assert mixed[1] <= max(1.0, alone[1] + 0.5), (mixed, alone)
