@@ -291,8 +291,8 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_keeps_nothing_
     ns_factory: Any, receiver: HttpsReceiver, run_dispatcher: Any
 ) -> None:
     """S1 answers after 10 s and has its slots and the lanes' half of the in-flight
-    places (its overflow parked) when S2, as slow, comes: F keeps its pace next to
-    both, S1 and S2 get every delivery on its first attempt. One trial, about 60 s."""
+    places (its overflow parked) when S2, as slow, comes: F is held up by neither,
+    S1 and S2 get every delivery on its first attempt. One trial, about 50 s."""
     ns: Namespace = ns_factory(**{**SETTINGS, "http_timeout_s": 30.0, "endpoint_stall_s": 60.0})
     receiver.respond("/fast", Reply(200))
     hooks: dict[int, str] = {}
@@ -354,11 +354,13 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_keeps_nothing_
     assert attempts == {"1"}, f"waiting spent an attempt: {attempts}"
     print(f"[two slow neighbours] parked in all {parked(1):g} of S1, {parked(2):g} of S2")
     # Before the lanes' half counted S1's slots, S2's slots and queue took the
-    # places S1's lane left, and F waited for S1's answers (p99 27-56 s, a ratio
-    # near 0.05). Now S1's lane and S2's slots and queue leave F about 14 of the
-    # 256 places, which can bound its pace when it runs fast alone (0.52 once, F
-    # alone at 887/s; 0.81-1.03 otherwise): a lower bound than the one-S tests',
-    # which still tells isolation from none in one trial.
+    # places S1's lane left, and F waited for S1's answers (here F's run outlasted
+    # S1's first 10 s, failing the check above; p99 27-56 s in the 29 s variant).
+    # Now S1's lane and S2's slots and queue leave F about 14 of the 256 places,
+    # which can bound its pace when it runs fast alone (0.52 once, F alone at
+    # 887/s; 0.81-3.04 otherwise, F alone's first fetch after an idle spell making
+    # one trial noisy): a lower bound than the one-S tests', which still tells
+    # isolation from none in one trial.
     assert ratio >= PAIR_MIN_PACE_RATIO, (mixed, alone)
     # One trial, not the best of three: on a loaded machine F alone may miss the
     # second itself (1.11 s once); waiting for S1 would cost its 10 s.
