@@ -19,9 +19,10 @@ the slots never run dry. A full queue that holds its partitions is judged every
 endpoint not measured yet (no answer to a request sent after its first answer:
 the first ones pay for new connections, see ``Endpoint.cold_latency``) keeps a
 burst in its queue instead, within the half of the in-flight places that slow
-and unmeasured endpoints' queues share. The partitions go on for every other
-webhook; the offsets of what waits in a queue stay uncommitted (a few seconds of
-the endpoint's work), and what is parked was durably written first.
+and unmeasured endpoints' lanes (their queues and busy slots) share. The
+partitions go on for every other webhook; the offsets of what waits in a queue
+stay uncommitted (a few seconds of the endpoint's work), and what is parked was
+durably written first.
 A stalled endpoint or an open circuit defers everything, and a delivery
 deferred for longer than ``deferral_max_age_s`` is dead-lettered with reason
 ``endpoint_unavailable``.
@@ -185,8 +186,9 @@ class DeliveryRunner:
         self.backpressure = backpressure
         #: When any endpoint last answered (monotonic s).
         self._last_answer = 0.0
-        #: Deliveries waiting in slow endpoints' queues: counted up as they queue,
-        #: recounted on every check (:meth:`check_endpoints`).
+        #: In-flight places that slow and unmeasured endpoints' lanes hold: what
+        #: waits in their queues and what runs in their slots. Counted up as they
+        #: queue, recounted on every check (:meth:`check_endpoints`).
         self.slow_queued = 0
         #: Webhook ids that ``dispatcher_endpoint_backlog`` reports now.
         self._backlog_shown: set[str] = set()
@@ -244,7 +246,7 @@ class DeliveryRunner:
                 # Not measured yet: nothing says whether it is slow. What a burst
                 # brings waits here, in the half of the in-flight places kept for
                 # such lanes, rather than holding the partitions or going to Kafka.
-                self.slow_queued += 1
+                self._into_lane(ep)
                 return
             wait_s = self._park_for(ep, d)
             if wait_s is not None:
@@ -252,7 +254,7 @@ class DeliveryRunner:
                 self.work.start(ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
                 return
             if unmeasured or ep.overloaded():
-                self.slow_queued += 1
+                self._into_lane(ep)
             if ep.full:
                 self._hold(key, d.slot.part)
         else:
@@ -284,7 +286,7 @@ class DeliveryRunner:
                 ticket, self._defer(d, RATE_LIMITED if limited else ENDPOINT_SLOW, wait_s=wait_s)
             )
             return
-        self.slow_queued += 1
+        self._into_lane(ep)
         self._arm_pacer(key, ep)
 
     def _arm_pacer(self, key: str, ep: Endpoint[Delivery]) -> None:
@@ -342,9 +344,22 @@ class DeliveryRunner:
         """``ep.slow``, unless the loop's lag excuses it: then its partitions wait."""
         return ep.slow and not self._lag_excuses(ep)
 
+    def _into_lane(self, ep: Endpoint[Delivery]) -> None:
+        """Count a delivery just queued at a slow or unmeasured endpoint in the lanes'
+        half; the first one queued brings the endpoint's busy slots along."""
+        self.slow_queued += 1 + (ep.active if len(ep.queue) == 1 else 0)
+
     def _lane_room(self) -> bool:
-        """Whether slow or unmeasured endpoints' queues may take one more delivery:
-        together they hold at most half the in-flight places."""
+        """Whether slow or unmeasured endpoints' lanes may take one more delivery:
+        together they hold at most half the in-flight places.
+
+        Their slots count, not only their queues: a slow endpoint's busy slots hold
+        in-flight places as long as its answers take. Counting only the queues, a
+        first slow webhook's queue took the whole half, and a second one met then
+        (not measured, so its queue is bounded by its size, not parked) took the
+        rest with its slots and queue: every other webhook waited for the first
+        one's answers. Counted so, the second one's slots and queue fit in the other
+        half beside what the first one's slots left there."""
         return self.slow_queued < self.settings.max_in_flight // 2
 
     def _park_for(self, ep: Endpoint[Delivery], d: Delivery) -> float | None:
@@ -663,7 +678,7 @@ class DeliveryRunner:
                 self.endpoints.pop(key, None)
                 continue
             if ep.queue and (not ep.measured or ep.overloaded()):
-                slow_queued += len(ep.queue)
+                slow_queued += len(ep.queue) + ep.active
             backlog = float(len(ep.queue))
             if ep.parked_until > now:
                 rate = ep.start_rate()
