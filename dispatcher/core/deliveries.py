@@ -346,8 +346,14 @@ class DeliveryRunner:
 
     def _into_lane(self, ep: Endpoint[Delivery]) -> None:
         """Count a delivery just queued at a slow or unmeasured endpoint in the lanes'
-        half; the first one queued brings the endpoint's busy slots along."""
-        self.slow_queued += 1 + (ep.active if len(ep.queue) == 1 else 0)
+        half; the first one since the last recount brings the endpoint's busy slots
+        along, once: a queue that empties and fills again between recounts (a busy
+        fast endpoint's does, many times a second) must not add its slots each time,
+        or the half looked spent within a recount and healthy webhooks waited."""
+        self.slow_queued += 1
+        if not ep.in_lane:
+            ep.in_lane = True
+            self.slow_queued += ep.active
 
     def _lane_room(self) -> bool:
         """Whether slow or unmeasured endpoints' lanes may take one more delivery:
@@ -677,7 +683,8 @@ class DeliveryRunner:
                 # Its window has slid empty since its last answer; nothing is parked.
                 self.endpoints.pop(key, None)
                 continue
-            if ep.queue and (not ep.measured or ep.overloaded()):
+            ep.in_lane = bool(ep.queue) and (not ep.measured or ep.overloaded())
+            if ep.in_lane:
                 slow_queued += len(ep.queue) + ep.active
             backlog = float(len(ep.queue))
             if ep.parked_until > now:

@@ -76,6 +76,7 @@ class Endpoint(Generic[T]):
         "cold_latency",
         "deferral_slot",
         "held_until",
+        "in_lane",
         "latency",
         "limit",
         "pacer",
@@ -130,6 +131,9 @@ class Endpoint(Generic[T]):
         #: When the last delivery parked in Kafka for being slow gets its turn (clock s);
         #: until then new deliveries queue behind it, in Kafka too.
         self.parked_until = 0.0
+        #: Whether its busy slots are in the lanes' count since that was last
+        #: recounted (kept by ``deliveries.DeliveryRunner``).
+        self.in_lane = False
         #: Until when it counts as slow for having held its partitions too long
         #: (see :meth:`held`), whatever its measures say.
         self.held_until = 0.0
