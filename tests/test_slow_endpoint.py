@@ -101,6 +101,23 @@ def fast_run(
     return rate, p99
 
 
+def warm_then_f_alone(
+    receiver: HttpsReceiver, ns: Namespace, warmers: list[str]
+) -> tuple[float, float]:
+    """Warm connections for the slow webhooks' slots and F's (TLS handshakes are not
+    measured), through webhooks of their own at ``/NAME`` (organization ``org_NAME``)
+    whose answers take a moment, so a burst to them opens as many connections as a
+    slow webhook will use; then F's pace and p99 alone (:func:`fast_run`)."""
+    warm = [e for name in warmers for e in stream(name, 0, SLOTS, org=f"org_{name}")]
+    fast_run(receiver, ns, stream("warm-f", 0, SLOTS, org="org_fast") + warm)
+    wait_until(
+        lambda: sum(len(receiver.requests_to(f"/{name}")) for name in warmers) == len(warm),
+        30,
+        "the warm-up answered",
+    )
+    return fast_run(receiver, ns, stream("alone", 0, PER_ORG, org="org_fast"))
+
+
 def setup(ns_factory: Any, receiver: HttpsReceiver) -> Namespace:
     ns: Namespace = ns_factory(**SETTINGS)
     receiver.respond("/slow", Reply(200, delay_s=SLOW_S))
@@ -236,11 +253,7 @@ def test_a_webhook_answering_after_29_s_keeps_neither_pace_nor_latency_from_its_
     ns.subscribe(receiver.url("/fast"), organization_id="org_fast")
     ns.subscribe(receiver.url("/warm"), organization_id="org_warm")
     proc: DispatcherProcess = run_dispatcher(ns)
-    # Warm connections for S's slots and F's (TLS handshakes are not measured).
-    warm = stream("warm-w", 0, SLOTS, org="org_warm")
-    fast_run(receiver, ns, stream("warm-f", 0, SLOTS, org="org_fast") + warm)
-    wait_until(lambda: len(receiver.requests_to("/warm")) == SLOTS, 30, "the warm-up answered")
-    alone = fast_run(receiver, ns, stream("alone", 0, PER_ORG, org="org_fast"))
+    alone = warm_then_f_alone(receiver, ns, ["warm"])
     slow = stream("long-s", 0, LONG_PER_ORG, org="org_long")
     fast = stream("long-f", 0, PER_ORG, org="org_fast")
     # Interleaved in the same partitions: two of S's for every three of F's.
@@ -306,15 +319,7 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_keeps_nothing_
         ns.subscribe(receiver.url(f"/warm{n}"), organization_id=f"org_warm{n}")
     ns.subscribe(receiver.url("/fast"), organization_id="org_fast")
     proc: DispatcherProcess = run_dispatcher(ns)
-    # Warm connections for both S's slots and F's (TLS handshakes are not measured).
-    warm = [e for n in (1, 2) for e in stream(f"warm{n}", 0, SLOTS, org=f"org_warm{n}")]
-    fast_run(receiver, ns, stream("warm-f", 0, SLOTS, org="org_fast") + warm)
-    wait_until(
-        lambda: sum(len(receiver.requests_to(f"/warm{n}")) for n in (1, 2)) == 2 * SLOTS,
-        30,
-        "the warm-up answered",
-    )
-    alone = fast_run(receiver, ns, stream("alone", 0, PER_ORG, org="org_fast"))
+    alone = warm_then_f_alone(receiver, ns, ["warm1", "warm2"])
     slow = {n: stream(f"pair-s{n}", 0, PAIR_PER_ORG, org=f"org_slow{n}") for n in (1, 2)}
     # S1 next to some of F's, in the same partitions, until its lane is full and its
     # overflow parked.

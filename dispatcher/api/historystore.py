@@ -381,8 +381,7 @@ def fold_rows(position: int, value: bytes | None) -> FoldRows:
 
 def parse_records(records: Iterable[tuple[int, int, bytes | None]]) -> Iterator[Parsed]:
     """Each record (partition, offset, value) with its rows, None for one that does
-    not fit: the pure half of folding, which may run on another thread than the
-    writer (:meth:`HistoryStore.write` is the other half)."""
+    not fit: the pure half of folding (:meth:`HistoryStore.write` is the other)."""
     for partition, offset, value in records:
         try:
             rows = fold_rows((partition << _OFFSET_BITS) | offset, value)
