@@ -25,6 +25,7 @@ import pytest
 from dispatcher.core import deliveries
 from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
 from dispatcher.core.invalid import H_INVALID_REASON
+from dispatcher.core.loop_lag import LoopLag
 from dispatcher.records import DeliveryRecord, Source
 from tests.engine_fakes import (
     FakeTable,
@@ -484,6 +485,18 @@ def test_a_healthy_webhook_whose_first_answers_pay_for_a_cold_start_is_not_parke
     asyncio.run(main())
 
 
+class FixedLag(LoopLag):
+    """A loop lag that says what the test chose, whatever the tick measures."""
+
+    def __init__(self, lagging: bool) -> None:
+        super().__init__()
+        self._lagging = lagging
+
+    @property
+    def lagging(self) -> bool:
+        return self._lagging
+
+
 @pytest.mark.parametrize("lagging", [False, True], ids=["punctual_loop", "lagging_loop"])
 def test_while_the_event_loop_lags_a_webhook_measured_slow_is_not_parked(lagging: bool) -> None:
     """A webhook whose answers measure 0.2 s: a queue of 4 is 0.2 s of its work, more
@@ -501,7 +514,7 @@ def test_while_the_event_loop_lags_a_webhook_measured_slow_is_not_parked(lagging
         table = FakeTable(subscription("wh_a", A))
         before = sample("dispatcher_deferrals_total", reason="endpoint_slow")
         async with running(s, table, handler) as h:
-            h.engine.runner.loop_lagging = lambda: lagging
+            h.engine.runner.loop_lag = FixedLag(lagging)
             h.input.assign(0)
             h.input.feed([event(f"warm{i}") for i in range(8)])
             await until(
@@ -532,13 +545,13 @@ def test_the_engine_measures_its_event_loop_lag_and_gets_over_it() -> None:
             lag = h.engine.loop_lag
             # Its supervision tick is asleep once it has measured a first sleep.
             await until(lambda: lag.measures >= 1, what="a first tick")
-            assert not h.engine.runner.loop_lagging()
+            assert not lag.lagging
             # The loop is held, as a starved process's is: the tick wakes late.
             time.sleep(0.4)  # the lag under test, not a wait for anything
-            await until(h.engine.runner.loop_lagging, what="the lag noticed")
+            await until(lambda: lag.lagging, what="the lag noticed")
             assert sample("dispatcher_event_loop_lag_seconds") > 0.1
             # Punctual ticks again: the smoothed lag falls below the bound.
-            await until(lambda: not h.engine.runner.loop_lagging(), what="the lag gone")
+            await until(lambda: not lag.lagging, what="the lag gone")
             assert sample("dispatcher_event_loop_lag_seconds") <= 0.1
 
     asyncio.run(main())

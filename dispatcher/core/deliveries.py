@@ -53,7 +53,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -62,6 +61,7 @@ from dispatcher.core.attempt_log import emit_attempt
 from dispatcher.core.backpressure import Backpressure
 from dispatcher.core.breaker import BreakerPolicy, State
 from dispatcher.core.endpoints import Admission, Endpoint
+from dispatcher.core.loop_lag import LoopLag
 from dispatcher.core.partitions import PartitionState, Slot, now_ms
 from dispatcher.core.producer import RecordSink
 from dispatcher.core.routing import NextHop, after_failure, for_deferral, paced_deferral
@@ -175,6 +175,7 @@ class DeliveryRunner:
         stages: list[RetryStage],
         work: Work,
         backpressure: Backpressure,
+        loop_lag: LoopLag,
     ) -> None:
         self.settings = settings
         self.sender = sender
@@ -210,10 +211,10 @@ class DeliveryRunner:
         #: of the partitions, set by the engine; see :mod:`dispatcher.core.ratelimit`).
         self.share = 1.0
         self.stopping = False
-        #: Whether the event loop runs late (set by the engine to its measure,
-        #: :class:`~dispatcher.core.loop_lag.LoopLag`): then every answer is measured
-        #: late by as much, and no endpoint is judged slow from its answers.
-        self.loop_lagging: Callable[[], bool] = lambda: False
+        #: How late the event loop runs (the engine's tick measures it): while it
+        #: lags, every answer is measured late by as much, and no endpoint is judged
+        #: slow from its answers.
+        self.loop_lag = loop_lag
 
     def submit(self, d: Delivery) -> None:
         """Start, queue or defer one delivery; its message waits for it."""
@@ -338,7 +339,7 @@ class DeliveryRunner:
     def _lag_excuses(self, ep: Endpoint[Delivery]) -> bool:
         """Whether only its answers' durations, measured late while the loop lags,
         could judge ``ep`` slow (see :meth:`_park_for`): then it is busy, not slow."""
-        return ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lagging()
+        return ep.rate_limit is None and not ep.overloaded_by_hold() and self.loop_lag.lagging
 
     def _slow(self, ep: Endpoint[Delivery]) -> bool:
         """``ep.slow``, unless the loop's lag excuses it: then its partitions wait."""
@@ -380,7 +381,7 @@ class DeliveryRunner:
         in the queue; a new one takes room in a queue that runs low, so the slots
         never wait for the parked ones.
 
-        While the event loop lags (:attr:`loop_lagging`) an endpoint is not judged
+        While the event loop lags (:attr:`loop_lag`) an endpoint is not judged
         slow from its answers' durations: they were measured late, this process is
         the bottleneck, and what was parked would wait a delay stage for nothing.
         The queue holds its partitions as a busy endpoint's does. A rate limit, and

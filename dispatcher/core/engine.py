@@ -85,13 +85,12 @@ class Engine:
         self.partitions: dict[tuple[str, int], PartitionState] = {}
         self.work = Work(self._finish_slot, self._pump_soon)
         self.backpressure = Backpressure(self._unblocked)
-        self.runner = DeliveryRunner(
-            settings, sender, producer, self.stages, self.work, self.backpressure
-        )
         #: How late the loop runs (measured by the tick): the runner asks it before
         #: judging an endpoint slow from its answers' durations.
         self.loop_lag = LoopLag()
-        self.runner.loop_lagging = lambda: self.loop_lag.lagging
+        self.runner = DeliveryRunner(
+            settings, sender, producer, self.stages, self.work, self.backpressure, self.loop_lag
+        )
         self._runnable: deque[PartitionState] = deque()
         self._dirty: set[PartitionState] = set()
         self._flush_pending = False
