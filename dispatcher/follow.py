@@ -16,6 +16,7 @@ reads to the end and stops (for commands).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -58,6 +59,10 @@ class Follower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._waiting_for: str | None = None
+        #: Set when a wait for the end found the reader stuck: it takes a new client.
+        self._renew = threading.Event()
+        #: How many times the reader took a new client (see :meth:`wait_until_end`).
+        self.renewals = 0
         #: The error that stopped the reader thread, if it stopped.
         self.failure: BaseException | None = None
 
@@ -143,10 +148,32 @@ class Follower:
         finally:
             consumer.close()
         with self._applied:
-            return self._applied.wait_for(
+            before = {w: self._positions.get(w, 0) for w in ends}
+            if self._applied.wait_for(
                 lambda: all(self._positions.get(w, 0) >= end for w, end in ends.items()),
                 max(deadline - time.monotonic(), 0),
+            ):
+                return True
+            behind = {
+                w: (at, ends[w]) for w, at in self._positions.items() if w in ends and at < ends[w]
+            }
+        # The broker has just answered for the ends, yet the reader got no nearer to
+        # them: after a broker outage, librdkafka has now and then left such a client
+        # fetching nothing for a minute and more (every change refused meanwhile).
+        # The reader goes on from where it stands with a new client.
+        if all(at <= before[w] for w, (at, _end) in behind.items()):
+            log.warning(
+                "%s: not read to the end in time and no nearer to it (%s); reading on "
+                "with a new Kafka client",
+                self.name,
+                ", ".join(f"{t}/{p} at {at} of {end}" for (t, p), (at, end) in behind.items()),
             )
+            self.renew_client()
+        return False
+
+    def renew_client(self) -> None:
+        """Have the reader go on from where it stands with a new Kafka client."""
+        self._renew.set()
 
     # --- the reader thread -----------------------------------------------------
     @property
@@ -229,6 +256,9 @@ class Follower:
             while not self._stop.is_set():
                 if not follow and self._caught_up.is_set():
                     return
+                if self._renew.is_set():
+                    self._renew.clear()
+                    consumer = self._renewed(consumer)
                 # poll() returns with the first record, where consume() would wait out its
                 # whole timeout for a full batch: a change is applied (and a writer waiting
                 # to read it back answers) in milliseconds, not a fifth of a second.
@@ -245,6 +275,17 @@ class Follower:
             self.failure = exc
         finally:
             consumer.close()
+
+    def _renewed(self, stuck: Consumer) -> Consumer:
+        """A new client assigned where the reader stands; the stuck one closed aside
+        (its close may wait on the broker)."""
+        fresh = make_table_consumer(self.settings)
+        fresh.assign([TP(topic, p, at) for (topic, p), at in self._positions.items()])
+        threading.Thread(
+            target=_close_quietly, args=(stuck,), name=f"{self._thread_name}-close", daemon=True
+        ).start()
+        self.renewals += 1
+        return fresh
 
     def _handle(self, msg: object) -> None:
         err = msg.error()  # type: ignore[attr-defined]
@@ -272,3 +313,9 @@ class Follower:
         if not self._caught_up.is_set():
             log.info("%s caught up", self.name, extra=self.summary())
             self._caught_up.set()
+
+
+def _close_quietly(consumer: Consumer) -> None:
+    """Close a client given up on: whatever it says then is of no use to anyone."""
+    with contextlib.suppress(KafkaException):
+        consumer.close()

@@ -66,3 +66,30 @@ def test_the_table_waits_for_its_topic_then_follows_it_and_reads_its_own_writes(
         assert table.failure is None
     finally:
         table.stop()
+
+
+def test_a_reader_given_a_new_client_goes_on_from_where_it_stood(ns: Namespace) -> None:
+    """What a wait for the end does when the reader got no nearer to it (a client
+    left fetching nothing after a broker outage): the reader takes a new client at
+    its positions, applies what comes next, and applies nothing twice."""
+    changes: list[int] = []
+    table = SubscriptionTable(ns.settings, on_change=changes.append)
+    table.start()
+    try:
+        wait_until(lambda: table.caught_up, 30, "the table to catch up")
+        first = _sub("wh_a", "org_1")
+        write(ns.settings, first.webhook_id, first)
+        assert table.wait_until_end(time.monotonic() + 30)
+        applied = len(changes)
+
+        table.renew_client()
+        wait_until(lambda: table.renewals == 1, 30, "the reader to take a new client")
+        second = _sub("wh_b", "org_1")
+        write(ns.settings, second.webhook_id, second)
+        assert table.wait_until_end(time.monotonic() + 30)
+        assert table.get("wh_b") == second and table.get("wh_a") == first
+        # One change more: the new client did not read the first record again.
+        assert len(changes) == applied + 1, changes
+        assert table.renewals == 1 and table.failure is None
+    finally:
+        table.stop()
