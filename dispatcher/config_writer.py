@@ -71,13 +71,16 @@ class ConfigWriter:
     def _take_role(self, deadline: float) -> None:
         self._drop()
         producer = make_producer_from(writer_producer_config(self.settings))
+        # Held from here, so that a failure below closes it (the next try makes another).
+        self._producer = producer
         try:
             producer.init_transactions(max(deadline - time.monotonic(), 1.0))
         except KafkaException as exc:
+            self._drop()
             raise KafkaSetupError(f"cannot take the writer role: {describe(exc)}") from None
         if not self.view.wait_until_end(deadline):
+            self._drop()
             raise KafkaSetupError("took the writer role but could not read to the end in time")
-        self._producer = producer
         self.takeovers += 1
         log.info("holding the configuration writer role (%s)", self.settings.config_writer_id)
 
