@@ -276,8 +276,12 @@ def test_a_limited_webhook_waits_in_its_lane_and_its_neighbour_keeps_the_partiti
             assert dues == sorted(dues)
             assert dues[-1] >= fed_at_ms + (40 / 20 - 0.25) * 1000 - 50, dues[-1] - fed_at_ms
             await until(lambda: len(starts_l) == 11, what="what waited in the queue")
-            # Started no faster than the limit: 11 starts span 10 spacings of 50 ms.
-            assert starts_l[-1] - starts_l[0] >= 10 * 0.05 - 0.01, starts_l
+            # Started no faster than the limit, within the README's tolerance of one
+            # start: 11 starts span 10 spacings of 50 ms, less one. Times are taken
+            # where each request arrives, and the first started while the loop was
+            # still fanning the batch out: it arrived 26 ms late once (the span then
+            # 487 ms), on a machine loaded by four workers of the parallel lane.
+            assert starts_l[-1] - starts_l[0] >= (10 - 1) * 0.05 - 0.01, starts_l
             assert most_in_any_window(starts_l, 0.25) <= 6, starts_l
             await until(lambda: h.input.stored.get(0) == 40, what="every offset stored")
 
