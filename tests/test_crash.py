@@ -35,11 +35,10 @@ MAX_IN_FLIGHT = 128
 KILL_AT = (1500, 4000, 6500)
 
 
-# It holds that a healthy endpoint is never deferred. A dispatcher starved of CPU
-# by other tests measures its answers slow (about 2 s for a 50 ms receiver with a
-# quarter of a core), and once parked them as endpoint_slow, so this test ran
-# alone; now its event loop's lag excuses those answers (deferrals 0 in two runs
-# beside four workers of the parallel lane).
+# Alone: it holds that a healthy endpoint is never deferred, and a dispatcher
+# starved of CPU by other tests measures its answers slow (about 2 s for a
+# 50 ms receiver with a quarter of a core) and parks them as endpoint_slow.
+@pytest.mark.alone
 def test_kill_9_three_times_mid_stream_loses_nothing_and_repeats_little(
     ns_factory: Any,
     receiver: HttpsReceiver,
