@@ -37,7 +37,13 @@ from pydantic import ValidationError
 from dispatcher import metrics
 from dispatcher.config_state import ConfigView
 from dispatcher.errors import Fenced, KafkaSetupError, NotApplied, OutcomeUnknown, Unanswered
-from dispatcher.kafka import Outgoing, describe, make_producer_from, writer_producer_config
+from dispatcher.kafka import (
+    Outgoing,
+    close_aside,
+    describe,
+    make_producer_from,
+    writer_producer_config,
+)
 from dispatcher.models import Subscription
 from dispatcher.settings import Settings
 from dispatcher.webhook_health import manual_disable
@@ -93,9 +99,7 @@ class ConfigWriter:
         with contextlib.suppress(KafkaException):
             producer.purge(in_queue=True, in_flight=True)
         # close() aborts an open transaction and may wait for Kafka: not under the lock.
-        closing = threading.Thread(target=producer.close, name="writer-close", daemon=True)
-        closing.start()
-        return closing
+        return close_aside(producer, "writer-close")
 
     def close(self) -> None:
         """Give the role up; waits a little for the producer to close cleanly."""

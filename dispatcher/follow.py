@@ -16,7 +16,6 @@ reads to the end and stops (for commands).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -26,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as TP
 
 from dispatcher.errors import ConfigError, KafkaSetupError
-from dispatcher.kafka import check_topic, describe, make_table_consumer
+from dispatcher.kafka import check_topic, close_aside, describe, make_table_consumer
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -281,9 +280,7 @@ class Follower:
         (its close may wait on the broker)."""
         fresh = make_table_consumer(self.settings)
         fresh.assign([TP(topic, p, at) for (topic, p), at in self._positions.items()])
-        threading.Thread(
-            target=_close_quietly, args=(stuck,), name=f"{self._thread_name}-close", daemon=True
-        ).start()
+        close_aside(stuck, f"{self._thread_name}-close")
         self.renewals += 1
         return fresh
 
@@ -313,9 +310,3 @@ class Follower:
         if not self._caught_up.is_set():
             log.info("%s caught up", self.name, extra=self.summary())
             self._caught_up.set()
-
-
-def _close_quietly(consumer: Consumer) -> None:
-    """Close a client given up on: whatever it says then is of no use to anyone."""
-    with contextlib.suppress(KafkaException):
-        consumer.close()

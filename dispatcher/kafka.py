@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -175,6 +177,19 @@ def make_consumer(
         return Consumer(conf)
     except KafkaException as exc:
         raise client_error(exc, conf, "consumer") from None
+
+
+def close_aside(client: Consumer | Producer, name: str) -> threading.Thread:
+    """Close a client given up on, on a thread of its own (its close may wait on the
+    broker). What it raises then (fenced by its successor, say) helps nobody: dropped."""
+
+    def close() -> None:
+        with contextlib.suppress(KafkaException):
+            client.close()
+
+    thread = threading.Thread(target=close, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def make_table_consumer(settings: Settings) -> Consumer:
