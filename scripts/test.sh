@@ -39,10 +39,10 @@ fi
 echo "== pytest"
 if [[ $# == 0 ]]; then
     # Most tests wait on Kafka, a receiver or a process far more than they compute:
-    # TEST_WORKERS (4) run side by side (pytest-xdist; tests that start a broker of
+    # TEST_WORKERS (3) run side by side (pytest-xdist; tests that start a broker of
     # their own share one worker). Then the few that bound a time or a pace run
     # alone, so that nothing else on the machine stands in their measure.
-    .venv/bin/pytest -n "${TEST_WORKERS:-4}" --dist loadgroup -m "not alone"
+    .venv/bin/pytest -n "${TEST_WORKERS:-3}" --dist loadgroup -m "not alone"
     .venv/bin/pytest -m alone
 else
     .venv/bin/pytest "$@"
