@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,27 @@ from dispatcher.api.auth import hash_key, new_key
 from tests.support import REPO, Namespace, free_port, wait_until
 
 ORG = "org_abc123"
+
+#: The history store's secondary indexes, which a rebuild creates once caught up.
+HISTORY_INDEXES = frozenset(
+    {
+        "deliveries_by_time",
+        "deliveries_by_status",
+        "deliveries_by_session",
+        "attempts_by_time",
+        "attempts_failed",
+    }
+)
+
+
+def history_indexes(path: str | Path) -> set[str]:
+    """The indexes a history store file holds (SQLite's own excepted)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index' AND sql NOT NULL")
+        return {name for (name,) in rows}
+    finally:
+        conn.close()
 
 
 class ApiProcess:

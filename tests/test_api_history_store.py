@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 
 from dispatcher.attempts import AttemptRecord
 from dispatcher.stages import retry_stages
-from tests.api_support import ORG, ApiProcess
+from tests.api_support import HISTORY_INDEXES, ORG, ApiProcess, history_indexes
 from tests.receiver import HttpsReceiver
 from tests.support import DispatcherProcess, Namespace, wait_until
 
@@ -208,9 +208,12 @@ def test_kill_9_while_folding_loses_and_doubles_nothing(
     api.proc.wait(10)
     partial = store_counts(api.history_path)
     assert partial[1] < len(records)
+    # A rebuild goes without its secondary indexes until it has caught up.
+    assert history_indexes(api.history_path) == set()
 
     api.start()
     assert store_counts(api.history_path) == (30_000, len(records), len(records))
+    assert history_indexes(api.history_path) == HISTORY_INDEXES
     listed = all_pages(api.admin(), hook)
     assert len(listed) == 30_000 and newest_first(listed)
     assert sum(d["attempts"] for d in listed) == len(records)

@@ -37,6 +37,7 @@ from dispatcher.manage import check_secret
 from dispatcher.models import TEXT_PATTERN, check_text
 from dispatcher.outbound.urls import normalize_url
 from dispatcher.settings import Settings
+from tests.api_support import HISTORY_INDEXES, history_indexes
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -155,6 +156,44 @@ def test_history_store_orders_by_time_and_takes_status_from_the_latest(tmp_path:
         fold(store, (record("d0", 1, True, NOW), 2))
         assert HistoryStore.delivery(conn, "wh_1", "d0")[0].attempts == 1  # type: ignore[index]
         conn.close()
+
+
+def test_a_rebuild_creates_its_indexes_once_caught_up_even_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "h.db")
+    store = HistoryStore(path, "attempts")
+    store.open()
+    assert not store.indexed
+    fold(store, (record("d0", 1, True, NOW), 0))
+    store.close()
+    # Stopped before it caught up: the next start goes on without them.
+    assert history_indexes(path) == set()
+    store.open()
+    assert not store.indexed
+    fold(store, (record("d1", 1, False, NOW), 1))
+    store.build_indexes()  # caught up
+    assert store.indexed
+    store.close()
+    assert history_indexes(path) == HISTORY_INDEXES
+    store.open()
+    try:
+        assert store.indexed
+        conn = store.connect(readonly=True)
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT delivery_id FROM deliveries "
+            "WHERE webhook_id = 'wh_1' AND session_id = 'sess_d1'"
+        ).fetchall()
+        assert "deliveries_by_session" in str(plan)
+        assert HistoryStore.counts(conn) == (2, 2)
+        conn.close()
+        store.reset()  # the topic was recreated: a rebuild again
+    finally:
+        store.close()
+    store.open()
+    assert not store.indexed
+    store.close()
+    assert history_indexes(path) == set()
 
 
 def test_history_store_resumes_from_its_positions(tmp_path: Path) -> None:
@@ -307,6 +346,7 @@ def test_a_file_of_the_earlier_schema_is_rebuilt(tmp_path: Path) -> None:
     store.close()
     store = HistoryStore(path, "attempts")
     assert store.open() == {0: 1}
+    store.build_indexes()  # caught up
     conn = store.connect(readonly=True)
     names = {n for (n,) in conn.execute("SELECT name FROM sqlite_schema")}
     assert "attempts_of_delivery" not in names and "deliveries_by_status" in names

@@ -126,8 +126,6 @@ class HistoryFolder:
             sum(high - self._positions[p] for p, high in self._pending.items()),
         )
         self.started_at = time.monotonic()
-        if not self._pending:
-            self._mark_caught_up()
         self._thread = threading.Thread(
             target=self._run, args=(consumer,), name="history-fold", daemon=True
         )
@@ -158,6 +156,8 @@ class HistoryFolder:
         tx_began = 0.0
         reached: dict[int, int] = {}
         try:
+            if not self._pending:
+                self._mark_caught_up()
             while not self._stop.is_set():
                 # Up to FOLD_MAX records within FOLD_WAIT_S, each chunk parsed and its
                 # attempt rows written as it comes: holding the read records until the
@@ -246,17 +246,21 @@ class HistoryFolder:
         return records
 
     def _reached(self, positions: dict[int, int]) -> None:
+        last = False
         with self._applied:
             for partition, position in positions.items():
                 self._positions[partition] = max(self._positions.get(partition, 0), position)
                 end = self._pending.get(partition)
                 if end is not None and position >= end:
                     del self._pending[partition]
-                    if not self._pending:
-                        self._mark_caught_up()
+                    last = not self._pending
             self._applied.notify_all()
+        if last:
+            self._mark_caught_up()
 
     def _mark_caught_up(self) -> None:
+        """On the folding thread: the indexes a rebuild deferred, then ready."""
+        self.store.build_indexes()
         self.caught_up_s = time.monotonic() - self.started_at
         log.info(
             "%s caught up: %d records folded in %.1f s, %d transactions",

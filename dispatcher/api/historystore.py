@@ -21,6 +21,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,7 +53,7 @@ WAL_KEPT_BYTES: Final = 64 << 20
 _ROWS_AT_ONCE: Final = 2000
 _MASKED: Final = frozenset({"x-bullseye-signature", "webhook-signature"})
 
-_SCHEMA: Final = """
+_TABLES: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS positions (
     partition INTEGER PRIMARY KEY,
@@ -78,20 +79,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
     positions TEXT NOT NULL,
     PRIMARY KEY (webhook_id, delivery_id)
 ) WITHOUT ROWID;
--- Folding writes every B-tree below at a key led by the webhook, scattered over
--- the file: each one costs every attempt folded, so there are as few as the
--- queries allow. Retention finds old rows through the time index, per webhook.
-CREATE INDEX IF NOT EXISTS deliveries_by_time
-    ON deliveries (webhook_id, created_ms, delivery_id);
--- Unsucceeded only (most deliveries succeed): a filter on `succeeded` reads the
--- time index, one on another status adds the same condition to use this one.
-CREATE INDEX IF NOT EXISTS deliveries_by_status
-    ON deliveries (webhook_id, status, created_ms, delivery_id) WHERE status <> 'succeeded';
--- No index by event: a webhook has few event types, so the time index serves a
--- filter on one at nearly the same cost, without another B-tree to write per attempt.
-CREATE INDEX IF NOT EXISTS deliveries_by_session
-    ON deliveries (webhook_id, session_id, created_ms, delivery_id)
-    WHERE session_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     position INTEGER PRIMARY KEY,
     webhook_id TEXT NOT NULL,
@@ -114,12 +101,28 @@ CREATE TABLE IF NOT EXISTS attempts (
     source TEXT,
     requested_by TEXT
 );
--- Covers the summaries: counts and latencies per webhook and time, no row lookups.
-CREATE INDEX IF NOT EXISTS attempts_by_time
-    ON attempts (webhook_id, at_ms, kind, ok, duration_ms);
-CREATE INDEX IF NOT EXISTS attempts_failed
-    ON attempts (webhook_id, at_ms) WHERE ok = 0 AND kind = 'attempt';
 """
+# Folding writes every B-tree below at a key led by the webhook, scattered over
+# the file: each one costs every attempt folded, so there are as few as the
+# queries allow, and a rebuild creates them only once it has caught up (see
+# HistoryStore.open). Retention finds old rows through the time index, per webhook.
+_INDEXES: Final = {
+    "deliveries_by_time": "ON deliveries (webhook_id, created_ms, delivery_id)",
+    # Unsucceeded only (most deliveries succeed): a filter on `succeeded` reads the
+    # time index, one on another status adds the same condition to use this one.
+    "deliveries_by_status": (
+        "ON deliveries (webhook_id, status, created_ms, delivery_id) WHERE status <> 'succeeded'"
+    ),
+    # No index by event: a webhook has few event types, so the time index serves a
+    # filter on one at nearly the same cost, without another B-tree to write per attempt.
+    "deliveries_by_session": (
+        "ON deliveries (webhook_id, session_id, created_ms, delivery_id) "
+        "WHERE session_id IS NOT NULL"
+    ),
+    # Covers the summaries: counts and latencies per webhook and time, no row lookups.
+    "attempts_by_time": "ON attempts (webhook_id, at_ms, kind, ok, duration_ms)",
+    "attempts_failed": "ON attempts (webhook_id, at_ms) WHERE ok = 0 AND kind = 'attempt'",
+}
 
 # The latest record by time sets the status; the latest *attempt* by time sets
 # the attempt columns. SQLite evaluates every SET expression on the old row.
@@ -408,6 +411,8 @@ class HistoryStore:
         #: Retention looks at webhooks in order: those up to this one are done.
         self._expire_after = ""
         self.invalid_records = 0
+        #: Whether the secondary indexes exist (False while a rebuild defers them).
+        self.indexed = True
 
     # --- connections ------------------------------------------------------
     def connect(self, readonly: bool = False) -> sqlite3.Connection:
@@ -455,13 +460,26 @@ class HistoryStore:
             )
             self._drop(conn)
             meta = {}
-        conn.executescript(_SCHEMA)
+        conn.executescript(_TABLES)
         if meta and meta.get("topic") != self.topic:
             log.warning("history store %s was for another topic: rebuilt", self.path)
             self._reset(conn)
+            meta = {}
+        # A file with no rows yet (new, emptied, of another version) is rebuilt from
+        # the topic without its secondary indexes, which are created in one sort each
+        # once it has caught up (build_indexes): a row at a time, their scattered
+        # writes took half of a rebuild's time at 3 M attempts, and sorting them
+        # afterwards a tenth of it. Until then the API is not ready, so no query
+        # runs without them. A kill in between leaves "deferred" here for the next start.
+        self.indexed = meta.get("indexes", "built") == "built" if meta else False
+        for name, definition in _INDEXES.items():
+            if self.indexed:
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+            else:
+                conn.execute(f"DROP INDEX IF EXISTS {name}")
         conn.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('topic', ?), ('schema', ?)",
-            (self.topic, SCHEMA_VERSION),
+            "INSERT OR REPLACE INTO meta VALUES ('topic', ?), ('schema', ?), ('indexes', ?)",
+            (self.topic, SCHEMA_VERSION, "built" if self.indexed else "deferred"),
         )
         self._writer = conn
         # Retention looks at every webhook's oldest rows, pages that folding does not
@@ -471,6 +489,24 @@ class HistoryStore:
         self._scanner = self.connect(readonly=True)
         self._folded = dict(conn.execute("SELECT partition, next_offset FROM positions").fetchall())
         return dict(self._folded)
+
+    def build_indexes(self) -> None:
+        """Create the secondary indexes a rebuild went without (see :meth:`open`).
+
+        One transaction per index, so the WAL holds one index at a time; a kill
+        in between leaves the file "deferred", and the next start creates what is
+        missing once it has caught up again.
+        """
+        conn = self._writer
+        assert conn is not None, "history store not open"
+        if self.indexed:
+            return
+        began = time.monotonic()
+        for name, definition in _INDEXES.items():
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('indexes', 'built')")
+        self.indexed = True
+        log.info("history store %s: indexes built in %.1f s", self.path, time.monotonic() - began)
 
     def reset(self) -> None:
         """Forget every row and position (the topic was recreated)."""
@@ -896,9 +932,11 @@ class HistoryReads:
 
 @contextmanager
 def opened(path: str, topic: str) -> Iterator[HistoryStore]:
-    """A store opened for writing, closed after (tools and tests)."""
+    """A store opened for writing, with its indexes as once caught up, closed after
+    (tools and tests: the queries name the indexes they use)."""
     store = HistoryStore(path, topic)
     store.open()
+    store.build_indexes()
     try:
         yield store
     finally:
