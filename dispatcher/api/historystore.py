@@ -45,6 +45,8 @@ SCHEMA_VERSION: Final = "2"
 #: 2**40 offsets per partition is a trillion records, far beyond any retention.
 _OFFSET_BITS: Final = 40
 WRITER_CACHE_KB: Final = 65_536
+#: The page cache while a rebuild's indexes are sorted (see build_indexes).
+SORT_CACHE_KB: Final = 16_384
 PAGE_BYTES: Final = 8192
 WAL_KEPT_BYTES: Final = 64 << 20
 #: Attempt rows parsed before they are written (within a fold's one transaction):
@@ -502,8 +504,15 @@ class HistoryStore:
         if self.indexed:
             return
         began = time.monotonic()
+        # SQLite's sorter takes as much memory as the page cache may, beside the
+        # cache itself: building the attempts' time index over 10 M attempts took
+        # a process with a full 64 MB cache from 88 to 152 MB; at 16 MB the cache
+        # gives pages back, the process stayed at 88 MB and the sort took 11.6 s
+        # instead of 11.2.
+        conn.execute(f"PRAGMA cache_size = -{SORT_CACHE_KB}")
         for name, definition in _INDEXES.items():
             conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+        conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KB}")
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('indexes', 'built')")
         self.indexed = True
         log.info("history store %s: indexes built in %.1f s", self.path, time.monotonic() - began)
