@@ -90,6 +90,12 @@ class HistoryFolder:
         # librdkafka prefetches up to 64 MB per consumer by default; folding takes
         # records by the tens of thousands anyway, so a quarter of it keeps up.
         conf.setdefault("queued.max.messages.kbytes", 16_384)
+        # Once that prefetch is full, librdkafka waits fetch.queue.backoff.ms (1 s by
+        # default) before fetching again, and a rebuild drains 16 MB in less: the
+        # folding thread then waited for records a third of the time. With 10 ms, a
+        # consumer doing 40 us of work per record waited 1.4 s instead of 9.3 s in
+        # 1 M records (24,126 against 20,267 records/s).
+        conf.setdefault("fetch.queue.backoff.ms", 10)
         consumer = Consumer(conf)
         try:
             meta = consumer.list_topics(self.topic, timeout=15).topics.get(self.topic)
