@@ -16,8 +16,8 @@ PATHS = ["/a", "/b"]
 
 
 # Alone: the bound on repeats below holds while two endpoints answering alike go
-# through a partition in step, which a machine busy with other tests can break
-# (two events apart instead of one was seen); repeats stay within at-least-once.
+# through a partition nearly in step, which a machine busy with other tests can
+# break; repeats stay within at-least-once.
 @pytest.mark.alone
 def test_join_and_leave_mid_stream_lose_nothing(
     ns_factory: Any,
@@ -77,13 +77,16 @@ def test_join_and_leave_mid_stream_lose_nothing(
         print(f"\n[group] pairs={len(expected)} duplicates={tally.duplicates}")
     # Both hand-overs were orderly (drained, then committed synchronously on revoke),
     # so the next owner started where the previous one stopped. The one exception:
-    # an event whose delivery to one subscription had started while its delivery
-    # to the other still waited in the endpoint's queue; the waiting one is handed
-    # on, so the whole event is delivered again. Starts follow the queue's order, so
-    # that is at most one event per endpoint and hand-over.
+    # an event whose delivery to one subscription had finished while its delivery
+    # to the other still waited in that endpoint's queue; the waiting one is dropped
+    # at the revoke, so the next owner delivers the whole event again. That is as
+    # many events as one endpoint ran ahead of the other: a few when they answer
+    # alike (1 to 3 seen), far below the slots of one endpoint. A hand-over that
+    # did not commit on revoke would repeat what was finished since the last
+    # automatic commit: up to 200 ms of 2 x 16 slots at 50 ms, about 128 pairs.
     handovers = sum(p.logs().count("stage input revoked") for p in (first, second))
     assert handovers >= 2
-    assert tally.duplicates <= handovers * (len(PATHS) - 1)
+    assert tally.duplicates <= handovers * ns.settings.max_in_flight_per_endpoint
     # Everything the remaining instance took on has finished and been released.
     wait_until(
         lambda: gauge(second, "dispatcher_in_flight_deliveries") == 0, 30, "in-flight back to 0"
