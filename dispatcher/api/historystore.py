@@ -126,6 +126,13 @@ _INDEXES: Final = {
     "attempts_failed": "ON attempts (webhook_id, at_ms) WHERE ok = 0 AND kind = 'attempt'",
 }
 
+
+def _create_indexes(conn: sqlite3.Connection) -> None:
+    """The secondary indexes that are missing, each in a transaction of its own."""
+    for name, definition in _INDEXES.items():
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+
+
 # The latest record by time sets the status; the latest *attempt* by time sets
 # the attempt columns. SQLite evaluates every SET expression on the old row.
 _UPSERT: Final = """
@@ -473,11 +480,12 @@ class HistoryStore:
         # writes took half of a rebuild's time at 3 M attempts, and sorting them
         # afterwards a tenth of it. Until then the API is not ready, so no query
         # runs without them. A kill in between leaves "deferred" here for the next start.
-        self.indexed = meta.get("indexes", "built") == "built" if meta else False
-        for name, definition in _INDEXES.items():
-            if self.indexed:
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
-            else:
+        # (A file of schema 2 from before this mark has its indexes: "built".)
+        self.indexed = bool(meta) and meta.get("indexes", "built") == "built"
+        if self.indexed:
+            _create_indexes(conn)
+        else:
+            for name in _INDEXES:
                 conn.execute(f"DROP INDEX IF EXISTS {name}")
         conn.execute(
             "INSERT OR REPLACE INTO meta VALUES ('topic', ?), ('schema', ?), ('indexes', ?)",
@@ -510,8 +518,7 @@ class HistoryStore:
         # gives pages back, the process stayed at 88 MB and the sort took 11.6 s
         # instead of 11.2.
         conn.execute(f"PRAGMA cache_size = -{SORT_CACHE_KB}")
-        for name, definition in _INDEXES.items():
-            conn.execute(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+        _create_indexes(conn)
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KB}")
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('indexes', 'built')")
         self.indexed = True
