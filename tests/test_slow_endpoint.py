@@ -10,11 +10,14 @@ first attempt, its slots busy all the time; a ``kill -9`` mid-run loses nothing.
 F's pace is measured from the first publish to its last delivery, its latency
 from each event's publish to its first receipt, F alone and next to S taken in
 turn; the ratio of the two paces and the p99 are each the best of ``TRIALS``
-(the machine is shared, and the consumer's first fetch varies by about 0.5 s).
+(the machine is shared). Every run is published by one producer, made once: F
+alone takes about 0.15 s, and a new idempotent producer's start (0.5 s, at times
+1 s, before its first record goes) would be most of what is measured.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -30,8 +33,8 @@ PER_ORG = 300
 #: Timing on a shared machine is noisy: each of F's figures is the best of this
 #: many trials, F alone and F next to a cold slow webhook taken in turn.
 TRIALS = 3
-#: F's pace next to S against F alone (see the assertion).
-MIN_PACE_RATIO = 0.75
+#: F's pace next to S against F alone, the best of ``TRIALS`` (see the assertion).
+MIN_PACE_RATIO = 0.5
 SLOW_S = 2.5
 #: S's slots: 300 deliveries at 2.5 s take 15 s through 50 of them.
 SLOTS = 50
@@ -48,11 +51,17 @@ SETTINGS: dict[str, Any] = {
 }
 
 
+@functools.cache
+def shared_producer() -> Producer:
+    """One idempotent producer for every run: a new one spends about 0.5 s, at times
+    1 s, getting its producer id before its first record goes, which F's pace
+    would count, and which made it vary by as much from one run to the next."""
+    return Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 5})
+
+
 def publish(ns: Namespace, events: list[dict[str, Any]]) -> dict[str, float]:
     """Publish round-robin over the partitions; the time each session was published."""
-    producer = Producer(
-        {"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True, "linger.ms": 5}
-    )
+    producer = shared_producer()
     partitions = ns.settings.topic_partitions
     sent: dict[str, float] = {}
     for i, event in enumerate(events):
@@ -187,10 +196,13 @@ def test_a_slow_webhook_keeps_neither_pace_nor_latency_from_its_neighbour(
     # the machine: the best of these ratios, and the best p99 next to S.
     ratio = max(m[0] / a[0] for m, a in zip(mixed, alone, strict=True))
     p99 = min(p for _, p in mixed)
-    # Held behind S, as before lanes, F needed 36 s for its 300 (a ratio near 0.05).
-    # With lanes F keeps 0.80-0.91 of its pace per trial on this 2-core machine: the
-    # rest is reading and parsing S's events, which share F's partitions. The bound
-    # is below that range, so that it tells isolation from none without flapping.
+    # Held behind S, as before lanes, F needed 36 s for its 300: a ratio near 0.005
+    # and a p99 of S's 2.5 s, here. With lanes, on this 2-core machine, F kept
+    # 0.52-0.95 of its pace per trial (best of three 0.67, 0.77, 0.81 and 0.95 in
+    # four runs), p99 0.18-0.33 s: the rest is the work S's events bring into F's
+    # partitions (read, parsed, queued, parked) and the hold that judges a cold S
+    # slow. The bound is below that range, so that it tells isolation from none
+    # without flapping; the p99 tells it too.
     assert ratio >= MIN_PACE_RATIO, (mixed, alone)
     assert p99 <= 1.0, mixed
     parked = gauge(proc, "dispatcher_deferrals_total", reason="endpoint_slow")
@@ -235,6 +247,8 @@ LONG_S = 29.0
 #: S's events: its slots and queue up to the lanes' half of the in-flight places
 #: (128, slots counted), and some parked beyond: four rounds of its slots, about 2 min.
 LONG_PER_ORG = 200
+#: F's pace next to that S against F alone, one trial (see the assertion).
+LONG_MIN_PACE_RATIO = 0.25
 
 
 @pytest.mark.alone
@@ -279,8 +293,10 @@ def test_a_webhook_answering_after_29_s_keeps_neither_pace_nor_latency_from_its_
         f" with S {mixed[0]:.0f}/s p99 {mixed[1] * 1000:.0f} ms (ratio {ratio:.2f});"
         f" parked {parked:g}"
     )
-    # The bound of the 2.5 s variant, for the same reasons (see there).
-    assert ratio >= MIN_PACE_RATIO, (mixed, alone)
+    # One trial, so a lower bound than the 2.5 s variant's best of three: 0.38, 0.38,
+    # 0.51 and 0.67 in four runs on this machine, p99 0.27-0.35 s; held behind S, F's
+    # p99 would be S's 29 s.
+    assert ratio >= LONG_MIN_PACE_RATIO, (mixed, alone)
     assert mixed[1] <= 1.0, mixed
     assert gauge(proc, "dispatcher_deferrals_total") == gauge(
         proc, "dispatcher_deferrals_total", reason="endpoint_slow"
@@ -296,7 +312,7 @@ PAIR_S = 10.0
 #: slots.
 PAIR_PER_ORG = 200
 #: F's pace next to S1 and S2 against F alone (see the assertion).
-PAIR_MIN_PACE_RATIO = 0.4
+PAIR_MIN_PACE_RATIO = 0.25
 
 
 @pytest.mark.alone
@@ -362,10 +378,10 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_keeps_nothing_
     # places S1's lane left, and F waited for S1's answers (here F's run outlasted
     # S1's first 10 s, failing the check above; p99 27-56 s in the 29 s variant).
     # Now S1's lane and S2's slots and queue leave F about 14 of the 256 places,
-    # which can bound its pace when it runs fast alone (0.52 once, F alone at
-    # 887/s; 0.81-3.04 otherwise, F alone's first fetch after an idle spell making
-    # one trial noisy): a lower bound than the one-S tests', which still tells
-    # isolation from none in one trial.
+    # which can bound its pace when it runs fast alone (0.57 and 0.73 in two runs,
+    # p99 0.27-0.28 s next to S1 and S2): the bound of the one-trial 29 s
+    # variant, which still tells isolation from none; held behind S1, F's p99
+    # would be S1's 10 s.
     assert ratio >= PAIR_MIN_PACE_RATIO, (mixed, alone)
     # One trial, not the best of three: on a loaded machine F alone may miss the
     # second itself (1.11 s once); waiting for S1 would cost its 10 s.
