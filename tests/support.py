@@ -349,3 +349,16 @@ def limit_record_size(topic: str, max_bytes: int) -> None:
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(timeout=30)
+
+    # The controller answers once the change is committed; the broker applies it to
+    # the topic a moment later, from the metadata log. Until its own view shows it,
+    # a record it should refuse may still be taken.
+    def applied() -> bool:
+        asked = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        for future in admin.describe_configs([asked]).values():
+            entries = future.result(timeout=30)
+            if entries["max.message.bytes"].value != str(max_bytes):
+                return False
+        return True
+
+    wait_until(applied, 30, f"max.message.bytes={max_bytes} on {topic}", interval_s=0.05)
