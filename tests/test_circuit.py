@@ -193,7 +193,16 @@ def test_a_dead_endpoint_costs_a_bounded_number_of_deferrals_per_second(
     # at most. Without pacing it would be the whole backlog each second. And the
     # backlog still cycles: nothing is dropped or parked for good.
     assert 0 < per_s <= rate * 1.2
-    # Its neighbour got every event, and is not in the deferral metric.
+    # Its neighbour got every event, and the open circuit deferred none of them. A
+    # dispatcher starved of CPU by the tests beside it can judge the healthy neighbour
+    # slow while it is met cold (its first answers late, the dead one's 503s not) and
+    # park some of its deliveries as endpoint_slow: that is the hold's verdict, not
+    # the circuit's (see tests/test_crash.py, run alone for that reason).
     assert len(receiver.requests_to("/ok")) == backlog
-    assert metric(proc, "dispatcher_webhook_deferrals_total", webhook_id=neighbour.webhook_id) == 0
+
+    def neighbour_deferred(reason: str | None = None) -> float:
+        labels = {"webhook_id": neighbour.webhook_id} | ({"reason": reason} if reason else {})
+        return metric(proc, "dispatcher_webhook_deferrals_total", **labels)
+
+    assert neighbour_deferred() == neighbour_deferred("endpoint_slow")
     assert metric(proc, "dispatcher_circuit_open_endpoints") == 1
