@@ -26,7 +26,6 @@ from dispatcher.core import deliveries
 from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
 from dispatcher.core.invalid import H_INVALID_REASON
 from dispatcher.core.loop_lag import LoopLag
-from dispatcher.core.partitions import PartitionState
 from dispatcher.records import DeliveryRecord, Source
 from tests.engine_fakes import (
     FakeTable,
@@ -431,86 +430,6 @@ def test_a_slow_webhook_parks_its_overflow_in_kafka_and_its_neighbour_keeps_the_
             attempts = [json.loads(x.value) for x in h.producer.unconfirmed]
             s_attempts = [a["attempt"] for a in attempts if a["webhook_id"] == "wh_s"]
             assert s_attempts == [1] * 30, "waiting spent an attempt"
-
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize("forgotten", [False, True], ids=["still_known", "met_again"])
-def test_a_webhook_measured_slow_never_holds_the_partition_even_after_an_idle_spell(
-    forgotten: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """S answered in 0.2 s (then, with ``forgotten``, went idle long enough to be
-    forgotten). Its overflow is parked at once and F goes on: S's full queue never
-    holds the partition, as a cold S's would until judged (never, here: the hold's
-    verdict is put off for the whole test)."""
-    gate = asyncio.Event()
-    gate.set()
-    seen_s: list[httpx.Request] = []
-    seen_f: list[httpx.Request] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/a":
-            await asyncio.sleep(0.2)
-            await gate.wait()
-            seen_s.append(request)
-        else:
-            seen_f.append(request)
-        return ok(request)
-
-    monkeypatch.setattr(deliveries, "HOLD_MAX_S", 600.0)
-
-    async def main() -> None:
-        # Its queue of 4 behind 4 slots at 0.2 s is 0.2 s of work: more than 0.1 s.
-        # An idle endpoint is forgotten once its circuit's window has slid empty.
-        s = settings(
-            endpoint_stall_s=60,
-            endpoint_queue_wait_s=0.1,
-            max_in_flight=24,
-            circuit_window_s=0.3,
-        )
-        table = FakeTable(
-            subscription("wh_s", A, org="org_s"), subscription("wh_f", B, org="org_f")
-        )
-        async with running(s, table, handler) as h:
-            h.input.assign(0)
-            runner = h.engine.runner
-            held: list[str] = []
-            hold = runner.backpressure.hold
-
-            def recording_hold(key: str, part: PartitionState) -> float | None:
-                held.append(key)
-                return hold(key, part)
-
-            monkeypatch.setattr(runner.backpressure, "hold", recording_hold)
-            # One answer, then one to a request sent after it: S is measured.
-            for n in range(2):
-                h.input.feed([event(f"warm{n}", org="org_s")])
-                await until(lambda n=n: len(seen_s) == n + 1, what="S's answer")
-            if forgotten:
-                await until(lambda: "wh_s" not in runner.endpoints, what="S forgotten")
-            gate.clear()
-            h.input.feed(
-                [event(f"{org}{i:03d}", org=f"org_{org}") for i in range(30) for org in "sf"]
-            )
-            await until(lambda: len(seen_f) == 30, what="every delivery of the healthy webhook")
-            assert "wh_s" not in held, "S's full queue held the partition"
-            ep = runner.endpoints["wh_s"]
-            assert ep.measured and ep.latency == pytest.approx(0.2, abs=0.15)
-            assert len(seen_s) == 2, "S answered: the test proves nothing"
-            # 4 in its slots, its queue, the rest parked without an attempt.
-            await until(
-                lambda: len(h.producer.to(STAGE_1)) == 30 - 4 - len(ep.queue),
-                what="the parked deliveries",
-            )
-            assert {r.webhook_id for r in records_to(h, STAGE_1)} == {"wh_s"}
-            gate.set()
-            await until(lambda: h.input.stored.get(0) == 62, what="every offset stored")
-            # Idle again, both are forgotten; only the slow one's latency is kept:
-            # a healthy webhook met again is met cold (its first answers pay for
-            # new connections, and must not have it judged slow).
-            await until(lambda: not runner.endpoints, timeout_s=10, what="both forgotten")
-            fresh = [runner.endpoint(key) for key in ("wh_s", "wh_f")]
-            assert [ep.measured for ep in fresh] == [True, False]
 
     asyncio.run(main())
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -103,10 +103,6 @@ HOLD_LATENCIES = 4.0
 HOLD_PATIENCE_MAX_S = 0.5
 #: How long such a verdict lasts; by then its answers measure it.
 HELD_FOR_S = 5.0
-#: A slow endpoint forgotten when it went idle is met again with the latency it had
-#: (``Endpoint.recall``) within this long; at most this many are remembered.
-RECALL_FOR_S = 600.0
-RECALL_MAX = 10_000
 #: Deferrals are logged as counts per interval, not one line each.
 DEFERRAL_LOG_EVERY_S = 10.0
 
@@ -187,9 +183,6 @@ class DeliveryRunner:
         self.stages = stages
         self.work = work
         self.endpoints: dict[str, Endpoint[Delivery]] = {}
-        #: The latency (s) of endpoints forgotten when idle, and when (monotonic s),
-        #: oldest first (see :meth:`_forget`).
-        self._latencies: OrderedDict[str, tuple[float, float]] = OrderedDict()
         #: Partitions waiting for endpoints' full queues.
         self.backpressure = backpressure
         #: When any endpoint last answered (monotonic s).
@@ -227,7 +220,17 @@ class DeliveryRunner:
         """Start, queue or defer one delivery; its message waits for it."""
         ticket = d.ticket = self.work.open(d.slot, d.delivery_id)
         key = d.sub.webhook_id
-        ep = self.endpoint(key)
+        ep = self.endpoints.get(key)
+        if ep is None:
+            s = self.settings
+            ep = Endpoint(
+                s.max_in_flight_per_endpoint,
+                s.endpoint_queue_size,
+                self.breaker_policy,
+                queue_wait_s=s.endpoint_queue_wait_s,
+                stall_s=s.endpoint_stall_s,
+            )
+            self.endpoints[key] = ep
         limit = d.sub.rate_limit_per_s
         ep.set_rate_limit(None if limit is None else limit * self.share)
         before = ep.breaker.state
@@ -257,24 +260,6 @@ class DeliveryRunner:
                 self._hold(key, d.slot.part)
         else:
             self.work.start(ticket, self._defer(d, admission.value, ep))
-
-    def endpoint(self, key: str) -> Endpoint[Delivery]:
-        """Webhook ``key``'s endpoint; a new one, its latency recalled if it was slow
-        when last forgotten (:meth:`_forget`), if it has none now."""
-        ep = self.endpoints.get(key)
-        if ep is None:
-            s = self.settings
-            ep = self.endpoints[key] = Endpoint(
-                s.max_in_flight_per_endpoint,
-                s.endpoint_queue_size,
-                self.breaker_policy,
-                queue_wait_s=s.endpoint_queue_wait_s,
-                stall_s=s.endpoint_stall_s,
-            )
-            recalled = self._latencies.pop(key, None)
-            if recalled is not None and time.monotonic() - recalled[1] < RECALL_FOR_S:
-                ep.recall(recalled[0])
-        return ep
 
     def refuse(self, d: Delivery) -> None:
         """Dead-letter ``d`` without an attempt, with its ``refused`` reason; its message
@@ -523,7 +508,7 @@ class DeliveryRunner:
             self._arm_pacer(key, ep)
         self._unblock_if_room(key, ep)
         if ep.idle and ep.breaker.clean and ep.parked_until <= time.monotonic():
-            self._forget(key, ep)
+            self.endpoints.pop(key, None)
 
     def _note_circuit(self, key: str, before: State, ep: Endpoint[Delivery]) -> None:
         """One line per change of a circuit's state: rare, and what an operator looks for."""
@@ -683,21 +668,6 @@ class DeliveryRunner:
             source=d.source,
         )
 
-    def _forget(self, key: str, ep: Endpoint[Delivery]) -> None:
-        """Drop idle endpoint ``key``, keeping its latency if it is slow, for when it
-        is met again (:meth:`Endpoint.recall`).
-
-        Only the latency: its slots, queue and breaker are empty and clean, and the
-        memory stays bounded (the oldest goes first) whatever the number of webhooks.
-        """
-        self.endpoints.pop(key, None)
-        latency = ep.known_latency() if ep.measured else None
-        if latency is not None and ep.too_slow_at(latency):
-            self._latencies[key] = (latency, time.monotonic())
-            self._latencies.move_to_end(key)
-            if len(self._latencies) > RECALL_MAX:
-                self._latencies.popitem(last=False)
-
     def _finish(self, d: Delivery) -> None:
         if d.ticket is not None:
             self.work.finish(d.ticket)
@@ -712,7 +682,7 @@ class DeliveryRunner:
             self._unblock_if_room(key, ep)
             if ep.idle and ep.breaker.clean and ep.parked_until <= now:
                 # Its window has slid empty since its last answer; nothing is parked.
-                self._forget(key, ep)
+                self.endpoints.pop(key, None)
                 continue
             ep.in_lane = bool(ep.queue) and (not ep.measured or ep.overloaded())
             if ep.in_lane:

@@ -69,7 +69,6 @@ class Endpoint(Generic[T]):
         "_clock",
         "_first_answer_at",
         "_last_progress",
-        "_recalled",
         "_window_count",
         "_window_start",
         "active",
@@ -126,8 +125,6 @@ class Endpoint(Generic[T]):
         #: slow; they are taken for it only when nothing better came in as long
         #: (see :attr:`measured`).
         self.cold_latency: float | None = None
-        #: ``latency`` is what it measured before it went idle (see :meth:`recall`).
-        self._recalled = False
         #: When it first answered, and last did (clock s); None and -inf before that.
         self._first_answer_at: float | None = None
         self._answered_at = float("-inf")
@@ -245,33 +242,10 @@ class Endpoint(Generic[T]):
         if self._first_answer_at is None:
             self._first_answer_at = now
         self._answered_at = now
-        if self._recalled:
-            # What it measured before an idle spell stands only until it answers again.
-            self._recalled = False
-            self.latency = duration_s
-        elif now - duration_s < self._first_answer_at:
+        if now - duration_s < self._first_answer_at:
             self.cold_latency = _average(self.cold_latency, duration_s)
         else:
             self.latency = _average(self.latency, duration_s)
-
-    def too_slow_at(self, latency_s: float) -> bool:
-        """Whether answers that take ``latency_s`` make a full queue of ``queue_size``
-        wait longer than ``queue_wait_s``: such an endpoint is slow (see
-        :meth:`overloaded`)."""
-        return max(self.queue_size, 1) * latency_s / self.limit > self.queue_wait_s
-
-    def recall(self, latency_s: float) -> None:
-        """Start from the latency it had before it went idle (and was forgotten).
-
-        A slow webhook met again after an idle spell is then known slow at once:
-        what does not fit in its queue is parked in Kafka, where met cold its full
-        queue would first hold the partitions that feed it until judged (every
-        other webhook in them waiting meanwhile). Its first answer replaces it.
-        Only a slow one's latency is recalled (:meth:`too_slow_at`): a healthy one
-        met again is met cold, its first answers paying for new connections.
-        """
-        self.latency = latency_s
-        self._recalled = True
 
     @property
     def measured(self) -> bool:
