@@ -12,6 +12,9 @@ import pytest
 from dispatcher.settings import load_settings
 from tests.test_chart import CHART, REQUIRED, env_of, render, render_ci, render_result
 
+# Rendered by the pinned Helm in .tools/, as tests/test_chart.py is.
+pytestmark = pytest.mark.chart
+
 API_VALUES = CHART / "ci" / "api-values.yaml"
 
 
