@@ -294,8 +294,7 @@ def test_a_webhook_answering_after_29_s_keeps_neither_pace_nor_latency_from_its_
         f" parked {parked:g}"
     )
     # One trial, so a lower bound than the 2.5 s variant's best of three: 0.38-0.67 in
-    # six runs on this machine, p99 0.25-0.35 s; held behind S, F's
-    # p99 would be S's 29 s.
+    # six runs on this machine, p99 0.25-0.35 s; held behind S, F's p99 would be 29 s.
     assert ratio >= LONG_MIN_PACE_RATIO, (mixed, alone)
     assert mixed[1] <= 1.0, mixed
     assert gauge(proc, "dispatcher_deferrals_total") == gauge(
