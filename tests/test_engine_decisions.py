@@ -167,14 +167,37 @@ def test_retry_headers_are_written_afresh_on_every_hop() -> None:
     asyncio.run(main())
 
 
+def test_the_last_finished_ticket_moves_its_partitions_position_and_wakes_the_engine() -> None:
+    from confluent_kafka import TopicPartition
+
+    from dispatcher.core.partitions import PartitionState, Slot
+    from dispatcher.core.work import Work
+
+    async def main() -> None:
+        wake = asyncio.Event()
+        work = Work(wake)
+        part = PartitionState(None, TopicPartition("t", 0), None)  # type: ignore[arg-type]
+        part.tracker.received(7)
+        slot = Slot(part, 7)
+        with work.message(slot):
+            first, second = work.open(slot, "d1"), work.open(slot, "d2")
+        work.finish(first)
+        assert wake.is_set() and not work.take_moved()  # a place is free; d2 still runs
+        wake.clear()
+        work.finish(second)
+        assert wake.is_set() and work.take_moved() == {part}
+        assert part.tracker.position == 8 and work.in_flight == 0
+        assert not work.take_moved()  # taken once
+
+    asyncio.run(main())
+
+
 def test_a_ticket_whose_work_fails_or_is_cancelled_is_released_logged_and_never_finished() -> None:
     from confluent_kafka import TopicPartition
 
     from dispatcher import metrics
     from dispatcher.core.partitions import PartitionState, Slot
     from dispatcher.core.work import Work
-
-    finished: list[Slot] = []
 
     async def boom() -> None:
         raise RuntimeError("nobody foresaw this")
@@ -183,7 +206,7 @@ def test_a_ticket_whose_work_fails_or_is_cancelled_is_released_logged_and_never_
         await asyncio.Event().wait()
 
     async def main() -> None:
-        work = Work(finished.append, lambda: None)
+        work = Work(asyncio.Event())
         part = PartitionState(None, TopicPartition("t", 0), None)  # type: ignore[arg-type]
         slot = Slot(part, 7)
         before = sample("dispatcher_internal_errors_total", where="task")
@@ -196,11 +219,12 @@ def test_a_ticket_whose_work_fails_or_is_cancelled_is_released_logged_and_never_
         await asyncio.wait({failing, cancelled})
         await until(lambda: work.in_flight == 0, what="both tickets released")
         assert not part.tasks
-        assert finished == [] and slot.remaining == 2  # the message waits for a redelivery
+        # The message waits for a redelivery: its offset did not move.
+        assert slot.remaining == 2 and not work.take_moved()
         assert sample("dispatcher_internal_errors_total", where="task") == before + 1
         assert metrics.REGISTRY.get_sample_value("dispatcher_in_flight_deliveries") == 0
         # A ticket ends once: finishing a released one changes nothing.
         work.finish(cancelled_ticket)
-        assert work.in_flight == 0 and slot.remaining == 2 and finished == []
+        assert work.in_flight == 0 and slot.remaining == 2 and not work.take_moved()
 
     asyncio.run(main())

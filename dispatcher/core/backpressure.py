@@ -5,13 +5,15 @@ wait: the pump takes nothing more from it until that endpoint has room again or
 is judged slow (then what does not fit is parked in Kafka instead). A partition
 may wait for several endpoints at once; it goes on once it waits for none. This
 is the one record of it: the pump asks :meth:`Backpressure.holds`, the delivery
-runner holds and releases.
+runner holds and releases, and a partition that waits for nothing any more waits
+in :meth:`Backpressure.take_resumed` for the pump (the wake event says so).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from dispatcher.core.partitions import PartitionState
 
@@ -19,9 +21,10 @@ from dispatcher.core.partitions import PartitionState
 class Backpressure:
     """Partitions waiting per endpoint (webhook id), and endpoints per partition."""
 
-    def __init__(self, resumed: Callable[[PartitionState], None]) -> None:
-        #: Called for a partition that no longer waits for any endpoint.
-        self._resumed = resumed
+    def __init__(self, wake: asyncio.Event) -> None:
+        self._wake = wake
+        #: Partitions that no longer wait for any endpoint, since :meth:`take_resumed`.
+        self._resumed: list[PartitionState] = []
         self._parts: dict[str, set[PartitionState]] = {}
         self._endpoints: dict[PartitionState, set[str]] = {}
         self._since: dict[str, float] = {}
@@ -62,7 +65,13 @@ class Backpressure:
             keys.discard(key)
             if not keys:
                 del self._endpoints[part]
-                self._resumed(part)
+                self._resumed.append(part)
+                self._wake.set()
+
+    def take_resumed(self) -> list[PartitionState]:
+        """The partitions that went on since the last call."""
+        resumed, self._resumed = self._resumed, []
+        return resumed
 
     def forget(self, parts: Iterable[PartitionState]) -> None:
         """Partitions given up (revoked, lost): they wait for nothing any more."""

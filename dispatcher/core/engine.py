@@ -12,6 +12,10 @@ skipped on purpose, or been durably written to the next topic, and the tracker
 then lets the committable position move past it. The counting is owned by
 :class:`~dispatcher.core.work.Work` alone.
 
+The way back is one event: whatever ends a ticket or lets a partition go on
+sets it, and one settling task (:meth:`Engine._settle`) then stores the moved
+positions, queues the partitions that no longer wait and runs the pump.
+
 Nothing that one record holds may stop the pump: an exception while fanning a
 message out sends it to the invalid-events topic (reason ``internal``); one that
 escapes the pump itself sets :attr:`Engine.failure`, and the service drains and
@@ -83,8 +87,10 @@ class Engine:
         self._consumer_factory = consumer_factory
         self.consumers: list[StageFeed] = []
         self.partitions: dict[tuple[str, int], PartitionState] = {}
-        self.work = Work(self._finish_slot, self._pump_soon)
-        self.backpressure = Backpressure(self._unblocked)
+        #: Set when a ticket ends or a partition stops waiting; :meth:`_settle` clears it.
+        self._wake = asyncio.Event()
+        self.work = Work(self._wake)
+        self.backpressure = Backpressure(self._wake)
         #: How late the loop runs (measured by the tick): the runner asks it before
         #: judging an endpoint slow from its answers' durations.
         self.loop_lag = LoopLag()
@@ -92,14 +98,12 @@ class Engine:
             settings, sender, producer, self.stages, self.work, self.backpressure, self.loop_lag
         )
         self._runnable: deque[PartitionState] = deque()
-        self._dirty: set[PartitionState] = set()
-        self._flush_pending = False
-        self._pump_pending = False
         self._stopping = False
         #: The event types: the input stage reads every one's input topic.
         self.catalog = catalog or Catalog.load(settings)
         self.fanout = Fanout(settings, table, self.catalog)
         self._ticker: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
         self._failure: str | None = None
         #: Partitions reported stuck by the watchdog ("topic/partition for N s").
         self.stuck: list[str] = []
@@ -121,6 +125,7 @@ class Engine:
         ]
         for consumer in self.consumers:
             consumer.start()
+        self._settler = self._loop.create_task(self._settle())
         self._ticker = self._loop.create_task(self._tick())
 
     @property
@@ -169,7 +174,9 @@ class Engine:
             if pending:
                 log.warning("gave up %d deliveries at the drain timeout", len(pending))
                 await asyncio.wait(pending, timeout=5)
-        self._flush()
+        if self._settler is not None:
+            self._settler.cancel()
+        self._store_positions()
         self.runner.deferrals.flush(force=True)
         self._write_backlog(stopping=True)
         await asyncio.to_thread(self.producer.close)
@@ -228,7 +235,6 @@ class Engine:
         for ps in states:
             ps.phase = Phase.REVOKED
             self.partitions.pop((ps.tp.topic, ps.tp.partition), None)
-            self._dirty.discard(ps)
             _forget_lag(ps.tp)
             position = ps.tracker.position
             if position is not None:
@@ -264,18 +270,25 @@ class Engine:
             ps.queued = True
             self._runnable.append(ps)
 
-    def _unblocked(self, ps: PartitionState) -> None:
-        """An endpoint this partition waited for has room again."""
-        self._enqueue(ps)
-        self._pump_soon()
-
-    def _pump_soon(self) -> None:
-        if not self._pump_pending:
-            self._pump_pending = True
-            self._loop.call_soon(self._pump)
+    async def _settle(self) -> None:
+        """After tickets end or partitions stop waiting: store the positions that
+        moved, queue what goes on, take more work. Runs until the shutdown."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._store_positions()
+                for ps in self.backpressure.take_resumed():
+                    self._enqueue(ps)
+            except Exception as exc:
+                # Without it no offset would move again and no partition go on.
+                metrics.INTERNAL_ERRORS.labels("pump").inc()
+                self._failure = f"storing offsets failed: {exc!r}"
+                log.exception("storing offsets failed")
+                return
+            self._pump()
 
     def _pump(self) -> None:
-        self._pump_pending = False
         if self._failure is not None:
             return
         try:
@@ -308,9 +321,9 @@ class Engine:
     def _arm_timer(self, ps: PartitionState, due_ms: int, now: int) -> None:
         if ps.timer is not None:
             ps.timer.cancel()
-        ps.timer = self._loop.call_later((due_ms - now) / 1000, self._wake, ps)
+        ps.timer = self._loop.call_later((due_ms - now) / 1000, self._head_due, ps)
 
-    def _wake(self, ps: PartitionState) -> None:
+    def _head_due(self, ps: PartitionState) -> None:
         ps.timer = None
         self._enqueue(ps)
         self._pump()
@@ -435,25 +448,15 @@ class Engine:
         metrics.RATE_LIMIT_SHARE.set(share)
         return share
 
-    # --- completion and offsets -----------------------------------------------
-    def _finish_slot(self, slot: Slot) -> None:
-        ps = slot.part
-        if ps.phase is not Phase.REVOKED and ps.tracker.finished(slot.offset):
-            ps.progress_at = time.monotonic()
-            self._dirty.add(ps)
-            if not self._flush_pending:
-                self._flush_pending = True
-                self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
+    # --- offsets ---------------------------------------------------------------
+    def _store_positions(self) -> None:
+        """Hand each moved committable position to its consumer, to commit."""
         by_consumer: dict[StageFeed, list[TopicPartition]] = {}
-        for ps in self._dirty:
+        for ps in self.work.take_moved():
             position = ps.tracker.position
             if ps.phase is not Phase.REVOKED and position is not None:
                 tp = TopicPartition(ps.tp.topic, ps.tp.partition, position)
                 by_consumer.setdefault(ps.consumer, []).append(tp)
-        self._dirty.clear()
         for consumer, offsets in by_consumer.items():
             consumer.store(offsets)
 

@@ -16,6 +16,12 @@ Nothing else changes these counts. Every ticket's coroutine runs as a task
 started by :meth:`Work.start`, whose completion (normal, failed, or cancelled
 before it even began) releases a ticket that did not finish, so no exception
 can leak a count.
+
+A finished message moves its partition's committable position here, at once
+(a revoke reads it right after the partition's tasks end); the partitions it
+moved wait in :meth:`Work.take_moved` for the engine to store. Every ended
+ticket sets the engine's wake event: a place is free, and the engine's one
+settling task stores positions and takes more work.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 from dispatcher import metrics
-from dispatcher.core.partitions import Slot
+from dispatcher.core.partitions import PartitionState, Phase, Slot
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +51,15 @@ class Ticket:
 
 
 class Work:
-    """Counts tickets per message and globally; calls back when a message is finished."""
+    """Counts tickets per message and globally; moves the offsets of finished messages."""
 
-    def __init__(self, on_finished: Callable[[Slot], None], on_freed: Callable[[], None]) -> None:
+    def __init__(self, wake: asyncio.Event) -> None:
         self.in_flight = 0
         #: The last write refused for good, whose message now waits for a restart.
         self.refused: str | None = None
-        self._on_finished = on_finished
-        self._on_freed = on_freed
+        self._wake = wake
+        #: Partitions whose committable position moved since :meth:`take_moved`.
+        self._moved: set[PartitionState] = set()
         # Read when scraped, not set on every change: two gauge writes (a lock each)
         # per delivery otherwise.
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
@@ -72,7 +80,7 @@ class Work:
         ticket.ended = True
         self._add(-1)
         self._done_with(ticket.slot)
-        self._on_freed()
+        self._wake.set()
 
     def release(self, ticket: Ticket) -> None:
         """Give back the in-flight place; the message stays unfinished."""
@@ -80,7 +88,7 @@ class Work:
             return
         ticket.ended = True
         self._add(-1)
-        self._on_freed()
+        self._wake.set()
 
     def refuse(self, ticket: Ticket, why: str) -> None:
         """A write no retry can fix: release the ticket and turn the service not ready."""
@@ -114,10 +122,21 @@ class Work:
                 )
         self.release(ticket)
 
+    def take_moved(self) -> set[PartitionState]:
+        """The partitions whose committable position moved since the last call."""
+        moved, self._moved = self._moved, set()
+        return moved
+
     def _done_with(self, slot: Slot) -> None:
         slot.remaining -= 1
-        if slot.remaining == 0:
-            self._on_finished(slot)
+        if slot.remaining:
+            return
+        part = slot.part
+        # A revoked partition's offsets are another member's now.
+        if part.phase is not Phase.REVOKED and part.tracker.finished(slot.offset):
+            part.progress_at = time.monotonic()
+            self._moved.add(part)
+            self._wake.set()
 
     def _add(self, n: int) -> None:
         self.in_flight += n
