@@ -792,6 +792,70 @@ def test_an_open_circuit_paces_what_it_defers_again_and_counts_it_per_webhook() 
     asyncio.run(main())
 
 
+def test_a_burst_to_a_webhook_being_judged_never_holds_its_neighbour_and_its_excess_is_parked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S, not measured yet and answering nothing, and F, in one partition.
+
+    S's slots and queue reach the lanes' half of the in-flight places (12 of 24):
+    S is then judged, and while it is, its burst waits in the quarter beyond the
+    half instead of holding the partition, so F's deliveries go on. The verdict
+    (no answer within ``HOLD_MAX_S`` while F answered) parks, without an attempt,
+    what S holds beyond the half.
+    """
+    gate = asyncio.Event()
+    seen: Counter[str] = Counter()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/f":
+            await gate.wait()
+        seen[request.url.path] += 1
+        return ok(request)
+
+    # Long enough that the first part of the test is over before the verdict.
+    monkeypatch.setattr(deliveries, "HOLD_MAX_S", 1.0)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=60, max_in_flight=24, partition_buffer_high=200)
+        table = FakeTable(
+            *(subscription(f"wh_{p}", f"{HOST}/{p}", org=f"org_{p}") for p in ("s", "f"))
+        )
+        async with running(s, table, handler) as h:
+            h.input.assign(0)
+            # F measured first (an answer to a request sent after its first answer).
+            h.input.feed([event("f-warm0", org="org_f")])
+            await until(lambda: seen["/f"] == 1, what="F's first answer")
+            h.input.feed([event("f-warm1", org="org_f")])
+            await until(lambda: seen["/f"] == 2, what="F's measuring answer")
+            seen.clear()
+            # 16 of S's: 4 in its slots and 12 queued, past the half (12) and within
+            # three quarters (18), with one of F's after each.
+            started = time.monotonic()
+            h.input.feed([event(f"{o}{i:03d}", org=f"org_{o}") for i in range(16) for o in "sf"])
+            await until(lambda: seen["/f"] == 16, what="F's deliveries while S is judged")
+            ep = h.engine.runner.endpoints["wh_s"]
+            ps = h.engine.partitions[("visitor.identified", 0)]
+            # Before the verdict: nothing parked, the partition never held.
+            assert time.monotonic() - started < 1.0, "the verdict came first: proves nothing"
+            assert h.producer.to(STAGE_1) == [] and ep.active + len(ep.queue) == 16
+            assert h.engine.backpressure.waits_for(ps) == set() and 0 not in h.input.paused
+            # The verdict: what is beyond the half goes to Kafka, without an attempt.
+            await until(lambda: h.producer.to(STAGE_1), what="S's excess parked")
+            assert ep.overloaded_by_hold() and ep.active + len(ep.queue) == 12
+            parked = records_to(h, STAGE_1)
+            assert len(parked) == 4 and {r.webhook_id for r in parked} == {"wh_s"}
+            assert all(r.attempts_made == 0 for r in parked)
+            # The newest were parked: the queue keeps the oldest, in order.
+            assert [json.loads(r.body)["session_id"] for r in parked] == [
+                f"s{i:03d}" for i in range(12, 16)
+            ]
+            gate.set()
+            await until(lambda: h.engine.work.in_flight == 0, what="S's slots and queue answered")
+            assert seen["/s"] == 12
+
+    asyncio.run(main())
+
+
 def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_is_parked_too() -> None:
     """S1 and S2 (two organizations) answer nothing yet, F at once, in one partition.
 

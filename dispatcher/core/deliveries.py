@@ -19,7 +19,10 @@ the slots never run dry. A full queue that holds its partitions is judged every
 endpoint not measured yet (no answer to a request sent after its first answer:
 the first ones pay for new connections, see ``Endpoint.cold_latency``) keeps a
 burst in its queue instead, within the half of the in-flight places that slow
-and unmeasured endpoints' lanes (their queues and busy slots) share. The
+and unmeasured endpoints' lanes (their queues and busy slots) share; one that
+finds that half spent is judged (the same verdict) while its burst waits in a
+quarter more, so the partitions do not wait for the verdict, and judged slow it
+parks what it holds beyond the half. The
 partitions go on for every other webhook; the offsets of what waits in a queue
 stay uncommitted (a few seconds of the endpoint's work), and what is parked was
 durably written first.
@@ -191,6 +194,9 @@ class DeliveryRunner:
         #: waits in their queues and what runs in their slots. Counted up as they
         #: queue, recounted on every check (:meth:`check_endpoints`).
         self.slow_queued = 0
+        #: Unmeasured endpoints being judged while their burst waits beyond the lanes'
+        #: half, and since when (monotonic s; see :meth:`_judging_room`).
+        self._judging: dict[str, float] = {}
         #: Webhook ids that ``dispatcher_endpoint_backlog`` reports now.
         self._backlog_shown: set[str] = set()
         #: Every webhook's backlog here as of the last check, zeros left out (the
@@ -243,10 +249,11 @@ class DeliveryRunner:
             self._queue_limited(key, ep, d, ticket)
         elif admission is Admission.QUEUED:
             unmeasured = not ep.measured
-            if unmeasured and ep.full and self._lane_room():
+            if unmeasured and ep.full and (self._lane_room() or self._judging_room(key, ep)):
                 # Not measured yet: nothing says whether it is slow. What a burst
                 # brings waits here, in the half of the in-flight places kept for
-                # such lanes, rather than holding the partitions or going to Kafka.
+                # such lanes (and, while it is judged, in a quarter more), rather
+                # than holding the partitions or going to Kafka.
                 self._into_lane(ep)
                 return
             wait_s = self._park_for(ep, d)
@@ -307,6 +314,54 @@ class DeliveryRunner:
             # Otherwise a slot's release starts the next one (or arms this again).
             self._arm_pacer(key, ep)
 
+    def _judging_room(self, key: str, ep: Endpoint[Delivery]) -> bool:
+        """Whether an unmeasured endpoint whose lane found the lanes' half spent may
+        queue one more here while it is judged; starts judging it if not yet.
+
+        The verdict is the hold's (:meth:`_held_too_long`): no answer within
+        ``HOLD_MAX_S`` while others answered, and it is slow. Meanwhile its burst
+        waits in the lanes' quarter beyond their half, and the partitions go on
+        for every other webhook, rather than wait the ``HOLD_MAX_S`` with it; only
+        once that quarter is spent too, or the verdict is due, do they wait.
+        """
+        if ep.overloaded_by_hold() or self.slow_queued >= self.settings.max_in_flight * 3 // 4:
+            return False
+        now = time.monotonic()
+        started = self._judging.get(key)
+        if started is None:
+            self._judging[key] = now
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._judged, key, now)
+            return True
+        return now - started < HOLD_MAX_S
+
+    def _judged(self, key: str, started: float) -> None:
+        """The verdict on an endpoint judged since ``started`` (see :meth:`_judging_room`)."""
+        if self._judging.get(key) != started:
+            return
+        del self._judging[key]
+        ep = self.endpoints.get(key)
+        if ep is not None and not ep.answered_since(started) and self._last_answer > started:
+            ep.held(HELD_FOR_S)
+            self._park_excess(ep)
+            self._unblock_if_room(key, ep)
+
+    def _park_excess(self, ep: Endpoint[Delivery]) -> None:
+        """Judged slow: what its lane holds beyond the lanes' half is parked, the newest,
+        so that the places it held while it was judged are everyone's again."""
+        # Recounted now: the count between two checks only grows.
+        self.slow_queued = sum(
+            len(e.queue) + e.active for e in self.endpoints.values() if _in_lane(e)
+        )
+        excess: list[Delivery] = []
+        while ep.queue and self.slow_queued > self.settings.max_in_flight // 2:
+            excess.append(ep.queue.pop())
+            self.slow_queued -= 1
+        now = time.monotonic()
+        for d in reversed(excess):  # the oldest first: their turns keep the order
+            if d.ticket is not None:
+                wait_s = max(self._turn_in(ep, d, now), MIN_PARK_S)
+                self.work.start(d.ticket, self._defer(d, ENDPOINT_SLOW, wait_s=wait_s))
+
     def _hold(self, key: str, part: PartitionState) -> None:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
         started = self.backpressure.hold(key, part)
@@ -332,6 +387,7 @@ class DeliveryRunner:
         # lags is late with every endpoint's answers alike, and this verdict stands.
         if held_long and not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
+            self._park_excess(ep)
             self._unblock_if_room(key, ep)
         if self.backpressure.since(key) == started:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
@@ -408,8 +464,12 @@ class DeliveryRunner:
             or (behind and len(ep.queue) > bound / 2)
             or (not returning and not self._lane_room() and ep.overloaded())
         )
-        if not park:
-            return None
+        return self._turn_in(ep, d, now) if park else None
+
+    def _turn_in(self, ep: Endpoint[Delivery], d: Delivery, now: float) -> float:
+        """Seconds a delivery parked now waits in Kafka: until its turn, after what is
+        queued and what was parked before it, less half a queue."""
+        bound = ep.queue_bound()
         rate = ep.service_rate()
         if d.sub.rate_limit_per_s is not None:
             # Turns at the webhook's whole limit, not this instance's share: what is
@@ -684,7 +744,7 @@ class DeliveryRunner:
                 # Its window has slid empty since its last answer; nothing is parked.
                 self.endpoints.pop(key, None)
                 continue
-            ep.in_lane = bool(ep.queue) and (not ep.measured or ep.overloaded())
+            ep.in_lane = _in_lane(ep)
             if ep.in_lane:
                 slow_queued += len(ep.queue) + ep.active
             backlog = float(len(ep.queue))
@@ -728,3 +788,9 @@ class DeliveryRunner:
             ep.queue.extend(keep)
             self._unblock_if_room(key, ep)
         self.backpressure.forget(states)
+
+
+def _in_lane(ep: Endpoint[Delivery]) -> bool:
+    """Whether ``ep``'s queue and slots count in the lanes' half: it is slow or not
+    measured yet, and something waits for it."""
+    return bool(ep.queue) and (not ep.measured or ep.overloaded())
