@@ -792,6 +792,31 @@ def test_an_open_circuit_paces_what_it_defers_again_and_counts_it_per_webhook() 
     asyncio.run(main())
 
 
+def only_f_answers() -> tuple[asyncio.Event, Counter[str], Handler]:
+    """A handler that answers ``/f`` at once and every other path once the gate is
+    set, and counts the answers per path."""
+    gate = asyncio.Event()
+    seen: Counter[str] = Counter()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/f":
+            await gate.wait()
+        seen[request.url.path] += 1
+        return ok(request)
+
+    return gate, seen, handler
+
+
+async def measure_f(h: Harness, seen: Counter[str]) -> None:
+    """F (organization ``org_f``) measured: an answer to a request sent after its
+    first answer. Its bursts then take nothing of the lanes' half. Clears ``seen``."""
+    h.input.feed([event("f-warm0", org="org_f")])
+    await until(lambda: seen["/f"] == 1, what="F's first answer")
+    h.input.feed([event("f-warm1", org="org_f")])
+    await until(lambda: seen["/f"] == 2, what="F's measuring answer")
+    seen.clear()
+
+
 def test_a_burst_to_a_webhook_being_judged_never_holds_its_neighbour_and_its_excess_is_parked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -803,14 +828,7 @@ def test_a_burst_to_a_webhook_being_judged_never_holds_its_neighbour_and_its_exc
     (no answer within ``HOLD_MAX_S`` while F answered) parks, without an attempt,
     what S holds beyond the half.
     """
-    gate = asyncio.Event()
-    seen: Counter[str] = Counter()
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path != "/f":
-            await gate.wait()
-        seen[request.url.path] += 1
-        return ok(request)
+    gate, seen, handler = only_f_answers()
 
     # Long enough that the first part of the test is over before the verdict.
     monkeypatch.setattr(deliveries, "HOLD_MAX_S", 1.0)
@@ -822,12 +840,7 @@ def test_a_burst_to_a_webhook_being_judged_never_holds_its_neighbour_and_its_exc
         )
         async with running(s, table, handler) as h:
             h.input.assign(0)
-            # F measured first (an answer to a request sent after its first answer).
-            h.input.feed([event("f-warm0", org="org_f")])
-            await until(lambda: seen["/f"] == 1, what="F's first answer")
-            h.input.feed([event("f-warm1", org="org_f")])
-            await until(lambda: seen["/f"] == 2, what="F's measuring answer")
-            seen.clear()
+            await measure_f(h, seen)
             # 16 of S's: 4 in its slots and 12 queued, past the half (12) and within
             # three quarters (18), with one of F's after each.
             started = time.monotonic()
@@ -866,14 +879,7 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_is_parked_too(
     room for S2's slots and queue and for F; what S2's full queue does not hold is
     parked once the hold judges it.
     """
-    gate = asyncio.Event()
-    seen: Counter[str] = Counter()
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path != "/f":
-            await gate.wait()
-        seen[request.url.path] += 1
-        return ok(request)
+    gate, seen, handler = only_f_answers()
 
     def interleaved(slow: str, first: int) -> list[bytes]:
         return [
@@ -890,13 +896,7 @@ def test_a_second_slow_webhook_met_while_the_first_fills_its_lane_is_parked_too(
         )
         async with running(s, table, handler) as h:
             h.input.assign(0)
-            # F measured first (an answer to a request sent after its first answer):
-            # its burst then takes nothing of the lanes' half.
-            h.input.feed([event("f-warm0", org="org_f")])
-            await until(lambda: seen["/f"] == 1, what="F's first answer")
-            h.input.feed([event("f-warm1", org="org_f")])
-            await until(lambda: seen["/f"] == 2, what="F's measuring answer")
-            seen.clear()
+            await measure_f(h, seen)
             h.input.feed(interleaved("s1", 0))
             await until(lambda: seen["/f"] == 30, what="F's deliveries next to S1")
             # S1's check: its slots and queue are counted, the rest parked.

@@ -340,7 +340,17 @@ class DeliveryRunner:
             return
         del self._judging[key]
         ep = self.endpoints.get(key)
-        if ep is not None and not ep.answered_since(started) and self._last_answer > started:
+        if ep is not None:
+            self._verdict(key, ep, started)
+
+    def _verdict(self, key: str, ep: Endpoint[Delivery], started: float) -> None:
+        """Slow if it has not answered since ``started`` while another endpoint has:
+        then it is not the network or this process that is slow, it is the endpoint.
+        What its lane holds beyond the lanes' half is parked, and its partitions go on.
+        """
+        # Not a measure of its pace but a comparison with the others': a loop that
+        # lags is late with every endpoint's answers alike, and this verdict stands.
+        if not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
             self._park_excess(ep)
             self._unblock_if_room(key, ep)
@@ -382,13 +392,8 @@ class DeliveryRunner:
         known = ep.known_latency() if ep.measured else None
         if known is not None:
             patience = min(max(patience, HOLD_LATENCIES * known), HOLD_PATIENCE_MAX_S)
-        held_long = time.monotonic() - started >= patience
-        # Not a measure of its pace but a comparison with the others': a loop that
-        # lags is late with every endpoint's answers alike, and this verdict stands.
-        if held_long and not ep.answered_since(started) and self._last_answer > started:
-            ep.held(HELD_FOR_S)
-            self._park_excess(ep)
-            self._unblock_if_room(key, ep)
+        if time.monotonic() - started >= patience:
+            self._verdict(key, ep, started)
         if self.backpressure.since(key) == started:
             asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
 
