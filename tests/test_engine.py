@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from dispatcher.core import deliveries
-from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE
+from dispatcher.core.deliveries import ENDPOINT_UNAVAILABLE, DeliveryRunner
 from dispatcher.core.invalid import H_INVALID_REASON
 from dispatcher.core.loop_lag import LoopLag
 from dispatcher.records import DeliveryRecord, Source
@@ -865,6 +865,47 @@ def test_a_burst_to_a_webhook_being_judged_never_holds_its_neighbour_and_its_exc
             gate.set()
             await until(lambda: h.engine.work.in_flight == 0, what="S's slots and queue answered")
             assert seen["/s"] == 12
+
+    asyncio.run(main())
+
+
+def test_a_webhook_met_cold_by_a_starved_process_is_not_judged_slow() -> None:
+    """S, not measured yet, answers every request after 20 ms: healthy. Its burst
+    starts its judging, and then the process is starved: F's first request while S
+    is judged holds the loop for three times ``HOLD_MAX_S`` (a CPU hog on a shared
+    core). F answered meanwhile and S's answers are due but not read yet when the
+    verdict's call runs, late: it gives no verdict, and S, once read, keeps every
+    delivery; none is parked."""
+    seen: Counter[str] = Counter()
+    starved: list[float] = []
+    runner: list[DeliveryRunner] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/s":
+            await asyncio.sleep(0.02)
+        elif runner and runner[0]._judging and not starved:
+            starved.append(time.monotonic())
+            time.sleep(3 * deliveries.HOLD_MAX_S)  # the loop gets no CPU meanwhile
+        seen[request.url.path] += 1
+        return ok(request)
+
+    async def main() -> None:
+        s = settings(endpoint_stall_s=60, max_in_flight=24, partition_buffer_high=200)
+        table = FakeTable(
+            *(subscription(f"wh_{p}", f"{HOST}/{p}", org=f"org_{p}") for p in ("s", "f"))
+        )
+        async with running(s, table, handler) as h:
+            runner.append(h.engine.runner)
+            h.input.assign(0)
+            await measure_f(h, seen)
+            h.input.feed([event(f"{o}{i:03d}", org=f"org_{o}") for i in range(16) for o in "sf"])
+            await until(lambda: seen["/f"] == 16, what="F's deliveries")
+            await until(lambda: h.engine.work.in_flight == 0, what="S's deliveries answered")
+            assert starved, "S was never judged: the test proves nothing"
+            assert h.producer.to(STAGE_1) == [], "a healthy webhook was parked"
+            assert seen["/s"] == 16
+            assert not h.engine.runner.endpoints["wh_s"].overloaded_by_hold()
+            assert h.engine.runner._judging == {}
 
     asyncio.run(main())
 

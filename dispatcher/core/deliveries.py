@@ -56,6 +56,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -330,30 +331,41 @@ class DeliveryRunner:
         started = self._judging.get(key)
         if started is None:
             self._judging[key] = now
-            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._judged, key, now)
+            _later(self._judged, key, now)
             return True
         return now - started < HOLD_MAX_S
 
-    def _judged(self, key: str, started: float) -> None:
-        """The verdict on an endpoint judged since ``started`` (see :meth:`_judging_room`)."""
+    def _judged(self, key: str, started: float, due: float) -> None:
+        """The verdict on an endpoint judged since ``started`` (see :meth:`_judging_room`);
+        asked again ``HOLD_MAX_S`` later while this process is too late to give it."""
         if self._judging.get(key) != started:
             return
-        del self._judging[key]
         ep = self.endpoints.get(key)
-        if ep is not None:
-            self._verdict(key, ep, started)
+        if ep is not None and not self._verdict(key, ep, started, due):
+            _later(self._judged, key, started)
+            return
+        del self._judging[key]
 
-    def _verdict(self, key: str, ep: Endpoint[Delivery], started: float) -> None:
+    def _verdict(self, key: str, ep: Endpoint[Delivery], started: float, due: float) -> bool:
         """Slow if it has not answered since ``started`` while another endpoint has:
         then it is not the network or this process that is slow, it is the endpoint.
         What its lane holds beyond the lanes' half is parked, and its partitions go on.
+
+        No verdict (False) while this process is starved: the call, due at ``due``,
+        ran more than ``HOLD_MAX_S`` late, or the loop lags (:attr:`loop_lag`).
         """
-        # Not a measure of its pace but a comparison with the others': a loop that
-        # lags is late with every endpoint's answers alike, and this verdict stands.
+        # A comparison with the others' answers, but not a fair one on a starved
+        # process: an endpoint met cold opens its connections (a TLS handshake, a
+        # few turns of the loop each) while the warm ones answer on theirs, and a
+        # healthy webhook would be parked for a second or more. Its partitions wait
+        # meanwhile, as they do for any busy endpoint while the loop lags.
+        if time.monotonic() - due > HOLD_MAX_S or self.loop_lag.lagging:
+            return False
         if not ep.answered_since(started) and self._last_answer > started:
             ep.held(HELD_FOR_S)
             self._park_excess(ep)
             self._unblock_if_room(key, ep)
+        return True
 
     def _park_excess(self, ep: Endpoint[Delivery]) -> None:
         """Judged slow: what its lane holds beyond the lanes' half is parked, the newest,
@@ -376,9 +388,9 @@ class DeliveryRunner:
         """Make ``part`` wait for endpoint ``key``'s full queue, for ``HOLD_MAX_S`` at most."""
         started = self.backpressure.hold(key, part)
         if started is not None:
-            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
+            _later(self._held_too_long, key, started)
 
-    def _held_too_long(self, key: str, started: float) -> None:
+    def _held_too_long(self, key: str, started: float, due: float) -> None:
         """Judge an endpoint whose full queue held partitions for ``HOLD_MAX_S``.
 
         It is slow if it has not answered since, while another endpoint has: then
@@ -393,9 +405,9 @@ class DeliveryRunner:
         if known is not None:
             patience = min(max(patience, HOLD_LATENCIES * known), HOLD_PATIENCE_MAX_S)
         if time.monotonic() - started >= patience:
-            self._verdict(key, ep, started)
+            self._verdict(key, ep, started, due)
         if self.backpressure.since(key) == started:
-            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._held_too_long, key, started)
+            _later(self._held_too_long, key, started)
 
     def _lag_excuses(self, ep: Endpoint[Delivery]) -> bool:
         """Whether only its answers' durations, measured late while the loop lags,
@@ -793,6 +805,12 @@ class DeliveryRunner:
             ep.queue.extend(keep)
             self._unblock_if_room(key, ep)
         self.backpressure.forget(states)
+
+
+def _later(judge: Callable[[str, float, float], None], key: str, started: float) -> None:
+    """Call ``judge(key, started, due)`` in ``HOLD_MAX_S``; ``due`` tells it how late it runs."""
+    due = time.monotonic() + HOLD_MAX_S
+    asyncio.get_running_loop().call_later(HOLD_MAX_S, judge, key, started, due)
 
 
 def _in_lane(ep: Endpoint[Delivery]) -> bool:
